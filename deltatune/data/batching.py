@@ -1,0 +1,62 @@
+"""Batching: dynamic padding (Collator) and length-grouped ordering to reduce padding."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Collator:
+    """Pad a list of examples to the longest one (rounded up to `pad_to_multiple_of`).
+
+    Returns input_ids, attention_mask (LongTensor [batch, length]) and labels: padded with -100 where they are
+    token sequences (causal LM), else a 1-D tensor (long for class ids, float for regression). Other keys are ignored.
+    """
+
+    tokenizer_pad_id: int
+    pad_to_multiple_of: int | None = None
+    padding_side: Literal["right", "left"] = "right"
+
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        length = max(len(ex["input_ids"]) for ex in examples)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = {"input_ids": self._pad([ex["input_ids"] for ex in examples], length, self.tokenizer_pad_id),
+                 "attention_mask": self._pad([ex["attention_mask"] for ex in examples], length, 0)}
+        labels = [ex["labels"] for ex in examples]
+        if isinstance(labels[0], (list, tuple)):
+            batch["labels"] = self._pad(labels, length, -100)
+        else:
+            batch["labels"] = torch.tensor(labels, dtype=torch.float if isinstance(labels[0], float) else torch.long)
+        return batch
+
+    def _pad(self, rows: list[Sequence[int]], length: int, value: int) -> torch.Tensor:
+        out = torch.full((len(rows), length), value, dtype=torch.long)
+        for i, row in enumerate(rows):
+            row = torch.as_tensor(row, dtype=torch.long)
+            if self.padding_side == "right":
+                out[i, :len(row)] = row
+            else:
+                out[i, length - len(row):] = row
+        return out
+
+
+def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int, mega: int = 50) -> list[int]:
+    """A seeded order of example indices in which consecutive `batch_size` runs have similar lengths.
+
+    Shuffle, sort by length (longest first) within mega-batches of `mega * batch_size`, cut into batches and
+    shuffle the batches, so batches need little padding while the order stays random.
+    """
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(lengths))
+    size = mega * batch_size
+    batches = []
+    for start in range(0, len(order), size):
+        chunk = sorted(order[start:start + size].tolist(), key=lambda i: -lengths[i])
+        batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+    return [i for b in rng.permutation(len(batches)) for i in batches[b]]

@@ -1,0 +1,105 @@
+"""Formats: how the records of one task become tokenized examples. A format is picked by name from FORMATS."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from datasets import Dataset
+
+from deltatune.data.config import DataConfig
+from deltatune.data.load import Table
+from deltatune.errors import DataError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+Encode = Callable[[Table, DataConfig, "PreTrainedTokenizerBase", "list[str] | None"], Dataset]
+
+
+@dataclass(frozen=True)
+class Format:
+    """`encode(table, cfg, tokenizer, label_names)` -> Dataset with input_ids, attention_mask, labels.
+
+    `label_names(train_table, cfg)` gives the class names (from the training file), if the task has classes;
+    `num_labels` is the model's output size when there are no class names.
+    """
+
+    encode: Encode
+    label_names: Callable[[Table, DataConfig], list[str]] | None = None
+    num_labels: int | None = None
+
+
+def values(table: Table, column: str) -> list[Any]:
+    """A column's values; DataError at the first record without one (absent, null, NaN or empty)."""
+    result = table.column(column)
+    for i, v in enumerate(result):
+        if v is None or v == "" or (isinstance(v, float) and math.isnan(v)):
+            present = [k for k, x in table.data[i].items() if x not in (None, "")]
+            raise DataError(f"{table.where(i)}: record has no {column!r} (columns: {', '.join(present)})")
+    return result
+
+
+def texts(table: Table, column: str) -> list[str]:
+    return [v if isinstance(v, str) else str(v) for v in values(table, column)]
+
+
+def _tokenize(table: Table, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, labels: list[Any]) -> Dataset:
+    """Tokenize the text (and pair) column, truncated to max_length, next to the given labels."""
+    columns = {"labels": labels, "text": texts(table, cfg.text_column)}
+    if cfg.text_pair_column:
+        columns["pair"] = texts(table, cfg.text_pair_column)
+
+    def tokenize(batch: dict[str, list]) -> dict[str, list]:
+        return tokenizer(batch["text"], batch.get("pair"), truncation=True, max_length=cfg.max_length,
+                         return_token_type_ids=False)
+
+    inputs = [c for c in columns if c != "labels"]
+    return Dataset.from_dict(columns).map(tokenize, batched=True, remove_columns=inputs,
+                                          desc=f"Tokenizing {table.path.name}")
+
+
+def _class_names(table: Table, cfg: DataConfig) -> list[str]:
+    """The configured labels, else the sorted unique labels of the training file."""
+    return list(cfg.labels) if cfg.labels else [str(v) for v in sorted(set(values(table, cfg.label_column)))]
+
+
+def _encode_classification(table: Table, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
+                           names: list[str] | None) -> Dataset:
+    ids = {name: i for i, name in enumerate(names or [])}
+    labels = [str(v) for v in values(table, cfg.label_column)]
+    for i, label in enumerate(labels):
+        if label not in ids:
+            origin = "the configured `labels`" if cfg.labels else "the training data"
+            raise DataError(f"{table.where(i)}: label {label!r} is not in {origin} (known labels: {', '.join(ids)}); "
+                            "add it to `labels` or fix the record")
+    return _tokenize(table, cfg, tokenizer, [ids[label] for label in labels])
+
+
+def _encode_regression(table: Table, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
+                       names: list[str] | None) -> Dataset:
+    labels = values(table, cfg.label_column)
+    for i, v in enumerate(labels):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise DataError(f"{table.where(i)}: regression label {v!r} in column {cfg.label_column!r} is not a number")
+    return _tokenize(table, cfg, tokenizer, [float(v) for v in labels])
+
+
+def _encode_text(table: Table, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
+                 names: list[str] | None) -> Dataset:
+    """Causal LM: each text becomes consecutive blocks of at most max_length tokens; labels = input_ids."""
+    def tokenize(batch: dict[str, list]) -> dict[str, list]:
+        ids = tokenizer(batch["text"], verbose=False)["input_ids"]
+        blocks = [seq[i:i + cfg.max_length] for seq in ids for i in range(0, len(seq), cfg.max_length)]
+        return {"input_ids": blocks, "attention_mask": [[1] * len(b) for b in blocks], "labels": blocks}
+
+    return Dataset.from_dict({"text": texts(table, cfg.text_column)}).map(
+        tokenize, batched=True, remove_columns=["text"], desc=f"Tokenizing {table.path.name}")
+
+
+FORMATS: dict[str, Format] = {
+    "classification": Format(_encode_classification, label_names=_class_names),
+    "regression": Format(_encode_regression, num_labels=1),
+    "text": Format(_encode_text),
+}

@@ -1,0 +1,159 @@
+"""Reading data files (.jsonl, .json, .csv, .parquet; .gz/.bz2 for text formats) into tables with record locations."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Callable
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from datasets import Dataset
+
+from deltatune.errors import DataError
+
+_OPENERS: dict[str, Callable[..., IO[str]]] = {".gz": gzip.open, ".bz2": bz2.open}
+SUPPORTED = ".jsonl, .json, .csv, .parquet (and .jsonl/.json/.csv compressed as .gz or .bz2)"
+
+
+@dataclass(frozen=True)
+class Table:
+    """A dataset read from `path`; `positions[i]` is the 1-based line (or record number) of row i in the file."""
+
+    path: Path
+    data: Dataset
+    positions: list[int]
+    by_line: bool = True
+
+    def where(self, i: int) -> str:
+        """`file:line` (or `file: record n` for formats without lines) of row i, for error messages."""
+        return _where(self.path, self.positions[i], self.by_line)
+
+    def select(self, rows: list[int]) -> Table:
+        return Table(self.path, self.data.select(rows), [self.positions[i] for i in rows], self.by_line)
+
+    def column(self, name: str) -> list[Any]:
+        """All values of a column; DataError listing the columns if the file has no such column."""
+        if name not in self.data.column_names:
+            raise DataError(f"{self.path}: no column {name!r} (columns: {', '.join(self.data.column_names)})")
+        return self.data[name][:]
+
+
+def load_table(path: str | Path) -> Dataset:
+    """Read a data file into a Dataset; any problem with the file is one DataError naming file (and line)."""
+    return read_table(path).data
+
+
+def read_table(path: str | Path) -> Table:
+    """Read a data file into a Table (Dataset plus the line of each record)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    name = path.name.lower()
+    compression = next((c for c in _OPENERS if name.endswith(c)), "")
+    kind = Path(name.removesuffix(compression)).suffix
+    reader = _READERS.get(kind)
+    if reader is None or (compression and kind == ".parquet"):
+        raise DataError(f"{path}: unsupported file type; supported: {SUPPORTED}")
+    try:
+        table = reader(path, _OPENERS.get(compression, open))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (OSError, EOFError, pa.ArrowException) as e:
+        raise DataError(f"{path}: cannot read file ({e})") from None
+    if len(table.data) == 0:
+        raise DataError(f"{path}: no records")
+    return table
+
+
+def _read_jsonl(path: Path, opener: Callable[..., IO[str]]) -> Table:
+    records, lines = [], []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                records.append(_json_object(line.strip(), f"{path}:{n}"))
+                lines.append(n)
+    return _table(path, records, lines)
+
+
+def _read_json(path: Path, opener: Callable[..., IO[str]]) -> Table:
+    with opener(path, "rt", encoding="utf-8") as f:
+        text = f.read()
+    if not text.lstrip().startswith("["):  # many ".json" files are JSON lines
+        return _read_jsonl(path, opener)
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+    records = [_check_object(item, f"{path}: record {i}") for i, item in enumerate(items, 1)]
+    return _table(path, records, list(range(1, len(records) + 1)), by_line=False)
+
+
+def _read_csv(path: Path, opener: Callable[..., IO[str]]) -> Table:
+    try:  # only empty cells are missing: a text "NA" stays text
+        df = pd.read_csv(path, encoding="utf-8", keep_default_na=False, na_values=[""])
+    except pd.errors.EmptyDataError:
+        df = pd.DataFrame()
+    except pd.errors.ParserError as e:
+        msg = str(e).strip().removeprefix("Error tokenizing data. C error: ")
+        line = re.search(r"line (\d+)", msg)
+        raise DataError(f"{path}:{line.group(1)}: malformed CSV ({msg})" if line
+                        else f"{path}: malformed CSV ({msg})") from None
+    # data row i sits on line i + 2 (after the header) unless quoted fields span lines
+    return _table(path, {str(c): df[c].tolist() for c in df.columns}, list(range(2, len(df) + 2)))
+
+
+def _read_parquet(path: Path, opener: Callable[..., IO[str]]) -> Table:
+    table = pq.read_table(path)
+    return Table(path, Dataset(table), list(range(1, table.num_rows + 1)), by_line=False)
+
+
+_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+
+
+def _json_object(line: str, where: str) -> dict[str, Any]:
+    try:
+        return _check_object(json.loads(line), where)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: invalid JSON ({e.msg}, column {e.colno})") from None
+
+
+def _check_object(item: Any, where: str) -> dict[str, Any]:
+    if not isinstance(item, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(item).__name__}")
+    return item
+
+
+def _where(path: Path, position: int, by_line: bool) -> str:
+    return f"{path}:{position}" if by_line else f"{path}: record {position}"
+
+
+def _table(path: Path, data: list[dict[str, Any]] | dict[str, list[Any]], positions: list[int],
+           by_line: bool = True) -> Table:
+    """Records or columns (keys in order of first appearance, absent = null) -> Table; a column of mixed value
+    types is a DataError at the first record whose type differs."""
+    if isinstance(data, list):
+        keys = dict.fromkeys(k for record in data for k in record)
+        data = {k: [record.get(k) for record in data] for k in keys}
+    arrays = {}
+    for name, values in data.items():
+        try:
+            arrays[name] = pa.array(values, from_pandas=True)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            kinds = [_kind(v) for v in values]
+            first = next(k for k in kinds if k != "null")
+            i = next((i for i, k in enumerate(kinds) if k not in ("null", first)), 0)
+            raise DataError(f"{_where(path, positions[i], by_line)}: column {name!r} holds {values[i]!r} but earlier "
+                            f"records hold {first} values; use one type per column ({e})") from None
+    return Table(path, Dataset(pa.table(arrays)), positions, by_line)
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    return "number" if isinstance(value, (int, float)) and not isinstance(value, bool) else type(value).__name__

@@ -1,0 +1,76 @@
+"""prepare_data: read the configured files, split them, and encode every split with the configured format."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from datasets import Dataset
+
+from deltatune.data.config import DataConfig
+from deltatune.data.formats import FORMATS
+from deltatune.data.load import Table, read_table
+from deltatune.errors import DataError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class TaskData:
+    """Tokenized splits (columns input_ids, attention_mask, labels) and what the model head needs to know."""
+
+    train: Dataset
+    validation: Dataset
+    test: Dataset
+    task: str
+    label_names: list[str] | None
+    num_labels: int | None
+    source: dict[str, dict[str, Any]]  # split -> file, records, examples, split_from_train
+
+
+def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> TaskData:
+    """Read, validate, split (seeded, by record) and tokenize the data described by `cfg`."""
+    fmt = FORMATS[cfg.format]
+    files = {s: _read(name, cfg.limit) for s in SPLITS if (name := getattr(cfg, s))}
+    fractions = {s: f for s, f in zip(SPLITS, cfg.split) if s == "train" or s not in files}
+    tables = {**files, **split_table(files["train"], fractions, seed)}
+    names = fmt.label_names(files["train"], cfg) if fmt.label_names else None
+    empty = Dataset.from_dict({"input_ids": [], "attention_mask": [], "labels": []})  # a split of fraction 0
+    data = {s: fmt.encode(tables[s], cfg, tokenizer, names) if len(tables[s].data) else empty for s in SPLITS}
+    source = {s: {"file": str(tables[s].path), "records": len(tables[s].data), "examples": len(data[s]),
+                  "split_from_train": s not in files} for s in SPLITS}
+    return TaskData(**data, task=cfg.format, label_names=names,
+                    num_labels=len(names) if names else fmt.num_labels, source=source)
+
+
+def split_table(table: Table, fractions: dict[str, float], seed: int) -> dict[str, Table]:
+    """Split records by a seeded permutation into parts sized by the (renormalised) fractions, keeping file order.
+
+    Every part with a fraction > 0 gets at least one record; the "train" part gets the rest.
+    """
+    n = len(table.data)
+    total = sum(fractions.values())
+    order = np.random.default_rng(seed).permutation(n)
+    sizes = {s: max(1, round(n * f / total)) if f > 0 else 0 for s, f in fractions.items() if s != "train"}
+    if sum(sizes.values()) >= n:
+        raise DataError(f"{table.path}: {n} records are too few to split into {', '.join(fractions)} "
+                        f"by {list(fractions.values())}")
+    bounds = np.cumsum([0, *sizes.values()])
+    parts = {s: order[a:b] for s, a, b in zip(sizes, bounds, bounds[1:])}
+    parts["train"] = order[bounds[-1]:]
+    return {s: table.select(sorted(int(i) for i in rows)) for s, rows in parts.items()}
+
+
+def _read(name: str, limit: int | None) -> Table:
+    """Read a file, or a packaged dataset alias when no such file exists; keep the first `limit` records."""
+    if not Path(name).exists():
+        from deltatune.assets import resolve_data_path
+
+        name = str(resolve_data_path(name))
+    table = read_table(name)
+    return table.select(list(range(min(limit, len(table.data))))) if limit else table

@@ -1,0 +1,355 @@
+"""The delta contract: a small set of new or unfrozen tensors plus the rule for how they touch a frozen model.
+
+A method subclasses `Delta`, names its pydantic `config_class`, and implements `build()` (change the model,
+return the tensors to train). The base class does the rest the same way for every method: freezing, detaching
+bit-for-bit, saving only the delta's tensors, loading with key/shape checks against the right base model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+from weakref import WeakKeyDictionary
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import nn
+
+from deltatune import io
+from deltatune.errors import CheckpointError, ConfigError, TargetError, config_error
+from deltatune.targeting import check_not_taken
+
+FORMAT = "deltatune-delta"
+FORMAT_VERSION = 1
+CONFIG_FILE = "delta.json"
+TENSOR_FILE = "delta.safetensors"
+
+_ATTACHED: WeakKeyDictionary[nn.Module, list[Delta]] = WeakKeyDictionary()
+_BASE_FINGERPRINT: WeakKeyDictionary[nn.Module, dict[str, Any]] = WeakKeyDictionary()
+
+
+class DeltaConfig(BaseModel):
+    """Base of every method's config. Unknown keys are rejected; `method` is set by `@register`."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: ClassVar[str] = ""
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise config_error(exc, type(self), self.method or type(self).__name__) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **self.model_dump(mode="json")}
+
+
+class DeltaBase:
+    """The public API shared by a single delta and a group of deltas attached together."""
+
+    model: nn.Module
+
+    def parts(self) -> list[Delta]:
+        raise NotImplementedError
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """The delta's tensors by their stable names (as in the model when the delta was attached)."""
+        return {name: p for part in self.parts() for name, p in part._params.items()}
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable delta parameters, all parameters of the model with the delta attached)."""
+        trainable = sum(p.numel() for p in self.trainable_parameters().values())
+        total = sum(p.numel() for p in self.model.parameters())
+        merged_extra = sum(p.numel() for part in self.parts() if part.merged for p in part._params.values())
+        return trainable, total + merged_extra
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach() for name, p in self.trainable_parameters().items()}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy saved tensors in; missing, unexpected or mis-shaped keys are one CheckpointError."""
+        own = self.trainable_parameters()
+        missing = sorted(set(own) - set(tensors))
+        unexpected = sorted(set(tensors) - set(own))
+        shapes = [f"{k}: saved {tuple(tensors[k].shape)}, model {tuple(own[k].shape)}"
+                  for k in own.keys() & tensors.keys() if tensors[k].shape != own[k].shape]
+        if missing or unexpected or shapes:
+            raise CheckpointError("saved delta does not fit: " + "; ".join(
+                f"{label}: {_preview(items)}" for label, items in
+                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", shapes)) if items))
+        with torch.no_grad():
+            for name, p in own.items():
+                p.copy_(tensors[name])
+
+    def extra_loss(self) -> torch.Tensor | None:
+        """Sum of the parts' auxiliary losses (e.g. a sparsity penalty), or None."""
+        losses = [loss for part in self.parts() if (loss := part.extra_loss()) is not None]
+        return sum(losses) if losses else None
+
+    def merge(self) -> None:
+        """Fold every part into the base weights (no added inference latency); `unmerge()` reverts exactly."""
+        for part in self.parts():
+            part.merge()
+
+    def unmerge(self) -> None:
+        for part in reversed(self.parts()):
+            part.unmerge()
+
+    def detach(self) -> None:
+        """Remove the delta, restoring the original modules, weights and requires_grad flags bit for bit."""
+        for part in reversed(self.parts()):
+            part.detach()
+
+    def save(self, directory: str | Path) -> Path:
+        """Write `delta.safetensors` (only the delta's tensors) and `delta.json` (configs, base fingerprint)."""
+        directory = Path(directory)
+        tensors = self.state_dict()
+        if not tensors:
+            raise CheckpointError("refusing to save an empty delta: it has no tensors")
+        io.save_tensors(directory / TENSOR_FILE, tensors, metadata={"format": FORMAT})
+        from deltatune import __version__
+
+        meta = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "deltatune_version": __version__,
+            "deltas": [{"config": part.config.to_dict(), "tensors": sorted(part._params)} for part in self.parts()],
+            "base": _BASE_FINGERPRINT[self.model],
+            "sha256": _sha256(directory / TENSOR_FILE),
+        }
+        io.write_json(directory / CONFIG_FILE, meta)
+        return directory
+
+
+class Delta(DeltaBase, ABC):
+    """Contract for one method. Subclasses set `config_class`, and implement `build()` (+ merge hooks if mergeable)."""
+
+    config_class: ClassVar[type[DeltaConfig]]
+    method: ClassVar[str] = ""
+    mergeable: ClassVar[bool] = False
+    role: ClassVar[str] = "delta"  # "head" for new task heads: the optimizer may give them their own LR
+    preserves_output: ClassVar[bool] = True  # attaching leaves the model's outputs unchanged until trained
+
+    def __init__(self, model: nn.Module, config: DeltaConfig):
+        self.model = model
+        self.config = config
+        self.attached = False
+        self.merged = False
+        self._params: dict[str, nn.Parameter] = {}
+        self._swaps: list[tuple[nn.Module, str, nn.Module, nn.Module]] = []
+        self._grad_flags: dict[nn.Parameter, bool] = {}
+
+    def parts(self) -> list[Delta]:
+        return [self]
+
+    # ---- what a method implements -------------------------------------------------------------------
+    @abstractmethod
+    def build(self) -> list[nn.Parameter]:
+        """Change the model (via `self.swap`) and return the tensors to train. Raise TargetError if none fit."""
+
+    def merge_weights(self) -> None:
+        """Fold the delta into the base weights (mergeable methods only)."""
+
+    def unmerge_weights(self) -> None:
+        """Exactly undo `merge_weights`."""
+
+    def restore(self) -> None:
+        """Undo changes other than module swaps (e.g. restore unfrozen weights); called by `detach`."""
+
+    def extra_loss(self) -> torch.Tensor | None:
+        return None
+
+    # ---- helpers for methods ---------------------------------------------------------------------------
+    def swap(self, name: str, new: nn.Module) -> None:
+        """Replace the submodule `name` by `new`, remembering the original for `detach`."""
+        parent, attr = _parent_of(self.model, name)
+        old = getattr(parent, attr)
+        check_not_taken({name: old})
+        setattr(parent, attr, new)
+        self._swaps.append((parent, attr, old, new))
+
+    def set_swapped(self, swapped: bool) -> None:
+        """Put the originals back (False) or the replacements in again (True); used by merge/unmerge."""
+        for parent, attr, old, new in (self._swaps if swapped else reversed(self._swaps)):
+            setattr(parent, attr, new if swapped else old)
+
+    # ---- lifecycle ---------------------------------------------------------------------------------------
+    def attach(self) -> Delta:
+        """Freeze the base, build the delta, mark only its tensors trainable."""
+        if self.attached:
+            raise ConfigError(f"this {self.method} delta is already attached")
+        others = _ATTACHED.setdefault(self.model, [])
+        if not others:
+            _BASE_FINGERPRINT[self.model] = fingerprint(self.model)
+        owned_by_others = {p for other in others for p in other._params.values()}
+        self._grad_flags = {p: p.requires_grad for p in self.model.parameters() if p not in owned_by_others}
+        for p in self._grad_flags:
+            p.requires_grad_(False)
+        try:
+            owned = self.build()
+            if not owned:
+                raise TargetError(f"{self.method}: the config selects nothing to train in {type(self.model).__name__}")
+            if clash := [p for p in owned if p in owned_by_others]:
+                raise ConfigError(f"{self.method} would train {len(clash)} tensors another attached delta "
+                                  "already owns: these methods cannot be combined on the same modules")
+        except BaseException:
+            self._undo()
+            raise
+        # a tied tensor (input embeddings = LM head) is named by its first name, as in named_parameters()
+        names = {id(p): n for n, p in reversed(list(self.model.named_parameters(remove_duplicate=False)))}
+        self._params = {names[id(p)]: p for p in owned}
+        for p in owned:
+            p.requires_grad_(True)
+        others.append(self)
+        self.attached = True
+        return self
+
+    def detach(self) -> None:
+        stack = _ATTACHED.get(self.model, [])
+        if not self.attached:
+            raise ConfigError(f"this {self.method} delta is not attached")
+        if stack[-1] is not self:
+            raise ConfigError(f"detach deltas in reverse order of attaching: {stack[-1].method} was attached last")
+        if self.merged:
+            self.unmerge()
+        self.restore()
+        self._undo()
+        stack.pop()
+        self.attached = False
+
+    def merge(self) -> None:
+        if not self.mergeable:
+            raise ConfigError(f"{self.method} cannot be merged into the base weights; keep it attached instead")
+        if self.merged:
+            raise ConfigError(f"this {self.method} delta is already merged")
+        with torch.no_grad():
+            self.merge_weights()
+        self.merged = True
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            raise ConfigError(f"this {self.method} delta is not merged")
+        with torch.no_grad():
+            self.unmerge_weights()
+        self.merged = False
+
+    def _undo(self) -> None:
+        self.set_swapped(False)
+        self._swaps.clear()
+        for p, flag in self._grad_flags.items():
+            p.requires_grad_(flag)
+
+
+class DeltaGroup(DeltaBase):
+    """Several deltas attached to one model together (e.g. LoRA on the body plus a new task head)."""
+
+    def __init__(self, model: nn.Module, deltas: Sequence[Delta]):
+        self.model = model
+        self._parts = list(deltas)
+
+    def parts(self) -> list[Delta]:
+        return list(self._parts)
+
+    @property
+    def merged(self) -> bool:
+        return all(part.merged for part in self._parts)
+
+
+def attach(model: nn.Module, config: DeltaConfig | Sequence[DeltaConfig]) -> Delta | DeltaGroup:
+    """Attach one method (or several, in order) to `model`; returns the delta handle."""
+    from deltatune.registry import method_of
+
+    configs = [config] if isinstance(config, DeltaConfig) else list(config)
+    if not configs:
+        raise ConfigError("attach() needs at least one method config, e.g. deltatune.LoRA(r=8)")
+    attached: list[Delta] = []
+    try:
+        for cfg in configs:
+            if not isinstance(cfg, DeltaConfig):
+                raise ConfigError(f"expected a method config such as deltatune.LoRA(...), got {type(cfg).__name__}")
+            attached.append(method_of(cfg).delta_class(model, cfg).attach())
+    except BaseException:
+        for delta in reversed(attached):
+            delta.detach()
+        raise
+    return attached[0] if len(attached) == 1 else DeltaGroup(model, attached)
+
+
+def read_delta_config(path: str | Path) -> dict[str, Any]:
+    """Read and check `delta.json` of a saved delta folder."""
+    path = Path(path)
+    file = path / CONFIG_FILE
+    if not file.is_file():
+        hint = " (it looks like a Hugging Face PEFT adapter)" if (path / "adapter_config.json").exists() else ""
+        raise CheckpointError(f"{path} is not a saved deltatune delta: {CONFIG_FILE} not found{hint}")
+    try:
+        meta = io.read_json(file)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{file} is corrupted: {exc}") from None
+    if meta.get("format") != FORMAT or meta.get("version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{file}: unsupported format {meta.get('format')!r} version {meta.get('version')!r}")
+    return meta
+
+
+def load(model: nn.Module, path: str | Path) -> Delta | DeltaGroup:
+    """Attach the delta saved in folder `path` to `model` (a fresh copy of the same base) and load its tensors."""
+    from deltatune.registry import parse_delta_config
+
+    path = Path(path)
+    meta = read_delta_config(path)
+    base = _BASE_FINGERPRINT.get(model) if _ATTACHED.get(model) else fingerprint(model)
+    check_same_base(meta["base"], base)
+    tensor_file = path / TENSOR_FILE
+    if not tensor_file.is_file() or _sha256(tensor_file) != meta.get("sha256"):
+        raise CheckpointError(f"{tensor_file} is missing or corrupted (checksum differs from {CONFIG_FILE})")
+    configs = [parse_delta_config(d["config"], where=f"{path / CONFIG_FILE}") for d in meta["deltas"]]
+    delta = attach(model, configs)
+    try:
+        delta.load_state_dict(io.load_tensors(tensor_file))
+    except BaseException:
+        delta.detach()
+        raise
+    return delta
+
+
+def fingerprint(model: nn.Module) -> dict[str, Any]:
+    """Identity of a base model: class, source path, and a hash of its parameter names and shapes."""
+    shapes = {name: list(p.shape) for name, p in model.named_parameters()}
+    digest = hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()
+    source = getattr(getattr(model, "config", None), "_name_or_path", None) or "an unknown source"
+    return {"class": type(model).__name__, "name_or_path": source, "sha256": digest, "shapes": shapes}
+
+
+def check_same_base(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Raise CheckpointError describing how `current` differs from the base a delta was saved for."""
+    if saved["sha256"] == current["sha256"]:
+        return
+    old, new = saved["shapes"], current["shapes"]
+    diffs = [f"{k} missing" for k in old if k not in new][:3]
+    diffs += [f"{k} unexpected" for k in new if k not in old][:3]
+    diffs += [f"{k}: saved {old[k]} vs model {new[k]}" for k in old if k in new and old[k] != new[k]][:3]
+    raise CheckpointError(
+        f"this delta was saved for another base model ({saved['class']} from {saved['name_or_path']}); "
+        f"the given model is {current['class']} from {current['name_or_path']}. Differences: {'; '.join(diffs)}. "
+        "Load the same base model the delta was trained on.")
+
+
+def _parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), attr
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _preview(items: list[str], n: int = 5) -> str:
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more

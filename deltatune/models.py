@@ -1,0 +1,76 @@
+"""Load a pretrained base model and its tokenizer from a local folder or a packaged alias."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          PreTrainedTokenizerBase)
+
+from deltatune.assets import resolve_model_path
+from deltatune.errors import ConfigError, DeltaTuneError
+
+TASKS = {"classification": AutoModelForSequenceClassification, "regression": AutoModelForSequenceClassification,
+         "causal_lm": AutoModelForCausalLM, "base": AutoModel}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def load_model(path: str, task: str, num_labels: int | None = None, *, dtype: str = "float32",
+               trust_remote_code: bool = False,
+               id2label: dict[int, str] | None = None) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """Load `(model, tokenizer)` for `task`; the tokenizer always gets a pad token when it has eos or unk.
+
+    `model.deltatune_new_weights` lists the parameters that were freshly initialised (e.g. a new task head).
+    """
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}; allowed tasks: {', '.join(TASKS)}")
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+    folder = resolve_model_path(path)
+    if not (folder / "config.json").is_file():
+        raise DeltaTuneError(f"cannot load model from {str(folder)!r}: expected a folder with config.json "
+                             "(a Hugging Face save_pretrained folder) or a packaged alias")
+
+    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+    if task == "classification":
+        if id2label is not None:
+            if num_labels is not None and num_labels != len(id2label):
+                raise ConfigError(f"num_labels={num_labels} but id2label has {len(id2label)} labels")
+            num_labels = len(id2label)
+            kwargs |= {"id2label": dict(id2label), "label2id": {v: k for k, v in id2label.items()}}
+        if num_labels is None:
+            raise ConfigError("task 'classification' needs num_labels or id2label")
+        kwargs["num_labels"] = num_labels
+    elif task == "regression":
+        kwargs |= {"num_labels": num_labels or 1, "problem_type": "regression"}
+
+    try:
+        model, info = TASKS[task].from_pretrained(folder, output_loading_info=True, **kwargs)
+    except (OSError, ValueError) as e:
+        raise DeltaTuneError(f"cannot load model from {str(folder)!r} for task {task!r}: {e}") from e
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    model.deltatune_new_weights = sorted(set(info["missing_keys"]) | {k[0] for k in info["mismatched_keys"]})
+    _ensure_pad_token(model, tokenizer)
+    return model, tokenizer
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer saved with a model folder (or packaged alias), given a pad token if it has none."""
+    folder = resolve_model_path(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise DeltaTuneError(f"cannot load a tokenizer from {str(folder)!r}: {e}") from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def _ensure_pad_token(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Tell the model the tokenizer's pad id: sequence classification on Llama/GPT-2 needs it."""
+    if tokenizer.pad_token_id is None:
+        return
+    for config in (model.config, getattr(model, "generation_config", None)):
+        if config is not None and getattr(config, "pad_token_id", None) is None:
+            config.pad_token_id = tokenizer.pad_token_id

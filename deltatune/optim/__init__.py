@@ -1,0 +1,69 @@
+"""Optimizers for a delta: parameter groups (weight decay, layer-wise and per-pattern LRs, head LR) and schedules.
+
+    cfg = OptimizerConfig(lr=2e-5, weight_decay=0.01, layer_decay=0.8, head_lr=1e-3, warmup_ratio=0.1)
+    optimizer = build_optimizer(model, delta, cfg)
+    scheduler = build_scheduler(optimizer, cfg, total_steps=1000)
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from deltatune.errors import config_error
+
+
+class OptimizerConfig(BaseModel):
+    """Optimizer, parameter groups and LR schedule. Unknown keys are rejected."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)  # adamw only
+    eps: float = Field(1e-8, gt=0)  # adamw only
+    momentum: float = Field(0.0, ge=0, lt=1)  # sgd only
+    # Geometric layer-wise LR decay from the head down: layer i of L gets lr * decay**(L - i), the embeddings
+    # (everything before the layer stack) lr * decay**(L + 1), everything after the stack (final norm, head) lr.
+    layer_decay: float | None = Field(None, gt=0, le=1)
+    head_lr: float | None = Field(None, gt=0)  # LR of deltas with role "head" (new task heads)
+    # Parameter-name regex (re.search) -> LR; the first matching pattern wins, and it wins over head_lr/layer_decay.
+    lr_groups: dict[str, float] = {}
+    no_decay: list[str] = ["bias", "LayerNorm.weight", "norm.weight", "ln_"]  # name substrings without weight decay
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    warmup_steps: int | None = Field(None, ge=0)  # overrides warmup_ratio
+
+    def __init__(self, **values: Any) -> None:  # one ConfigError naming the bad keys, as for method configs
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise config_error(exc, type(self), "optimizer") from None
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        return betas
+
+    @field_validator("lr_groups")
+    @classmethod
+    def _patterns_compile(cls, groups: dict[str, float]) -> dict[str, float]:
+        for pattern, lr in groups.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"lr_groups pattern {pattern!r} is not a valid regex: {exc}") from None
+            if lr <= 0:
+                raise ValueError(f"lr_groups[{pattern!r}] must be > 0, got {lr}")
+        return groups
+
+
+from deltatune.optim.groups import build_optimizer, describe_groups, stack_depths  # noqa: E402
+from deltatune.optim.schedule import build_scheduler, lr_factor  # noqa: E402
+
+__all__ = ["OptimizerConfig", "build_optimizer", "build_scheduler", "describe_groups", "lr_factor", "stack_depths"]

@@ -1,0 +1,86 @@
+"""The registry: the one list of fine-tuning methods. `@register("lora")` on a Delta subclass adds it."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from pydantic import ValidationError
+
+from deltatune.errors import ConfigError, config_error
+
+if TYPE_CHECKING:
+    from deltatune.delta import Delta, DeltaConfig
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    config_class: type[DeltaConfig]
+    delta_class: type[Delta]
+
+    @property
+    def description(self) -> str:
+        return (self.delta_class.__doc__ or "").strip().splitlines()[0]
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register(name: str) -> Callable[[type[Delta]], type[Delta]]:
+    """Class decorator: register a Delta subclass (with its `config_class`) under `name`."""
+
+    def add(delta_class: type[Delta]) -> type[Delta]:
+        if name in _METHODS:
+            raise ValueError(f"method {name!r} is already registered by {_METHODS[name].delta_class.__name__}")
+        config_class = delta_class.config_class
+        if any(m.config_class is config_class for m in _METHODS.values()):
+            raise ValueError(f"config class {config_class.__name__} is already registered")
+        if not (delta_class.__doc__ or "").strip():
+            raise ValueError(f"{delta_class.__name__} needs a docstring: its first line describes the method")
+        config_class.method = name
+        delta_class.method = name
+        _METHODS[name] = Method(name, config_class, delta_class)
+        return delta_class
+
+    return add
+
+
+def _ensure_loaded() -> None:
+    import deltatune.methods  # noqa: F401  (importing registers every method)
+
+
+def methods() -> dict[str, Method]:
+    """All registered methods by name, sorted."""
+    _ensure_loaded()
+    return dict(sorted(_METHODS.items()))
+
+
+def get_method(name: str) -> Method:
+    _ensure_loaded()
+    if name not in _METHODS:
+        close = difflib.get_close_matches(name, _METHODS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown method {name!r}.{hint} Registered methods: {', '.join(sorted(_METHODS))}")
+    return _METHODS[name]
+
+
+def method_of(config: DeltaConfig) -> Method:
+    _ensure_loaded()
+    for method in _METHODS.values():
+        if type(config) is method.config_class:
+            return method
+    raise ConfigError(f"{type(config).__name__} is not a registered method config")
+
+
+def parse_delta_config(raw: dict[str, Any], where: str = "delta") -> DeltaConfig:
+    """Build a method config from a mapping with a `method` key (as written in YAML)."""
+    if not isinstance(raw, dict) or "method" not in raw:
+        raise ConfigError(f"{where}: expected a mapping with a 'method' key, e.g. {{method: lora, r: 8}}; got {raw!r}")
+    fields = {k: v for k, v in raw.items() if k != "method"}
+    method = get_method(str(raw["method"]))
+    try:
+        return method.config_class.model_validate(fields)
+    except ValidationError as exc:
+        raise config_error(exc, method.config_class, where) from None

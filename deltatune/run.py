@@ -1,0 +1,79 @@
+"""Runs from a config: load model and data, attach the deltas, train, and write the run folder.
+
+A run folder holds `config.yaml` (resolved), `metrics.jsonl/csv`, `checkpoints/`, `best/` (the delta),
+`results.json` and `report.html`. `load_run` reopens one for `eval`, `merge` and later commands.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+
+from deltatune.config import RunConfig, load_config
+from deltatune.data import Collator, TaskData, prepare_data
+from deltatune.delta import DeltaBase, attach, load
+from deltatune.errors import ConfigError
+from deltatune.io import write_text
+from deltatune.models import load_model, load_tokenizer
+from deltatune.train import TrainResult, train
+
+CONFIG_NAME = "config.yaml"
+
+
+@dataclass
+class Session:
+    """Everything a run needs in memory: config, model with its deltas attached, tokenizer, data."""
+
+    config: RunConfig
+    model: torch.nn.Module
+    tokenizer: Any
+    delta: DeltaBase
+    data: TaskData
+
+    def collator(self) -> Collator:
+        return Collator(self.tokenizer.pad_token_id)
+
+
+def open_session(config: RunConfig, delta_dir: Path | None = None) -> Session:
+    """Load tokenizer, data and model for `config`; attach fresh deltas, or the saved ones in `delta_dir`."""
+    torch.manual_seed(config.train.seed)  # new heads and delta tensors start the same way every run
+    tokenizer = load_tokenizer(config.model.path, trust_remote_code=config.model.trust_remote_code)
+    data = prepare_data(config.data, tokenizer, seed=config.train.seed)
+    id2label = dict(enumerate(data.label_names)) if data.label_names else None
+    model, _ = load_model(config.model.path, config.task, data.num_labels, dtype=config.model.dtype,
+                          trust_remote_code=config.model.trust_remote_code, id2label=id2label)
+    delta = load(model, delta_dir) if delta_dir else attach(model, config.delta)
+    return Session(config, model, tokenizer, delta, data)
+
+
+def run_training(config: RunConfig, *, resume: bool = False,
+                 on_event: Callable[[str, dict], None] | None = None) -> tuple[Session, TrainResult]:
+    """Train as `config` says, writing everything into `config.output_dir`."""
+    out = Path(config.output_dir)
+    if not resume and (out / "checkpoints").exists():
+        raise ConfigError(f"run folder {out} already holds a run: pass --resume to continue it, "
+                          f"or choose another folder with --set output_dir=...")
+    write_text(out / CONFIG_NAME, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    session = open_session(config)
+    result = train(session.model, session.delta, session.data, config.train, out,
+                   collate=session.collator(), resume=resume, on_event=on_event)
+    from deltatune.report import write_report
+
+    write_report(out, config, result)
+    return session, result
+
+
+def load_run(run_dir: str | Path, overrides: list[str] = ()) -> Session:
+    """Reopen a finished run: its config, the base model and the best saved delta."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_NAME).is_file():
+        raise ConfigError(f"{run_dir} is not a run folder: {CONFIG_NAME} not found (train one with `deltatune train`)")
+    config = load_config(run_dir / CONFIG_NAME, overrides)
+    best = run_dir / "best"
+    if not best.is_dir():
+        raise ConfigError(f"{run_dir} has no trained delta yet ({best} missing): finish or resume the run first")
+    return open_session(config, delta_dir=best)

@@ -1,0 +1,142 @@
+"""Choose modules of a model by name, suffix, regex, type, or layer index.
+
+Pattern forms, in a `targets` list:
+  "query"            exact name or dot-suffix (`...attention.self.query`)
+  "attn.c_proj"      dot-suffix with several parts
+  "re:.*\\.(q|v)_proj" regular expression, full match on the module name
+  "type:Conv2d"      every module of that class name
+  "all-linear"       every supported module except the task heads
+Every pattern must match at least one module; otherwise a TargetError lists the candidates.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Iterable, Sequence, Union
+
+from torch import nn
+
+from deltatune.arch import describe, short_name
+from deltatune.errors import TargetError
+
+LayerSpec = Union[str, Sequence[int], None]
+
+
+class DeltaModule(nn.Module):
+    """Marker base for modules a delta injects; targeting never descends into them."""
+
+    owner_method: str = "delta"
+
+
+def find_modules(
+    model: nn.Module,
+    targets: Sequence[str],
+    types: tuple[type, ...] = (nn.Module,),
+    layers: LayerSpec = None,
+    exclude: Sequence[str] = (),
+) -> dict[str, nn.Module]:
+    """Modules matched by `targets`, restricted to `types` and to the given layer indices, minus `exclude`."""
+    if isinstance(targets, str):
+        targets = [targets]
+    if not targets:
+        raise TargetError("no targets given: name at least one module pattern, e.g. ['query', 'value'] or 'all-linear'")
+    arch = describe(model)
+    candidates = _plain_modules(model)
+    allowed_layers = _layer_set(layers, len(arch.layers))
+    heads = set(arch.heads)
+    chosen: dict[str, nn.Module] = {}
+    for pattern in targets:
+        hits = {n: m for n, m in candidates.items() if _matches(pattern, n, m, heads, types)}
+        if not hits:
+            raise _no_match(pattern, candidates, types, model)
+        if allowed_layers is not None:
+            hits = {n: m for n, m in hits.items() if arch.layer_index(n) in allowed_layers}
+            if not hits:
+                raise TargetError(f"target {pattern!r} matches no module inside layers {sorted(allowed_layers)} "
+                                  f"(the model has {len(arch.layers)} layers: {arch.layer_lists})")
+        chosen.update(hits)
+    for pattern in exclude:
+        chosen = {n: m for n, m in chosen.items() if not _matches(pattern, n, m, set(), (nn.Module,))}
+    if not chosen:
+        raise TargetError(f"every module matched by {list(targets)} is excluded by {list(exclude)}")
+    check_not_taken(chosen)
+    return dict(sorted(chosen.items(), key=lambda kv: list(candidates).index(kv[0])))
+
+
+def _plain_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Named modules, skipping anything inside a DeltaModule (those belong to an attached delta)."""
+    out, inside = {}, []
+    for name, module in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(module, DeltaModule):
+            inside.append(name)
+        out[name] = module
+    return out
+
+
+def _matches(pattern: str, name: str, module: nn.Module, heads: set[str], types: tuple[type, ...]) -> bool:
+    if not name:
+        return False
+    if pattern == "all-linear":
+        return _is_type(module, types) and name not in heads and not any(name.startswith(h + ".") for h in heads)
+    if not _is_type(module, types) and not isinstance(module, DeltaModule):
+        return False
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    if pattern.startswith("type:"):
+        return type(module).__name__ == pattern[5:]
+    return name == pattern or name.endswith("." + pattern)
+
+
+def _is_type(module: nn.Module, types: tuple[type, ...]) -> bool:
+    return isinstance(module, types) and not isinstance(module, DeltaModule)
+
+
+def check_not_taken(found: dict[str, nn.Module]) -> None:
+    """Refuse modules that already carry a delta (attaching twice is an error, not a silent stack)."""
+    for name, module in found.items():
+        if isinstance(module, DeltaModule):
+            raise TargetError(f"module {name!r} already carries a {module.owner_method} delta; "
+                              "detach it first, or target other modules")
+
+
+def _no_match(pattern: str, candidates: dict[str, nn.Module], types: tuple[type, ...], model: nn.Module) -> TargetError:
+    typed = [n for n, m in candidates.items() if n and _is_type(m, types)]
+    shorts = sorted({short_name(n) for n in typed})
+    close = difflib.get_close_matches(pattern, shorts + sorted({s.rsplit(".", 1)[-1] for s in shorts}), n=3)
+    wrong_type = [n for n in candidates if n and (n == pattern or n.endswith("." + pattern))]
+    msg = f"target {pattern!r} matches no module of {type(model).__name__}"
+    taken = sorted({m.owner_method for m in candidates.values() if isinstance(m, DeltaModule)})
+    if taken:
+        msg += f" (modules that already carry a {'/'.join(taken)} delta are not candidates: detach it first)"
+    if wrong_type:
+        kinds = sorted({type(candidates[n]).__name__ for n in wrong_type})
+        allowed = ", ".join(t.__name__ for t in types)
+        msg += f" of a supported type: it names {kinds} modules, and this method supports {allowed}"
+    if close:
+        msg += f". Did you mean {', '.join(map(repr, close))}?"
+    return TargetError(f"{msg}. Candidates: {', '.join(shorts) or '(none)'}")
+
+
+def _layer_set(layers: LayerSpec, count: int) -> set[int] | None:
+    """Parse `layers`: None (all), "2-5" (inclusive range), or a list of indices (negative counts from the end)."""
+    if layers is None:
+        return None
+    if isinstance(layers, str):
+        match = re.fullmatch(r"\s*(-?\d+)\s*-\s*(-?\d+)\s*", layers)
+        if not match:
+            raise TargetError(f"layers {layers!r}: expected a range like '0-3' or a list of indices like [0, 1, -1]")
+        lo, hi = (int(g) % count if count else int(g) for g in match.groups())
+        indices: Iterable[int] = range(lo, hi + 1)
+    else:
+        indices = list(layers)
+    if count == 0:
+        raise TargetError("layers given, but no layer stack was found in this model; target modules by name instead")
+    out = set()
+    for i in indices:
+        if not -count <= i < count:
+            raise TargetError(f"layer index {i} is out of range: the model has {count} layers (0..{count - 1})")
+        out.add(i % count)
+    return out

@@ -1,0 +1,226 @@
+"""Training checkpoints for exact resume: atomic, checksummed, pickle-free.
+
+`checkpoints/step-{N:08d}/` holds
+  delta.safetensors + delta.json      the delta's tensors (`delta.save`)
+  optimizer.safetensors + .json       optimizer state: tensors in safetensors, param_groups and scalars in JSON
+  scheduler.json                      LR scheduler state
+  rng.safetensors + rng.json          torch RNG state (uint8 tensor); python `random` and numpy states
+  state.json                          the loop's own state (epoch, batch, step, best metric, ...)
+  checksums.json                      sha256 of every file above, written last and verified on load
+A checkpoint is written into a hidden temporary folder and renamed into place, so it is complete or absent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import re
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from deltatune import io
+from deltatune.delta import TENSOR_FILE, DeltaBase
+from deltatune.errors import CheckpointError
+
+NAME = re.compile(r"^step-(\d{8})$")
+CHECKSUMS = "checksums.json"
+
+
+@dataclass
+class Checkpoint:
+    """A verified, loaded checkpoint: apply it with the matching `load_state_dict` calls and `set_rng_state`."""
+
+    path: Path
+    step: int
+    delta: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    rng: dict[str, Any]
+    state: dict[str, Any]
+
+
+def checkpoint_dirs(root: str | Path) -> list[Path]:
+    """Checkpoint folders under `root`, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and NAME.match(p.name)), key=lambda p: p.name)
+
+
+def save_checkpoint(root: str | Path, step: int, *, delta: DeltaBase, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, state: dict[str, Any], keep: int) -> Path:
+    """Write checkpoint `step` atomically, then delete all but the newest `keep` checkpoints."""
+    root = Path(root)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        delta.save(tmp)
+        tensors, meta = encode(optimizer.state_dict(), "optimizer")
+        io.save_tensors(tmp / "optimizer.safetensors", tensors)
+        io.write_json(tmp / "optimizer.json", meta)
+        tensors, meta = encode(scheduler.state_dict(), "scheduler")
+        if tensors:
+            raise CheckpointError("the LR scheduler state holds tensors; only plain values are supported")
+        io.write_json(tmp / "scheduler.json", meta)
+        rng_tensors, rng_json = get_rng_state()
+        io.save_tensors(tmp / "rng.safetensors", rng_tensors)
+        io.write_json(tmp / "rng.json", rng_json)
+        io.write_json(tmp / "state.json", {"step": step, **state})
+        io.write_json(tmp / CHECKSUMS, {p.name: sha256(p) for p in sorted(tmp.iterdir())})
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in checkpoint_dirs(root)[:-max(keep, 1)]:
+        shutil.rmtree(old)
+    return final
+
+
+def load_latest(root: str | Path) -> Checkpoint:
+    """The newest checkpoint that verifies; a broken newer one is skipped with a warning."""
+    root = Path(root)
+    dirs = checkpoint_dirs(root)
+    if not dirs:
+        raise CheckpointError(f"nothing to resume in {root}: no checkpoints (step-*) found; "
+                              "start without resume, or point to the output folder of an earlier run")
+    errors = []
+    for path in reversed(dirs):
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as exc:
+            errors.append(str(exc))
+            continue
+        if errors:
+            warnings.warn(f"skipped {len(errors)} broken checkpoint(s) ({'; '.join(errors)}); "
+                          f"resuming from the previous good one, {path.name}", stacklevel=2)
+        return ckpt
+    raise CheckpointError(f"no usable checkpoint in {root}: " + "; ".join(errors))
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Verify the checksums of one checkpoint folder and read it; CheckpointError if anything is off."""
+    path = Path(path)
+    try:
+        sums = io.read_json(path / CHECKSUMS)
+        required = {TENSOR_FILE, "optimizer.safetensors", "optimizer.json", "scheduler.json", "rng.safetensors",
+                    "rng.json", "state.json"}
+        if missing := sorted(required - set(sums)):
+            raise CheckpointError(f"{path.name} lacks {', '.join(missing)}")
+        for name, digest in sums.items():
+            if not (path / name).is_file() or sha256(path / name) != digest:
+                raise CheckpointError(f"{path / name} is missing or corrupted (checksum mismatch)")
+        optimizer = decode(io.read_json(path / "optimizer.json"), io.load_tensors(path / "optimizer.safetensors"))
+        state = io.read_json(path / "state.json")
+        return Checkpoint(path=path, step=int(state["step"]), delta=io.load_tensors(path / TENSOR_FILE),
+                          optimizer=optimizer, scheduler=decode(io.read_json(path / "scheduler.json"), {}),
+                          rng={"tensors": io.load_tensors(path / "rng.safetensors"),
+                               **io.read_json(path / "rng.json")}, state=state)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # unreadable JSON/safetensors, missing keys: the checkpoint is unusable
+        raise CheckpointError(f"{path} is unreadable: {type(exc).__name__}: {exc}") from None
+
+
+def set_aside_newer(root: str | Path, step: int) -> list[Path]:
+    """Rename checkpoints newer than `step` (skipped as broken) to `*.corrupt`, so new ones can take their place."""
+    moved = []
+    for path in checkpoint_dirs(root):
+        if int(NAME.match(path.name)[1]) > step:
+            target = path.with_name(path.name + ".corrupt")
+            shutil.rmtree(target, ignore_errors=True)
+            path.rename(target)
+            moved.append(target)
+    return moved
+
+
+# ---- RNG -----------------------------------------------------------------------------------------------------
+def get_rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors |= {f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    return tensors, {"python": [version, list(internal), gauss],
+                     "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+
+
+def set_rng_state(rng: dict[str, Any]) -> None:
+    tensors = rng["tensors"]
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = rng["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# ---- state dicts without pickle ------------------------------------------------------------------------------
+def encode(obj: Any, where: str) -> tuple[dict[str, torch.Tensor], Any]:
+    """Split a nested state dict into tensors (by generated key) and a JSON tree that refers to them.
+
+    Dicts with non-string keys (the optimizer's `state` is keyed by int) keep their key types; tuples become lists.
+    Anything else (arbitrary objects) is refused rather than pickled.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(x: Any, key: str) -> Any:
+        if isinstance(x, torch.Tensor):
+            tensors[key] = x.detach().cpu()
+            return {"__tensor__": key}
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        if isinstance(x, (list, tuple)):
+            return [walk(v, f"{key}.{i}") for i, v in enumerate(x)]
+        if isinstance(x, dict):
+            if all(isinstance(k, str) for k in x) and "__tensor__" not in x and "__items__" not in x:
+                return {k: walk(v, f"{key}.{k}") for k, v in x.items()}
+            if all(isinstance(k, (int, str)) and not isinstance(k, bool) for k in x):
+                return {"__items__": [[k, walk(v, f"{key}.{k}")] for k, v in x.items()]}
+        raise CheckpointError(f"cannot checkpoint {key} of type {type(x).__name__} without pickle")
+
+    return tensors, walk(obj, where)
+
+
+def decode(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(tree, list):
+        return [decode(v, tensors) for v in tree]
+    if isinstance(tree, dict):
+        if "__tensor__" in tree:
+            return tensors[tree["__tensor__"]]
+        if "__items__" in tree:
+            return {k: decode(v, tensors) for k, v in tree["__items__"]}
+        return {k: decode(v, tensors) for k, v in tree.items()}
+    return tree
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Rename folder `src` onto `dst` (an existing `dst` is moved aside first, then removed)."""
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+    if dst.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        dst.rename(old)
+    src.rename(dst)
+    shutil.rmtree(old, ignore_errors=True)
+    fd = os.open(dst.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,287 @@
+"""The training loop: one flat function, `train`, that trains any delta on any task. Read it top to bottom.
+
+Outputs in `out_dir`:
+  best/                the delta with the best validation metric (`delta.save` format) -- the result of the run;
+                       without a validation split it is the final delta. On return the delta holds these weights.
+  checkpoints/step-N/  the newest `keep_checkpoints` training states (see checkpoint.py); the newest one also has
+                       the last weights, so no separate `last/` folder is written.
+  metrics.jsonl/.csv   logged train steps and evaluations (see metrics.MetricsLog)
+  results.json         the TrainResult
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from deltatune import io
+from deltatune.delta import TENSOR_FILE, DeltaBase
+from deltatune.errors import CheckpointError, ConfigError, DataError, DeltaTuneError
+from deltatune.optim import OptimizerConfig, build_optimizer, build_scheduler
+from deltatune.train import checkpoint
+from deltatune.train.metrics import (MetricsLog, MetricState, check_metric, check_task, default_metric, improved,
+                                     logits_of, loss_sum, units)
+
+Collate = Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
+# Changing these between a run and its resume would make the restored data position meaningless.
+TRAJECTORY_KEYS = ("batch_size", "grad_accum", "seed", "length_grouping")
+
+
+class TrainConfig(BaseModel):
+    """How to train. Steps are optimizer steps (one step = `grad_accum` batches of `batch_size`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(3, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(16, ge=1)
+    eval_batch_size: int | None = Field(None, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    seed: int = 0
+    eval_every: int | None = Field(None, ge=1)  # validation also runs at every epoch end and at the last step
+    metric: str | None = None  # early stopping / best delta; default accuracy (classification) or loss
+    patience: int | None = Field(None, ge=1)  # evaluations without improvement before stopping
+    checkpoint_every: int | None = Field(None, ge=1)  # checkpoints also at every epoch end and at the last step
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+    num_threads: int | None = Field(None, ge=1)
+    length_grouping: bool = False  # batches of similar lengths (less padding), still a seeded random order
+    eval_baseline: bool = True  # evaluate the untrained model first (validation + test)
+
+
+@dataclass
+class TrainResult:
+    metric: str
+    baseline: dict[str, dict[str, float]] | None  # split -> metrics of the model before training
+    best_validation: dict[str, float] | None
+    best_step: int | None
+    test: dict[str, float] | None  # with the best delta
+    steps: int
+    epochs: float
+    stopped_early: bool
+    wall_time_s: float
+    train_tokens_per_s: float  # real tokens (attention_mask ones) per second of training steps
+    peak_rss_mb: float
+    trainable_params: int
+    total_params: int
+
+
+def train(model: nn.Module, delta: DeltaBase, data: Any, cfg: TrainConfig, out_dir: str | Path, *,
+          collate: Collate, resume: bool = False,
+          on_event: Callable[[str, dict[str, Any]], None] | None = None) -> TrainResult:
+    """Train `delta` (attached to `model`) on `data` (a TaskData); see the module docstring for the outputs.
+
+    `resume=True` continues from the newest good checkpoint in `out_dir/checkpoints` and ends with exactly the
+    weights and loss curve of an uninterrupted run (bitwise on CPU), given the same config.
+    """
+    out_dir, emit = Path(out_dir), on_event or (lambda kind, info: None)
+    check_task(data.task)
+    metric = cfg.metric or default_metric(data.task)
+    check_metric(metric, data.task)
+    if len(data.train) == 0:
+        raise DataError("the training split is empty: nothing to train on")
+    ckpt_root, eval_bs, wall_start = out_dir / "checkpoints", cfg.eval_batch_size or cfg.batch_size, time.perf_counter()
+    if not resume and checkpoint.checkpoint_dirs(ckpt_root):
+        raise CheckpointError(f"{ckpt_root} holds checkpoints of an earlier run: continue it with resume=True, "
+                              "or use a new output folder")
+
+    # Every source of randomness is seeded here (and overwritten from the checkpoint on resume).
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    params = list(delta.trainable_parameters().values())
+    trainable, total = delta.parameter_counts()
+    optimizer = build_optimizer(model, delta, cfg.optimizer)
+    micro_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
+    total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
+    scheduler = build_scheduler(optimizer, cfg.optimizer, total_steps)
+    lengths = _lengths(data.train) if cfg.length_grouping else None
+    log = MetricsLog(out_dir, data.task)
+    has_validation, has_test = len(data.validation) > 0, len(data.test) > 0
+
+    # Loop state: everything needed to continue exactly where a checkpoint was taken.
+    st: dict[str, Any] = {"epoch": 0, "batch": 0, "best": None, "best_step": None, "bad_evals": 0, "done": False,
+                          "stopped_early": False, "elapsed": 0.0, "train_time": 0.0, "tokens": 0, "baseline": None,
+                          "config": cfg.model_dump(mode="json")}
+    step, last_ckpt = 0, None
+    if resume:
+        ck = checkpoint.load_latest(ckpt_root)
+        if changed := [k for k in TRAJECTORY_KEYS if ck.state["config"][k] != getattr(cfg, k)]:
+            raise ConfigError(f"cannot resume {out_dir} with different {', '.join(changed)} than the run used")
+        delta.load_state_dict(ck.delta)
+        optimizer.load_state_dict(ck.optimizer)
+        scheduler.load_state_dict(ck.scheduler)
+        checkpoint.set_rng_state(ck.rng)
+        checkpoint.set_aside_newer(ckpt_root, ck.step)  # broken newer ones would shadow the new checkpoints
+        st, step, last_ckpt = {**ck.state, "config": cfg.model_dump(mode="json")}, ck.step, ck.path
+        del st["step"]
+        log.start(resume_step=step)
+    else:
+        log.start(resume_step=None)
+        if cfg.eval_baseline:
+            st["baseline"] = {}
+            for split in [s for s, present in (("validation", has_validation), ("test", has_test)) if present]:
+                st["baseline"][split] = evaluate(model, getattr(data, split), collate, data.task, eval_bs)
+                log.write({"kind": "baseline", "split": split, "step": 0, "epoch": 0.0, **st["baseline"][split]})
+                emit("eval", {"split": split, "step": 0, "epoch": 0, "baseline": True,
+                              "metrics": st["baseline"][split]})
+    emit("start", {"total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "epochs": cfg.epochs,
+                   "trainable": trainable, "total": total, "resumed_from_step": step if resume else None})
+
+    model.train()
+    clock = time.perf_counter() - st["elapsed"]  # elapsed time continues across resumes
+    window_tokens, window_time = 0, 0.0
+    while not st["done"] and step < total_steps:
+        # The order of an epoch depends only on (seed, epoch): the data position is just (epoch, batch index).
+        epoch, order = st["epoch"], _epoch_order(len(data.train), cfg, st["epoch"], lengths)
+        batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+        while st["epoch"] == epoch and not st["done"] and step < total_steps:
+            t0 = time.perf_counter()
+            group = [collate([data.train[i] for i in idx]) for idx in batches[st["batch"]:st["batch"] + cfg.grad_accum]]
+            # Normalise by the units (examples or target tokens) of the whole step: accumulating equals a big batch.
+            step_units = max(sum(units(b["labels"], data.task) for b in group), 1)
+            step_loss, tokens = 0.0, 0
+            for batch in group:
+                batch = _to_device(batch, params[0].device)
+                logits = logits_of(model(**{k: v for k, v in batch.items() if k != "labels"}))
+                part = units(batch["labels"], data.task) / step_units
+                loss = loss_sum(logits, batch["labels"], data.task) / step_units
+                if (extra := delta.extra_loss()) is not None:
+                    loss = loss + extra * part
+                loss.backward()
+                step_loss += float(loss.detach())
+                tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+            if not math.isfinite(step_loss):
+                optimizer.zero_grad(set_to_none=True)
+                raise DeltaTuneError(
+                    f"the training loss is {step_loss} at step {step + 1} (epoch {epoch + 1}); training stopped "
+                    f"before the weights were updated. The last good checkpoint is kept: {last_ckpt or 'none yet'}. "
+                    "Try a lower learning rate or check the data.")
+            grads = [p.grad for p in params if p.grad is not None]
+            grad_norm = (nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm
+                         else nn.utils.get_total_norm(grads))
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            st["batch"] += len(group)
+            end_of_epoch = st["batch"] >= len(batches)
+            epoch_pos = st["epoch"] + st["batch"] / len(batches)
+            if end_of_epoch:
+                st["epoch"], st["batch"] = st["epoch"] + 1, 0
+            seconds = time.perf_counter() - t0
+            st["tokens"] += tokens
+            st["train_time"] += seconds
+            window_tokens, window_time = window_tokens + tokens, window_time + seconds
+            emit("step", {"step": step, "epoch": epoch_pos, "loss": step_loss, "lr": lr})
+            if step % cfg.log_every == 0 or step == total_steps:
+                log.write({"kind": "train", "step": step, "epoch": epoch_pos, "loss": step_loss, "lr": lr,
+                           "grad_norm": float(grad_norm), "tokens_per_s": window_tokens / max(window_time, 1e-9),
+                           "elapsed": time.perf_counter() - clock})
+                window_tokens, window_time = 0, 0.0
+
+            last = step == total_steps
+            if has_validation and (end_of_epoch or last or (cfg.eval_every and step % cfg.eval_every == 0)):
+                scores = evaluate(model, data.validation, collate, data.task, eval_bs)
+                log.write({"kind": "eval", "split": "validation", "step": step, "epoch": epoch_pos, **scores,
+                           "elapsed": time.perf_counter() - clock})
+                emit("eval", {"split": "validation", "step": step, "epoch": epoch_pos, "metrics": scores})
+                if improved(scores[metric], st["best"], metric):
+                    st["best"], st["best_step"], st["best_metrics"], st["bad_evals"] = scores[metric], step, scores, 0
+                    _save_delta(delta, out_dir / "best")
+                else:
+                    st["bad_evals"] += 1
+                    if cfg.patience and st["bad_evals"] >= cfg.patience:
+                        st["done"] = st["stopped_early"] = True
+            if end_of_epoch or last or st["done"] or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                st["elapsed"] = time.perf_counter() - clock
+                last_ckpt = checkpoint.save_checkpoint(ckpt_root, step, delta=delta, optimizer=optimizer,
+                                                       scheduler=scheduler, state=st, keep=cfg.keep_checkpoints)
+                emit("checkpoint", {"step": step, "path": str(last_ckpt)})
+            if st["stopped_early"]:
+                emit("early_stop", {"step": step, "epoch": epoch_pos, "metric": metric, "best": st["best"],
+                                    "best_step": st["best_step"], "patience": cfg.patience})
+
+    # The result is the best delta (or the final one without a validation split); test it with those weights.
+    if st["best_step"] is None:
+        _save_delta(delta, out_dir / "best")
+    else:
+        delta.load_state_dict(io.load_tensors(out_dir / "best" / TENSOR_FILE))
+    test = evaluate(model, data.test, collate, data.task, eval_bs) if has_test else None
+    if test is not None:
+        log.write({"kind": "final", "split": "test", "step": step, "epoch": step / steps_per_epoch, **test,
+                   "elapsed": time.perf_counter() - clock})
+        emit("eval", {"split": "test", "step": step, "epoch": step / steps_per_epoch, "metrics": test})
+    result = TrainResult(
+        metric=metric, baseline=st["baseline"], best_validation=st.get("best_metrics"), best_step=st["best_step"],
+        test=test, steps=step, epochs=round(step / steps_per_epoch, 4), stopped_early=st["stopped_early"],
+        wall_time_s=time.perf_counter() - wall_start,
+        train_tokens_per_s=st["tokens"] / max(st["train_time"], 1e-9),
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        trainable_params=trainable, total_params=total)
+    io.write_json(out_dir / "results.json", asdict(result))
+    emit("end", asdict(result))
+    return result
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Sequence[dict[str, Any]], collate: Collate, task: str,
+             batch_size: int) -> dict[str, float]:
+    """Metrics of `model` over a whole split (eval mode, no gradients; the previous mode is restored)."""
+    check_task(task)
+    if len(dataset) == 0:
+        raise DataError("cannot evaluate on an empty split")
+    was_training = model.training
+    model.eval()
+    state = MetricState(task)
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, len(dataset), batch_size):
+            batch = _to_device(collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]),
+                               device)
+            state.update(logits_of(model(**{k: v for k, v in batch.items() if k != "labels"})), batch["labels"])
+    finally:
+        model.train(was_training)
+    return state.result()
+
+
+def _epoch_order(n: int, cfg: TrainConfig, epoch: int, lengths: list[int] | None) -> list[int]:
+    seed = cfg.seed * 1_000_003 + epoch
+    if lengths is not None:
+        from deltatune.data import length_grouped_order
+
+        return [int(i) for i in length_grouped_order(lengths, cfg.batch_size, seed)]
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _lengths(dataset: Sequence[dict[str, Any]]) -> list[int]:
+    if hasattr(dataset, "column_names"):  # datasets.Dataset: read the column at once
+        return [len(ids) for ids in dataset["input_ids"]]
+    return [len(ex["input_ids"]) for ex in dataset]
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return batch if device.type == "cpu" else {k: v.to(device) for k, v in batch.items()}
+
+
+def _save_delta(delta: DeltaBase, folder: Path) -> None:
+    """Save the delta into a temporary folder and rename it onto `folder`, so `folder` is never half-written."""
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    delta.save(tmp)
+    checkpoint.replace_dir(tmp, folder)

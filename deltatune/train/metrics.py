@@ -1,0 +1,147 @@
+"""Losses and metrics per task, computed by the loop from the model's logits (the model never sees `labels`).
+
+Every loss is returned as (sum over units, number of units) so that gradient accumulation can divide by the
+units of the whole optimizer step: the accumulated gradient then equals the one of a single big batch.
+Units are examples for classification/regression and real (non -100) target tokens for causal LM ("text").
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from deltatune import io
+from deltatune.errors import ConfigError
+
+TASKS = ("classification", "regression", "text")
+METRICS = {"classification": ("loss", "accuracy", "macro_f1"), "regression": ("loss", "mse"),
+           "text": ("loss", "perplexity")}
+MINIMISED = {"loss", "perplexity", "mse"}
+
+
+def check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}; the training loop supports: {', '.join(TASKS)}")
+
+
+def default_metric(task: str) -> str:
+    return "accuracy" if task == "classification" else "loss"
+
+
+def check_metric(metric: str, task: str) -> None:
+    if metric not in METRICS[task]:
+        raise ConfigError(f"unknown metric {metric!r} for task {task!r}; available: {', '.join(METRICS[task])}")
+
+
+def improved(value: float, best: float | None, metric: str) -> bool:
+    """Strictly better than `best` (None = nothing yet); NaN never improves."""
+    if math.isnan(value):
+        return False
+    if best is None:
+        return True
+    return value < best if metric in MINIMISED else value > best
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits of a model output: a tensor, an object with `.logits`, or a tuple whose first item is them."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if (logits := getattr(output, "logits", None)) is not None:
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
+
+
+def units(labels: torch.Tensor, task: str) -> int:
+    """How many terms `loss_sum` adds up: examples, or real next-token targets for causal LM."""
+    return int((labels[:, 1:] != -100).sum()) if task == "text" else labels.shape[0]
+
+
+def loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
+    """Summed loss: cross-entropy, MSE on squeezed logits, or next-token CE (shifted, ignore_index=-100)."""
+    if task == "classification":
+        return F.cross_entropy(logits.float(), labels.long(), reduction="sum")
+    if task == "regression":
+        pred = logits.float().squeeze(-1)
+        return F.mse_loss(pred, labels.to(pred.dtype).view_as(pred), reduction="sum")
+    logits, targets = logits[:, :-1], labels[:, 1:]
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=-100, reduction="sum")
+
+
+class MetricState:
+    """Accumulates one split's loss and predictions, batch by batch; `result()` gives the metrics dict."""
+
+    def __init__(self, task: str):
+        self.task = task
+        self.loss = 0.0
+        self.units = 0
+        self.preds: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.loss += float(loss_sum(logits, labels, self.task))
+        self.units += units(labels, self.task)
+        if self.task == "classification":
+            self.preds.append(logits.argmax(-1).flatten())
+            self.labels.append(labels.flatten())
+
+    def result(self) -> dict[str, float]:
+        loss = self.loss / max(self.units, 1)
+        if self.task == "regression":
+            return {"loss": loss, "mse": loss}
+        if self.task == "text":
+            return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf}
+        preds, labels = torch.cat(self.preds), torch.cat(self.labels)
+        return {"loss": loss, "accuracy": float((preds == labels).float().mean()), "macro_f1": macro_f1(preds, labels)}
+
+
+def macro_f1(preds: torch.Tensor, labels: torch.Tensor) -> float:
+    """Unweighted mean F1 over the classes present in labels or predictions (as scikit-learn does)."""
+    scores = []
+    for c in torch.unique(torch.cat([preds, labels])):
+        tp = int(((preds == c) & (labels == c)).sum())
+        fp = int(((preds == c) & (labels != c)).sum())
+        fn = int(((preds != c) & (labels == c)).sum())
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+class MetricsLog:
+    """`metrics.jsonl` (source of truth) and `metrics.csv`: one row per logged train step or evaluation.
+
+    Row kinds: "baseline" (before training, step 0), "train", "eval" (validation during training), "final"
+    (test split with the best delta). Files are appended to; `start(step)` on resume drops the rows written after
+    the restored step (they are written again), so the curves have no duplicates.
+    """
+
+    BASE = ("kind", "split", "step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed")
+
+    def __init__(self, out_dir: Path, task: str):
+        self.jsonl, self.csv = out_dir / "metrics.jsonl", out_dir / "metrics.csv"
+        self.columns = [*self.BASE, *METRICS[task][1:]]
+
+    def start(self, resume_step: int | None) -> None:
+        """Fresh files (None), or keep the rows up to `resume_step` of an interrupted run."""
+        rows = []
+        if resume_step is not None and self.jsonl.exists():
+            rows = [r for line in self.jsonl.read_text().splitlines() if line.strip()
+                    for r in [json.loads(line)] if r["step"] <= resume_step and r["kind"] != "final"]
+        io.write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in rows))
+        with io.atomic_path(self.csv) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, self.columns, restval="", extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def write(self, row: dict[str, Any]) -> None:
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        with open(self.csv, "a", newline="") as f:
+            csv.DictWriter(f, self.columns, restval="", extrasaction="ignore").writerow(row)

@@ -1,0 +1,42 @@
+"""Tiny random-weight models built from configs, shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+import transformers as T
+
+VOCAB = 96
+
+
+def tiny_config(arch: str, **extra):
+    common = dict(vocab_size=VOCAB, pad_token_id=0)
+    if arch == "gpt2":
+        return T.GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, bos_token_id=1, eos_token_id=2,
+                            **common, **extra)
+    if arch == "llama":
+        return T.LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
+                             **common, **extra)
+    if arch == "bert":
+        return T.BertConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                            max_position_embeddings=64, **common, **extra)
+    raise ValueError(arch)
+
+
+def tiny_model(arch: str, head: str = "classification", seed: int = 0, num_labels: int = 2) -> torch.nn.Module:
+    """A tiny model with random weights: `head` is "classification" or "lm"."""
+    torch.manual_seed(seed)
+    if head == "classification":
+        model = T.AutoModelForSequenceClassification.from_config(tiny_config(arch, num_labels=num_labels))
+    else:
+        model = (T.AutoModelForMaskedLM if arch == "bert" else T.AutoModelForCausalLM).from_config(tiny_config(arch))
+    return model.eval()
+
+
+def tiny_batch(batch: int = 4, length: int = 10, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, -3:] = 0  # one padded row, so masks matter
+    ids[0, -3:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
