@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from deltatune.errors import DeltaTuneError
@@ -19,6 +26,10 @@ console = Console(stderr=False, highlight=False)
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # our own progress bar is the only one
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the weight-loading report is noise next to our own summary
+    hf_logging.disable_progress_bar()
     parser = _parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
@@ -132,6 +143,7 @@ class _TrainProgress:
                                  TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                                  console=console, transient=False)
         self.task: Any = None
+        self.epochs = 1
 
     def __enter__(self) -> _TrainProgress:
         self.progress.__enter__()
@@ -147,16 +159,18 @@ class _TrainProgress:
 
     def _on_start(self, info: dict) -> None:
         trainable, total = info["trainable"], info["total"]
+        self.epochs = info["epochs"]
         console.print(f"trainable parameters: [bold]{trainable:,}[/] of {total:,} ({100 * trainable / total:.3f}%)")
         self.task = self.progress.add_task("train", total=info["total_steps"], epoch=1, loss="-",
-                                           completed=info.get("step", 0))
+                                           completed=info.get("resumed_from_step") or 0)
 
     def _on_step(self, info: dict) -> None:
-        self.progress.update(self.task, completed=info["step"], epoch=info["epoch"], loss=f"{info['loss']:.4f}")
+        epoch = min(int(info["epoch"]) + 1, self.epochs)
+        self.progress.update(self.task, completed=info["step"], epoch=epoch, loss=f"{info['loss']:.4f}")
 
     def _on_eval(self, info: dict) -> None:
         shown = "  ".join(f"{k} {_fmt(v)}" for k, v in info["metrics"].items())
-        when = "before training" if info.get("step", 0) == 0 else f"epoch {info.get('epoch')} step {info.get('step')}"
+        when = "before training" if info.get("baseline") else f"epoch {info['epoch']:.1f} step {info['step']}"
         self.progress.console.print(f"  {info['split']:<10} {when}: {shown}")
 
     def _on_early_stop(self, info: dict) -> None:
@@ -169,12 +183,12 @@ def _print_results(result: Any, task: str) -> None:
     table.add_column("base", justify="right")
     table.add_column("fine-tuned", justify="right")
     base = (result.baseline or {}).get("test", {})
-    for name, value in result.test.items():
+    for name, value in (result.test or {}).items():
         table.add_row(name, _fmt(base.get(name)), _fmt(value))
     console.print(table)
-    trainable, total = result.trainable, result.total
+    trainable, total = result.trainable_params, result.total_params
     console.print(f"trainable {trainable:,} / {total:,} parameters ({100 * trainable / total:.3f}%) · "
-                  f"{result.steps} steps · wall {result.wall_time:.1f}s · {result.tokens_per_second:,.0f} tokens/s · "
+                  f"{result.steps} steps · wall {result.wall_time_s:.1f}s · {result.train_tokens_per_s:,.0f} tokens/s · "
                   f"peak memory {result.peak_rss_mb:,.0f} MB")
 
 

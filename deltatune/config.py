@@ -12,31 +12,36 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import ConfigDict, field_validator
 
 from deltatune.data import DataConfig
 from deltatune.delta import DeltaConfig
-from deltatune.errors import ConfigError, config_error
+from deltatune.errors import ConfigError
 from deltatune.registry import parse_delta_config
+from deltatune.schema import Schema
 from deltatune.train import TrainConfig
 
 TASK_OF_FORMAT = {"classification": "classification", "regression": "regression", "text": "causal_lm"}
 
 
-class ModelConfig(BaseModel):
+class ModelConfig(Schema):
     """Which pretrained model to start from (a local folder or a packaged alias such as `minilm`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    section = "model"
 
     path: str
     dtype: Literal["float32", "bfloat16"] = "float32"
     trust_remote_code: bool = False
 
 
-class RunConfig(BaseModel):
+class RunConfig(Schema):
     """A whole fine-tuning run. Unknown keys anywhere are errors that list the allowed keys."""
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    @classmethod
+    def schema_name(cls) -> str:
+        return ""
 
     model: ModelConfig
     data: DataConfig
@@ -48,7 +53,7 @@ class RunConfig(BaseModel):
     @classmethod
     def _parse_deltas(cls, value: Any) -> list[DeltaConfig]:
         items = value if isinstance(value, list) else [value]
-        return [item if isinstance(item, DeltaConfig) else parse_delta_config(item, where=f"delta[{i}]")
+        return [item if isinstance(item, DeltaConfig) else parse_delta_config(item, where=str(i))
                 for i, item in enumerate(items)]
 
     @property
@@ -80,9 +85,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
 
 def validate_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
     try:
-        config = RunConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise config_error(exc, RunConfig, "") from None
+        config = RunConfig(**raw)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     _check_paths(config)

@@ -15,11 +15,11 @@ from typing import Any, ClassVar, Sequence
 from weakref import WeakKeyDictionary
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
 from deltatune import io
-from deltatune.errors import CheckpointError, ConfigError, TargetError, config_error
+from deltatune.errors import CheckpointError, ConfigError, TargetError
+from deltatune.schema import Schema
 from deltatune.targeting import check_not_taken
 
 FORMAT = "deltatune-delta"
@@ -31,17 +31,14 @@ _ATTACHED: WeakKeyDictionary[nn.Module, list[Delta]] = WeakKeyDictionary()
 _BASE_FINGERPRINT: WeakKeyDictionary[nn.Module, dict[str, Any]] = WeakKeyDictionary()
 
 
-class DeltaConfig(BaseModel):
+class DeltaConfig(Schema):
     """Base of every method's config. Unknown keys are rejected; `method` is set by `@register`."""
 
-    model_config = ConfigDict(extra="forbid")
     method: ClassVar[str] = ""
 
-    def __init__(self, **values: Any) -> None:
-        try:
-            super().__init__(**values)
-        except ValidationError as exc:
-            raise config_error(exc, type(self), self.method or type(self).__name__) from None
+    @classmethod
+    def schema_name(cls) -> str:
+        return cls.method or cls.__name__
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **self.model_dump(mode="json")}
@@ -335,6 +332,11 @@ def check_same_base(saved: dict[str, Any], current: dict[str, Any]) -> None:
         f"this delta was saved for another base model ({saved['class']} from {saved['name_or_path']}); "
         f"the given model is {current['class']} from {current['name_or_path']}. Differences: {'; '.join(diffs)}. "
         "Load the same base model the delta was trained on.")
+
+
+def owned_tensors(model: nn.Module) -> set[int]:
+    """ids of the tensors that deltas already attached to `model` own (a new delta must leave them alone)."""
+    return {id(p) for delta in _ATTACHED.get(model, []) for p in delta._params.values()}
 
 
 def _parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:

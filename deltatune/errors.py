@@ -24,21 +24,39 @@ class CheckpointError(DeltaTuneError, RuntimeError):
 
 
 
-def config_error(exc: "ValidationError", model: type, where: str) -> ConfigError:  # noqa: F821
+
+Problem = tuple[list[str], str]  # (key path, what is wrong there)
+
+
+def config_error(exc: "ValidationError", model: type, where: str = "") -> ConfigError:  # noqa: F821
     """Turn a pydantic ValidationError into one ConfigError naming each bad key and the keys allowed there."""
-    lines = []
+    return problems_error(validation_problems(exc, model), where)
+
+
+def problems_error(problems: list[Problem], where: str = "") -> ConfigError:
+    """One ConfigError listing `problems`; it keeps them, so an enclosing config can prefix their keys."""
+    lines = [f"{'.'.join([where, *loc] if where else loc) or 'config'}: {text}" for loc, text in problems]
+    error = ConfigError("invalid configuration:\n  " + "\n  ".join(lines))
+    error.problems = problems
+    return error
+
+
+def validation_problems(exc: "ValidationError", model: type) -> list[Problem]:  # noqa: F821
+    problems: list[Problem] = []
     for err in exc.errors():
         loc = [str(p) for p in err["loc"]]
-        key = ".".join([where, *loc]) if where else ".".join(loc)
-        if err["type"] == "extra_forbidden":
+        inner = (err.get("ctx") or {}).get("error")
+        if getattr(inner, "problems", None):  # a nested config already explained itself
+            problems += [(loc + sub, text) for sub, text in inner.problems]
+        elif err["type"] == "extra_forbidden":
             allowed = _fields_at(model, loc[:-1])
             close = difflib.get_close_matches(loc[-1], allowed, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            lines.append(f"{key}: unknown key{hint}; allowed keys: {', '.join(allowed)}")
+            problems.append((loc, f"unknown key{hint}; allowed keys: {', '.join(allowed)}"))
         else:
-            shown = repr(err.get("input"))
-            lines.append(f"{key}: {err['msg']} (got {shown[:80]})")
-    return ConfigError("invalid configuration:\n  " + "\n  ".join(lines))
+            msg = err["msg"].removeprefix("Value error, ")
+            problems.append((loc, f"{msg} (got {repr(err.get('input'))[:80]})"))
+    return problems
 
 
 def _fields_at(model: type, path: list[str]) -> list[str]:

@@ -5,8 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                          PreTrainedTokenizerBase)
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
 
 from deltatune.assets import resolve_model_path
 from deltatune.errors import ConfigError, DeltaTuneError

@@ -6,9 +6,7 @@ import difflib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from pydantic import ValidationError
-
-from deltatune.errors import ConfigError, config_error
+from deltatune.errors import ConfigError, problems_error
 
 if TYPE_CHECKING:
     from deltatune.delta import Delta, DeltaConfig
@@ -77,10 +75,12 @@ def method_of(config: DeltaConfig) -> Method:
 def parse_delta_config(raw: dict[str, Any], where: str = "delta") -> DeltaConfig:
     """Build a method config from a mapping with a `method` key (as written in YAML)."""
     if not isinstance(raw, dict) or "method" not in raw:
-        raise ConfigError(f"{where}: expected a mapping with a 'method' key, e.g. {{method: lora, r: 8}}; got {raw!r}")
+        raise problems_error([([where], f"expected a mapping with a 'method' key, e.g. {{method: lora, r: 8}}; "
+                                        f"got {raw!r}")])
     fields = {k: v for k, v in raw.items() if k != "method"}
-    method = get_method(str(raw["method"]))
     try:
-        return method.config_class.model_validate(fields)
-    except ValidationError as exc:
-        raise config_error(exc, method.config_class, where) from None
+        method = get_method(str(raw["method"]))
+        return method.config_class(**fields)
+    except ConfigError as exc:
+        problems = getattr(exc, "problems", None) or [(["method"], str(exc))]
+        raise problems_error([([where, *loc], text) for loc, text in problems]) from None

@@ -42,14 +42,14 @@ def find_modules(
     if not targets:
         raise TargetError("no targets given: name at least one module pattern, e.g. ['query', 'value'] or 'all-linear'")
     arch = describe(model)
-    candidates = _plain_modules(model)
+    candidates = plain_modules(model)
     allowed_layers = _layer_set(layers, len(arch.layers))
     heads = set(arch.heads)
     chosen: dict[str, nn.Module] = {}
     for pattern in targets:
         hits = {n: m for n, m in candidates.items() if _matches(pattern, n, m, heads, types)}
         if not hits:
-            raise _no_match(pattern, candidates, types, model)
+            raise no_match_error(pattern, candidates, types, model)
         if allowed_layers is not None:
             hits = {n: m for n, m in hits.items() if arch.layer_index(n) in allowed_layers}
             if not hits:
@@ -64,7 +64,7 @@ def find_modules(
     return dict(sorted(chosen.items(), key=lambda kv: list(candidates).index(kv[0])))
 
 
-def _plain_modules(model: nn.Module) -> dict[str, nn.Module]:
+def plain_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Named modules, skipping anything inside a DeltaModule (those belong to an attached delta)."""
     out, inside = {}, []
     for name, module in model.named_modules():
@@ -102,7 +102,7 @@ def check_not_taken(found: dict[str, nn.Module]) -> None:
                               "detach it first, or target other modules")
 
 
-def _no_match(pattern: str, candidates: dict[str, nn.Module], types: tuple[type, ...], model: nn.Module) -> TargetError:
+def no_match_error(pattern: str, candidates: dict[str, nn.Module], types: tuple[type, ...], model: nn.Module) -> TargetError:
     typed = [n for n, m in candidates.items() if n and _is_type(m, types)]
     shorts = sorted({short_name(n) for n in typed})
     close = difflib.get_close_matches(pattern, shorts + sorted({s.rsplit(".", 1)[-1] for s in shorts}), n=3)

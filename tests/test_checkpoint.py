@@ -16,8 +16,16 @@ from torch import nn  # noqa: E402
 from deltatune.delta import Delta, DeltaConfig  # noqa: E402
 from deltatune.errors import CheckpointError  # noqa: E402
 from deltatune.optim import OptimizerConfig, build_optimizer, build_scheduler  # noqa: E402
-from deltatune.train.checkpoint import (checkpoint_dirs, decode, encode, load_checkpoint, load_latest,  # noqa: E402
-                                        save_checkpoint, set_aside_newer, set_rng_state)
+from deltatune.train.checkpoint import (  # noqa: E402
+    checkpoint_dirs,
+    decode,
+    encode,
+    load_checkpoint,
+    load_latest,
+    save_checkpoint,
+    set_aside_newer,
+    set_rng_state,
+)
 
 
 class AllParams(DeltaConfig):

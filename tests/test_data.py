@@ -16,8 +16,14 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from deltatune.data import (FORMATS, Collator, DataConfig, length_grouped_order, load_table,  # noqa: E402
-                            prepare_data)
+from deltatune.data import (  # noqa: E402
+    FORMATS,
+    Collator,
+    DataConfig,
+    length_grouped_order,
+    load_table,
+    prepare_data,
+)
 from deltatune.errors import ConfigError, DataError  # noqa: E402
 
 RECORDS = [{"text": "a good film", "label": "pos"}, {"text": "a bad film", "label": "neg"},

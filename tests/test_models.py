@@ -5,8 +5,13 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer
-from transformers import (BertForSequenceClassification, GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel,
-                          PreTrainedTokenizerFast)
+from transformers import (
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerFast,
+)
 
 from deltatune.assets import resolve_model_path
 from deltatune.errors import ConfigError, DeltaTuneError

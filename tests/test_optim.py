@@ -9,15 +9,20 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import copy  # noqa: E402
 import math  # noqa: E402
 
+import pydantic  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-import pydantic  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 
 import deltatune  # noqa: E402
 from deltatune.methods.full import Full  # noqa: E402
 from deltatune.methods.head import Head  # noqa: E402
-from deltatune.optim import OptimizerConfig, build_optimizer, build_scheduler, describe_groups  # noqa: E402
+from deltatune.optim import (  # noqa: E402
+    OptimizerConfig,
+    build_optimizer,
+    build_scheduler,
+    describe_groups,
+)
 from tests.tiny import tiny_model  # noqa: E402
 
 LR = 1e-3

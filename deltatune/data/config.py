@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from deltatune.errors import ConfigError
+from deltatune.schema import Schema
 
 
-class DataConfig(BaseModel):
+class DataConfig(Schema):
     """The `data:` section of a run config. Invalid values raise ConfigError."""
 
-    model_config = ConfigDict(extra="forbid")
+    section = "data"
 
     train: str
     validation: str | None = None
@@ -25,13 +25,6 @@ class DataConfig(BaseModel):
     labels: list[str] | None = None
     max_length: int = Field(256, gt=0)
     limit: int | None = Field(None, gt=0)
-
-    def __init__(self, **data: Any) -> None:
-        try:
-            super().__init__(**data)
-        except ValidationError as e:
-            problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'data'}: {err['msg']}" for err in e.errors())
-            raise ConfigError(f"invalid data config: {problems}") from None
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:

@@ -6,9 +6,10 @@ and `freeze_embeddings`. "Embeddings" are the parameters registered before the l
 type embeddings and their norm, or a CNN's stem), so the same options work on any `nn.Module` with a layer stack.
 
 The weights are trained in place: attaching snapshots their values (and the model's buffers, e.g. BatchNorm
-statistics), `detach()` copies the snapshot back bit for bit, and merging is a no-op. Only parameters are saved:
-a model whose buffers change in training (BatchNorm) does not reproduce its eval outputs from a saved delta. A tensor shared by several modules (input embeddings tied to the LM head) is one
-parameter: it is trained, counted and saved once, and it is frozen if any of its names is frozen.
+statistics), `detach()` copies the snapshot back bit for bit, and merging is a no-op. Only parameters are saved,
+so a model whose buffers change in training (BatchNorm) does not reproduce its eval outputs from a saved delta.
+A tensor shared by several modules (input embeddings tied to the LM head) is one parameter: it is trained,
+counted and saved once (under its first name, `transformer.wte.weight`), and frozen if any of its names is frozen.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from deltatune.arch import describe
-from deltatune.delta import _ATTACHED, Delta, DeltaConfig
+from deltatune.delta import Delta, DeltaConfig, owned_tensors
 from deltatune.errors import TargetError
 from deltatune.optim.groups import stack_depths
 from deltatune.registry import register
-from deltatune.targeting import _no_match, _plain_modules
+from deltatune.targeting import no_match_error, plain_modules
 
 
 class Full(DeltaConfig):
@@ -58,7 +59,7 @@ class FullDelta(Delta):
         for pattern in cfg.freeze:
             frozen |= self._matching(pattern)
         frozen |= self._frozen_by_position(cfg)
-        others = {id(p) for delta in _ATTACHED.get(self.model, []) for p in delta._params.values()}
+        others = owned_tensors(self.model)
         owned = [p for p in self.model.parameters() if id(p) not in frozen and id(p) not in others]
         # buffers too: BatchNorm running statistics change in train mode even where weights are frozen
         self._snapshot = [(t, t.detach().clone()) for t in [*owned, *self.model.buffers()]]
@@ -77,7 +78,7 @@ class FullDelta(Delta):
         hits |= {id(p) for name, p in self.model.named_parameters(remove_duplicate=False)
                  if _matches(pattern, name, None)}
         if not hits:
-            raise _no_match(pattern, _plain_modules(self.model), (nn.Module,), self.model)
+            raise no_match_error(pattern, plain_modules(self.model), (nn.Module,), self.model)
         return hits
 
     def _frozen_by_position(self, cfg: Full) -> set[int]:

@@ -20,7 +20,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from deltatune.arch import describe
-from deltatune.delta import _ATTACHED, Delta, DeltaConfig
+from deltatune.delta import Delta, DeltaConfig, owned_tensors
 from deltatune.errors import ConfigError, TargetError
 from deltatune.registry import register
 from deltatune.targeting import DeltaModule, check_not_taken, find_modules
@@ -102,7 +102,7 @@ class HeadDelta(Delta):
         if cfg.also_train:
             for module in find_modules(self.model, cfg.also_train).values():
                 in_place |= {id(p): p for p in module.parameters()}
-        owned_elsewhere = {id(p) for d in _ATTACHED.get(self.model, []) for p in d._params.values()}
+        owned_elsewhere = owned_tensors(self.model)
         if clash := [n for n, p in self.model.named_parameters() if id(p) in owned_elsewhere
                      and (id(p) in in_place or any(p is q for q in old.parameters()))]:
             raise ConfigError(f"the head tensors {clash[:3]} are already trained by another attached delta; "

@@ -8,17 +8,17 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
-from deltatune.errors import config_error
+from deltatune.schema import Schema
 
 
-class OptimizerConfig(BaseModel):
+class OptimizerConfig(Schema):
     """Optimizer, parameter groups and LR schedule. Unknown keys are rejected."""
 
-    model_config = ConfigDict(extra="forbid")
+    section = "optimizer"
 
     name: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(5e-4, gt=0)
@@ -36,12 +36,6 @@ class OptimizerConfig(BaseModel):
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     warmup_steps: int | None = Field(None, ge=0)  # overrides warmup_ratio
-
-    def __init__(self, **values: Any) -> None:  # one ConfigError naming the bad keys, as for method configs
-        try:
-            super().__init__(**values)
-        except ValidationError as exc:
-            raise config_error(exc, type(self), "optimizer") from None
 
     @field_validator("betas")
     @classmethod

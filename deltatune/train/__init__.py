@@ -1,6 +1,11 @@
 """Training: the loop (`train`, `evaluate`), exact-resume checkpoints, losses and metrics."""
 
-from deltatune.train.checkpoint import Checkpoint, load_checkpoint, load_latest, save_checkpoint
+from deltatune.train.checkpoint import (
+           Checkpoint,
+           load_checkpoint,
+           load_latest,
+           save_checkpoint,
+)
 from deltatune.train.loop import TrainConfig, TrainResult, evaluate, train
 from deltatune.train.metrics import METRICS, MINIMISED
 

@@ -17,30 +17,43 @@ import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from deltatune import io
 from deltatune.delta import TENSOR_FILE, DeltaBase
 from deltatune.errors import CheckpointError, ConfigError, DataError, DeltaTuneError
 from deltatune.optim import OptimizerConfig, build_optimizer, build_scheduler
+from deltatune.schema import Schema
 from deltatune.train import checkpoint
-from deltatune.train.metrics import (MetricsLog, MetricState, check_metric, check_task, default_metric, improved,
-                                     logits_of, loss_sum, units)
+from deltatune.train.metrics import (
+    MetricsLog,
+    MetricState,
+    check_metric,
+    check_task,
+    default_metric,
+    improved,
+    logits_of,
+    loss_sum,
+    units,
+)
+
+if TYPE_CHECKING:
+    from deltatune.data import TaskData
 
 Collate = Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
 # Changing these between a run and its resume would make the restored data position meaningless.
 TRAJECTORY_KEYS = ("batch_size", "grad_accum", "seed", "length_grouping")
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(Schema):
     """How to train. Steps are optimizer steps (one step = `grad_accum` batches of `batch_size`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    section = "train"
 
     epochs: int = Field(3, ge=1)
     max_steps: int | None = Field(None, ge=1)
@@ -71,14 +84,14 @@ class TrainResult:
     steps: int
     epochs: float
     stopped_early: bool
-    wall_time_s: float
+    wall_time_s: float  # across resumes (time lost between the last checkpoint and an interruption excluded)
     train_tokens_per_s: float  # real tokens (attention_mask ones) per second of training steps
     peak_rss_mb: float
     trainable_params: int
     total_params: int
 
 
-def train(model: nn.Module, delta: DeltaBase, data: Any, cfg: TrainConfig, out_dir: str | Path, *,
+def train(model: nn.Module, delta: DeltaBase, data: TaskData, cfg: TrainConfig, out_dir: str | Path, *,
           collate: Collate, resume: bool = False,
           on_event: Callable[[str, dict[str, Any]], None] | None = None) -> TrainResult:
     """Train `delta` (attached to `model`) on `data` (a TaskData); see the module docstring for the outputs.
@@ -92,7 +105,7 @@ def train(model: nn.Module, delta: DeltaBase, data: Any, cfg: TrainConfig, out_d
     check_metric(metric, data.task)
     if len(data.train) == 0:
         raise DataError("the training split is empty: nothing to train on")
-    ckpt_root, eval_bs, wall_start = out_dir / "checkpoints", cfg.eval_batch_size or cfg.batch_size, time.perf_counter()
+    ckpt_root, eval_bs = out_dir / "checkpoints", cfg.eval_batch_size or cfg.batch_size
     if not resume and checkpoint.checkpoint_dirs(ckpt_root):
         raise CheckpointError(f"{ckpt_root} holds checkpoints of an earlier run: continue it with resume=True, "
                               "or use a new output folder")
@@ -115,9 +128,9 @@ def train(model: nn.Module, delta: DeltaBase, data: Any, cfg: TrainConfig, out_d
     has_validation, has_test = len(data.validation) > 0, len(data.test) > 0
 
     # Loop state: everything needed to continue exactly where a checkpoint was taken.
-    st: dict[str, Any] = {"epoch": 0, "batch": 0, "best": None, "best_step": None, "bad_evals": 0, "done": False,
-                          "stopped_early": False, "elapsed": 0.0, "train_time": 0.0, "tokens": 0, "baseline": None,
-                          "config": cfg.model_dump(mode="json")}
+    st: dict[str, Any] = {"epoch": 0, "batch": 0, "best": None, "best_step": None, "best_metrics": None,
+                          "bad_evals": 0, "stopped_early": False, "elapsed": 0.0, "train_time": 0.0, "tokens": 0,
+                          "baseline": None, "config": cfg.model_dump(mode="json")}
     step, last_ckpt = 0, None
     if resume:
         ck = checkpoint.load_latest(ckpt_root)
@@ -130,27 +143,24 @@ def train(model: nn.Module, delta: DeltaBase, data: Any, cfg: TrainConfig, out_d
         checkpoint.set_aside_newer(ckpt_root, ck.step)  # broken newer ones would shadow the new checkpoints
         st, step, last_ckpt = {**ck.state, "config": cfg.model_dump(mode="json")}, ck.step, ck.path
         del st["step"]
-        log.start(resume_step=step)
-    else:
-        log.start(resume_step=None)
-        if cfg.eval_baseline:
-            st["baseline"] = {}
-            for split in [s for s, present in (("validation", has_validation), ("test", has_test)) if present]:
-                st["baseline"][split] = evaluate(model, getattr(data, split), collate, data.task, eval_bs)
-                log.write({"kind": "baseline", "split": split, "step": 0, "epoch": 0.0, **st["baseline"][split]})
-                emit("eval", {"split": split, "step": 0, "epoch": 0, "baseline": True,
-                              "metrics": st["baseline"][split]})
+    log.start(resume_step=step if resume else None)
+    clock = time.perf_counter() - st["elapsed"]  # elapsed time continues across resumes
     emit("start", {"total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "epochs": cfg.epochs,
                    "trainable": trainable, "total": total, "resumed_from_step": step if resume else None})
+    if not resume and cfg.eval_baseline:  # the "base" column of the base vs fine-tuned table
+        st["baseline"] = {}
+        for split in [s for s, present in (("validation", has_validation), ("test", has_test)) if present]:
+            st["baseline"][split] = evaluate(model, getattr(data, split), collate, data.task, eval_bs)
+            log.write({"kind": "baseline", "split": split, "step": 0, "epoch": 0.0, **st["baseline"][split]})
+            emit("eval", {"split": split, "step": 0, "epoch": 0.0, "baseline": True, "metrics": st["baseline"][split]})
 
     model.train()
-    clock = time.perf_counter() - st["elapsed"]  # elapsed time continues across resumes
     window_tokens, window_time = 0, 0.0
-    while not st["done"] and step < total_steps:
+    while not st["stopped_early"] and step < total_steps:
         # The order of an epoch depends only on (seed, epoch): the data position is just (epoch, batch index).
         epoch, order = st["epoch"], _epoch_order(len(data.train), cfg, st["epoch"], lengths)
         batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
-        while st["epoch"] == epoch and not st["done"] and step < total_steps:
+        while st["epoch"] == epoch and not st["stopped_early"] and step < total_steps:
             t0 = time.perf_counter()
             group = [collate([data.train[i] for i in idx]) for idx in batches[st["batch"]:st["batch"] + cfg.grad_accum]]
             # Normalise by the units (examples or target tokens) of the whole step: accumulating equals a big batch.
@@ -165,16 +175,15 @@ def train(model: nn.Module, delta: DeltaBase, data: Any, cfg: TrainConfig, out_d
                     loss = loss + extra * part
                 loss.backward()
                 step_loss += float(loss.detach())
-                tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-            if not math.isfinite(step_loss):
-                optimizer.zero_grad(set_to_none=True)
-                raise DeltaTuneError(
-                    f"the training loss is {step_loss} at step {step + 1} (epoch {epoch + 1}); training stopped "
-                    f"before the weights were updated. The last good checkpoint is kept: {last_ckpt or 'none yet'}. "
-                    "Try a lower learning rate or check the data.")
-            grads = [p.grad for p in params if p.grad is not None]
+                tokens += int(batch.get("attention_mask", batch["input_ids"]).bool().sum())
             grad_norm = (nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm
-                         else nn.utils.get_total_norm(grads))
+                         else nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):  # never step into NaN weights
+                raise DeltaTuneError(
+                    f"the training loss is {step_loss} (gradient norm {float(grad_norm)}) at step {step + 1} "
+                    f"(epoch {epoch + 1}); training stopped before the weights were updated. The last good "
+                    f"checkpoint is kept: {last_ckpt or 'none written yet'}. "
+                    "Try a lower learning rate or check the data.")
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
@@ -208,8 +217,9 @@ def train(model: nn.Module, delta: DeltaBase, data: Any, cfg: TrainConfig, out_d
                 else:
                     st["bad_evals"] += 1
                     if cfg.patience and st["bad_evals"] >= cfg.patience:
-                        st["done"] = st["stopped_early"] = True
-            if end_of_epoch or last or st["done"] or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                        st["stopped_early"] = True
+            periodic = cfg.checkpoint_every and step % cfg.checkpoint_every == 0
+            if end_of_epoch or last or st["stopped_early"] or periodic:
                 st["elapsed"] = time.perf_counter() - clock
                 last_ckpt = checkpoint.save_checkpoint(ckpt_root, step, delta=delta, optimizer=optimizer,
                                                        scheduler=scheduler, state=st, keep=cfg.keep_checkpoints)
@@ -229,9 +239,9 @@ def train(model: nn.Module, delta: DeltaBase, data: Any, cfg: TrainConfig, out_d
                    "elapsed": time.perf_counter() - clock})
         emit("eval", {"split": "test", "step": step, "epoch": step / steps_per_epoch, "metrics": test})
     result = TrainResult(
-        metric=metric, baseline=st["baseline"], best_validation=st.get("best_metrics"), best_step=st["best_step"],
+        metric=metric, baseline=st["baseline"], best_validation=st["best_metrics"], best_step=st["best_step"],
         test=test, steps=step, epochs=round(step / steps_per_epoch, 4), stopped_early=st["stopped_early"],
-        wall_time_s=time.perf_counter() - wall_start,
+        wall_time_s=time.perf_counter() - clock,
         train_tokens_per_s=st["tokens"] / max(st["train_time"], 1e-9),
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         trainable_params=trainable, total_params=total)

@@ -1,0 +1,26 @@
+"""`Schema`: base of every config model. Unknown keys are rejected, and invalid values raise one ConfigError
+whose keys read like `--set` paths (`train.optimizer.lr`), also when the model is nested in another."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from deltatune.errors import config_error
+
+
+class Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    section: ClassVar[str] = ""  # its key in the run config, used to name errors when built on its own
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise config_error(exc, type(self), self.schema_name()) from None
+
+    @classmethod
+    def schema_name(cls) -> str:
+        """How errors name this section when it is built on its own (e.g. `LoRA(r=0)`)."""
+        return cls.section or cls.__name__
