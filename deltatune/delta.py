@@ -115,7 +115,7 @@ class DeltaBase:
             "deltatune_version": __version__,
             "deltas": [{"config": part.config.to_dict(), "tensors": sorted(part._params)} for part in self.parts()],
             "base": _BASE_FINGERPRINT[self.model],
-            "sha256": _sha256(directory / TENSOR_FILE),
+            "sha256": io.sha256(directory / TENSOR_FILE),
         }
         io.write_json(directory / CONFIG_FILE, meta)
         return directory
@@ -300,7 +300,7 @@ def load(model: nn.Module, path: str | Path) -> Delta | DeltaGroup:
     base = _BASE_FINGERPRINT.get(model) if _ATTACHED.get(model) else fingerprint(model)
     check_same_base(meta["base"], base)
     tensor_file = path / TENSOR_FILE
-    if not tensor_file.is_file() or _sha256(tensor_file) != meta.get("sha256"):
+    if not tensor_file.is_file() or io.sha256(tensor_file) != meta.get("sha256"):
         raise CheckpointError(f"{tensor_file} is missing or corrupted (checksum differs from {CONFIG_FILE})")
     configs = [parse_delta_config(d["config"], where=f"{path / CONFIG_FILE}") for d in meta["deltas"]]
     delta = attach(model, configs)
@@ -342,14 +342,6 @@ def owned_tensors(model: nn.Module) -> set[int]:
 def _parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, attr = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), attr
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _preview(items: list[str], n: int = 5) -> str:

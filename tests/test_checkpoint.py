@@ -13,7 +13,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from deltatune.delta import Delta, DeltaConfig  # noqa: E402
 from deltatune.errors import CheckpointError  # noqa: E402
 from deltatune.optim import OptimizerConfig, build_optimizer, build_scheduler  # noqa: E402
 from deltatune.train.checkpoint import (  # noqa: E402
@@ -26,19 +25,9 @@ from deltatune.train.checkpoint import (  # noqa: E402
     set_aside_newer,
     set_rng_state,
 )
+from tests.tiny import AllParams, TrainAll  # noqa: E402
 
 
-class AllParams(DeltaConfig):
-    pass
-
-
-class TrainAll(Delta):
-    """Test-only delta (not registered): trains every parameter in place."""
-
-    config_class = AllParams
-
-    def build(self):
-        return list(self.model.parameters())
 
 
 def trained(steps: int = 3, seed: int = 0):

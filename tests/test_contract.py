@@ -172,3 +172,37 @@ def test_gradient_checkpointing_trains_the_delta(method, arch):
     loss_of(model, batch, torch.tensor([0, 1, 1, 0])).backward()
     grads = [p.grad for p in delta.trainable_parameters().values()]
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.fixture(scope="module")
+def minilm_inputs():
+    from transformers import AutoTokenizer
+
+    from deltatune.assets import resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
+    return tokenizer(["a gripping, well acted film", "dull and far too long"], return_tensors="pt", padding=True)
+
+
+@every_method
+def test_contract_on_the_real_packaged_model(method, minilm_inputs, tmp_path):
+    """Attach, save, reload into a fresh copy, detach: on the real MiniLM encoder, not only on tiny models."""
+    from deltatune.models import load_model
+
+    model = load_model("minilm", "classification", 2)[0].eval()
+    before, original = logits(model, minilm_inputs), weights(model)
+    delta = deltatune.attach(model, make_config(method))
+    if delta.preserves_output:
+        torch.testing.assert_close(logits(model, minilm_inputs), before, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        for p in delta.trainable_parameters().values():
+            p.add_(0.01 * torch.randn_like(p))
+    tuned = logits(model, minilm_inputs)
+    delta.save(tmp_path)
+    fresh = load_model("minilm", "classification", 2)[0].eval()
+    with torch.no_grad():  # the same base: copy the random head, which load_model initialises afresh
+        fresh.load_state_dict(original)
+    deltatune.load(fresh, tmp_path)
+    torch.testing.assert_close(logits(fresh, minilm_inputs), tuned, rtol=0, atol=0)
+    delta.detach()
+    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())

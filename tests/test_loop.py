@@ -17,13 +17,13 @@ from torch import nn  # noqa: E402
 
 import deltatune  # noqa: E402
 from deltatune.data import Collator, TaskData  # noqa: E402
-from deltatune.delta import Delta, DeltaConfig  # noqa: E402
 from deltatune.errors import CheckpointError, ConfigError, DeltaTuneError  # noqa: E402
 from deltatune.io import load_tensors  # noqa: E402
 from deltatune.methods.full import Full  # noqa: E402
 from deltatune.optim import OptimizerConfig  # noqa: E402
 from deltatune.train import TrainConfig, evaluate, train  # noqa: E402
 from deltatune.train.checkpoint import checkpoint_dirs  # noqa: E402
+from tests.tiny import AllParams, TrainAll
 
 COLLATE = Collator(tokenizer_pad_id=0)
 
@@ -288,17 +288,6 @@ class BagOfWords(nn.Module):
         return logits * math.nan if self.training and self.calls == self.poison_at else logits
 
 
-class AllParams(DeltaConfig):
-    pass
-
-
-class TrainAll(Delta):
-    """Test-only delta (not registered): trains every parameter in place."""
-
-    config_class = AllParams
-
-    def build(self):
-        return list(self.model.parameters())
 
 
 def test_nan_loss_stops_with_clear_error(tmp_path):

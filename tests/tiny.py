@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import transformers as T
 
+from deltatune.delta import Delta, DeltaConfig
+
 VOCAB = 96
 
 
@@ -40,3 +42,16 @@ def tiny_batch(batch: int = 4, length: int = 10, seed: int = 1) -> dict[str, tor
     mask[0, -3:] = 0  # one padded row, so masks matter
     ids[0, -3:] = 0
     return {"input_ids": ids, "attention_mask": mask}
+
+
+class AllParams(DeltaConfig):
+    pass
+
+
+class TrainAll(Delta):
+    """Test-only delta (not registered): trains every parameter in place."""
+
+    config_class = AllParams
+
+    def build(self):
+        return list(self.model.parameters())

@@ -12,7 +12,6 @@ A checkpoint is written into a hidden temporary folder and renamed into place, s
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import re
@@ -74,7 +73,7 @@ def save_checkpoint(root: str | Path, step: int, *, delta: DeltaBase, optimizer:
         io.save_tensors(tmp / "rng.safetensors", rng_tensors)
         io.write_json(tmp / "rng.json", rng_json)
         io.write_json(tmp / "state.json", {"step": step, **state})
-        io.write_json(tmp / CHECKSUMS, {p.name: sha256(p) for p in sorted(tmp.iterdir())})
+        io.write_json(tmp / CHECKSUMS, {p.name: io.sha256(p) for p in sorted(tmp.iterdir())})
         replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -115,7 +114,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         if missing := sorted(required - set(sums)):
             raise CheckpointError(f"{path.name} lacks {', '.join(missing)}")
         for name, digest in sums.items():
-            if not (path / name).is_file() or sha256(path / name) != digest:
+            if not (path / name).is_file() or io.sha256(path / name) != digest:
                 raise CheckpointError(f"{path / name} is missing or corrupted (checksum mismatch)")
         optimizer = decode(io.read_json(path / "optimizer.json"), io.load_tensors(path / "optimizer.safetensors"))
         state = io.read_json(path / "state.json")
@@ -201,14 +200,6 @@ def decode(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
             return {k: decode(v, tensors) for k, v in tree["__items__"]}
         return {k: decode(v, tensors) for k, v in tree.items()}
     return tree
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def replace_dir(src: Path, dst: Path) -> None:
