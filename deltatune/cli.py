@@ -68,6 +68,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path)
     p.set_defaults(func=cmd_merge)
 
+    p = sub.add_parser("generate", help="generate text with a trained run, or a model and an optional delta")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", type=Path, help="run folder written by `deltatune train` (a causal-LM run)")
+    source.add_argument("--model", help="model folder or packaged alias (e.g. smollm2-135m)")
+    p.add_argument("--delta", type=Path, help="saved delta folder to attach to --model (e.g. RUN/best)")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable: one batch)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=None, help="cut each output at this string (repeatable)")
+    p.set_defaults(func=cmd_generate)
+
     p = sub.add_parser("methods", help="list the registered fine-tuning methods")
     p.set_defaults(func=cmd_methods)
     return parser
@@ -119,6 +131,33 @@ def cmd_merge(args: argparse.Namespace) -> int:
         args.out.rmdir()
     tmp.rename(args.out)
     console.print(f"merged model written to [cyan]{args.out}[/] (load it with transformers' from_pretrained)")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from deltatune.generate import generate
+
+    if args.run is not None:
+        if args.delta is not None:
+            raise DeltaTuneError("--delta goes with --model; a --run already has its delta (best/)")
+        from deltatune.run import load_run
+
+        session = load_run(args.run)
+        model, tokenizer = session.model, session.tokenizer
+    else:
+        import deltatune
+        from deltatune.models import load_model
+
+        model, tokenizer = load_model(args.model, "causal_lm")
+        if args.delta is not None:
+            deltatune.load(model, args.delta)
+    outputs = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, top_p=args.top_p, stop=args.stop)
+    for prompt, output in zip(args.prompt, outputs):
+        from rich.markup import escape
+
+        console.print(f"[bold]{escape(prompt)}[/]", end="")
+        console.print(output, markup=False, highlight=False)
     return 0
 
 

@@ -60,7 +60,9 @@ class DeltaBase:
         """(trainable delta parameters, all parameters of the model with the delta attached)."""
         trainable = sum(p.numel() for p in self.trainable_parameters().values())
         total = sum(p.numel() for p in self.model.parameters())
-        merged_extra = sum(p.numel() for part in self.parts() if part.merged for p in part._params.values())
+        present = {id(p) for p in self.model.parameters()}  # in-place deltas (full, bitfit) stay in the model
+        merged_extra = sum(p.numel() for part in self.parts() if part.merged for p in part._params.values()
+                           if id(p) not in present)
         return trainable, total + merged_extra
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -94,6 +96,11 @@ class DeltaBase:
     def unmerge(self) -> None:
         for part in reversed(self.parts()):
             part.unmerge()
+
+    def for_inference(self) -> None:
+        """Drop training-only structure (e.g. prefix-tuning's MLP) so `save` writes only what inference needs."""
+        for part in self.parts():
+            part.for_inference()
 
     def detach(self) -> None:
         """Remove the delta, restoring the original modules, weights and requires_grad flags bit for bit."""
@@ -158,6 +165,9 @@ class Delta(DeltaBase, ABC):
 
     def extra_loss(self) -> torch.Tensor | None:
         return None
+
+    def for_inference(self) -> None:
+        """Replace training-only structure by what it computes (outputs unchanged); most methods have none."""
 
     # ---- helpers for methods ---------------------------------------------------------------------------
     def swap(self, name: str, new: nn.Module) -> None:

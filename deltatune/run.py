@@ -61,6 +61,8 @@ def run_training(config: RunConfig, *, resume: bool = False,
     session = open_session(config)
     result = train(session.model, session.delta, session.data, config.train, out,
                    collate=session.collator(), resume=resume, on_event=on_event)
+    session.delta.for_inference()  # e.g. prefix-tuning keeps only the prefixes its MLP computed
+    session.delta.save(out / "best")
     from deltatune.report import write_report
 
     write_report(out, config, result)

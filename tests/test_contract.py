@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Callable
 
 import pytest
 import torch
@@ -13,16 +14,29 @@ from deltatune.delta import CONFIG_FILE, TENSOR_FILE
 from deltatune.io import load_tensors
 from deltatune.registry import methods
 from deltatune.targeting import DeltaModule
+from tests.saved_adapters import fusion_config_args
 from tests.tiny import tiny_batch, tiny_model
 
 ARCHS = ["gpt2", "llama", "bert"]
 METHODS = sorted(methods())
 # Methods whose defaults need a nudge to apply to a tiny classification model.
-CONFIG_ARGS: dict[str, dict] = {}
+CONFIG_ARGS: dict[str, dict] = {
+    # tiny Llama has no biases: add them (GPT-2, BERT: plain BitFit); not on the residual writers, whose zero-init
+    # biases move the random model's 0.02-scale residual stream ~50% per Adam step at lr 1e-2 (loss rises)
+    "bitfit": {"add_missing": True, "exclude": ["o_proj", "down_proj"]},
+    # a random model's sublayer outputs are ~0.1 in scale: a layer-normed adapter input (and a wider bottleneck
+    # than 32 // 16 = 2) lets 8 steps move tiny BERT's loss clearly beyond its dropout noise
+    "adapter": {"placement": "houlsby", "bottleneck_size": 16, "layer_norm": True},
+}
 
 
-def make_config(method: str, **overrides):
-    return methods()[method].config_class(**{**CONFIG_ARGS.get(method, {}), **overrides})
+# Methods whose config depends on the base model (fusion fuses adapters saved for it): arch -> config args.
+CONFIG_FACTORIES: dict[str, Callable[[str], dict]] = {"fusion": fusion_config_args}
+
+
+def make_config(method: str, arch: str = "llama", **overrides):
+    args = CONFIG_FACTORIES[method](arch) if method in CONFIG_FACTORIES else CONFIG_ARGS.get(method, {})
+    return methods()[method].config_class(**{**args, **overrides})
 
 
 def logits(model, batch):
@@ -57,7 +71,7 @@ def test_registry_lists_the_foundation_methods():
 def test_attach_keeps_outputs_and_trains_only_delta(method, arch):
     model, batch = tiny_model(arch), tiny_batch()
     before = logits(model, batch)
-    delta = deltatune.attach(model, make_config(method))
+    delta = deltatune.attach(model, make_config(method, arch))
     if delta.preserves_output:
         torch.testing.assert_close(logits(model, batch), before, rtol=0, atol=1e-6)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
@@ -69,9 +83,10 @@ def test_attach_keeps_outputs_and_trains_only_delta(method, arch):
 @every_method
 @cases
 def test_a_few_steps_lower_the_loss(method, arch):
-    model, batch = tiny_model(arch), tiny_batch()
+    # Without dropout: a fixed batch must then show the delta's effect, not dropout noise.
+    model, batch = tiny_model(arch, dropout=0.0), tiny_batch()
     labels = torch.tensor([0, 1, 1, 0])
-    delta = deltatune.attach(model, make_config(method))
+    delta = deltatune.attach(model, make_config(method, arch))
     model.train()
     optimizer = torch.optim.AdamW(delta.trainable_parameters().values(), lr=1e-2)
     first = loss_of(model, batch, labels).item()
@@ -86,7 +101,7 @@ def test_a_few_steps_lower_the_loss(method, arch):
 @cases
 def test_save_writes_only_delta_tensors_and_load_reproduces(method, arch, tmp_path):
     model, batch = tiny_model(arch), tiny_batch()
-    delta = deltatune.attach(model, make_config(method))
+    delta = deltatune.attach(model, make_config(method, arch))
     with torch.no_grad():  # move away from the initial values so the round trip is meaningful
         for p in delta.trainable_parameters().values():
             p.add_(0.01 * torch.randn_like(p))
@@ -108,7 +123,7 @@ def test_detach_restores_model_exactly(method, arch):
     model = tiny_model(arch)
     tree, original = module_tree(model), weights(model)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    delta = deltatune.attach(model, make_config(method))
+    delta = deltatune.attach(model, make_config(method, arch))
     with torch.no_grad():
         for p in delta.trainable_parameters().values():
             p.add_(0.05)
@@ -124,7 +139,7 @@ def test_detach_restores_model_exactly(method, arch):
 @cases
 def test_merge_matches_unmerged_and_leaves_no_extra_modules(method, arch):
     model, batch = tiny_model(arch), tiny_batch()
-    delta = deltatune.attach(model, make_config(method))
+    delta = deltatune.attach(model, make_config(method, arch))
     if not delta.mergeable:
         with pytest.raises(deltatune.ConfigError, match="cannot be merged"):
             delta.merge()
@@ -166,7 +181,7 @@ def test_attaching_the_same_delta_twice_is_an_error(method):
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_gradient_checkpointing_trains_the_delta(method, arch):
     model, batch = tiny_model(arch), tiny_batch()
-    delta = deltatune.attach(model, make_config(method))
+    delta = deltatune.attach(model, make_config(method, arch))
     model.gradient_checkpointing_enable()
     model.train()
     loss_of(model, batch, torch.tensor([0, 1, 1, 0])).backward()
@@ -191,7 +206,7 @@ def test_contract_on_the_real_packaged_model(method, minilm_inputs, tmp_path):
 
     model = load_model("minilm", "classification", 2)[0].eval()
     before, original = logits(model, minilm_inputs), weights(model)
-    delta = deltatune.attach(model, make_config(method))
+    delta = deltatune.attach(model, make_config(method, "minilm"))
     if delta.preserves_output:
         torch.testing.assert_close(logits(model, minilm_inputs), before, rtol=0, atol=1e-6)
     with torch.no_grad():
@@ -206,3 +221,19 @@ def test_contract_on_the_real_packaged_model(method, minilm_inputs, tmp_path):
     torch.testing.assert_close(logits(fresh, minilm_inputs), tuned, rtol=0, atol=0)
     delta.detach()
     assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+
+
+@every_method
+def test_for_inference_keeps_outputs_and_saves_what_reloads(method, tmp_path):
+    model, batch = tiny_model("llama"), tiny_batch()
+    delta = deltatune.attach(model, make_config(method))
+    with torch.no_grad():
+        for p in delta.trainable_parameters().values():
+            p.add_(0.01 * torch.randn_like(p))
+    expected = logits(model, batch)
+    delta.for_inference()
+    torch.testing.assert_close(logits(model, batch), expected, rtol=1e-6, atol=1e-6)
+    delta.save(tmp_path)
+    fresh = tiny_model("llama")
+    deltatune.load(fresh, tmp_path)
+    torch.testing.assert_close(logits(fresh, batch), expected, rtol=1e-6, atol=1e-6)

@@ -10,8 +10,15 @@ from deltatune.delta import Delta, DeltaConfig
 VOCAB = 96
 
 
-def tiny_config(arch: str, **extra):
+DROPOUT_KEYS = {"gpt2": ("resid_pdrop", "embd_pdrop", "attn_pdrop"), "llama": ("attention_dropout",),
+                "bert": ("hidden_dropout_prob", "attention_probs_dropout_prob")}
+
+
+def tiny_config(arch: str, dropout: float | None = None, **extra):
+    """A 2-layer config of `arch`; `dropout` (if given) sets every dropout probability of the family."""
     common = dict(vocab_size=VOCAB, pad_token_id=0)
+    if dropout is not None:
+        extra.update(dict.fromkeys(DROPOUT_KEYS[arch], dropout))
     if arch == "gpt2":
         return T.GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, bos_token_id=1, eos_token_id=2,
                             **common, **extra)
@@ -25,13 +32,16 @@ def tiny_config(arch: str, **extra):
     raise ValueError(arch)
 
 
-def tiny_model(arch: str, head: str = "classification", seed: int = 0, num_labels: int = 2) -> torch.nn.Module:
+def tiny_model(arch: str, head: str = "classification", seed: int = 0, num_labels: int = 2,
+               dropout: float | None = None) -> torch.nn.Module:
     """A tiny model with random weights: `head` is "classification" or "lm"."""
     torch.manual_seed(seed)
     if head == "classification":
-        model = T.AutoModelForSequenceClassification.from_config(tiny_config(arch, num_labels=num_labels))
+        config = tiny_config(arch, dropout, num_labels=num_labels)
+        model = T.AutoModelForSequenceClassification.from_config(config)
     else:
-        model = (T.AutoModelForMaskedLM if arch == "bert" else T.AutoModelForCausalLM).from_config(tiny_config(arch))
+        lm_class = T.AutoModelForMaskedLM if arch == "bert" else T.AutoModelForCausalLM
+        model = lm_class.from_config(tiny_config(arch, dropout))
     return model.eval()
 
 

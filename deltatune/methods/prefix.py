@@ -1,0 +1,202 @@
+"""Prefix-tuning (Li & Liang 2021) and P-tuning v2 (Liu et al. 2022): trainable key/value prefixes at every layer.
+
+The prefixes go in through the model's own cache API: a forward pre-hook on the model fills a `DynamicCache`
+(transformers' public class) with each layer's prefix keys/values and passes it as `past_key_values`, prepends n
+ones to the attention mask, and sets position ids from the unextended mask, so real tokens keep positions
+0.. whatever the padding side. No attention code is copied. In cached generation the prefix is already in the
+cache: the pre-hook only extends the mask (and positions) of the new tokens.
+
+Gradient checkpointing makes transformers drop `past_key_values` inside checkpointed layers (it would be written
+twice on the backward replay). A forward pre-hook on every self-attention module then hands it a single-use
+`DynamicCache` holding only that layer's prefix: re-running it on the replay gives the same keys.
+
+Reparameterisation is a strategy (`REPARAMS`): prefix-tuning trains an embedding through an MLP (`mlp`, hidden
+size configurable); P-tuning v2 trains the prefix tensors directly (`none`). `collapse()` replaces the MLP by the
+plain prefix it computes (the paper's inference form): afterwards `save` writes only the (n, layers·2·kv_width)
+prefix tensor and the config says `reparam: none`, so loading needs no MLP. Works for decoders (GPT-2, Llama) and
+for BERT-style encoders (transformers 5 BERT self-attention reads `past_key_values` in encoder mode too).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+from transformers.cache_utils import DynamicCache
+
+from deltatune.delta import Delta, DeltaConfig
+from deltatune.errors import ConfigError
+from deltatune.methods.prompt import Carrier, positions, takes
+from deltatune.registry import register
+
+
+class Prefix(DeltaConfig):
+    """Prefix-tuning settings: prefix length, MLP reparameterisation and its hidden size."""
+
+    n_tokens: int = Field(10, gt=0, description="prefix length (virtual key/value positions per layer)")
+    reparam: Literal["mlp", "none"] = Field("mlp", description="train an embedding through an MLP (prefix-tuning) "
+                                            "or the prefix tensors directly (P-tuning v2)")
+    hidden_size: int = Field(512, gt=0, description="hidden size of the reparameterisation MLP")
+    init_std: float = Field(0.02, gt=0, description="std of the normal init of the trained tensors")
+
+
+class PTuningV2(Prefix):
+    """P-tuning v2 settings: deep prompts at every layer, no reparameterisation by default."""
+
+    reparam: Literal["mlp", "none"] = Field("none", description="'none' (P-tuning v2) or 'mlp'")
+
+
+class PlainPrefix(nn.Module):
+    """The prefix tensors themselves, (n, layers·2·kv_width)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+    def forward(self) -> torch.Tensor:
+        return self.weight
+
+
+class MLPPrefix(nn.Module):
+    """An (n, d_model) embedding through Linear-tanh-Linear to (n, layers·2·kv_width), as in Li & Liang."""
+
+    def __init__(self, embedding: torch.Tensor, hidden: int, width: int):
+        super().__init__()
+        self.embedding = nn.Parameter(embedding)
+        self.mlp = nn.Sequential(nn.Linear(embedding.shape[1], hidden), nn.Tanh(), nn.Linear(hidden, width))
+
+    def forward(self) -> torch.Tensor:
+        return self.mlp(self.embedding)
+
+
+class Shape:
+    """Layer count, key/value heads and head size, from the model config."""
+
+    def __init__(self, model: nn.Module):
+        cfg = model.config.get_text_config()
+        self.layers = cfg.num_hidden_layers
+        heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        self.width = self.layers * 2 * self.kv_heads * self.head_dim
+
+
+def attention_modules(model: nn.Module) -> dict[int, list[nn.Module]]:
+    """Self-attention modules by layer index: they have `layer_idx` and take `past_key_values`."""
+    found: dict[int, list[nn.Module]] = {}
+    for module in model.modules():
+        if isinstance(getattr(module, "layer_idx", None), int) and not getattr(module, "is_cross_attention", False) \
+                and takes(module, "past_key_values"):
+            found.setdefault(module.layer_idx, []).append(module)
+    return found
+
+
+@register("prefix")
+class PrefixDelta(Delta):
+    """Prefix-tuning: trainable key/value prefixes at every layer through an MLP (collapse() for inference)."""
+
+    config_class = Prefix
+    preserves_output = False
+
+    def build(self) -> list[nn.Parameter]:
+        cfg: Prefix = self.config  # type: ignore[assignment]
+        self.shape = shape = Shape(self.model)
+        attention = attention_modules(self.model)
+        if sorted(attention) != list(range(shape.layers)):
+            raise ConfigError(f"{self.method}: found self-attention modules taking past_key_values for layers "
+                              f"{sorted(attention)}, expected 0..{shape.layers - 1}: this architecture has no "
+                              "cache interface prefix-tuning can use")
+        embeddings = self.model.get_input_embeddings()
+        weight = embeddings.weight
+        like = dict(device=weight.device, dtype=weight.dtype)
+        n = cfg.n_tokens
+        if cfg.reparam == "mlp":
+            prefix = MLPPrefix(torch.randn(n, weight.shape[1], **like) * cfg.init_std, cfg.hidden_size,
+                               shape.width).to(**like)
+        else:
+            prefix = PlainPrefix(torch.randn(n, shape.width, **like) * cfg.init_std)
+        name = next(n for n, m in self.model.named_modules() if m is embeddings)
+        self.carrier = Carrier(embeddings, self.method, prefix=prefix)
+        self.swap(name, self.carrier)
+        self._kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._drop_cache = False
+        self._hooks = [self.model.register_forward_pre_hook(self._before, with_kwargs=True),
+                       self.model.register_forward_hook(self._after, with_kwargs=True)]
+        self._hooks += [m.register_forward_pre_hook(self._attention_before, with_kwargs=True)
+                        for modules in attention.values() for m in modules]
+        return list(prefix.parameters())
+
+    def restore(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+    def prefix_kv(self, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (keys, values), each (batch, kv_heads, n, head_dim)."""
+        s = self.shape
+        flat = self.carrier.prefix()
+        kv = flat.view(-1, s.layers, 2, s.kv_heads, s.head_dim).permute(1, 2, 3, 0, 4)
+        return [(kv[i, 0][None].expand(batch, -1, -1, -1), kv[i, 1][None].expand(batch, -1, -1, -1))
+                for i in range(s.layers)]
+
+    def _before(self, module, args, kwargs):
+        if args:
+            kwargs = {"input_ids": args[0], **kwargs}
+        x = kwargs.get("input_ids")
+        x = kwargs["inputs_embeds"] if x is None else x
+        batch, length = x.shape[:2]
+        n = self.config.n_tokens  # type: ignore[attr-defined]
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None else 0
+        if past == 0:  # a new sequence: the prefix goes into the cache first
+            self._kv = kv = self.prefix_kv(batch)
+            use_cache = kwargs.get("use_cache")
+            self._drop_cache = cache is None and not (self.model.config.use_cache if use_cache is None else use_cache)
+            if cache is None:
+                cache = DynamicCache(config=self.model.config)
+            for i, (k, v) in enumerate(kv):
+                cache.update(k, v, i)
+            kwargs["past_key_values"] = cache
+            past = n
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones(batch, past - n + length, dtype=torch.long, device=x.device)
+        if takes(self.model, "position_ids"):
+            kwargs["position_ids"] = positions(mask)[:, -length:]
+        kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], 1)
+        return (), kwargs
+
+    def _after(self, module, args, kwargs, output):
+        if self._drop_cache and getattr(output, "past_key_values", None) is not None:
+            output.past_key_values = None  # the caller asked for no cache: ours must not look like a decoding state
+        return output
+
+    def _attention_before(self, module, args, kwargs):
+        """Under gradient checkpointing the layer gets no cache: give it a single-use one with its prefix."""
+        if kwargs.get("past_key_values") is not None or self._kv is None or not self.model.training:
+            return None
+        i = module.layer_idx
+        kwargs["past_key_values"] = DynamicCache([(None, None)] * i + [self._kv[i]])
+        return args, kwargs
+
+    def for_inference(self) -> None:
+        self.collapse()
+
+    def collapse(self) -> None:
+        """Replace the MLP by the prefix it computes; `save` then writes only that tensor (reparam: none)."""
+        if not isinstance(self.carrier.prefix, MLPPrefix):
+            return
+        with torch.no_grad():
+            flat = self.carrier.prefix().detach().clone()
+        self.carrier.prefix = PlainPrefix(flat)
+        self.config = self.config.model_copy(update={"reparam": "none"})
+        name = next(n for n, p in self.model.named_parameters() if p is self.carrier.prefix.weight)
+        self._params = {name: self.carrier.prefix.weight}
+
+
+@register("ptuning_v2")
+class PTuningV2Delta(PrefixDelta):
+    """P-tuning v2: deep prompts (key/value prefixes) trained directly at every layer, no reparameterisation."""
+
+    config_class = PTuningV2

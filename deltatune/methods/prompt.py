@@ -1,0 +1,288 @@
+"""Prompt tuning (Lester et al. 2021) and P-tuning v1 (Liu et al. 2021): trainable virtual tokens in the input.
+
+No model code is copied or subclassed. The input embedding module is swapped for a `Carrier`, a transparent
+wrapper that owns the delta's tensors (so they live in the model's module tree), and two hooks on the model do
+the rest:
+  * a forward pre-hook turns `input_ids` into `inputs_embeds` with the virtual tokens inserted, and lays out
+    attention_mask, token_type_ids and token-level labels to match (virtual tokens: mask 1, type 0, label -100);
+  * a forward hook removes the virtual positions from token-level outputs (`logits`), so callers and the training
+    loop see the original sequence length.
+Layout: encoders (bidirectional attention) keep their first token ([CLS], read by the classifier) first:
+`[CLS] P.. text P.. pad`. Decoders are laid out left-padded, `pad P.. text P..`, with position ids counting
+attended tokens only (as HF generate does): the last position is a real token whatever the padding side, which
+is what GPT-2/Llama sequence classification pools when given `inputs_embeds`. In cached generation the prefix is
+already in the cache; the pre-hook then only extends the mask and the position ids of the new tokens.
+
+P-tuning's prompt encoder is a strategy (`ENCODERS`: none | mlp | lstm); its template places `[P]` tokens before
+and after the input text (`"[P][P][P] {text} [P][P]"`). Literal words and `{mask}` in templates are data-side
+changes and are not supported here (write them into the data). Tokens after the text are meant for
+classification: in generation they sit after the prompt.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from deltatune.delta import Delta, DeltaConfig
+from deltatune.errors import ConfigError
+from deltatune.registry import register
+from deltatune.targeting import DeltaModule
+
+
+class Carrier(DeltaModule):
+    """Wraps the input embeddings unchanged and carries a delta's modules (virtual tokens, prefixes)."""
+
+    def __init__(self, base: nn.Module, owner: str, **parts: nn.Module):
+        super().__init__()
+        self.owner_method = owner
+        self.base_layer = base
+        for name, part in parts.items():
+            self.add_module(name, part)
+
+    def forward(self, *args, **kwargs):
+        return self.base_layer(*args, **kwargs)
+
+
+def is_causal(model: nn.Module) -> bool:
+    """True for decoders: some attention module of the model is causal."""
+    return any(getattr(m, "is_causal", False) is True for m in model.modules())
+
+
+def takes(model: nn.Module, arg: str) -> bool:
+    return arg in inspect.signature(model.forward).parameters
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids counting attended tokens only (pads get 0), as HF generate computes them."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+# ---- P-tuning prompt encoders (strategies) --------------------------------------------------------------------
+class LSTMEncoder(nn.Module):
+    """Bidirectional 2-layer LSTM then a 2-layer MLP, as in the P-tuning paper (and PEFT)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.lstm = nn.LSTM(dim, hidden, num_layers=2, bidirectional=True, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.lstm(x[None])[0])[0]
+
+
+def _mlp(dim: int, hidden: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, dim))
+
+
+ENCODERS = {"none": lambda dim, hidden: nn.Identity(), "mlp": _mlp, "lstm": LSTMEncoder}
+
+
+class VirtualTokens(nn.Module):
+    """n trainable embeddings, passed through a prompt encoder (identity for prompt tuning)."""
+
+    def __init__(self, init: torch.Tensor, encoder: nn.Module):
+        super().__init__()
+        self.embedding = nn.Parameter(init)
+        self.encoder = encoder
+
+    def forward(self) -> torch.Tensor:
+        return self.encoder(self.embedding)
+
+
+# ---- configs ---------------------------------------------------------------------------------------------------
+Position = Literal["auto", "start", "after_first"]
+POSITION_HELP = "where the first virtual tokens go: auto = after [CLS] for encoders, at the start for decoders"
+
+
+class Prompt(DeltaConfig):
+    """Prompt tuning settings: number of virtual tokens, their initialisation and position."""
+
+    n_tokens: int = Field(20, gt=0, description="number of virtual tokens")
+    init: Literal["random", "vocab", "text"] = Field("vocab", description="random normal, embeddings of random "
+                                                     "vocabulary tokens, or the embeddings of `init_text`")
+    init_text: str | None = Field(None, description="text for init=text, e.g. 'Classify the sentiment:' "
+                                  "(tokenised with the model's own tokenizer; repeated to n_tokens)")
+    init_token_ids: list[int] | None = Field(None, description="token ids for init=text (set from init_text)")
+    position: Position = Field("auto", description=POSITION_HELP)
+
+    @model_validator(mode="after")
+    def _text_given(self) -> Prompt:
+        if self.init == "text" and not (self.init_text or self.init_token_ids):
+            raise ValueError("init='text' needs init_text (e.g. 'Classify the sentiment:') or init_token_ids")
+        return self
+
+
+TEMPLATE = re.compile(r"^((?:\s*\[P\])*)\s*\{text\}((?:\s*\[P\])*)\s*$")
+
+
+class PTuning(DeltaConfig):
+    """P-tuning v1 settings: template of [P] tokens around the text, prompt encoder."""
+
+    template: str = Field("[P][P][P][P][P][P][P][P][P][P] {text}", description="[P] virtual tokens around {text}")
+    encoder: Literal["lstm", "mlp", "none"] = Field("lstm", description="prompt encoder (reparameterisation)")
+    hidden_size: int = Field(128, gt=0, description="prompt-encoder hidden size")
+    position: Position = Field("auto", description=POSITION_HELP)
+
+    @model_validator(mode="after")
+    def _parse(self) -> PTuning:
+        if not TEMPLATE.match(self.template) or not sum(self.counts()):
+            raise ValueError(f"template {self.template!r} must be [P] tokens around one {{text}}, e.g. "
+                             "'[P][P][P] {text} [P][P]'; literal words and {mask} belong in the data")
+        return self
+
+    def counts(self) -> tuple[int, int]:
+        before, after = TEMPLATE.match(self.template).groups()  # type: ignore[union-attr]
+        return before.count("[P]"), after.count("[P]")
+
+
+# ---- the shared method ----------------------------------------------------------------------------------------
+class InputTokensDelta(Delta):
+    """Shared machinery: carrier + hooks inserting `virtual()` at the layout positions. Subclasses build tokens."""
+
+    preserves_output = False
+    counts: tuple[int, int]  # virtual tokens before / after the text
+
+    def make_tokens(self, embeddings: nn.Module) -> VirtualTokens:
+        raise NotImplementedError
+
+    def build(self) -> list[nn.Parameter]:
+        embeddings = self.model.get_input_embeddings()
+        name = next(n for n, m in self.model.named_modules() if m is embeddings)
+        self.carrier = Carrier(embeddings, self.method, tokens=self.make_tokens(embeddings))
+        self.swap(name, self.carrier)
+        self.causal = is_causal(self.model)
+        position = self.config.position  # type: ignore[attr-defined]
+        self.keep_first = int(position == "after_first" or (position == "auto" and not self.causal))
+        self.n = sum(self.counts)
+        self._restore: torch.Tensor | None = None
+        self._hooks = [self.model.register_forward_pre_hook(self._before, with_kwargs=True),
+                       self.model.register_forward_hook(self._after, with_kwargs=True)]
+        return list(self.carrier.tokens.parameters())
+
+    def restore(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+    def layout(self, mask: torch.Tensor) -> torch.Tensor:
+        """Per row, indices into [the L input positions, then the n virtual tokens] giving the new sequence."""
+        length, (front, back) = mask.shape[1], self.counts
+        virtual = list(range(length, length + self.n))
+        rows = []
+        for row in mask.bool().tolist():
+            real = [i for i, m in enumerate(row) if m]
+            pads = [i for i, m in enumerate(row) if not m]
+            k = min(self.keep_first, len(real))
+            seq = real[:k] + virtual[:front] + real[k:] + virtual[front:]
+            rows.append(pads + seq if self.causal else seq + pads)
+        return torch.tensor(rows, device=mask.device)
+
+    def _before(self, module, args, kwargs):
+        if args:  # input_ids given positionally
+            kwargs = {"input_ids": args[0], **kwargs}
+        ids, embeds = kwargs.pop("input_ids", None), kwargs.get("inputs_embeds")
+        x = ids if ids is not None else embeds
+        batch, length = x.shape[:2]
+        mask = kwargs.get("attention_mask")
+        cache = kwargs.get("past_key_values")
+        if cache is not None and cache.get_seq_length() > 0:  # cached decoding: virtual tokens are in the cache
+            full = torch.ones(batch, cache.get_seq_length() + length - self.n, dtype=torch.long, device=x.device)
+            mask = full if mask is None else mask
+            mask = torch.cat([mask.new_ones(batch, self.n), mask], 1).sort(dim=1).values  # pads first, as laid out
+            kwargs["attention_mask"] = mask
+            if takes(self.model, "position_ids"):
+                kwargs["position_ids"] = positions(mask)[:, -length:]
+            return (), {"input_ids": ids, **kwargs}
+        if embeds is None:
+            embeds = self.carrier(ids)
+        mask = torch.ones(batch, length, dtype=torch.long, device=x.device) if mask is None else mask
+        idx = self.layout(mask)
+        virtual = self.carrier.tokens().to(embeds.dtype)
+        table = torch.cat([embeds, virtual.expand(batch, -1, -1)], 1)
+        kwargs["inputs_embeds"] = table.gather(1, idx[..., None].expand(-1, -1, table.shape[-1]))
+
+        def spread(t: torch.Tensor, fill: int) -> torch.Tensor:
+            return torch.cat([t, t.new_full((batch, self.n), fill)], 1).gather(1, idx)
+
+        kwargs["attention_mask"] = new_mask = spread(mask, 1)
+        if kwargs.get("token_type_ids") is not None:
+            kwargs["token_type_ids"] = spread(kwargs["token_type_ids"], 0)
+        labels = kwargs.get("labels")
+        if labels is not None and labels.shape[:2] == (batch, length):
+            kwargs["labels"] = spread(labels, -100)
+        if self.causal and takes(self.model, "position_ids"):
+            kwargs["position_ids"] = positions(new_mask)
+        elif kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = None  # encoders: the default 0..L'-1 fits the new layout
+        self._restore = idx.argsort(1)[:, :length]  # where each input position went
+        return (), kwargs
+
+    def _after(self, module, args, kwargs, output):
+        where, self._restore = self._restore, None
+        logits = getattr(output, "logits", None)
+        if where is not None and isinstance(logits, torch.Tensor) and logits.dim() >= 3 \
+                and logits.shape[1] == where.shape[1] + self.n:
+            output.logits = logits.gather(1, where[..., None].expand(-1, -1, logits.shape[-1]))
+        return output
+
+
+@register("prompt")
+class PromptDelta(InputTokensDelta):
+    """Prompt tuning: n trainable virtual token embeddings in front of the input (encoders: after [CLS])."""
+
+    config_class = Prompt
+
+    def make_tokens(self, embeddings: nn.Module) -> VirtualTokens:
+        cfg: Prompt = self.config  # type: ignore[assignment]
+        self.counts = (cfg.n_tokens, 0)
+        weight = embeddings.weight
+        if cfg.init == "random":
+            init = torch.randn(cfg.n_tokens, weight.shape[1]) * weight.detach().float().std()
+        else:
+            if cfg.init == "text" and cfg.init_token_ids is None:
+                ids = text_ids(self.model, cfg.init_text or "")
+                self.config = cfg = cfg.model_copy(update={"init_token_ids": ids})  # saved: load needs no tokenizer
+            if cfg.init == "text":
+                ids = (cfg.init_token_ids * cfg.n_tokens)[:cfg.n_tokens]  # type: ignore[operator]
+            else:
+                ids = torch.randint(0, weight.shape[0], (cfg.n_tokens,)).tolist()
+            if max(ids) >= weight.shape[0] or min(ids) < 0:
+                raise ConfigError(f"init token ids must be in [0, {weight.shape[0]}), got {ids}")
+            init = weight.detach()[ids].clone()
+        return VirtualTokens(init.to(weight.device, weight.dtype), nn.Identity())
+
+
+def text_ids(model: nn.Module, text: str) -> list[int]:
+    """Token ids of `text` with the tokenizer saved next to the model (`model.config._name_or_path`)."""
+    from deltatune.models import load_tokenizer
+
+    path = getattr(getattr(model, "config", None), "_name_or_path", "")
+    if not path:
+        raise ConfigError("init_text needs the model's tokenizer, but the model has no source path "
+                          "(config._name_or_path); give init_token_ids instead")
+    ids = load_tokenizer(path)(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ConfigError(f"init_text {text!r} gives no tokens")
+    return ids
+
+
+@register("ptuning")
+class PTuningDelta(InputTokensDelta):
+    """P-tuning v1: virtual tokens from a prompt encoder (LSTM, MLP or none), placed around the input by a template."""
+
+    config_class = PTuning
+
+    def make_tokens(self, embeddings: nn.Module) -> VirtualTokens:
+        cfg: PTuning = self.config  # type: ignore[assignment]
+        self.counts = cfg.counts()
+        weight = embeddings.weight
+        dim = weight.shape[1]
+        encoder = ENCODERS[cfg.encoder](dim, cfg.hidden_size).to(weight.device, weight.dtype)
+        init = torch.randn(sum(self.counts), dim) * weight.detach().float().std()
+        return VirtualTokens(init.to(weight.device, weight.dtype), encoder)
