@@ -10,14 +10,15 @@ from deltatune.errors import (  # noqa: E402
            DeltaTuneError,
            TargetError,
 )
-from deltatune.methods.full import Full  # noqa: E402
-from deltatune.methods.head import Head  # noqa: E402
-from deltatune.methods.lora import LoRA  # noqa: E402
 from deltatune.optim import OptimizerConfig  # noqa: E402
 from deltatune.registry import methods as list_methods  # noqa: E402
 from deltatune.registry import register
 from deltatune.train import TrainConfig, TrainResult, evaluate, train  # noqa: E402
 
-__all__ = ["CheckpointError", "ConfigError", "DataError", "Delta", "DeltaConfig", "DeltaGroup", "DeltaTuneError", "Full",
-           "Head", "LoRA", "OptimizerConfig", "TargetError", "TrainConfig", "TrainResult", "attach", "evaluate",
-           "list_methods", "load", "register", "train"]
+# Every registered method's config class (deltatune.LoRA, deltatune.Full, ...): the registry stays the only list.
+METHOD_CONFIGS = {method.config_class.__name__: method.config_class for method in list_methods().values()}
+globals().update(METHOD_CONFIGS)
+
+__all__ = ["CheckpointError", "ConfigError", "DataError", "Delta", "DeltaConfig", "DeltaGroup", "DeltaTuneError",
+           "OptimizerConfig", "TargetError", "TrainConfig", "TrainResult", "attach", "evaluate", "list_methods",
+           "load", "register", "train", *METHOD_CONFIGS]

@@ -175,6 +175,7 @@ class Delta(DeltaBase, ABC):
         parent, attr = _parent_of(self.model, name)
         old = getattr(parent, attr)
         check_not_taken({name: old})
+        new.train(old.training)  # a module swapped into an eval-mode model must not run dropout
         setattr(parent, attr, new)
         self._swaps.append((parent, attr, old, new))
 
