@@ -44,6 +44,7 @@ class Arch:
     layers: list[str] = field(default_factory=list)
     heads: list[str] = field(default_factory=list)
     spec: ArchSpec | None = None
+    sizes: dict[str, int] = field(default_factory=dict)  # children count of every ModuleList, by full name
 
     def layer_index(self, name: str) -> int | None:
         """Index in the layer stack of the layer containing module/parameter `name`, or None."""
@@ -53,11 +54,22 @@ class Arch:
         return None
 
     def layer_role(self, role: str) -> list[str]:
-        """Full names of the `attention_output` / `ffn_output` module of every layer (empty if unknown)."""
+        """Full names of the `attention_output` / `ffn_output` module of every layer (empty if unknown).
+
+        A negative index in the spec's path counts from the end of that ModuleList in each layer (T5's FFN is
+        `layer.1` in encoder blocks and `layer.2` in decoder blocks: `layer.-1`)."""
         rel = getattr(self.spec, role, None) if self.spec else None
         if rel is None:
             return []
-        return [f"{layer}.{rel}" for layer in self.layers]
+        return [self._resolve(f"{layer}.{rel}") for layer in self.layers]
+
+    def _resolve(self, name: str) -> str:
+        parts: list[str] = []
+        for part in name.split("."):
+            if re.fullmatch(r"-\d+", part) and ".".join(parts) in self.sizes:
+                part = str(int(part) % self.sizes[".".join(parts)])
+            parts.append(part)
+        return ".".join(parts)
 
 
 def describe(model: nn.Module) -> Arch:
@@ -72,16 +84,17 @@ def describe(model: nn.Module) -> Arch:
     layers = [f"{lst}.{i}" for lst in lists for i in range(len(names[lst]))]
     heads_spec = spec.heads if spec else ArchSpec(layers=()).heads
     heads = [n for n in names if n in heads_spec]
-    return Arch(family=model_type if spec else "generic", layer_lists=lists, layers=layers, heads=heads, spec=spec)
+    sizes = {n: len(m) for n, m in names.items() if isinstance(m, nn.ModuleList)}
+    return Arch(family=model_type if spec else "generic", layer_lists=lists, layers=layers, heads=heads, spec=spec,
+                sizes=sizes)
 
 
 def _largest_uniform_list(names: dict[str, nn.Module]) -> list[str]:
     """Generic fallback: the largest ModuleList whose children all share one class."""
     best, size = [], 0
     for name, module in names.items():
-        if isinstance(module, nn.ModuleList) and len(module) > size:
-            if len({type(child) for child in module}) == 1:
-                best, size = [name], len(module)
+        if isinstance(module, nn.ModuleList) and len(module) > size and len({type(c) for c in module}) == 1:
+            best, size = [name], len(module)
     return best
 
 

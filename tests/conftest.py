@@ -21,3 +21,9 @@ def tmp_cache(session_cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Point DELTATUNE_CACHE at the session temp cache for one test (never touches ~/.cache)."""
     monkeypatch.setenv("DELTATUNE_CACHE", str(session_cache_dir))
     return session_cache_dir
+
+
+# Tiny test models run faster on one thread than on two that contend (10-100x under load); measured here.
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
