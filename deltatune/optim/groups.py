@@ -11,6 +11,7 @@ from torch import nn
 
 from deltatune.arch import Arch, describe
 from deltatune.errors import ConfigError
+from deltatune.optim import galore
 
 if TYPE_CHECKING:
     from deltatune.delta import DeltaBase
@@ -36,33 +37,45 @@ def stack_depths(model: nn.Module, arch: Arch | None = None) -> dict[str, int]:
 
 
 def build_optimizer(model: nn.Module, delta: DeltaBase, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    """An AdamW/SGD over the delta's tensors, grouped by (lr, weight decay); each group has a readable "name"."""
+    """An AdamW/SGD/GaLore-AdamW over the delta's tensors, grouped by (lr, weight decay, projected or not); each
+    group has a readable "name". GaLore groups also carry the projection settings (see galore.py)."""
     params = delta.trainable_parameters()
     if not params:
         raise ConfigError("the delta has no trainable tensors to optimize")
     roles = {id(p): part.role for part in delta.parts() for p in part._params.values()}
     settings = _settings(model, params, roles, cfg)
-    groups: dict[tuple[float, float], dict[str, Any]] = {}
+    projected = galore.target_weights(model, params.values(), cfg.galore) if cfg.galore is not None else set()
+    param_groups = _param_groups(params, settings, projected, cfg)
+    if cfg.galore is not None:
+        return galore.build(param_groups, cfg)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                 weight_decay=cfg.weight_decay, foreach=True)
+    return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           foreach=True)
+
+
+def _param_groups(params: dict[str, nn.Parameter], settings: dict[str, tuple[float, float, str]],
+                  projected: set[int], cfg: OptimizerConfig) -> list[dict[str, Any]]:
+    """One group per (lr, weight decay, GaLore-projected or not), named after the labels of its tensors."""
+    groups: dict[tuple[float, float, bool], dict[str, Any]] = {}
     seen: set[int] = set()
     for name, p in params.items():
         if id(p) in seen:  # never hand the same tensor to the optimizer twice
             continue
         seen.add(id(p))
         lr, wd, label = settings[name]
-        group = groups.setdefault((lr, wd), {"params": [], "lr": lr, "weight_decay": wd, "labels": []})
+        group = groups.setdefault((lr, wd, id(p) in projected),
+                                  {"params": [], "lr": lr, "weight_decay": wd, "labels": []})
         group["params"].append(p)
         if label not in group["labels"]:
             group["labels"].append(label)
     param_groups = []
-    for group in groups.values():
-        labels = group.pop("labels")
-        suffix = " (no decay)" if group["weight_decay"] == 0 and cfg.weight_decay > 0 else ""
-        param_groups.append({**group, "name": "+".join(labels) + suffix})
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                                 weight_decay=cfg.weight_decay, foreach=True)
-    return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                           foreach=True)
+    for (_, wd, is_projected), group in groups.items():
+        name = "+".join(group.pop("labels")) + (" (no decay)" if wd == 0 and cfg.weight_decay > 0 else "")
+        extra = galore.group_settings(cfg.galore) if is_projected else {}
+        param_groups.append({**group, **extra, "name": name + (" (galore)" if is_projected else "")})
+    return param_groups
 
 
 def describe_groups(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
