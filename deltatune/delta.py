@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
+from collections import Counter
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 from weakref import WeakKeyDictionary
@@ -178,6 +179,24 @@ class Delta(DeltaBase, ABC):
         new.train(old.training)  # a module swapped into an eval-mode model must not run dropout
         setattr(parent, attr, new)
         self._swaps.append((parent, attr, old, new))
+
+    def fold_wrappers(self, wrappers: Sequence[nn.Module]) -> None:
+        """Merge wrappers (each with `base_layer`, `merge()`, `unmerge()`) into their base layers, then put the plain
+        modules back (no added latency). Refuses weights tied to another module: merging would change both."""
+        shared = Counter(id(p) for _, p in self.model.named_parameters(remove_duplicate=False))
+        if tied := [w for w in wrappers if shared[id(w.base_layer.weight)] > 1]:
+            raise ConfigError(f"cannot merge {self.method} into a weight shared with another module ({len(tied)} "
+                              "tied, e.g. input embeddings tied to the output head): merging would change both. "
+                              "Keep the delta unmerged, or untie the weights before attaching")
+        for wrapper in wrappers:
+            wrapper.merge()
+        self.set_swapped(False)
+
+    def unfold_wrappers(self, wrappers: Sequence[nn.Module]) -> None:
+        """Exactly undo `fold_wrappers`."""
+        for wrapper in reversed(wrappers):
+            wrapper.unmerge()
+        self.set_swapped(True)
 
     def set_swapped(self, swapped: bool) -> None:
         """Put the originals back (False) or the replacements in again (True); used by merge/unmerge."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 import deltatune
 from deltatune.generate import _cut, generate_ids

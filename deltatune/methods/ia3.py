@@ -14,7 +14,6 @@ keeps the original weight and bias so that unmerging is exact (PEFT divides, whi
 
 from __future__ import annotations
 
-from collections import Counter
 
 import torch
 from pydantic import Field, field_validator
@@ -23,7 +22,7 @@ from transformers.pytorch_utils import Conv1D
 
 from deltatune.arch import short_name
 from deltatune.delta import Delta, DeltaConfig
-from deltatune.errors import ConfigError, TargetError
+from deltatune.errors import TargetError
 from deltatune.registry import register
 from deltatune.targeting import DeltaModule, find_modules, plain_modules
 
@@ -153,16 +152,7 @@ class IA3Delta(Delta):
         return chosen
 
     def merge_weights(self) -> None:
-        shared = Counter(id(p) for _, p in self.model.named_parameters(remove_duplicate=False))
-        if tied := [w for w in self.wrappers if shared[id(w.base_layer.weight)] > 1]:
-            raise ConfigError(f"cannot merge ia3 into a weight shared with another module ({len(tied)} tied, e.g. "
-                              "input embeddings tied to the output head): merging would change both. Keep the "
-                              "delta unmerged, or untie the weights before attaching")
-        for w in self.wrappers:
-            w.merge()
-        self.set_swapped(False)  # plain modules again: no added latency
+        self.fold_wrappers(self.wrappers)
 
     def unmerge_weights(self) -> None:
-        for w in reversed(self.wrappers):
-            w.unmerge()
-        self.set_swapped(True)
+        self.unfold_wrappers(self.wrappers)

@@ -23,7 +23,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from deltatune.delta import Delta, DeltaConfig
-from deltatune.errors import ConfigError, TargetError
+from deltatune.errors import TargetError
 from deltatune.registry import register
 from deltatune.targeting import DeltaModule, find_modules
 
@@ -277,18 +277,7 @@ class LoRADelta(Delta):
         return found
 
     def merge_weights(self) -> None:
-        counts: dict[int, int] = {}
-        for _, p in self.model.named_parameters(remove_duplicate=False):
-            counts[id(p)] = counts.get(id(p), 0) + 1
-        if tied := [w for w in self.wrappers if counts.get(id(w.base_layer.weight), 0) > 1]:
-            raise ConfigError(f"cannot merge LoRA into a weight shared with another module ({len(tied)} tied, e.g. "
-                              "input embeddings tied to the output head): merging would change both. Keep the "
-                              "delta unmerged, or untie the weights before attaching")
-        for w in self.wrappers:
-            w.merge()
-        self.set_swapped(False)  # plain modules again: no added latency
+        self.fold_wrappers(self.wrappers)
 
     def unmerge_weights(self) -> None:
-        for w in reversed(self.wrappers):
-            w.unmerge()
-        self.set_swapped(True)
+        self.unfold_wrappers(self.wrappers)

@@ -172,7 +172,7 @@ class InputTokensDelta(Delta):
 
     def layout(self, mask: torch.Tensor) -> torch.Tensor:
         """Per row, indices into [the L input positions, then the n virtual tokens] giving the new sequence."""
-        length, (front, back) = mask.shape[1], self.counts
+        length, front = mask.shape[1], self.counts[0]
         virtual = list(range(length, length + self.n))
         rows = []
         for row in mask.bool().tolist():
