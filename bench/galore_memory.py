@@ -132,7 +132,7 @@ def table(results: list[dict], args: argparse.Namespace) -> str:
     title = (f"GPT-2 `{args.size}` ({base['params'] / 1e6:.1f}M parameters), {args.steps} steps of batch "
              f"{args.batch} x {args.seq} tokens, lr {args.lr}, rank {args.rank}, update_proj_gap {args.gap}, "
              f"scale {args.scale}, {args.threads} thread(s)")
-    header = ("| optimizer | state MB | vs AdamW | peak RSS MB | vs AdamW | peak above model MB | vs AdamW "
+    header = ("| optimizer | state MiB | vs AdamW | peak RSS MiB | vs AdamW | peak above model MiB | vs AdamW "
               "| train loss (last 10%) | held-out loss | vs AdamW | s/step |")
     lines = [title, "", header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
