@@ -15,7 +15,7 @@ from deltatune.io import load_tensors
 from deltatune.registry import methods
 from deltatune.targeting import DeltaModule
 from tests.saved_adapters import fusion_config_args
-from tests.tiny import tiny_batch, tiny_model
+from tests.tiny import logits, tiny_batch, tiny_model
 
 ARCHS = ["gpt2", "llama", "bert"]
 METHODS = sorted(methods())
@@ -37,11 +37,6 @@ CONFIG_FACTORIES: dict[str, Callable[[str], dict]] = {"fusion": fusion_config_ar
 def make_config(method: str, arch: str = "llama", **overrides):
     args = CONFIG_FACTORIES[method](arch) if method in CONFIG_FACTORIES else CONFIG_ARGS.get(method, {})
     return methods()[method].config_class(**{**args, **overrides})
-
-
-def logits(model, batch):
-    with torch.no_grad():
-        return model(**batch).logits
 
 
 def loss_of(model, batch, labels):

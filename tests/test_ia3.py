@@ -14,28 +14,11 @@ import deltatune
 from deltatune.errors import ConfigError, TargetError
 from deltatune.methods.ia3 import DEFAULTS, IA3, IA3Module
 from deltatune.registry import parse_delta_config
-from tests.tiny import tiny_batch, tiny_model
+from tests.tiny import biased_tiny_model, logits, tiny_batch
 
 peft = pytest.importorskip("peft")
 
-_MODELS: dict[tuple[str, str], nn.Module] = {}
-
-
-def model(arch: str, head: str = "lm") -> nn.Module:
-    """A fresh copy of one cached tiny model, with random biases so the bias handling of merge is visible."""
-    if (arch, head) not in _MODELS:
-        base = tiny_model(arch, head=head)
-        with torch.no_grad():
-            for name, p in base.named_parameters():
-                if name.endswith(".bias"):
-                    p.normal_(std=0.1)
-        _MODELS[arch, head] = base
-    return copy.deepcopy(_MODELS[arch, head])
-
-
-def logits(m: nn.Module, batch: dict) -> torch.Tensor:
-    with torch.no_grad():
-        return m(**batch).logits
+model = biased_tiny_model
 
 
 def wrappers(m: nn.Module) -> dict[str, IA3Module]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -18,28 +17,11 @@ from deltatune.errors import ConfigError, TargetError  # noqa: E402
 from deltatune.io import load_tensors  # noqa: E402
 from deltatune.methods.lora import LoRA, LoRAModule  # noqa: E402
 from deltatune.registry import methods, parse_delta_config  # noqa: E402
-from tests.tiny import tiny_batch, tiny_model  # noqa: E402
+from tests.tiny import biased_tiny_model, logits, tiny_batch, tiny_model  # noqa: E402
 
 peft = pytest.importorskip("peft")
 
-_MODELS: dict[tuple[str, str], nn.Module] = {}
-
-
-def model(arch: str, head: str = "lm") -> nn.Module:
-    """A fresh copy of one cached tiny model (building from config is the slow part)."""
-    if (arch, head) not in _MODELS:
-        base = tiny_model(arch, head=head)
-        with torch.no_grad():  # HF initialises biases to zero; random ones make bias handling (DoRA) visible
-            for name, p in base.named_parameters():
-                if name.endswith(".bias"):
-                    p.normal_(std=0.1)
-        _MODELS[arch, head] = base
-    return copy.deepcopy(_MODELS[arch, head])
-
-
-def logits(m: nn.Module, batch: dict) -> torch.Tensor:
-    with torch.no_grad():
-        return m(**batch).logits
+model = biased_tiny_model
 
 
 def lm_loss(m: nn.Module, batch: dict) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import transformers as T
 
@@ -65,3 +67,23 @@ class TrainAll(Delta):
 
     def build(self):
         return list(self.model.parameters())
+
+
+_BIASED: dict[tuple[str, str], torch.nn.Module] = {}
+
+
+def biased_tiny_model(arch: str, head: str = "lm") -> torch.nn.Module:
+    """A fresh copy of one cached tiny model with random biases (HF zero-inits them), so merges' bias handling shows."""
+    if (arch, head) not in _BIASED:
+        base = tiny_model(arch, head=head)
+        with torch.no_grad():
+            for name, p in base.named_parameters():
+                if name.endswith(".bias"):
+                    p.normal_(std=0.1)
+        _BIASED[arch, head] = base
+    return copy.deepcopy(_BIASED[arch, head])
+
+
+def logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits
