@@ -27,7 +27,7 @@ from torch import nn
 from deltatune import io
 from deltatune.delta import TENSOR_FILE, DeltaBase
 from deltatune.errors import CheckpointError, ConfigError, DataError, DeltaTuneError
-from deltatune.optim import OptimizerConfig, build_optimizer, build_scheduler
+from deltatune.optim import OptimizerConfig, build_optimizer, build_scheduler, check_train_settings
 from deltatune.schema import Schema
 from deltatune.train import checkpoint
 from deltatune.train.metrics import (
@@ -105,6 +105,7 @@ def train(model: nn.Module, delta: DeltaBase, data: TaskData, cfg: TrainConfig, 
     check_metric(metric, data.task)
     if len(data.train) == 0:
         raise DataError("the training split is empty: nothing to train on")
+    check_train_settings(cfg.optimizer, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm)
     ckpt_root, eval_bs = out_dir / "checkpoints", cfg.eval_batch_size or cfg.batch_size
     if not resume and checkpoint.checkpoint_dirs(ckpt_root):
         raise CheckpointError(f"{ckpt_root} holds checkpoints of an earlier run: continue it with resume=True, "
@@ -119,6 +120,7 @@ def train(model: nn.Module, delta: DeltaBase, data: TaskData, cfg: TrainConfig, 
     params = list(delta.trainable_parameters().values())
     trainable, total = delta.parameter_counts()
     optimizer = build_optimizer(model, delta, cfg.optimizer)
+    per_layer = getattr(optimizer, "per_layer", False)  # updates in gradient hooks during backward (galore.py)
     micro_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
     total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
@@ -176,12 +178,14 @@ def train(model: nn.Module, delta: DeltaBase, data: TaskData, cfg: TrainConfig, 
                 loss.backward()
                 step_loss += float(loss.detach())
                 tokens += int(batch.get("attention_mask", batch["input_ids"]).bool().sum())
-            grad_norm = (nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm
+            grad_norm = (optimizer.grad_norm() if per_layer  # the hooks consumed (and freed) the gradients
+                         else nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm
                          else nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
             if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):  # never step into NaN weights
                 raise DeltaTuneError(
                     f"the training loss is {step_loss} (gradient norm {float(grad_norm)}) at step {step + 1} "
-                    f"(epoch {epoch + 1}); training stopped before the weights were updated. The last good "
+                    f"(epoch {epoch + 1}); training stopped before the weights were updated"
+                    f"{' (per-layer: tensors with finite gradients were)' if per_layer else ''}. The last good "
                     f"checkpoint is kept: {last_ckpt or 'none written yet'}. "
                     "Try a lower learning rate or check the data.")
             lr = optimizer.param_groups[0]["lr"]
@@ -228,6 +232,8 @@ def train(model: nn.Module, delta: DeltaBase, data: TaskData, cfg: TrainConfig, 
                 emit("early_stop", {"step": step, "epoch": epoch_pos, "metric": metric, "best": st["best"],
                                     "best_step": st["best_step"], "patience": cfg.patience})
 
+    if per_layer:
+        optimizer.remove_hooks()  # a later backward pass on the model must not update the weights
     # The result is the best delta (or the final one without a validation split); test it with those weights.
     if st["best_step"] is None:
         _save_delta(delta, out_dir / "best")
