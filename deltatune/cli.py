@@ -92,7 +92,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     console.print(f"[bold]deltatune train[/] {args.config} → {config.output_dir}")
     methods = " + ".join(d.method for d in config.delta)
-    console.print(f"model [cyan]{config.model.path}[/]  data [cyan]{config.data.train}[/]  method [cyan]{methods}[/]")
+    data = config.data.train if config.tasks is None else "tasks " + ", ".join(t.name for t in config.tasks)
+    console.print(f"model [cyan]{config.model.path}[/]  data [cyan]{data}[/]  method [cyan]{methods}[/]")
     with _TrainProgress() as progress:
         session, result = run_training(config, resume=args.resume, on_event=progress.on_event)
     _print_results(result, config.task)
@@ -102,12 +103,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from deltatune.run import load_run
-    from deltatune.train import evaluate
+    from deltatune.train.tasks import objective
 
     session = load_run(args.run, args.overrides)
     dataset = getattr(session.data, args.split)
-    metrics = evaluate(session.model, dataset, session.collator(), session.data.task,
-                       session.config.train.eval_batch_size or session.config.train.batch_size)
+    batch_size = session.config.train.eval_batch_size or session.config.train.batch_size
+    metrics = objective(session.data, session.delta).evaluate(session.model, dataset, session.collator(), batch_size)
     table = Table(title=f"{args.run} · {args.split} ({len(dataset)} examples)")
     table.add_column("metric")
     table.add_column("value", justify="right")

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -58,6 +59,11 @@ def load_model(path: str, task: str, num_labels: int | None = None, *, dtype: st
     model.deltatune_new_weights = sorted(set(info["missing_keys"]) | {k[0] for k in info["mismatched_keys"]})
     _ensure_pad_token(model, tokenizer)
     return model, tokenizer
+
+
+def saved_num_labels(path: str, *, trust_remote_code: bool = False) -> int:
+    """The size of the classification head saved with a model (its config's num_labels; 2 when it has none)."""
+    return AutoConfig.from_pretrained(resolve_model_path(path), trust_remote_code=trust_remote_code).num_labels
 
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

@@ -33,17 +33,15 @@ from deltatune.train import checkpoint
 from deltatune.train.metrics import (
     MetricsLog,
     MetricState,
-    check_metric,
     check_task,
-    default_metric,
     improved,
     logits_of,
-    loss_sum,
-    units,
 )
+from deltatune.train.tasks import objective
 
 if TYPE_CHECKING:
     from deltatune.data import TaskData
+    from deltatune.data.multitask import MultiTaskData
 
 Collate = Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
 # Changing these between a run and its resume would make the restored data position meaningless.
@@ -91,18 +89,19 @@ class TrainResult:
     total_params: int
 
 
-def train(model: nn.Module, delta: DeltaBase, data: TaskData, cfg: TrainConfig, out_dir: str | Path, *,
-          collate: Collate, resume: bool = False,
+def train(model: nn.Module, delta: DeltaBase, data: TaskData | MultiTaskData, cfg: TrainConfig,
+          out_dir: str | Path, *, collate: Collate, resume: bool = False,
           on_event: Callable[[str, dict[str, Any]], None] | None = None) -> TrainResult:
-    """Train `delta` (attached to `model`) on `data` (a TaskData); see the module docstring for the outputs.
+    """Train `delta` (attached to `model`) on `data` (a TaskData, or a MultiTaskData: see train/tasks.py);
+    see the module docstring for the outputs.
 
     `resume=True` continues from the newest good checkpoint in `out_dir/checkpoints` and ends with exactly the
     weights and loss curve of an uninterrupted run (bitwise on CPU), given the same config.
     """
     out_dir, emit = Path(out_dir), on_event or (lambda kind, info: None)
-    check_task(data.task)
-    metric = cfg.metric or default_metric(data.task)
-    check_metric(metric, data.task)
+    task = objective(data, delta)  # loss, units and metrics of the task, or of several tasks (tasks.py)
+    metric = cfg.metric or task.default_metric
+    task.check_metric(metric)
     if len(data.train) == 0:
         raise DataError("the training split is empty: nothing to train on")
     check_train_settings(cfg.optimizer, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm)
@@ -126,7 +125,7 @@ def train(model: nn.Module, delta: DeltaBase, data: TaskData, cfg: TrainConfig, 
     total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
     scheduler = build_scheduler(optimizer, cfg.optimizer, total_steps)
     lengths = _lengths(data.train) if cfg.length_grouping else None
-    log = MetricsLog(out_dir, data.task)
+    log = MetricsLog(out_dir, task.metrics)
     has_validation, has_test = len(data.validation) > 0, len(data.test) > 0
 
     # Loop state: everything needed to continue exactly where a checkpoint was taken.
@@ -152,7 +151,7 @@ def train(model: nn.Module, delta: DeltaBase, data: TaskData, cfg: TrainConfig, 
     if not resume and cfg.eval_baseline:  # the "base" column of the base vs fine-tuned table
         st["baseline"] = {}
         for split in [s for s, present in (("validation", has_validation), ("test", has_test)) if present]:
-            st["baseline"][split] = evaluate(model, getattr(data, split), collate, data.task, eval_bs)
+            st["baseline"][split] = task.evaluate(model, getattr(data, split), collate, eval_bs)
             log.write({"kind": "baseline", "split": split, "step": 0, "epoch": 0.0, **st["baseline"][split]})
             emit("eval", {"split": split, "step": 0, "epoch": 0.0, "baseline": True, "metrics": st["baseline"][split]})
 
@@ -160,19 +159,18 @@ def train(model: nn.Module, delta: DeltaBase, data: TaskData, cfg: TrainConfig, 
     window_tokens, window_time = 0, 0.0
     while not st["stopped_early"] and step < total_steps:
         # The order of an epoch depends only on (seed, epoch): the data position is just (epoch, batch index).
-        epoch, order = st["epoch"], _epoch_order(len(data.train), cfg, st["epoch"], lengths)
-        batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+        epoch, batches = st["epoch"], _epoch_batches(data, cfg, st["epoch"], lengths)
         while st["epoch"] == epoch and not st["stopped_early"] and step < total_steps:
             t0 = time.perf_counter()
             group = [collate([data.train[i] for i in idx]) for idx in batches[st["batch"]:st["batch"] + cfg.grad_accum]]
             # Normalise by the units (examples or target tokens) of the whole step: accumulating equals a big batch.
-            step_units = max(sum(units(b["labels"], data.task) for b in group), 1)
+            step_units = max(sum(task.units(b) for b in group), 1)
             step_loss, tokens = 0.0, 0
             for batch in group:
                 batch = _to_device(batch, params[0].device)
                 logits = logits_of(model(**{k: v for k, v in batch.items() if k != "labels"}))
-                part = units(batch["labels"], data.task) / step_units
-                loss = loss_sum(logits, batch["labels"], data.task) / step_units
+                part = task.units(batch) / step_units
+                loss = task.loss_sum(logits, batch) / step_units
                 if (extra := delta.extra_loss()) is not None:
                     loss = loss + extra * part
                 loss.backward()
@@ -211,7 +209,7 @@ def train(model: nn.Module, delta: DeltaBase, data: TaskData, cfg: TrainConfig, 
 
             last = step == total_steps
             if has_validation and (end_of_epoch or last or (cfg.eval_every and step % cfg.eval_every == 0)):
-                scores = evaluate(model, data.validation, collate, data.task, eval_bs)
+                scores = task.evaluate(model, data.validation, collate, eval_bs)
                 log.write({"kind": "eval", "split": "validation", "step": step, "epoch": epoch_pos, **scores,
                            "elapsed": time.perf_counter() - clock})
                 emit("eval", {"split": "validation", "step": step, "epoch": epoch_pos, "metrics": scores})
@@ -239,7 +237,7 @@ def train(model: nn.Module, delta: DeltaBase, data: TaskData, cfg: TrainConfig, 
         _save_delta(delta, out_dir / "best")
     else:
         delta.load_state_dict(io.load_tensors(out_dir / "best" / TENSOR_FILE))
-    test = evaluate(model, data.test, collate, data.task, eval_bs) if has_test else None
+    test = task.evaluate(model, data.test, collate, eval_bs) if has_test else None
     if test is not None:
         log.write({"kind": "final", "split": "test", "step": step, "epoch": step / steps_per_epoch, **test,
                    "elapsed": time.perf_counter() - clock})
@@ -275,6 +273,15 @@ def evaluate(model: nn.Module, dataset: Sequence[dict[str, Any]], collate: Colla
     finally:
         model.train(was_training)
     return state.result()
+
+
+def _epoch_batches(data: TaskData | MultiTaskData, cfg: TrainConfig, epoch: int,
+                   lengths: list[int] | None) -> list[list[int]]:
+    """The batches (lists of example indices) of an epoch; multi-task data plans one-task batches itself."""
+    if hasattr(data, "epoch_batches"):
+        return data.epoch_batches(cfg.batch_size, cfg.seed, epoch, lengths)
+    order = _epoch_order(len(data.train), cfg, epoch, lengths)
+    return [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
 
 
 def _epoch_order(n: int, cfg: TrainConfig, epoch: int, lengths: list[int] | None) -> list[int]:
