@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import copy
 import importlib
-import json
 import importlib.util
+import json
 import math
 import os
 import sys
@@ -352,7 +352,7 @@ def test_loop_refuses_per_layer_with_clipping_or_accumulation(tmp_path, clip, gr
     assert not (tmp_path / "checkpoints").exists()  # refused before any work
 
 
-def test_cli_trains_the_galore_example_with_per_layer_updates(tmp_path, tiny_bert_dir, reviews, capsys):
+def test_cli_trains_the_galore_example_with_per_layer_updates(tmp_path, tiny_bert_dir, reviews, capsys):  # noqa: F811
     """examples/galore.yaml with per_layer: true (and no clipping), on a tiny BERT through `deltatune train`."""
     import yaml
 

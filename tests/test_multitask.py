@@ -16,7 +16,7 @@ import yaml
 import deltatune
 from deltatune.config import validate_config
 from deltatune.data import Collator, TaskData
-from deltatune.data.multitask import SAMPLINGS, MultiTaskData, TaskCollator, TaskSpec, TaskStream, quotas, task_shares
+from deltatune.data.multitask import MultiTaskData, TaskCollator, TaskSpec, TaskStream, quotas, task_shares
 from deltatune.errors import ConfigError, TargetError
 from deltatune.io import load_tensors
 from deltatune.methods.lora import LoRA
@@ -276,7 +276,11 @@ def test_per_task_lora_computes_each_task_with_its_own_adapter():
     model, delta = per_task_model()
     batch = tiny_batch()
     names = delta.trainable_parameters()
-    assert "bert.encoder.layer.0.attention.self.query.lora_A.b.weight" in names and len(names) == 4 + 2 * 8  # 2 layers x (query, value) x (A, B)
+    assert "bert.encoder.layer.0.attention.self.query.lora_A.b.weight" in names
+    assert len(names) == 4 + 2 * 8  # heads; 2 tasks x 2 layers x (query, value) x (A, B)
+    in_model = dict(model.named_parameters(remove_duplicate=False))  # every copy lives in the module tree
+    assert all(in_model[n] is p for n, p in names.items())
+    assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in names.values()}
     for task in ("a", "b"):  # reference: one plain LoRA holding this task's bank, and this task's head
         plain = tiny_model("bert", dropout=0.0)
         ref = deltatune.attach(plain, [HEADS, LoRA(r=2, targets=["query", "value"])])
@@ -321,6 +325,18 @@ def test_per_task_tasks_must_match_the_task_heads():
         deltatune.attach(tiny_model("bert"), PerTask(delta=LoRA(r=2)))
     with pytest.raises(ConfigError, match="per_task cannot copy 'head'"):
         PerTask(delta={"method": "head"})
+
+
+def test_full_fine_tuning_trains_the_shared_body_under_the_task_heads(tmp_path):
+    data = toy_tasks((16, 16))
+    model = tiny_model("bert", dropout=0.0)
+    delta = deltatune.attach(model, task_deltas([deltatune.Full()], data))  # task heads first, then everything else
+    heads, full = delta.parts()
+    assert heads.method == "task_heads" and all(n.startswith("classifier.") for n in heads.trainable_parameters())
+    assert {id(p) for p in delta.trainable_parameters().values()} == {id(p) for p in model.parameters()}
+    before = model.bert.encoder.layer[0].attention.self.query.weight.detach().clone()
+    train(model, delta, data, TrainConfig(epochs=1, batch_size=8, eval_baseline=False), tmp_path, collate=COLLATE)
+    assert not torch.equal(model.bert.encoder.layer[0].attention.self.query.weight, before)
 
 
 # ---- exact resume --------------------------------------------------------------------------------------------
@@ -371,9 +387,10 @@ def raw_config(**changes) -> dict:
     ({"tasks": [{"name": "a", "data": {"train": "rotten_tomatoes"}, "metric": "mse"}]},
      r"tasks\.0: unknown metric 'mse' for a classification task; available: loss, accuracy, macro_f1"),
     ({"tasks": [{"name": "a/b", "data": {"train": "rotten_tomatoes"}}]}, r"tasks\.0\.name: task name 'a/b' must use"),
-    ({"tasks": [{"name": "a", "dta": {}}]}, r"tasks\.0\.dta: unknown key \(did you mean 'data'\?\); allowed keys: "
-                                            r"name, data, metric, weight"),
-    ({"tasks": [{"name": "a", "data": {"train": "nope.jsonl"}}]}, r"tasks\.0\.data\.train: file 'nope\.jsonl' not found"),
+    ({"tasks": [{"name": "a", "dta": {}}]},
+     r"tasks\.0\.dta: unknown key \(did you mean 'data'\?\); allowed keys: name, data, metric, weight"),
+    ({"tasks": [{"name": "a", "data": {"train": "nope.jsonl"}}]},
+     r"tasks\.0\.data\.train: file 'nope\.jsonl' not found"),
 ])
 def test_config_errors(changes, message):
     with pytest.raises(ConfigError, match=message):

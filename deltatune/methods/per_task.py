@@ -6,7 +6,8 @@ The inner method attaches once, as usual (its modules, hooks and tensors), and i
 bank; every other task gets a bank of copies. When the model's router (routing.py) selects a task, the inner
 modules' parameter slots are pointed at that task's bank, so a forward uses, and a backward reaches, only the
 active task's tensors: the other tasks' tensors get no gradient, and the optimizer skips them for that step.
-A tensor named `a.b.weight` in the model is saved as `a.b.<task>.weight`, per task.
+Every bank also stays in the module tree, under a child named after its task: the tensor `a.b.weight` of task t
+is `a.b.<t>.weight` in `model.named_parameters()` and in the saved delta (the active task's is also `a.b.weight`).
 
 Methods whose forward reads their tensors from module attributes work unchanged (LoRA, adapters, IA3, BitFit,
 prompt/prefix encoders, full); the per-task delta is not mergeable (no single set of weights serves every task).
@@ -83,11 +84,29 @@ class PerTaskDelta(Delta):
         self.tasks, self.active = list(self.router.names), self.router.names[0]
         self.banks = {task: {name: p if i == 0 else nn.Parameter(p.detach().clone()) for name, p in first.items()}
                       for i, task in enumerate(self.tasks)}
-        self.slots = _slots(self.model, first)
+        self.slots, self.holders = _slots(self.model, first), []
         self._params = {_bank_name(name, task): p for task, bank in self.banks.items() for name, p in bank.items()}
+        homes = {id(places[0][0]): places[0][0] for places in self.slots.values()}
+        if clash := sorted({t for m in homes.values() for t in self.tasks if hasattr(m, t)}):
+            self.detach()
+            raise ConfigError(f"task names {clash} are attribute names of the modules {self.config.delta.method} "
+                              "trains; rename the tasks")
+        self._hold_banks()
         if self.router.active != self.active:
             self.activate(self.router.active)
         return self
+
+    def _hold_banks(self) -> None:
+        """Register every task's tensors in the model, as `<module>.<task>.<attr>` (the name they are saved as)."""
+        holders: dict[tuple[int, str], nn.Module] = {}
+        for name, places in self.slots.items():
+            module, attr = places[0]
+            for task in self.tasks:
+                if (id(module), task) not in holders:
+                    holders[id(module), task] = nn.Module()
+                    module.add_module(task, holders[id(module), task])
+                    self.holders.append((module, task))
+                holders[id(module), task].register_parameter(attr, self.banks[task][name])
 
     def activate(self, task: str) -> None:
         """Point every inner parameter slot at `task`'s tensors."""
@@ -98,6 +117,8 @@ class PerTaskDelta(Delta):
 
     def restore(self) -> None:
         routing.leave(self.model, self.activate)
+        for module, task in self.holders:
+            delattr(module, task)
         self.activate(self.tasks[0])  # the inner method's own tensors, which it restores and unswaps
         self.inner.restore()
         self.inner._undo()

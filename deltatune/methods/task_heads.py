@@ -28,6 +28,7 @@ from deltatune.registry import register
 from deltatune.schema import Schema
 from deltatune.targeting import DeltaModule, check_not_taken
 
+
 class TaskHead(Schema):
     """One task's head: its name, kind and outputs."""
 
