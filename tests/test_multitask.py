@@ -20,14 +20,16 @@ from deltatune.data.multitask import MultiTaskData, TaskCollator, TaskSpec, Task
 from deltatune.errors import ConfigError, TargetError
 from deltatune.io import load_tensors
 from deltatune.methods.lora import LoRA
-from deltatune.methods.per_task import PerTask
+from deltatune.methods.per_task import NOT_PER_TASK, PerTask
 from deltatune.methods.task_heads import TaskHeads
+from deltatune.registry import methods
 from deltatune.routing import set_task
 from deltatune.train import TrainConfig, evaluate, train
 from deltatune.train.checkpoint import checkpoint_dirs
 from deltatune.train.metrics import improved
 from deltatune.train.tasks import MultiTask, task_deltas
 from tests.test_cli import reviews, tiny_bert_dir, write_config  # noqa: F401  (fixtures)
+from tests.test_contract import make_config
 from tests.test_loop import Interrupt, interrupt_at, rows, toy_classification
 from tests.tiny import VOCAB, tiny_batch, tiny_model
 
@@ -316,6 +318,20 @@ def test_per_task_delta_saves_every_copy_and_reloads(tmp_path):
             torch.testing.assert_close(fresh(**batch, task=task).logits, expected[task], rtol=0, atol=0)
     with pytest.raises(ConfigError, match="per_task cannot be merged"):
         delta.parts()[1].merge()
+
+
+@pytest.mark.parametrize("method", sorted(set(methods()) - {*NOT_PER_TASK, "fusion"}))
+def test_per_task_copies_of_any_method_are_independent(method):
+    """Changing task b's copy changes task b's outputs and leaves task a's exactly as they were."""
+    model, batch = tiny_model("bert", dropout=0.0), tiny_batch()
+    delta = deltatune.attach(model, PerTask(tasks=["a", "b"], delta=make_config(method, "bert")))
+    with torch.no_grad():
+        before = model(**batch, task="a").logits
+        for name, p in delta.trainable_parameters().items():
+            if ".b." in name:
+                p.add_(0.5 * torch.randn_like(p))
+        assert not torch.allclose(model(**batch, task="b").logits, before)
+        assert torch.equal(model(**batch, task="a").logits, before)
 
 
 def test_per_task_tasks_must_match_the_task_heads():

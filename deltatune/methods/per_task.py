@@ -9,8 +9,8 @@ active task's tensors: the other tasks' tensors get no gradient, and the optimiz
 Every bank also stays in the module tree, under a child named after its task: the tensor `a.b.weight` of task t
 is `a.b.<t>.weight` in `model.named_parameters()` and in the saved delta (the active task's is also `a.b.weight`).
 
-Methods whose forward reads their tensors from module attributes work unchanged (LoRA, adapters, IA3, BitFit,
-prompt/prefix encoders, full); the per-task delta is not mergeable (no single set of weights serves every task).
+Any method whose forward reads its tensors from module attributes works unchanged; tests/test_multitask.py checks
+every registered one (but fusion). The per-task delta is not mergeable (no single set of weights serves every task).
 """
 
 from __future__ import annotations
