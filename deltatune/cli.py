@@ -32,13 +32,18 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     parser = _parser()
     args = parser.parse_args(argv)
+    from deltatune.train.distributed import rank_and_world
+
+    rank, world = rank_and_world()
+    console.quiet = rank != 0  # under torchrun, rank 0 prints for the run
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
     try:
         return args.func(args) or 0
     except DeltaTuneError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        console.quiet = False
+        console.print(f"[bold red]error{f' (rank {rank})' if world > 1 else ''}:[/] {exc}")
         return 1
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: the last checkpoint is kept; continue with --resume")

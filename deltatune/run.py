@@ -20,6 +20,7 @@ from deltatune.errors import ConfigError
 from deltatune.io import write_text
 from deltatune.models import load_model, load_tokenizer
 from deltatune.train import TrainResult, train
+from deltatune.train.distributed import is_main_process
 
 CONFIG_NAME = "config.yaml"
 
@@ -57,15 +58,18 @@ def run_training(config: RunConfig, *, resume: bool = False,
     if not resume and (out / "checkpoints").exists():
         raise ConfigError(f"run folder {out} already holds a run: pass --resume to continue it, "
                           f"or choose another folder with --set output_dir=...")
-    write_text(out / CONFIG_NAME, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    main = is_main_process()  # under torchrun only rank 0 writes
+    if main:
+        write_text(out / CONFIG_NAME, yaml.safe_dump(config.to_dict(), sort_keys=False))
     session = open_session(config)
     result = train(session.model, session.delta, session.data, config.train, out,
                    collate=session.collator(), resume=resume, on_event=on_event)
     session.delta.for_inference()  # e.g. prefix-tuning keeps only the prefixes its MLP computed
-    session.delta.save(out / "best")
-    from deltatune.report import write_report
+    if main:
+        session.delta.save(out / "best")
+        from deltatune.report import write_report
 
-    write_report(out, config, result)
+        write_report(out, config, result)
     return session, result
 
 

@@ -53,11 +53,16 @@ def checkpoint_dirs(root: str | Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if p.is_dir() and NAME.match(p.name)), key=lambda p: p.name)
 
 
+def checkpoint_path(root: str | Path, step: int) -> Path:
+    """The folder of checkpoint `step` under `root`."""
+    return Path(root) / f"step-{step:08d}"
+
+
 def save_checkpoint(root: str | Path, step: int, *, delta: DeltaBase, optimizer: torch.optim.Optimizer,
                     scheduler: Any, state: dict[str, Any], keep: int) -> Path:
     """Write checkpoint `step` atomically, then delete all but the newest `keep` checkpoints."""
     root = Path(root)
-    final = root / f"step-{step:08d}"
+    final = checkpoint_path(root, step)
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:

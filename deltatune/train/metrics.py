@@ -60,8 +60,12 @@ def logits_of(output: Any) -> torch.Tensor:
 
 
 def units(labels: torch.Tensor, task: str) -> int:
-    """How many terms `loss_sum` adds up: examples, or real next-token targets for causal LM."""
-    return int((labels[:, 1:] != -100).sum()) if task == "text" else labels.shape[0]
+    """How many terms `loss_sum` adds up: examples, or real next-token targets for causal LM.
+
+    Ignored labels (-100, or NaN for regression) count for nothing, as in the loss."""
+    if task == "text":
+        return int((labels[:, 1:] != -100).sum())
+    return int((~labels.isnan()).sum()) if labels.is_floating_point() else int((labels != -100).sum())
 
 
 def loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
@@ -69,8 +73,9 @@ def loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Ten
     if task == "classification":
         return F.cross_entropy(logits.float(), labels.long(), reduction="sum")
     if task == "regression":
-        pred = logits.float().squeeze(-1)
-        return F.mse_loss(pred, labels.to(pred.dtype).view_as(pred), reduction="sum")
+        pred, target = logits.float().squeeze(-1), labels.to(torch.float).view(-1)
+        kept = ~target.isnan()
+        return F.mse_loss(pred.view(-1)[kept], target[kept], reduction="sum")
     logits, targets = logits[:, :-1], labels[:, 1:]
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                            ignore_index=-100, reduction="sum")
