@@ -134,7 +134,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def set_aside_newer(root: str | Path, step: int) -> list[Path]:
-    """Rename checkpoints newer than `step` (skipped as broken) to `*.corrupt`, so new ones can take their place."""
+    """Rename checkpoints newer than `step` (skipped as broken) to `*.corrupt`, so new ones can take their place;
+    delete the temporary folders of saves that were interrupted."""
+    for leftover in Path(root).glob(".step-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
     moved = []
     for path in checkpoint_dirs(root):
         if int(NAME.match(path.name)[1]) > step:

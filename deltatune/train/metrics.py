@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from deltatune import io
-from deltatune.errors import ConfigError
+from deltatune.errors import CheckpointError, ConfigError
 
 TASKS = ("classification", "regression", "text")
 METRICS = {"classification": ("loss", "accuracy", "macro_f1"), "regression": ("loss", "mse"),
@@ -137,8 +137,7 @@ class MetricsLog:
         """Fresh files (None), or keep the rows up to `resume_step` of an interrupted run."""
         rows = []
         if resume_step is not None and self.jsonl.exists():
-            rows = [r for line in self.jsonl.read_text().splitlines() if line.strip()
-                    for r in [json.loads(line)] if r["step"] <= resume_step and r["kind"] != "final"]
+            rows = [r for r in _read_rows(self.jsonl) if r["step"] <= resume_step and r["kind"] != "final"]
         io.write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in rows))
         with io.atomic_path(self.csv) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, self.columns, restval="", extrasaction="ignore")
@@ -150,3 +149,16 @@ class MetricsLog:
             f.write(json.dumps(row) + "\n")
         with open(self.csv, "a", newline="") as f:
             csv.DictWriter(f, self.columns, restval="", extrasaction="ignore").writerow(row)
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl; a last line cut short (the process was killed while appending it) is dropped."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for n, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n < len(lines):
+                raise CheckpointError(f"{path}:{n}: not a JSON row; the metrics log is damaged") from None
+    return rows
