@@ -23,7 +23,8 @@ class DataConfig(Schema):
     text_pair_column: str | None = None
     label_column: str = "label"
     labels: list[str] | None = None
-    max_length: int = Field(256, gt=0)
+    max_length: int = Field(256, gt=0)  # lowered to the model's maximum when that is smaller
+    truncation: Literal["warn", "error", "silent"] = "warn"  # what longer records do (see truncation.py)
     limit: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")

@@ -10,6 +10,7 @@ from datasets import Dataset
 
 from deltatune.data.config import DataConfig
 from deltatune.data.load import Table
+from deltatune.data.truncation import FULL_LENGTH
 from deltatune.errors import DataError
 
 if TYPE_CHECKING:
@@ -52,8 +53,10 @@ def _tokenize(table: Table, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
         columns["pair"] = texts(table, cfg.text_pair_column)
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
-        return tokenizer(batch["text"], batch.get("pair"), truncation=True, max_length=cfg.max_length,
-                         return_token_type_ids=False)
+        full = tokenizer(batch["text"], batch.get("pair"), return_attention_mask=False, return_token_type_ids=False,
+                         verbose=False)["input_ids"]  # lengths before truncation, for data.truncation
+        return {**tokenizer(batch["text"], batch.get("pair"), truncation=True, max_length=cfg.max_length,
+                            return_token_type_ids=False), FULL_LENGTH: [len(ids) for ids in full]}
 
     inputs = [c for c in columns if c != "labels"]
     return Dataset.from_dict(columns).map(tokenize, batched=True, remove_columns=inputs,

@@ -12,6 +12,7 @@ from datasets import Dataset
 from deltatune.data.config import DataConfig
 from deltatune.data.formats import FORMATS
 from deltatune.data.load import Table, read_table
+from deltatune.data.truncation import check_truncation, effective_max_length
 from deltatune.errors import DataError
 
 if TYPE_CHECKING:
@@ -33,15 +34,20 @@ class TaskData:
     source: dict[str, dict[str, Any]]  # split -> file, records, examples, split_from_train
 
 
-def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> TaskData:
-    """Read, validate, split (seeded, by record) and tokenize the data described by `cfg`."""
+def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0,
+                 model_max_length: int | None = None) -> TaskData:
+    """Read, validate, split (seeded, by record) and tokenize the data described by `cfg`; sequences are cut to
+    `cfg.max_length` or the model's maximum, whichever is smaller (see truncation.py)."""
+    limit, origin = effective_max_length(cfg, model_max_length)
+    cfg = cfg.model_copy(update={"max_length": limit})
     fmt = FORMATS[cfg.format]
     files = {s: _read(name, cfg.limit) for s in SPLITS if (name := getattr(cfg, s))}
     fractions = {s: f for s, f in zip(SPLITS, cfg.split) if s == "train" or s not in files}
     tables = {**files, **split_table(files["train"], fractions, seed)}
     names = fmt.label_names(files["train"], cfg) if fmt.label_names else None
     empty = Dataset.from_dict({"input_ids": [], "attention_mask": [], "labels": []})  # a split of fraction 0
-    data = {s: fmt.encode(tables[s], cfg, tokenizer, names) if len(tables[s].data) else empty for s in SPLITS}
+    data = {s: check_truncation(fmt.encode(tables[s], cfg, tokenizer, names), tables[s], cfg, origin)
+            if len(tables[s].data) else empty for s in SPLITS}
     source = {s: {"file": str(tables[s].path), "records": len(tables[s].data), "examples": len(data[s]),
                   "split_from_train": s not in files} for s in SPLITS}
     return TaskData(**data, task=cfg.format, label_names=names,

@@ -26,7 +26,7 @@ import torch
 
 from deltatune import io
 from deltatune.delta import TENSOR_FILE, DeltaBase
-from deltatune.errors import CheckpointError
+from deltatune.errors import CheckpointError, DeltaTuneError
 
 NAME = re.compile(r"^step-(\d{8})$")
 CHECKSUMS = "checksums.json"
@@ -80,8 +80,13 @@ def save_checkpoint(root: str | Path, step: int, *, delta: DeltaBase, optimizer:
         io.write_json(tmp / "state.json", {"step": step, **state})
         io.write_json(tmp / CHECKSUMS, {p.name: io.sha256(p) for p in sorted(tmp.iterdir())})
         replace_dir(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, DeltaTuneError) and isinstance(exc.__cause__, OSError):  # e.g. the disk is full
+            kept = checkpoint_dirs(root)
+            raise CheckpointError(f"checkpoint {final.name} was not written: {exc.__cause__.strerror}; the previous "
+                                  f"checkpoint{f' {kept[-1]}' if kept else 's'} stay as they were. Free some space and "
+                                  "continue with --resume") from exc
         raise
     for old in checkpoint_dirs(root)[:-max(keep, 1)]:
         shutil.rmtree(old)
