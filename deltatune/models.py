@@ -84,9 +84,9 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> PreTrainedT
     return tokenizer
 
 
-def model_max_length(path: str, tokenizer: PreTrainedTokenizerBase) -> int | None:
+def model_max_length(path: str, tokenizer: PreTrainedTokenizerBase, *, trust_remote_code: bool = False) -> int | None:
     """The longest sequence the model takes: its position embeddings or the tokenizer's limit (the smaller)."""
-    config = AutoConfig.from_pretrained(resolve_model_path(path))
+    config = AutoConfig.from_pretrained(resolve_model_path(path), trust_remote_code=trust_remote_code)
     limits = [getattr(config, "max_position_embeddings", None), tokenizer.model_max_length]
     known = [n for n in limits if isinstance(n, int) and 0 < n < UNLIMITED]
     return min(known) if known else None

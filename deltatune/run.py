@@ -43,8 +43,8 @@ def open_session(config: RunConfig, delta_dir: Path | None = None) -> Session:
     """Load tokenizer, data and model for `config`; attach fresh deltas, or the saved ones in `delta_dir`."""
     torch.manual_seed(config.train.seed)  # new heads and delta tensors start the same way every run
     tokenizer = load_tokenizer(config.model.path, trust_remote_code=config.model.trust_remote_code)
-    data = prepare_data(config.data, tokenizer, seed=config.train.seed,
-                        model_max_length=model_max_length(config.model.path, tokenizer))
+    limit = model_max_length(config.model.path, tokenizer, trust_remote_code=config.model.trust_remote_code)
+    data = prepare_data(config.data, tokenizer, seed=config.train.seed, model_max_length=limit)
     id2label = dict(enumerate(data.label_names)) if data.label_names else None
     model, _ = load_model(config.model.path, config.task, data.num_labels, dtype=config.model.dtype,
                           trust_remote_code=config.model.trust_remote_code, id2label=id2label)
