@@ -149,3 +149,19 @@ def test_template_errors(monkeypatch):
     model.config._name_or_path = "some/decoder"
     with pytest.raises(deltatune.ConfigError, match="has no mask token .*drop {mask}"):
         deltatune.attach(model, PTuning(template="[P] {text} It was {mask}"))
+
+
+def test_ptuning_for_inference_keeps_only_the_encoded_tokens(tmp_path):
+    model, batch = tiny_model("llama"), tiny_batch()
+    delta = deltatune.attach(model, PTuning(template="[P][P] {text} [P]", encoder="lstm", hidden_size=8))
+    perturb(delta, 0.1)
+    with torch.no_grad():
+        before = model(**batch).logits
+    delta.for_inference()
+    assert {n: tuple(p.shape) for n, p in delta.trainable_parameters().items()} == {
+        "model.embed_tokens.tokens.embedding": (3, 32)}
+    delta.save(tmp_path)
+    fresh = tiny_model("llama")
+    assert deltatune.load(fresh, tmp_path).config.encoder == "none"
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**batch).logits, before, atol=1e-6, rtol=1e-5)

@@ -341,6 +341,15 @@ class PTuningDelta(InputTokensDelta):
         init = torch.randn(n_virtual, weight.shape[1]) * weight.detach().float().std()
         return VirtualTokens(init.to(weight.device, weight.dtype), encoder)
 
+    def for_inference(self) -> None:
+        """Replace the prompt encoder by the tokens it computes; `save` then writes only those (encoder: none)."""
+        if self.config.encoder == "none":  # type: ignore[attr-defined]
+            return
+        with torch.no_grad():
+            tokens = self.carrier.tokens().detach().clone()
+        self.carrier.tokens = VirtualTokens(tokens, nn.Identity())
+        self.collapse_to(self.carrier.tokens.embedding, encoder="none")
+
     @staticmethod
     def slots(pieces: tuple[list[Piece], list[Piece]],
               ids: list[list[int]]) -> tuple[list[int], list[int], list[int]]:
