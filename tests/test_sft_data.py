@@ -431,3 +431,20 @@ def test_sft_run_with_packing_matches_unpacked_and_evals(tmp_path: Path, tok: An
     assert main(["eval", str(run), "--split", "validation"]) == 0
     out = capsys.readouterr().out
     assert "perplexity" in out and f"{results[True].best_validation['loss']:.4f}" in out
+
+
+def test_cli_train_reports_skipped_records_and_validation_table(tmp_path: Path, tok: Any, capsys) -> None:
+    from deltatune.cli import main
+
+    model_dir = tmp_path / "model"
+    tiny_model("llama", head="lm").save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    data = write_jsonl(tmp_path / "d.jsonl", [GOOD, BAD_RECORDS[0][0], GOOD, GOOD])
+    config = {"model": {"path": str(model_dir)}, "delta": [{"method": "lora", "r": 2, "targets": "all-linear"}],
+              "data": {"train": str(data), "format": "auto", "split": [0.67, 0.33, 0], "skip_bad_records": True},
+              "train": {"epochs": 1, "batch_size": 2}, "output_dir": str(tmp_path / "run")}
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", str(tmp_path / "sft.yaml")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "validation set: base model vs fine-tuned" in out and "perplexity" in out
+    assert f"skipped 1 malformed records (data.skip_bad_records), e.g. {data}:2: messages[1] has no 'content'" in out

@@ -25,7 +25,8 @@ SPLITS = ("train", "validation", "test")
 
 @dataclass
 class TaskData:
-    """Tokenized splits (columns input_ids, attention_mask, labels) and what the model head needs to know."""
+    """Tokenized splits (columns input_ids, attention_mask, labels; packed rows: input_ids, labels, position_ids)
+    and what the model head needs to know."""
 
     train: Dataset
     validation: Dataset
