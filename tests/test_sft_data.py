@@ -15,7 +15,7 @@ import transformers as T
 import yaml
 
 from deltatune.data import TEMPLATE_FILE, TEMPLATES, Collator, DataConfig, prepare_data, real_tokens, resolve_template
-from deltatune.data.chat import assistant_spans, encode_conversations, render
+from deltatune.data.chat import encode_conversations, render
 from deltatune.data.conversations import detect_format
 from deltatune.data.load import read_table
 from deltatune.data.packing import pack, prepare_model
@@ -88,7 +88,7 @@ def test_detect_format(tmp_path: Path, name: str, records: list, options: dict, 
 
 def test_detect_format_failure_lists_columns(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "odd.jsonl", [{"question": "q", "answer": "a"}])
-    with pytest.raises(DataError, match=r"odd.jsonl: cannot tell the data format from its columns \(answer, question\)"):
+    with pytest.raises(DataError, match=r"odd.jsonl: cannot tell the data format from its columns \(answer, quest"):
         prepare(path, tiny_chat_tokenizer())
 
 
@@ -106,8 +106,9 @@ def test_formats_and_mappings_give_the_same_examples(tmp_path: Path, tok: Any) -
 
 
 def test_alpaca_becomes_one_turn(tmp_path: Path, tok: Any) -> None:
-    path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Add", "input": "2 and 2", "output": "4", "system": "Math"},
-                                              {"instruction": "Say hi", "output": "hi"}])
+    records = [{"instruction": "Add", "input": "2 and 2", "output": "4", "system": "Math"},
+               {"instruction": "Say hi", "output": "hi"}]
+    path = write_jsonl(tmp_path / "a.jsonl", records)
     data = prepare(path, tok)
     assert data.format == "alpaca"
     assert [tok.decode(ex["input_ids"]) for ex in data.train] == [
@@ -289,13 +290,14 @@ def test_smollm2_template_masks_token_by_token() -> None:
                                                                                   "Red, blue.<|im_end|>\n"]
 
 
-# --- packing -----------------------------------------------------------------------------------------------------------
+# --- packing ----------------------------------------------------------------------------------------------------------
 
 def packed_and_plain(tmp_path: Path, tok: Any, max_length: int = 120):
     """Conversations of 31 to 58 tokens (tiny GPT-2 has 64 positions), packed into rows of 120 and not."""
-    records = [{"messages": [{"role": "user", "content": f"q{'ab' * (i // 2)}"}, {"role": "assistant", "content": f"a{i}"},
-                             {"role": "user", "content": "m"}, {"role": "assistant", "content": "x" * (i % 4) + "."}]}
-               for i in range(1, 9)]
+    records = [{"messages": [{"role": "user", "content": f"q{'ab' * (i // 2)}"},
+                             {"role": "assistant", "content": f"a{i}"},
+                             {"role": "user", "content": "m"},
+                             {"role": "assistant", "content": "x" * (i % 4) + "."}]} for i in range(1, 9)]
     records[2]["messages"] = records[2]["messages"][:2]
     path = write_jsonl(tmp_path / "p.jsonl", records)
     return prepare(path, tok, packing=True, max_length=max_length), prepare(path, tok, max_length=max_length)
@@ -398,7 +400,7 @@ def test_prepare_model_rejects_deltas_that_rewrite_inputs() -> None:
         prepare_model(model)
 
 
-# --- whole runs --------------------------------------------------------------------------------------------------------
+# --- whole runs -------------------------------------------------------------------------------------------------------
 
 def test_sft_run_with_packing_matches_unpacked_and_evals(tmp_path: Path, tok: Any, capsys) -> None:
     """A packed run trains exactly like the unpacked one (same losses), saves the template, and `deltatune eval`

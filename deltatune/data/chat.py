@@ -75,7 +75,7 @@ def resolve_template(tokenizer: PreTrainedTokenizerBase, name_or_jinja: str | No
         return TEMPLATES[name_or_jinja]
     if "{{" not in name_or_jinja and "{%" not in name_or_jinja:
         raise ConfigError(f"data.chat_template: unknown template {name_or_jinja!r}; use one of "
-                          f"{', '.join(TEMPLATES)}, an inline jinja template, or leave it unset for the tokenizer's own")
+                          f"{', '.join(TEMPLATES)}, an inline jinja template, or leave it unset (the tokenizer's own)")
     try:
         render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], name_or_jinja, tokenizer)
     except RecordError as e:
@@ -90,7 +90,8 @@ def render(messages: list[Message], template: str, tokenizer: PreTrainedTokenize
     return _render(messages, template, tokenizer, add_generation_prompt)[0]
 
 
-def assistant_spans(messages: list[Message], template: str, tokenizer: PreTrainedTokenizerBase) -> tuple[str, list[Span]]:
+def assistant_spans(messages: list[Message], template: str,
+                    tokenizer: PreTrainedTokenizerBase) -> tuple[str, list[Span]]:
     """The rendered conversation and the character spans of its assistant turns (see the module docstring)."""
     if _GENERATION_TAG.search(template):
         return _render(messages, template, tokenizer, False, spans=True)

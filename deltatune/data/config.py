@@ -8,7 +8,6 @@ from pydantic import Field, model_validator
 
 from deltatune.schema import Schema
 
-
 LM_FORMATS = ("auto", "text", "alpaca", "sharegpt", "messages")  # causal language modelling (task "text")
 CHAT_FORMATS = ("alpaca", "sharegpt", "messages")  # rendered with a chat template
 
@@ -62,8 +61,9 @@ class DataConfig(Schema):
                              "that sum to 1, with train > 0")
         if self.labels is not None and (not self.labels or len(set(self.labels)) != len(self.labels)):
             raise ValueError(f"labels {self.labels} must be a non-empty list without duplicates")
-        lm_only = [k for k in ("packing", "skip_bad_records", "train_on_prompt") if getattr(self, k)]
-        lm_only += [k for k in ("columns", "roles", "chat_template") if k in self.model_fields_set]
+        lm_only = [k for k in ("packing", "skip_bad_records", "train_on_prompt", "roles", "chat_template")
+                   if getattr(self, k)]
+        lm_only += ["columns"] if self.columns != Columns() else []
         if lm_only and self.format not in LM_FORMATS:
             raise ValueError(f"{', '.join(lm_only)} apply to the language-modelling formats "
                              f"({', '.join(LM_FORMATS)}), not to format {self.format!r}: a {self.format} example "

@@ -13,8 +13,8 @@ from deltatune.data.chat import resolve_template
 from deltatune.data.config import CHAT_FORMATS, DataConfig
 from deltatune.data.conversations import RecordError, detect_format
 from deltatune.data.formats import FORMATS
-from deltatune.data.packing import pack
 from deltatune.data.load import Table, read_table
+from deltatune.data.packing import pack
 from deltatune.errors import DataError
 
 if TYPE_CHECKING:
