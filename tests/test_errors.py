@@ -116,6 +116,23 @@ def test_long_records_are_an_error_or_silent_by_config(tmp_path, tokenizer):
         assert len(prepare(tmp_path, tokenizer, LONG, max_length=8, truncation="silent").train[1]["input_ids"]) == 8
 
 
+def test_long_conversations_name_their_line(tmp_path):
+    """Chat formats cut conversations too; the line is right even after a record without targets is dropped."""
+    from tiny import tiny_chat_tokenizer
+
+    from deltatune.data.chat import TEMPLATES
+
+    def chat(question: str, answer: str) -> dict:
+        return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+    rows = [chat("x" * 60, "ok"), chat("hi", "ok"), chat("hi", "y" * 60)]  # the first has no target left: dropped
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    cfg = DataConfig(train=str(path), format="messages", max_length=40, truncation="error", split=(1.0, 0.0, 0.0))
+    with pytest.raises(DataError, match=r"1 of 2 records in .*chat.jsonl are longer than 40 tokens \(data.max_length;"
+                                        r" the first is .*chat.jsonl:3 with 83 tokens\)"):
+        prepare_data(cfg, tiny_chat_tokenizer(TEMPLATES["chatml"]))
+
+
 # ---- config ----------------------------------------------------------------------------------------------------
 VALID = {"model": {"path": "minilm"}, "data": {"train": "rotten_tomatoes"}, "delta": [{"method": "lora"}]}
 
