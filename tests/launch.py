@@ -17,7 +17,7 @@ from deltatune.io import load_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = ("elapsed", "tokens_per_s")  # the only logged values that may differ between identical runs
-WORDS = "the a movie plot actors film story music good bad was very long short".split()
+WORDS = ["the", "a", "movie", "plot", "actors", "film", "story", "music", "good", "bad", "was", "very", "long", "short"]
 
 
 def env() -> dict[str, str]:

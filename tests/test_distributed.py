@@ -49,7 +49,7 @@ def test_ddp_text_lora_equals_single_process(tmp_path, capsys):
                         optimizer={"lr": 0.01})
     launched = subprocess.run(torchrun("-m", "deltatune", "train", str(config), "--set",
                                        f"output_dir={tmp_path / 'ddp'}"),
-                              env=env(), capture_output=True, text=True, timeout=300)
+                              env=env(), capture_output=True, text=True, timeout=300, check=False)
     assert launched.returncode == 0, launched.stdout + launched.stderr
     assert launched.stdout.count("run folder:") == 1 and launched.stdout.count("trainable parameters") == 1
     assert main(["train", str(config), "--set", f"output_dir={tmp_path / 'single'}"]) == 0
@@ -71,7 +71,7 @@ def test_fsdp_full_finetuning_equals_single_process_and_resumes_exactly(tmp_path
                         [{"method": "full"}], epochs=2, eval_every=5, checkpoint_every=2, keep_checkpoints=3,
                         parallel="fsdp", optimizer={"lr": 1e-3, "weight_decay": 0.1})
     launched = subprocess.run(torchrun(str(WORKER), str(config), str(tmp_path / "fsdp"), "7"),
-                              env=env(), capture_output=True, text=True, timeout=300)
+                              env=env(), capture_output=True, text=True, timeout=300, check=False)
     assert launched.returncode == 0, launched.stdout + launched.stderr
     assert main(["train", str(config), "--set", f"output_dir={tmp_path / 'single'}"]) == 0
 

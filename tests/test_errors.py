@@ -20,7 +20,13 @@ import deltatune
 from deltatune import io
 from deltatune.config import load_config, validate_config
 from deltatune.data import Collator, DataConfig, TaskData, prepare_data, read_table
-from deltatune.errors import CheckpointError, ConfigError, DataError, DeltaTuneError, TargetError
+from deltatune.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    DeltaTuneError,
+    TargetError,
+)
 from deltatune.models import load_model, load_tokenizer
 from deltatune.registry import get_method
 from deltatune.train import TrainConfig, train
@@ -222,8 +228,8 @@ def configs(*specs):
 
 @pytest.mark.parametrize("specs, error, message", [
     ([("lora", {"targets": ["quary"]})], TargetError,
-     r"target 'quary' matches no module of BertForSequenceClassification. Did you mean 'query'\? Candidates: "
-     r"attention.output.dense, attention.self.key, attention.self.query"),
+     (r"target 'quary' matches no module of BertForSequenceClassification. Did you mean 'query'\? Candidates: "
+      r"attention.output.dense, attention.self.key, attention.self.query")),
     ([("lora", {"targets": ["query"]}), ("lora", {"targets": ["query"]})], TargetError,
      r"'bert.encoder.layer.0.attention.self.query' already carries a lora delta; detach it first"),
     ([("prefix", {}), ("prompt", {})], TargetError,
@@ -331,7 +337,7 @@ def test_disk_full_during_a_checkpoint_leaves_the_previous_one_intact(tmp_path, 
     delta = TrainAll(model, AllParams()).attach()
     optimizer = torch.optim.AdamW(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    parts = dict(delta=delta, optimizer=optimizer, scheduler=scheduler, state={"epoch": 0}, keep=2)
+    parts = {"delta": delta, "optimizer": optimizer, "scheduler": scheduler, "state": {"epoch": 0}, "keep": 2}
     save_checkpoint(tmp_path, 1, **parts)
     files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     monkeypatch.setattr(io.os, "fsync", disk_full)  # the disk fills up while the tensors are flushed

@@ -18,7 +18,7 @@ DROPOUT_KEYS = {"gpt2": ("resid_pdrop", "embd_pdrop", "attn_pdrop"), "llama": ("
 
 def tiny_config(arch: str, dropout: float | None = None, **extra):
     """A 2-layer config of `arch`; `dropout` (if given) sets every dropout probability of the family."""
-    common = dict(vocab_size=extra.pop("vocab_size", VOCAB), pad_token_id=0)
+    common = {"vocab_size": extra.pop("vocab_size", VOCAB), "pad_token_id": 0}
     if dropout is not None:
         extra.update(dict.fromkeys(DROPOUT_KEYS[arch], dropout))
     if arch == "gpt2":

@@ -50,7 +50,7 @@ def rank_and_world() -> tuple[int, int]:
     """(rank, number of ranks) of this process: from the process group, else torchrun's environment."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def is_main_process() -> bool:
@@ -146,7 +146,10 @@ class Parallel:
         if not self.fsdp:
             optimizer.load_state_dict(ckpt.optimizer)
             return
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
 
         if not all(isinstance(k, str) for k in ckpt.optimizer.get("state", {})):
             raise CheckpointError(f"{ckpt.path} was written without FSDP: resume it with train.parallel: ddp")
@@ -156,7 +159,10 @@ class Parallel:
     def _optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         if not self.fsdp:
             return optimizer.state_dict()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
 
         # Keyed by parameter name. GPU shards are gathered to rank 0's CPU memory; on CPU that "offload" is a
         # no-op `.cpu()` whose results alias one reused gather buffer (torch 2.13), so there every rank gathers.
@@ -205,8 +211,7 @@ class _StateOnly:
 
 def setup(model: nn.Module, delta: DeltaBase, strategy: str = "ddp", optimizer_name: str = "adamw") -> Parallel:
     """Join the process group torchrun describes (if any) and wrap `model` for it; a no-op in one process."""
-    rank, world = rank_and_world()
-    if world == 1:
+    if rank_and_world()[1] == 1:
         return Parallel(model)
     if strategy == "fsdp":
         _check_fsdp(delta, optimizer_name)
@@ -232,7 +237,7 @@ def setup(model: nn.Module, delta: DeltaBase, strategy: str = "ddp", optimizer_n
 def _join_group() -> torch.device:
     """Initialise the default process group once (NCCL on GPUs, else gloo); this rank's device."""
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     if not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(device)
