@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 from pathlib import Path
 
@@ -30,10 +31,11 @@ from deltatune.train.metrics import loss_sum, units
 WORKER = Path(__file__).with_name("fsdp_worker.py")  # FSDP: straight, then interrupted and resumed
 
 
-def run_config(tmp_path, model, train, validation, fmt, delta, **train_cfg):
-    data = {"train": str(write_jsonl(tmp_path / "train.jsonl", train)), "format": fmt,
-            "validation": str(write_jsonl(tmp_path / "validation.jsonl", validation)), "split": [1.0, 0.0, 0.0],
-            "max_length": 32}
+def run_config(tmp_path, model, train, evaluation, fmt, delta, **train_cfg):
+    """Config of a run on `train`; `evaluation` rows are both the validation and the test split."""
+    data = {"train": str(write_jsonl(tmp_path / "train.jsonl", train)), "format": fmt, "split": [1.0, 0.0, 0.0],
+            "validation": str(write_jsonl(tmp_path / "evaluation.jsonl", evaluation)),
+            "test": str(tmp_path / "evaluation.jsonl"), "max_length": 32}
     return write_config(tmp_path / "config.yaml", model={"path": str(model)}, data=data, delta=delta,
                         train={"batch_size": 4, "eval_batch_size": 4, "log_every": 1, **train_cfg},
                         output_dir=str(tmp_path / "run"))
@@ -59,6 +61,7 @@ def test_ddp_text_lora_equals_single_process(tmp_path, capsys):
     rows = metrics(tmp_path / "ddp")
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]  # rank 0 alone wrote, once
     assert [r["step"] for r in rows if r["kind"] == "eval"] == [3, 6]
+    assert [r["kind"] for r in rows if r["kind"] in ("baseline", "final")] == ["baseline", "baseline", "final"]
     assert any(t.abs().max() > 1e-3 for t in best_delta(tmp_path / "ddp").values())  # LoRA B left zero: trained
 
 
@@ -76,7 +79,9 @@ def test_fsdp_full_finetuning_equals_single_process_and_resumes_exactly(tmp_path
     assert main(["train", str(config), "--set", f"output_dir={tmp_path / 'single'}"]) == 0
 
     straight, resumed = tmp_path / "fsdp" / "straight", tmp_path / "fsdp" / "resumed"
-    assert_close_runs(tmp_path / "single", straight, tol=1e-5)
+    assert_close_runs(tmp_path / "single", straight, tol=1e-5)  # incl. the test split, on the unsharded model
+    final = [[r for r in metrics(run) if r["kind"] == "final"] for run in (tmp_path / "single", straight)]
+    assert final[1][0]["accuracy"] == final[0][0]["accuracy"]
     assert metrics(resumed) == metrics(straight)
     for name, value in best_delta(straight).items():
         assert torch.equal(best_delta(resumed)[name], value), name
@@ -113,3 +118,34 @@ def test_evaluation_batches_run_in_lockstep(monkeypatch, rank, expected):
     monkeypatch.setattr(distributed, "rank_and_world", lambda: (rank, 2))
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
     assert list(distributed.eval_batches(5, 2)) == expected
+
+
+def test_a_checkpoint_of_an_fsdp_run_resumes_in_one_process(tmp_path):
+    """FSDP checkpoints key the optimizer state by parameter name; a plain optimizer takes them back exactly."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    import deltatune
+    from deltatune.methods.full import Full
+    from deltatune.train.checkpoint import Checkpoint
+
+    def trained(steps):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+        delta = deltatune.attach(model, Full())
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+        for _ in range(steps):
+            model(torch.ones(2, 3)).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return model, delta, optimizer
+
+    model, delta, optimizer = trained(2)
+    by_name = copy.deepcopy(get_optimizer_state_dict(model, optimizer))  # as read from disk: no shared tensors
+    assert by_name["param_groups"][0]["params"][0] == "0.weight"
+    ckpt = Checkpoint(tmp_path, 2, delta.state_dict(), by_name, {}, {}, {})
+    fresh, fresh_delta, fresh_optimizer = trained(0)
+    distributed.Parallel(fresh).load_checkpoint(ckpt, fresh_delta, fresh_optimizer)
+    for a, b in ((model, optimizer), (fresh, fresh_optimizer)):
+        a(torch.ones(2, 3)).sum().backward()
+        b.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), fresh.parameters()))

@@ -143,7 +143,10 @@ class Parallel:
         """Put a checkpoint's delta and optimizer state into this rank's (sharded) model and optimizer."""
         with self.full_params(writeback=True):
             delta.load_state_dict(ckpt.delta)
-        if not self.fsdp:
+        by_name = isinstance(ckpt.optimizer["param_groups"][0]["params"][0], str)  # written by an FSDP run
+        if not by_name:
+            if self.fsdp:
+                raise CheckpointError(f"{ckpt.path} was written without FSDP: resume it with train.parallel: ddp")
             optimizer.load_state_dict(ckpt.optimizer)
             return
         from torch.distributed.checkpoint.state_dict import (
@@ -151,8 +154,7 @@ class Parallel:
             set_optimizer_state_dict,
         )
 
-        if not all(isinstance(k, str) for k in ckpt.optimizer.get("state", {})):
-            raise CheckpointError(f"{ckpt.path} was written without FSDP: resume it with train.parallel: ddp")
+        # by parameter name: into FSDP shards, or (any number of ranks, one process) into a plain optimizer
         set_optimizer_state_dict(self.model, optimizer, ckpt.optimizer,
                                  options=StateDictOptions(full_state_dict=True))
 
