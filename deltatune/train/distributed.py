@@ -37,10 +37,10 @@ import torch.distributed as dist
 from torch import nn
 
 from deltatune.errors import CheckpointError, ConfigError
+from deltatune.train import checkpoint
 
 if TYPE_CHECKING:
     from deltatune.delta import DeltaBase
-    from deltatune.train.checkpoint import Checkpoint
     from deltatune.train.metrics import MetricState
 
 FSDP_METHODS = ("full", "head")  # deltas that train weights in place; small deltas train well with DDP
@@ -131,15 +131,13 @@ class Parallel:
 
     def save_checkpoint(self, root: Path, step: int, *, optimizer: torch.optim.Optimizer, **parts: Any) -> Path:
         """`checkpoint.save_checkpoint` with full tensors, written by rank 0 (every rank must call it)."""
-        from deltatune.train import checkpoint
-
         state = self._optimizer_state(optimizer)
         with self.full_params():
             if self.main:
                 checkpoint.save_checkpoint(root, step, optimizer=_StateOnly(state), **parts)
         return checkpoint.checkpoint_path(root, step)
 
-    def load_checkpoint(self, ckpt: Checkpoint, delta: DeltaBase, optimizer: torch.optim.Optimizer) -> None:
+    def load_checkpoint(self, ckpt: checkpoint.Checkpoint, delta: DeltaBase, optimizer: torch.optim.Optimizer) -> None:
         """Put a checkpoint's delta and optimizer state into this rank's (sharded) model and optimizer."""
         with self.full_params(writeback=True):
             delta.load_state_dict(ckpt.delta)
