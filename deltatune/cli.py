@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,13 +33,20 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     parser = _parser()
     args = parser.parse_args(argv)
+    from deltatune.train.distributed import rank_and_world
+
+    rank, world = rank_and_world()
+    console.quiet = rank != 0  # under torchrun, rank 0 prints for the run
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
     try:
-        return args.func(args) or 0
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.func(args) or 0
     except DeltaTuneError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        console.quiet = False
+        console.print(f"[bold red]error{f' (rank {rank})' if world > 1 else ''}:[/] {exc}")
         return 1
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: the last checkpoint is kept; continue with --resume")
@@ -97,6 +105,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     with _TrainProgress() as progress:
         session, result = run_training(config, resume=args.resume, on_event=progress.on_event)
     _print_results(result, config.task)
+    if skipped := sum(part.get("skipped", 0) for part in session.data.source.values()):
+        first = next(part["first_skipped"] for part in session.data.source.values() if part.get("skipped"))
+        from rich.markup import escape
+
+        console.print(f"[yellow]skipped {skipped} malformed records[/] (data.skip_bad_records), e.g. {escape(first)}")
     console.print(f"run folder: [cyan]{config.output_dir}[/] (best delta in best/, report.html)")
     return 0
 
@@ -218,18 +231,25 @@ class _TrainProgress:
 
 
 def _print_results(result: Any, task: str) -> None:
-    table = Table(title="test set: base model vs fine-tuned")
+    split, scores = ("test", result.test) if result.test else ("validation", result.best_validation)  # best delta
+    table = Table(title=f"{split} set: base model vs fine-tuned")
     table.add_column("metric")
     table.add_column("base", justify="right")
     table.add_column("fine-tuned", justify="right")
-    base = (result.baseline or {}).get("test", {})
-    for name, value in (result.test or {}).items():
+    base = (result.baseline or {}).get(split, {})
+    for name, value in (scores or {}).items():
         table.add_row(name, _fmt(base.get(name)), _fmt(value))
     console.print(table)
     trainable, total = result.trainable_params, result.total_params
     console.print(f"trainable {trainable:,} / {total:,} parameters ({100 * trainable / total:.3f}%) · "
                   f"{result.steps} steps · wall {result.wall_time_s:.1f}s · {result.train_tokens_per_s:,.0f} tokens/s · "
                   f"peak memory {result.peak_rss_mb:,.0f} MB")
+
+
+def _show_warning(message: Warning | str, *args: Any, **kwargs: Any) -> None:
+    from rich.markup import escape
+
+    console.print(f"[yellow]warning:[/] {escape(str(message))}")
 
 
 def _fmt(value: Any) -> str:

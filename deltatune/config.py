@@ -25,7 +25,8 @@ from deltatune.schema import Schema
 from deltatune.train import TrainConfig
 from deltatune.train.tasks import MultiTaskConfig, TaskConfig, check_run_tasks, parse_task_configs
 
-TASK_OF_FORMAT = {"classification": "classification", "regression": "regression", "text": "causal_lm"}
+TASK_OF_FORMAT = {"classification": "classification", "regression": "regression", "text": "causal_lm",
+                  "auto": "causal_lm", "alpaca": "causal_lm", "sharegpt": "causal_lm", "messages": "causal_lm"}
 
 
 class ModelConfig(Schema):
@@ -59,6 +60,8 @@ class RunConfig(Schema):
     @classmethod
     def _parse_deltas(cls, value: Any) -> list[DeltaConfig]:
         items = value if isinstance(value, list) else [value]
+        if not items:
+            raise ValueError("give at least one method, e.g. [{method: lora, r: 8}]")
         return [item if isinstance(item, DeltaConfig) else parse_delta_config(item, where=str(i))
                 for i, item in enumerate(items)]
 
@@ -84,7 +87,8 @@ class RunConfig(Schema):
     def task(self) -> str:
         """The model class to load: for multi-task runs a causal LM if a task is text, else classification."""
         if self.tasks is not None:
-            return "causal_lm" if any(t.data.format == "text" for t in self.tasks) else "classification"
+            return "causal_lm" if any(TASK_OF_FORMAT[t.data.format] == "causal_lm" for t in self.tasks) \
+                else "classification"
         return TASK_OF_FORMAT[self.data.format]
 
     def data_configs(self) -> dict[str, DataConfig]:
@@ -117,12 +121,24 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
 
 
 def validate_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
+    if bad := non_string_keys(raw):
+        raise ConfigError(f"{where}: keys must be names; {', '.join(bad)} is not (quote it, or fix the indentation)")
     try:
         config = RunConfig(**raw)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     _check_paths(config)
     return config
+
+
+def non_string_keys(node: Any, path: str = "") -> list[str]:
+    """Paths of the keys that are not strings (YAML reads `1:` or `true:` as a number / boolean) in nested data."""
+    if isinstance(node, dict):
+        bad = [f"{path}{k}" for k in node if not isinstance(k, str)]
+        return bad + [p for k, v in node.items() for p in non_string_keys(v, f"{path}{k}.")]
+    if isinstance(node, list):
+        return [p for i, v in enumerate(node) for p in non_string_keys(v, f"{path}{i}.")]
+    return []
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -139,7 +155,10 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
             node = node.setdefault(part, {})
             if not isinstance(node, (dict, list)):
                 raise ConfigError(f"--set {key}: {part!r} is a value, not a section")
-    value = yaml.safe_load(text) if text else ""
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: the value is not valid YAML: {exc}") from None
     if isinstance(node, list):
         node[_index(last, node, key)] = value
     else:

@@ -14,13 +14,15 @@ import torch
 import yaml
 
 from deltatune.config import RunConfig, load_config
-from deltatune.data import Collator, TaskData, prepare_data
+from deltatune.data import TEMPLATE_FILE, Collator, TaskData, prepare_data
 from deltatune.data.multitask import MultiTaskData, TaskCollator
+from deltatune.data.packing import prepare_model
 from deltatune.delta import DeltaBase, attach, load
 from deltatune.errors import ConfigError
 from deltatune.io import write_text
-from deltatune.models import load_model, load_tokenizer, saved_num_labels
+from deltatune.models import load_model, load_tokenizer, model_max_length, saved_num_labels
 from deltatune.train import TrainResult, train
+from deltatune.train.distributed import is_main_process
 from deltatune.train.tasks import prepare_tasks, task_deltas
 
 CONFIG_NAME = "config.yaml"
@@ -45,8 +47,10 @@ def open_session(config: RunConfig, delta_dir: Path | None = None) -> Session:
     """Load tokenizer, data and model for `config`; attach fresh deltas, or the saved ones in `delta_dir`."""
     torch.manual_seed(config.train.seed)  # new heads and delta tensors start the same way every run
     tokenizer = load_tokenizer(config.model.path, trust_remote_code=config.model.trust_remote_code)
-    data = (prepare_data(config.data, tokenizer, seed=config.train.seed) if config.tasks is None
-            else prepare_tasks(config.tasks, config.multitask, tokenizer, seed=config.train.seed))
+    limit = model_max_length(config.model.path, tokenizer, trust_remote_code=config.model.trust_remote_code)
+    data = (prepare_data(config.data, tokenizer, seed=config.train.seed, model_max_length=limit)
+            if config.tasks is None else
+            prepare_tasks(config.tasks, config.multitask, tokenizer, seed=config.train.seed, model_max_length=limit))
     id2label = dict(enumerate(data.label_names)) if data.label_names else None
     # multi-task: the model keeps its saved head's size (task_heads replaces the head)
     num_labels = data.num_labels if config.tasks is None else saved_num_labels(
@@ -54,6 +58,8 @@ def open_session(config: RunConfig, delta_dir: Path | None = None) -> Session:
     model, _ = load_model(config.model.path, config.task, num_labels, dtype=config.model.dtype,
                           trust_remote_code=config.model.trust_remote_code, id2label=id2label)
     delta = load(model, delta_dir) if delta_dir else attach(model, task_deltas(config.delta, data))
+    if config.tasks is None and config.data.packing:
+        prepare_model(model)  # no KV cache; ConfigError unless packed rows keep their examples apart
     return Session(config, model, tokenizer, delta, data)
 
 
@@ -64,16 +70,28 @@ def run_training(config: RunConfig, *, resume: bool = False,
     if not resume and (out / "checkpoints").exists():
         raise ConfigError(f"run folder {out} already holds a run: pass --resume to continue it, "
                           f"or choose another folder with --set output_dir=...")
-    write_text(out / CONFIG_NAME, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    main = is_main_process()  # under torchrun only rank 0 writes
+    if main:
+        write_text(out / CONFIG_NAME, yaml.safe_dump(config.to_dict(), sort_keys=False))
     session = open_session(config)
+    if main:
+        _save_chat_template(session, out)
     result = train(session.model, session.delta, session.data, config.train, out,
                    collate=session.collator(), resume=resume, on_event=on_event)
     session.delta.for_inference()  # e.g. prefix-tuning keeps only the prefixes its MLP computed
-    session.delta.save(out / "best")
-    from deltatune.report import write_report
+    if main:
+        session.delta.save(out / "best")
+        _save_chat_template(session, out / "best")
+        from deltatune.report import write_report
 
-    write_report(out, config, result)
+        write_report(out, config, result)
     return session, result
+
+
+def _save_chat_template(session: Session, folder: Path) -> None:
+    """The chat template the examples were rendered with, for generation and chat with the trained delta."""
+    if session.data.chat_template is not None:
+        write_text(folder / TEMPLATE_FILE, session.data.chat_template)
 
 
 def load_run(run_dir: str | Path, overrides: list[str] = ()) -> Session:

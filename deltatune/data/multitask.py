@@ -107,7 +107,13 @@ class MultiTaskData:
 
     @property
     def source(self) -> dict[str, dict[str, Any]]:
-        return {t.name: p.source for t, p in zip(self.tasks, self.parts)}
+        """`<task>/<split>` -> what `TaskData.source` says about that split."""
+        return {f"{t.name}/{s}": info for t, p in zip(self.tasks, self.parts) for s, info in p.source.items()}
+
+    @property
+    def chat_template(self) -> str | None:
+        """The chat template of the first task rendered with one (chat formats), for generation after training."""
+        return next((p.chat_template for p in self.parts if p.chat_template is not None), None)
 
     def epoch_batches(self, batch_size: int, seed: int, epoch: int,
                       lengths: Sequence[int] | None = None) -> list[list[int]]:

@@ -27,9 +27,11 @@ from torch import nn
 
 from deltatune import routing
 from deltatune.data import DataConfig, TaskData, prepare_data
+from deltatune.data.formats import FORMATS
 from deltatune.data.multitask import MixedSplit, MultiTaskData, TaskSpec
 from deltatune.errors import ConfigError, problems_error
 from deltatune.schema import Schema
+from deltatune.train.distributed import rank_and_world
 from deltatune.train.metrics import METRICS, check_metric, check_task, default_metric, loss_sum, units
 
 if TYPE_CHECKING:
@@ -57,9 +59,12 @@ class TaskConfig(Schema):
 
     @model_validator(mode="after")
     def _metric_fits_format(self) -> TaskConfig:
-        if self.metric is not None and self.metric not in METRICS[self.data.format]:
+        kind = FORMATS[self.data.format].task if self.data.format in FORMATS else "text"  # auto: an LM format
+        if self.metric is not None and self.metric not in METRICS[kind]:
             raise ValueError(f"unknown metric {self.metric!r} for a {self.data.format} task; "
-                             f"available: {', '.join(METRICS[self.data.format])}")
+                             f"available: {', '.join(METRICS[kind])}")
+        if self.data.packing:
+            raise ValueError("data.packing is not supported in multi-task runs; remove it")
         return self
 
 
@@ -102,10 +107,10 @@ def check_run_tasks(tasks: list[TaskConfig], multitask: MultiTaskConfig, deltas:
 
 
 def prepare_tasks(tasks: list[TaskConfig], multitask: MultiTaskConfig | None, tokenizer: PreTrainedTokenizerBase,
-                  seed: int = 0) -> MultiTaskData:
+                  seed: int = 0, model_max_length: int | None = None) -> MultiTaskData:
     """Read, split and tokenize every task's data (as `prepare_data` does for one task)."""
     multitask = multitask or MultiTaskConfig()
-    parts = [prepare_data(t.data, tokenizer, seed=seed) for t in tasks]
+    parts = [prepare_data(t.data, tokenizer, seed=seed, model_max_length=model_max_length) for t in tasks]
     specs = [TaskSpec(t.name, p.task, t.metric or default_metric(p.task), t.weight, p.label_names)
              for t, p in zip(tasks, parts)]
     for split in ("validation", "test"):
@@ -214,6 +219,9 @@ def objective(data: TaskData | MultiTaskData, delta: DeltaBase) -> SingleTask | 
     """The loop's objective for `data`; multi-task data needs the task_heads delta made for its tasks."""
     if not isinstance(data, MultiTaskData):
         return SingleTask(data.task)
+    if rank_and_world()[1] > 1:
+        raise ConfigError("multi-task training runs in one process: the other tasks' heads (and per-task copies) "
+                          "get no gradient in a step, which DDP/FSDP cannot reduce; run without torchrun")
     from deltatune.methods.task_heads import TaskHeadsDelta
 
     heads = [part for part in delta.parts() if isinstance(part, TaskHeadsDelta)]
