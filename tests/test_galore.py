@@ -246,6 +246,8 @@ def test_per_layer_mode_refuses_accumulation_and_clipping():
     check_train_settings(cfg, grad_accum=1, max_grad_norm=None)
     with pytest.raises(ConfigError, match=r"grad_accum=4.*max_grad_norm=1\.0"):
         check_train_settings(cfg, grad_accum=4, max_grad_norm=1.0)
+    with pytest.raises(ConfigError, match="2 processes: each one would update before the gradients are averaged"):
+        check_train_settings(cfg, grad_accum=1, max_grad_norm=None, world_size=2)
     check_train_settings(OptimizerConfig(name="galore_adamw"), grad_accum=4, max_grad_norm=1.0)  # not per-layer
 
 

@@ -202,6 +202,16 @@ def test_log_variances_train_with_the_delta_and_are_saved_with_it(uncertainty_ru
     assert result.test["same/log_var"] == pytest.approx(float(saved[0]))
 
 
+def test_multitask_training_refuses_several_processes(monkeypatch):
+    from deltatune.train import tasks
+
+    monkeypatch.setattr(tasks, "rank_and_world", lambda: (0, 2))
+    data = toy_tasks((8, 8))
+    delta = deltatune.attach(tiny_model("bert"), task_deltas([LoRA(r=2)], data))
+    with pytest.raises(ConfigError, match="multi-task training runs in one process"):
+        tasks.objective(data, delta)
+
+
 def test_minimised_metrics_are_recognised_behind_a_task_prefix():
     assert improved(0.4, 0.5, "same/loss") and not improved(0.6, 0.5, "macro/loss")
     assert improved(0.6, 0.5, "same/accuracy")
@@ -402,6 +412,8 @@ def raw_config(**changes) -> dict:
                                                                            r"uncertainty learns the weights"),
     ({"tasks": [{"name": "a", "data": {"train": "rotten_tomatoes"}, "metric": "mse"}]},
      r"tasks\.0: unknown metric 'mse' for a classification task; available: loss, accuracy, macro_f1"),
+    ({"tasks": [{"name": "a", "data": {"train": "chatterbot", "format": "messages", "packing": True}}]},
+     r"data\.packing is not supported in multi-task runs"),
     ({"tasks": [{"name": "a/b", "data": {"train": "rotten_tomatoes"}}]}, r"tasks\.0\.name: task name 'a/b' must use"),
     ({"tasks": [{"name": "a", "dta": {}}]},
      r"tasks\.0\.dta: unknown key \(did you mean 'data'\?\); allowed keys: name, data, metric, weight"),
