@@ -50,11 +50,11 @@ class RunConfig(Schema):
 
     model: ModelConfig
     data: DataConfig | None = None
-    tasks: list[TaskConfig] | None = None  # multi-task training: instead of `data`
-    multitask: MultiTaskConfig | None = None  # with `tasks`: sampling and loss weighting
     delta: list[DeltaConfig]
     train: TrainConfig = TrainConfig()
     output_dir: str = "runs/run"
+    tasks: list[TaskConfig] | None = None  # multi-task training: instead of `data`
+    multitask: MultiTaskConfig | None = None  # with `tasks`: sampling and loss weighting
 
     @field_validator("delta", mode="before")
     @classmethod
