@@ -18,6 +18,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from deltatune.errors import DeltaTuneError
 
@@ -61,6 +62,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["train", "validation", "test"], default="test")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override the run's config, e.g. --set data.test=other.jsonl")
+    p.add_argument("--generate", type=Path, metavar="FILE",
+                   help="instead: exact match and ROUGE-L of greedy answers to FILE's prompts vs its references")
+    p.add_argument("--compare-base", action="store_true", help="with --generate: also score the base model")
+    p.add_argument("--limit", type=int, help="with --generate: the first N records only")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--stop", action="append", default=[], help="cut each answer at this string (repeatable)")
+    p.add_argument("--system", help="system prompt for records without one")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--output", type=Path, help="with --generate: write every answer to this .jsonl file")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("merge", help="merge a run's delta into the base and save a standalone model")
@@ -69,16 +79,31 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("generate", help="generate text with a trained run, or a model and an optional delta")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", type=Path, help="run folder written by `deltatune train` (a causal-LM run)")
-    source.add_argument("--model", help="model folder or packaged alias (e.g. smollm2-135m)")
-    p.add_argument("--delta", type=Path, help="saved delta folder to attach to --model (e.g. RUN/best)")
-    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable: one batch)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--stop", action="append", default=None, help="cut each output at this string (repeatable)")
+    _add_model_source(p)
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
+    p.add_argument("--prompts-file", type=Path,
+                   help=".txt (one prompt per line) or .jsonl with `prompt` or `messages` per record")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap prompts in the chat template (default: on for runs that saved one, i.e. SFT runs)")
+    p.add_argument("--system", help="system prompt for chat prompts")
+    p.add_argument("--compare-base", action="store_true",
+                   help="also generate with the base model (no delta) and show both side by side")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--output", type=Path, help="write the generations to this .jsonl file")
+    _add_sampling(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="chat in the terminal with a trained run, or a model and an optional delta")
+    _add_model_source(p)
+    p.add_argument("--system", help="system prompt")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("convert", help="convert a GGUF model file into a safetensors model folder")
+    p.add_argument("source", help="a .gguf file, or a packaged model alias (smollm2-135m)")
+    p.add_argument("out", type=Path, nargs="?",
+                   help="output folder (optional for an alias: default is the cache it is loaded from)")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("methods", help="list the registered fine-tuning methods")
     p.set_defaults(func=cmd_methods)
@@ -104,6 +129,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from deltatune.run import load_run
     from deltatune.train import evaluate
 
+    if args.generate is not None:
+        return _eval_generation(args)
     session = load_run(args.run, args.overrides)
     dataset = getattr(session.data, args.split)
     metrics = evaluate(session.model, dataset, session.collator(), session.data.task,
@@ -135,30 +162,149 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from deltatune.generate import generate
+    from deltatune.inference import open_generator
+    from deltatune.prompts import PromptRecord, read_prompts
 
-    if args.run is not None:
-        if args.delta is not None:
-            raise DeltaTuneError("--delta goes with --model; a --run already has its delta (best/)")
-        from deltatune.run import load_run
+    records = [PromptRecord(f"--prompt {i}", text=text) for i, text in enumerate(args.prompt, 1)]
+    records += read_prompts(args.prompts_file) if args.prompts_file else []
+    if not records:
+        raise DeltaTuneError("nothing to generate: give --prompt TEXT or --prompts-file FILE")
+    sampling = _sampling(args)
+    generator = open_generator(run=args.run, model=args.model, delta=args.delta, attach=False)
+    chat = generator.use_chat(args.chat, records)
+    options = dict(chat=chat, system=args.system, batch_size=args.batch_size)
+    base = generator.complete(records, sampling, **options) if args.compare_base else None
+    generator.attach_delta(args.merge)
+    outputs = generator.complete(records, sampling, **options)
+    if args.output is not None:
+        from deltatune.io import write_jsonl
 
-        session = load_run(args.run)
-        model, tokenizer = session.model, session.tokenizer
+        write_jsonl(args.output, [r.to_dict() | {"output": o} | ({"base": base[i]} if base else {})
+                                  for i, (r, o) in enumerate(zip(records, outputs))])
+        console.print(f"wrote {len(outputs)} generations to [cyan]{args.output}[/]")
+    elif base is not None:
+        _print_side_by_side(records, base, outputs)
     else:
-        import deltatune
-        from deltatune.models import load_model
-
-        model, tokenizer = load_model(args.model, "causal_lm")
-        if args.delta is not None:
-            deltatune.load(model, args.delta)
-    outputs = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, top_p=args.top_p, stop=args.stop)
-    for prompt, output in zip(args.prompt, outputs):
-        from rich.markup import escape
-
-        console.print(f"[bold]{escape(prompt)}[/]", end="")
-        console.print(output, markup=False, highlight=False)
+        for record, output in zip(records, outputs):
+            console.print(_shown_prompt(record), style="bold", markup=False, highlight=False, end="\n" if chat else "")
+            console.out(output, highlight=False)
     return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from deltatune.inference import Conversation, open_generator
+
+    generator = open_generator(run=args.run, model=args.model, delta=args.delta, merge=args.merge)
+    conversation = Conversation(generator, _sampling(args), system=args.system)
+    console.print("[dim]chat: /reset starts a new conversation, /exit (or Ctrl-D) quits[/]")
+    while True:
+        try:
+            line = console.input("[bold green]you>[/] ").strip()
+        except EOFError:
+            break
+        if line == "/exit":
+            break
+        if line == "/reset":
+            conversation.reset()
+            console.print("[dim]history cleared[/]")
+        elif line.startswith("/"):
+            console.print(f"[yellow]unknown command[/] {line}: use /reset or /exit", markup=True)
+        elif line:
+            console.print("[bold cyan]assistant>[/] ", end="")
+            conversation.reply(line, on_text=lambda text: console.out(text, end="", highlight=False))
+            console.out("")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import time
+
+    from deltatune import assets
+
+    start = time.perf_counter()
+    if args.source in assets.PACKAGED_GGUF and args.out is None:
+        out = assets.converted_dir(args.source)
+        if (out / "config.json").is_file():
+            console.print(f"{args.source} is already converted: [cyan]{out}[/]")
+            return 0
+        assets.converted_model(args.source)
+    elif args.out is None:
+        raise DeltaTuneError(f"give the output folder: deltatune convert {args.source} OUT")
+    else:
+        source = assets.packaged_gguf(args.source) if args.source in assets.PACKAGED_GGUF else args.source
+        out = assets.convert_gguf(source, args.out)
+    console.print(f"converted {args.source} → [cyan]{out}[/] in {time.perf_counter() - start:.1f}s "
+                  f"(use it with --model {out})")
+    return 0
+
+
+def _eval_generation(args: argparse.Namespace) -> int:
+    from deltatune.eval_generation import evaluate_generation, reference_records
+    from deltatune.generate import Sampling
+    from deltatune.inference import open_generator
+
+    if args.overrides:
+        raise DeltaTuneError("--set does not apply to --generate (it reads the run's model and delta only)")
+    records = reference_records(args.generate, args.limit)
+    sampling = Sampling(max_new_tokens=args.max_new_tokens, stop=args.stop)
+    generator = open_generator(run=args.run, attach=False)
+    options = dict(system=args.system, batch_size=args.batch_size)
+    base = evaluate_generation(generator, records, sampling, **options) if args.compare_base else None
+    generator.attach_delta()
+    tuned, outputs = evaluate_generation(generator, records, sampling, **options)
+    table = Table(title=f"{args.run} · generation on {args.generate} ({len(records)} examples, greedy)")
+    table.add_column("metric")
+    if base is not None:
+        table.add_column("base", justify="right")
+    table.add_column("fine-tuned", justify="right")
+    for name, value in tuned.items():
+        table.add_row(name, *([_fmt(base[0][name])] if base else []), _fmt(value))
+    console.print(table)
+    if args.output is not None:
+        from deltatune.io import write_jsonl
+
+        write_jsonl(args.output, [r.to_dict() | {"output": o} | ({"base": base[1][i]} if base else {})
+                                  for i, (r, o) in enumerate(zip(records, outputs))])
+        console.print(f"wrote {len(outputs)} answers to [cyan]{args.output}[/]")
+    return 0
+
+
+def _add_model_source(p: argparse.ArgumentParser) -> None:
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", type=Path, help="run folder written by `deltatune train` (a causal-LM run)")
+    source.add_argument("--model", help="model folder or packaged alias (e.g. smollm2-135m)")
+    p.add_argument("--delta", type=Path, help="saved delta folder to attach to --model (e.g. RUN/best)")
+    p.add_argument("--merge", action="store_true", help="merge the delta into the base weights before generating")
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = no top-k cut")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating tokens")
+    p.add_argument("--seed", type=int, help="makes sampling reproducible")
+    p.add_argument("--stop", action="append", default=[], help="cut each output at this string (repeatable)")
+
+
+def _sampling(args: argparse.Namespace):
+    from deltatune.generate import Sampling
+
+    return Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                    top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+
+
+def _shown_prompt(record: Any) -> str:
+    return record.text if record.messages is None else record.messages[-1]["content"]
+
+
+def _print_side_by_side(records: list, base: list[str], tuned: list[str]) -> None:
+    table = Table(title="base model vs fine-tuned", show_lines=True)
+    for column in ("prompt", "base", "fine-tuned"):
+        table.add_column(column, overflow="fold")
+    for record, b, t in zip(records, base, tuned):
+        table.add_row(Text(_shown_prompt(record)), Text(b), Text(t))
+    console.print(table)
 
 
 def cmd_methods(args: argparse.Namespace) -> int:

@@ -63,6 +63,10 @@ def run_training(config: RunConfig, *, resume: bool = False,
                    collate=session.collator(), resume=resume, on_event=on_event)
     session.delta.for_inference()  # e.g. prefix-tuning keeps only the prefixes its MLP computed
     session.delta.save(out / "best")
+    if config.eval_generation is not None:
+        from deltatune.eval_generation import evaluate_after_training
+
+        evaluate_after_training(session, config.eval_generation, out, result)
     from deltatune.report import write_report
 
     write_report(out, config, result)

@@ -1,0 +1,121 @@
+"""Prompts for generation and generation-based evaluation: read from files, rendered with a chat template.
+
+A prompt file is `.txt` (one prompt per line; blank lines are skipped) or a data file (.jsonl/.json/.csv/
+.parquet) whose records hold a `prompt` (plus an optional `reference`) or `messages` (role/content; a final
+assistant turn is the reference answer, not part of the prompt).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from deltatune.errors import ConfigError, DataError
+
+TEMPLATE_FILE = "chat_template.jinja"  # the chat template a run was trained with, saved in the run and delta folders
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """One prompt: plain `text` or chat `messages`, with the reference answer when the file gives one."""
+
+    where: str  # file:line, for error messages
+    text: str | None = None
+    messages: tuple[dict[str, str], ...] | None = None
+    reference: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The prompt as it appears in output files."""
+        prompt = {"prompt": self.text} if self.messages is None else {"messages": list(self.messages)}
+        return prompt | ({"reference": self.reference} if self.reference is not None else {})
+
+
+def read_prompts(path: str | Path, limit: int | None = None) -> list[PromptRecord]:
+    """The prompts of a file (the first `limit`); one DataError naming file and line for a bad record."""
+    path = Path(path)
+    if path.suffix.lower() == ".txt":
+        records = _read_text_prompts(path)
+    else:
+        from deltatune.data.load import read_table
+
+        table = read_table(path)
+        records = [_record(table.data[i], table.where(i)) for i in range(len(table.data))]
+    if not records:
+        raise DataError(f"{path}: no prompts; write one prompt per line")
+    return records[:limit] if limit else records
+
+
+def saved_template(*folders: Path | None) -> str | None:
+    """The chat template saved in the first of `folders` that has one (see TEMPLATE_FILE)."""
+    for folder in folders:
+        if folder is not None and (folder / TEMPLATE_FILE).is_file():
+            return (folder / TEMPLATE_FILE).read_text(encoding="utf-8")
+    return None
+
+
+def chat_template(tokenizer, saved: str | None = None) -> str:
+    """The `saved` template (what training used), else the tokenizer's own; an error if there is neither."""
+    template = saved or tokenizer.chat_template
+    if not template:
+        raise ConfigError("the tokenizer has no chat template and none was saved with the run: train with a chat "
+                          "format (it saves chat_template.jinja) or use a model whose tokenizer has one")
+    return template
+
+
+def render_chat(tokenizer, messages: list[dict[str, str]], template: str) -> str:
+    """`messages` as prompt text, ending where the assistant's reply starts."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                             add_generation_prompt=True)
+    except TemplateError as e:
+        raise ConfigError(f"the chat template failed on {messages!r:.120}: {e}") from e
+
+
+def chat_messages(record: PromptRecord, system: str | None = None) -> list[dict[str, str]]:
+    """The record as chat messages (a plain prompt is one user turn), with `system` first unless it has one."""
+    messages = list(record.messages) if record.messages else [{"role": "user", "content": record.text or ""}]
+    if system and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
+def _read_text_prompts(path: Path) -> list[PromptRecord]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such prompt file") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return [PromptRecord(f"{path}:{n}", text=line) for n, line in enumerate(lines, 1) if line.strip()]
+
+
+def _record(row: dict[str, Any], where: str) -> PromptRecord:
+    messages, prompt, reference = row.get("messages"), row.get("prompt"), row.get("reference")
+    if messages is not None:
+        messages = _check_messages(messages, where)
+        if messages[-1]["role"] == "assistant":
+            *messages, last = messages
+            reference = last["content"]
+        if not messages:
+            raise DataError(f"{where}: 'messages' holds only the assistant's answer; add the user turn before it")
+        return PromptRecord(where, messages=tuple(messages), reference=reference)
+    if not isinstance(prompt, str) or not prompt.strip():
+        present = ", ".join(k for k, v in row.items() if v is not None)
+        raise DataError(f"{where}: record needs a non-empty 'prompt' text or a 'messages' list (has: {present})")
+    if reference is not None and not isinstance(reference, str):
+        raise DataError(f"{where}: 'reference' must be text, got {reference!r}")
+    return PromptRecord(where, text=prompt, reference=reference)
+
+
+def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: message {i} must have a role ({', '.join(ROLES)}) and a content text, "
+                            f"got {m!r}")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
