@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -58,7 +59,7 @@ def convert_gguf(gguf_file: str | Path, out: str | Path) -> Path:
     try:
         gguf = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(**where)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, struct.error) as e:  # what a truncated or foreign file raises
         raise DeltaTuneError(f"cannot convert {str(gguf_file)!r}: {e}") from e
     config = gguf.config
     if hasattr(config, "quantization_config"):  # a GGUF-loaded model is flagged as quantised: save_pretrained refuses it

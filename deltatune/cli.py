@@ -185,8 +185,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     elif base is not None:
         _print_side_by_side(records, base, outputs)
     else:
-        for record, output in zip(records, outputs):
-            console.print(_shown_prompt(record), style="bold", markup=False, highlight=False, end="\n" if chat else "")
+        for i, (record, output) in enumerate(zip(records, outputs)):
+            console.print(("\n" if i else "") + _shown_prompt(record), style="bold", markup=False, highlight=False,
+                          end="\n" if chat else "")
             console.out(output, highlight=False)
     return 0
 
@@ -202,6 +203,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             line = console.input("[bold green]you>[/] ").strip()
         except EOFError:
             break
+        if not sys.stdin.isatty():  # piped input: show it, so the transcript reads like a conversation
+            console.out(line, highlight=False)
         if line == "/exit":
             break
         if line == "/reset":

@@ -1,0 +1,194 @@
+"""`deltatune generate | chat | eval --generate` and the `eval_generation` config switch, end to end on a tiny
+Llama (with a real byte-level BPE tokenizer) saved to disk and a short LoRA run on it."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from rich.control import strip_control_codes
+
+from deltatune.cli import main
+from deltatune.eval_generation import score
+from deltatune.generate import Sampling
+from deltatune.inference import Conversation, open_generator
+from deltatune.prompts import PromptRecord
+from tests.tiny_lm import CORPUS, save_tiny_lm
+
+PROMPTS = ["hello world", "the quick brown fox", "I am"]
+SAMPLING = Sampling(max_new_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_lm(tmp_path_factory.mktemp("tiny-lm"))
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("eval") / "held_out.jsonl"
+    rows = [{"prompt": "the quick brown", "reference": "fox jumps"},
+            {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hello world"}]},
+            {"prompt": "I am", "reference": "fine, thanks!"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory, lm_dir: Path, held_out: Path) -> Path:
+    """A short LoRA run on the tiny Llama with generation-based evaluation switched on."""
+    folder = tmp_path_factory.mktemp("run")
+    train = folder / "train.jsonl"
+    train.write_text("".join(json.dumps({"text": t}) + "\n" for t in CORPUS * 6), encoding="utf-8")
+    config = {"model": {"path": str(lm_dir)}, "data": {"train": str(train), "format": "text", "max_length": 32},
+              "delta": [{"method": "lora", "r": 4, "targets": ["q_proj", "v_proj"]}],
+              "train": {"epochs": 3, "batch_size": 4, "optimizer": {"lr": 0.05}},
+              "output_dir": str(folder / "run"), "eval_generation": {"file": str(held_out), "max_new_tokens": 8}}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    assert main(["train", str(folder / "config.yaml")]) == 0
+    return folder / "run"
+
+
+@pytest.fixture(autouse=True)
+def wide_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def generate_to_file(tmp_path: Path, *args: str) -> list[dict]:
+    out = tmp_path / f"out-{len(list(tmp_path.iterdir()))}.jsonl"
+    prompts = [a for p in PROMPTS for a in ("--prompt", p)]
+    assert main(["generate", *args, *prompts, "--max-new-tokens", "8", "--output", str(out)]) == 0
+    return read_jsonl(out)
+
+
+def library_outputs(**source) -> list[str]:
+    generator = open_generator(**source)
+    return generator.complete([PromptRecord("t", text=p) for p in PROMPTS], SAMPLING)
+
+
+def test_train_with_eval_generation_scores_base_and_fine_tuned(run, lm_dir, held_out):
+    results = json.loads((run / "results.json").read_text())
+    rows = read_jsonl(run / "generations.jsonl")
+    references = [r["reference"] for r in rows]
+    assert [r.get("prompt") for r in rows] == ["the quick brown", None, "I am"]
+    assert results["test"] | score([r["output"] for r in rows], references) == results["test"]
+    assert results["baseline"]["test"] | score([r["base"] for r in rows], references) == results["baseline"]["test"]
+    assert "loss" in results["test"]  # the split metrics are still there
+    assert "rougeL" in (run / "report.html").read_text()
+
+    fine_tuned = open_generator(run=run)
+    base = open_generator(model=str(lm_dir))
+    assert [r["output"] for r in rows] == _complete_held_out(fine_tuned, held_out)
+    assert [r["base"] for r in rows] == _complete_held_out(base, held_out)
+    assert [r["output"] for r in rows] != [r["base"] for r in rows]  # training changed the answers
+
+
+def _complete_held_out(generator, held_out: Path) -> list[str]:
+    from deltatune.eval_generation import reference_records
+
+    return generator.complete(reference_records(held_out), SAMPLING)
+
+
+def test_eval_generate_matches_the_scores_written_at_the_end_of_training(run, held_out, capsys, tmp_path):
+    results = json.loads((run / "results.json").read_text())
+    out = tmp_path / "answers.jsonl"
+    assert main(["eval", str(run), "--generate", str(held_out), "--compare-base", "--max-new-tokens", "8",
+                 "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for name in ("exact_match", "rougeL"):
+        line = next(line for line in printed.splitlines() if line.strip("│ ").startswith(name))
+        assert f"{results['baseline']['test'][name]:.4f}" in line and f"{results['test'][name]:.4f}" in line
+    assert read_jsonl(out) == read_jsonl(run / "generations.jsonl")
+
+
+def test_run_model_plus_delta_and_merged_generate_the_same(run, lm_dir, tmp_path):
+    from_run = generate_to_file(tmp_path, "--run", str(run))
+    assert [r["output"] for r in from_run] == library_outputs(run=run)
+    assert generate_to_file(tmp_path, "--model", str(lm_dir), "--delta", str(run / "best")) == from_run
+    assert generate_to_file(tmp_path, "--run", str(run), "--merge") == from_run
+    merged = tmp_path / "merged"
+    assert main(["merge", str(run), str(merged)]) == 0
+    assert generate_to_file(tmp_path, "--model", str(merged)) == from_run
+    assert [r["prompt"] for r in from_run] == PROMPTS
+
+
+def test_compare_base_shows_base_and_fine_tuned_side_by_side(run, lm_dir, tmp_path, capsys):
+    rows = generate_to_file(tmp_path, "--run", str(run), "--compare-base")
+    assert [r["base"] for r in rows] == library_outputs(model=str(lm_dir))
+    assert [r["output"] for r in rows] == library_outputs(run=run)
+    assert [r["base"] for r in rows] != [r["output"] for r in rows]
+    capsys.readouterr()
+    assert main(["generate", "--run", str(run), "--prompt", "hello world", "--compare-base", "--max-new-tokens",
+                 "8"]) == 0
+    printed = capsys.readouterr().out
+    assert "base model vs fine-tuned" in printed and "hello world" in printed
+
+
+def test_terminal_output_and_prompt_files(lm_dir, tmp_path, capsys):
+    assert main(["generate", "--model", str(lm_dir), "--prompt", PROMPTS[0], "--max-new-tokens", "8"]) == 0
+    expected = library_outputs(model=str(lm_dir))
+    assert capsys.readouterr().out == strip_control_codes(PROMPTS[0] + expected[0]) + "\n"
+
+    txt = tmp_path / "prompts.txt"
+    txt.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--model", str(lm_dir), "--prompts-file", str(txt), "--max-new-tokens", "8",
+                 "--output", str(out)]) == 0
+    assert read_jsonl(out) == [{"prompt": p, "output": o} for p, o in zip(PROMPTS, expected)]
+
+    chat = tmp_path / "chat.jsonl"
+    message = {"role": "user", "content": "hello"}
+    chat.write_text(json.dumps({"messages": [message]}) + "\n", encoding="utf-8")
+    assert main(["generate", "--model", str(lm_dir), "--prompts-file", str(chat), "--max-new-tokens", "8",
+                 "--output", str(out)]) == 0
+    reply = Conversation(open_generator(model=str(lm_dir)), SAMPLING).reply("hello")
+    assert read_jsonl(out) == [{"messages": [message], "output": reply}]
+
+
+def test_seeded_sampling_from_the_command_line_is_reproducible(lm_dir, tmp_path):
+    hot = ["--model", str(lm_dir), "--temperature", "1.2", "--top-k", "50", "--top-p", "0.9"]
+    first = generate_to_file(tmp_path, *hot, "--seed", "3")
+    assert generate_to_file(tmp_path, *hot, "--seed", "3") == first
+    assert generate_to_file(tmp_path, *hot, "--seed", "4") != first
+
+
+def test_chat_streams_the_same_replies_as_non_streamed_generation(run, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\nhow are you?\n/reset\nhello\n/nope\n/exit\nnever read\n"))
+    assert main(["chat", "--run", str(run), "--system", "be brief", "--max-new-tokens", "8"]) == 0
+    printed = capsys.readouterr().out
+
+    conversation = Conversation(open_generator(run=run), SAMPLING, system="be brief")
+    first, second = conversation.reply("hello"), conversation.reply("how are you?")
+    replies = [line.split("assistant> ", 1)[1] for line in printed.split("\n") if "assistant> " in line]
+    assert replies == [strip_control_codes(r) for r in (first, second, first)]
+    assert "history cleared" in printed and "unknown command /nope" in printed and "never read" not in printed
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--model", "MODEL"], "nothing to generate: give --prompt TEXT or --prompts-file FILE"),
+    (["generate", "--run", "RUN", "--delta", "RUN/best", "--prompt", "x"], "--delta goes with --model"),
+    (["generate", "--model", "MODEL", "--merge", "--prompt", "x"], "--merge needs a delta"),
+    (["generate", "--model", "MODEL", "--prompt", "x", "--top-p", "2"], "sampling.top_p: Input should be less"),
+    (["chat", "--run", "CLASSIFIER"], "is a classification run (data.format: classification); generating text "
+                                      "needs a run trained on text or chat data"),
+    (["generate", "--model", "MODEL", "--prompts-file", "EMPTY"], "empty.txt: no prompts; write one prompt per line"),
+])
+def test_errors_are_one_clear_line(run, lm_dir, tmp_path, capsys, args, message):
+    classifier = tmp_path / "classifier"
+    classifier.mkdir()
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["data"]["format"] = "classification"
+    (classifier / "config.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "empty.txt").write_text("\n")
+    names = {"MODEL": str(lm_dir), "RUN": str(run), "CLASSIFIER": str(classifier), "EMPTY": str(tmp_path / "empty.txt")}
+    args = [a.replace(a.split("/")[0], names[a.split("/")[0]]) if a.split("/")[0] in names else a for a in args]
+    assert main(args) == 1
+    printed = capsys.readouterr().out
+    assert message in " ".join(printed.split()) and "Traceback" not in printed
