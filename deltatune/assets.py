@@ -62,7 +62,7 @@ def convert_gguf(gguf_file: str | Path, out: str | Path) -> Path:
     except (OSError, ValueError, KeyError, struct.error) as e:  # what a truncated or foreign file raises
         raise DeltaTuneError(f"cannot convert {str(gguf_file)!r}: {e}") from e
     config = gguf.config
-    if hasattr(config, "quantization_config"):  # a GGUF-loaded model is flagged as quantised: save_pretrained refuses it
+    if hasattr(config, "quantization_config"):  # GGUF-loaded = flagged as quantised: save_pretrained refuses it
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf.state_dict())

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -177,11 +178,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     generator.attach_delta(args.merge)
     outputs = generator.complete(records, sampling, **options)
     if args.output is not None:
-        from deltatune.io import write_jsonl
-
-        write_jsonl(args.output, [r.to_dict() | {"output": o} | ({"base": base[i]} if base else {})
-                                  for i, (r, o) in enumerate(zip(records, outputs))])
-        console.print(f"wrote {len(outputs)} generations to [cyan]{args.output}[/]")
+        _write_outputs(args.output, records, outputs, base)
     elif base is not None:
         _print_side_by_side(records, base, outputs)
     else:
@@ -211,7 +208,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             conversation.reset()
             console.print("[dim]history cleared[/]")
         elif line.startswith("/"):
-            console.print(f"[yellow]unknown command[/] {line}: use /reset or /exit", markup=True)
+            console.print(f"[yellow]unknown command[/] {escape(line)}: use /reset or /exit")
         elif line:
             console.print("[bold cyan]assistant>[/] ", end="")
             conversation.reply(line, on_text=lambda text: console.out(text, end="", highlight=False))
@@ -252,24 +249,29 @@ def _eval_generation(args: argparse.Namespace) -> int:
     sampling = Sampling(max_new_tokens=args.max_new_tokens, stop=args.stop)
     generator = open_generator(run=args.run, attach=False)
     options = dict(system=args.system, batch_size=args.batch_size)
-    base = evaluate_generation(generator, records, sampling, **options) if args.compare_base else None
+    base, base_outputs = evaluate_generation(generator, records, sampling, **options) if args.compare_base \
+        else ({}, None)
     generator.attach_delta()
     tuned, outputs = evaluate_generation(generator, records, sampling, **options)
     table = Table(title=f"{args.run} · generation on {args.generate} ({len(records)} examples, greedy)")
     table.add_column("metric")
-    if base is not None:
+    if base:
         table.add_column("base", justify="right")
     table.add_column("fine-tuned", justify="right")
     for name, value in tuned.items():
-        table.add_row(name, *([_fmt(base[0][name])] if base else []), _fmt(value))
+        table.add_row(name, *([_fmt(base[name])] if base else []), _fmt(value))
     console.print(table)
     if args.output is not None:
-        from deltatune.io import write_jsonl
-
-        write_jsonl(args.output, [r.to_dict() | {"output": o} | ({"base": base[1][i]} if base else {})
-                                  for i, (r, o) in enumerate(zip(records, outputs))])
-        console.print(f"wrote {len(outputs)} answers to [cyan]{args.output}[/]")
+        _write_outputs(args.output, records, outputs, base_outputs)
     return 0
+
+
+def _write_outputs(path: Path, records: list, outputs: list[str], base: list[str] | None) -> None:
+    from deltatune.io import write_jsonl
+    from deltatune.prompts import output_rows
+
+    write_jsonl(path, output_rows(records, outputs, base))
+    console.print(f"wrote {len(outputs)} outputs to [cyan]{path}[/]")
 
 
 def _add_model_source(p: argparse.ArgumentParser) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pydantic import Field
 
@@ -17,7 +17,7 @@ from deltatune.errors import DataError
 from deltatune.generate import Sampling
 from deltatune.inference import Generator
 from deltatune.io import write_json, write_jsonl
-from deltatune.prompts import PromptRecord, read_prompts, saved_template
+from deltatune.prompts import PromptRecord, output_rows, read_prompts, saved_template
 from deltatune.schema import Schema
 
 if TYPE_CHECKING:
@@ -108,8 +108,8 @@ def evaluate_after_training(session: Session, cfg: GenerationEval, out_dir: Path
     generator = Generator(session.model, session.tokenizer, best, saved_template(best, out_dir), session.delta)
     tuned, outputs = evaluate_generation(generator, records, cfg.sampling(), system=cfg.system,
                                          batch_size=cfg.batch_size)
-    rows: list[dict[str, Any]] = [r.to_dict() | {"output": o} for r, o in zip(records, outputs)]
     result.test = (result.test or {}) | tuned
+    base_outputs = None
     if result.baseline is not None:
         generator.detach_delta()
         base, base_outputs = evaluate_generation(generator, records, cfg.sampling(), system=cfg.system,
@@ -117,6 +117,5 @@ def evaluate_after_training(session: Session, cfg: GenerationEval, out_dir: Path
         generator.attach_delta()
         session.delta = generator.delta
         result.baseline["test"] = result.baseline.get("test", {}) | base
-        rows = [row | {"base": b} for row, b in zip(rows, base_outputs)]
-    write_jsonl(out_dir / GENERATIONS_FILE, rows)
+    write_jsonl(out_dir / GENERATIONS_FILE, output_rows(records, outputs, base_outputs))
     write_json(out_dir / "results.json", asdict(result))

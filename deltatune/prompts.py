@@ -47,6 +47,12 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[PromptRecor
     return records[:limit] if limit else records
 
 
+def output_rows(records: list[PromptRecord], outputs: list[str], base: list[str] | None = None) -> list[dict]:
+    """One JSON-ready row per prompt: the prompt (and reference), its `output`, and the `base` model's if given."""
+    return [r.to_dict() | {"output": o} | ({"base": base[i]} if base is not None else {})
+            for i, (r, o) in enumerate(zip(records, outputs))]
+
+
 def saved_template(*folders: Path | None) -> str | None:
     """The chat template saved in the first of `folders` that has one (see TEMPLATE_FILE)."""
     for folder in folders:
