@@ -66,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--generate", type=Path, metavar="FILE",
                    help="instead: exact match and ROUGE-L of greedy answers to FILE's prompts vs its references")
     p.add_argument("--compare-base", action="store_true", help="with --generate: also score the base model")
-    p.add_argument("--limit", type=int, help="with --generate: the first N records only")
+    p.add_argument("--skip", type=int, default=0, help="with --generate: pass over the first N records")
+    p.add_argument("--limit", type=int, help="with --generate: N records at most")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--stop", action="append", default=[], help="cut each answer at this string (repeatable)")
     p.add_argument("--system", help="system prompt for records without one")
@@ -122,6 +123,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     with _TrainProgress() as progress:
         session, result = run_training(config, resume=args.resume, on_event=progress.on_event)
     _print_results(result, config.task)
+    if result.generation:
+        gen = result.generation
+        _print_generation_scores(gen["base"], gen["fine_tuned"], f"{gen['examples']} prompts of {gen['file']}, "
+                                 f"greedy; the answers are in generations.jsonl")
     console.print(f"run folder: [cyan]{config.output_dir}[/] (best delta in best/, report.html)")
     return 0
 
@@ -245,7 +250,7 @@ def _eval_generation(args: argparse.Namespace) -> int:
 
     if args.overrides:
         raise DeltaTuneError("--set does not apply to --generate (it reads the run's model and delta only)")
-    records = reference_records(args.generate, args.limit)
+    records = reference_records(args.generate, args.limit, args.skip)
     sampling = Sampling(max_new_tokens=args.max_new_tokens, stop=args.stop)
     generator = open_generator(run=args.run, attach=False)
     options = dict(system=args.system, batch_size=args.batch_size)
@@ -253,7 +258,14 @@ def _eval_generation(args: argparse.Namespace) -> int:
         else ({}, None)
     generator.attach_delta()
     tuned, outputs = evaluate_generation(generator, records, sampling, **options)
-    table = Table(title=f"{args.run} · generation on {args.generate} ({len(records)} examples, greedy)")
+    _print_generation_scores(base, tuned, f"{args.run} on {len(records)} prompts of {args.generate}, greedy")
+    if args.output is not None:
+        _write_outputs(args.output, records, outputs, base_outputs)
+    return 0
+
+
+def _print_generation_scores(base: dict[str, float] | None, tuned: dict[str, float], note: str) -> None:
+    table = Table(title="generated answers: base model vs fine-tuned" if base else "generated answers")
     table.add_column("metric")
     if base:
         table.add_column("base", justify="right")
@@ -261,9 +273,7 @@ def _eval_generation(args: argparse.Namespace) -> int:
     for name, value in tuned.items():
         table.add_row(name, *([_fmt(base[name])] if base else []), _fmt(value))
     console.print(table)
-    if args.output is not None:
-        _write_outputs(args.output, records, outputs, base_outputs)
-    return 0
+    console.print(note)
 
 
 def _write_outputs(path: Path, records: list, outputs: list[str], base: list[str] | None) -> None:

@@ -7,7 +7,7 @@ Available as `deltatune eval RUN --generate FILE` and as the `eval_generation:` 
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,7 +34,8 @@ class GenerationEval(Schema):
     section = "eval_generation"
 
     file: str  # .jsonl/.json/.csv/.parquet: prompt + reference, or messages ending with the assistant's answer
-    limit: int | None = Field(None, gt=0)  # the first N records only
+    skip: int = Field(0, ge=0)  # records to pass over first (e.g. those the training data took from the same file)
+    limit: int | None = Field(None, gt=0)  # then N records at most
     max_new_tokens: int = Field(64, ge=1)
     stop: list[str] = []
     batch_size: int = Field(8, ge=1)
@@ -81,16 +82,27 @@ def score(predictions: list[str], references: list[str]) -> dict[str, float]:
             "rougeL": sum(map(rouge_l, predictions, references)) / n}
 
 
-def reference_records(path: str | Path, limit: int | None = None) -> list[PromptRecord]:
-    """The prompts of an evaluation file; every record must carry a reference answer."""
+def reference_records(path: str | Path, limit: int | None = None, skip: int = 0) -> list[PromptRecord]:
+    """The prompts of an evaluation file (after the first `skip`), each with its reference answer: the given
+    `reference`, or the last assistant turn of its messages (later turns are dropped)."""
     from deltatune.assets import resolve_data_path
 
-    records = read_prompts(resolve_data_path(str(path)), limit)
-    for record in records:
-        if record.reference is None:
-            raise DataError(f"{record.where}: no reference answer; give a 'reference' next to the 'prompt', or end "
-                            "'messages' with the assistant's answer")
+    records = read_prompts(resolve_data_path(str(path)))[skip:]
+    records = [_answer_as_reference(r) for r in (records[:limit] if limit else records)]
+    if not records:
+        raise DataError(f"{path}: no records left after skipping {skip}")
     return records
+
+
+def _answer_as_reference(record: PromptRecord) -> PromptRecord:
+    if record.reference is not None:
+        return record
+    last = max((i for i, m in enumerate(record.messages or ()) if m["role"] == "assistant"), default=0)
+    if last == 0:
+        raise DataError(f"{record.where}: no reference answer; give a 'reference' next to the 'prompt', or "
+                        "'messages' with an assistant turn after a user turn")
+    messages = record.messages or ()
+    return replace(record, messages=messages[:last], reference=messages[last]["content"])
 
 
 def evaluate_generation(generator: Generator, records: list[PromptRecord], sampling: Sampling, *,
@@ -101,21 +113,20 @@ def evaluate_generation(generator: Generator, records: list[PromptRecord], sampl
 
 
 def evaluate_after_training(session: Session, cfg: GenerationEval, out_dir: Path, result: TrainResult) -> None:
-    """The `eval_generation` switch: add the metrics to the result's test (and baseline test) metrics, rewrite
-    results.json, and write every output to generations.jsonl. The session keeps its delta attached."""
-    records = reference_records(cfg.file, cfg.limit)
+    """The `eval_generation` switch: score the fine-tuned model and (when the run evaluates a baseline) the base
+    model into `result.generation`, rewrite results.json, and write every answer to generations.jsonl.
+    The session keeps its delta attached."""
+    records = reference_records(cfg.file, cfg.limit, cfg.skip)
     best = out_dir / "best"
     generator = Generator(session.model, session.tokenizer, best, saved_template(best, out_dir), session.delta)
-    tuned, outputs = evaluate_generation(generator, records, cfg.sampling(), system=cfg.system,
-                                         batch_size=cfg.batch_size)
-    result.test = (result.test or {}) | tuned
-    base_outputs = None
+    options = dict(system=cfg.system, batch_size=cfg.batch_size)
+    tuned, outputs = evaluate_generation(generator, records, cfg.sampling(), **options)
+    base, base_outputs = None, None
     if result.baseline is not None:
         generator.detach_delta()
-        base, base_outputs = evaluate_generation(generator, records, cfg.sampling(), system=cfg.system,
-                                                 batch_size=cfg.batch_size)
+        base, base_outputs = evaluate_generation(generator, records, cfg.sampling(), **options)
         generator.attach_delta()
         session.delta = generator.delta
-        result.baseline["test"] = result.baseline.get("test", {}) | base
+    result.generation = {"file": cfg.file, "examples": len(records), "base": base, "fine_tuned": tuned}
     write_jsonl(out_dir / GENERATIONS_FILE, output_rows(records, outputs, base_outputs))
     write_json(out_dir / "results.json", asdict(result))

@@ -41,12 +41,18 @@ def test_exact_match_and_mean_scores():
 
 def test_reference_records_need_a_reference(tmp_path):
     path = tmp_path / "eval.jsonl"
-    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
-            {"prompt": "2+2=", "reference": "4"}, {"prompt": "no answer"}]
+    user, answer = {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}
+    rows = [{"messages": [user, answer]}, {"prompt": "2+2=", "reference": "4"},
+            {"messages": [user, answer, {"role": "user", "content": "and then?"}]}, {"prompt": "no answer"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    with pytest.raises(DataError, match=f"{path}:3: no reference answer; give a 'reference' next to the 'prompt'"):
+    with pytest.raises(DataError, match=f"{path}:4: no reference answer; give a 'reference' next to the 'prompt'"):
         reference_records(path)
-    assert [r.reference for r in reference_records(path, limit=2)] == ["hello", "4"]
+    records = reference_records(path, limit=3)
+    assert [r.reference for r in records] == ["hello", "4", "hello"]
+    assert records[2].messages == (user,)  # cut before its last assistant turn
+    assert [r.where for r in reference_records(path, limit=2, skip=1)] == [f"{path}:2", f"{path}:3"]
+    with pytest.raises(DataError, match="no records left after skipping 4"):
+        reference_records(path, skip=4)
 
 
 def test_evaluation_scores_the_greedy_outputs(tmp_path):

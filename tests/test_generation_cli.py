@@ -3,6 +3,8 @@ Llama (with a real byte-level BPE tokenizer) saved to disk and a short LoRA run 
 
 from __future__ import annotations
 
+import contextlib
+import html
 import io
 import json
 from pathlib import Path
@@ -48,7 +50,11 @@ def run(tmp_path_factory: pytest.TempPathFactory, lm_dir: Path, held_out: Path) 
               "train": {"epochs": 3, "batch_size": 4, "optimizer": {"lr": 0.05}},
               "output_dir": str(folder / "run"), "eval_generation": {"file": str(held_out), "max_new_tokens": 8}}
     (folder / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    assert main(["train", str(folder / "config.yaml")]) == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), pytest.MonkeyPatch.context() as patch:
+        patch.setenv("COLUMNS", "200")
+        assert main(["train", str(folder / "config.yaml")]) == 0
+    (folder / "train_output.txt").write_text(printed.getvalue(), encoding="utf-8")
     return folder / "run"
 
 
@@ -74,14 +80,18 @@ def library_outputs(**source) -> list[str]:
 
 
 def test_train_with_eval_generation_scores_base_and_fine_tuned(run, lm_dir, held_out):
-    results = json.loads((run / "results.json").read_text())
+    generation = json.loads((run / "results.json").read_text())["generation"]
     rows = read_jsonl(run / "generations.jsonl")
     references = [r["reference"] for r in rows]
     assert [r.get("prompt") for r in rows] == ["the quick brown", None, "I am"]
-    assert results["test"] | score([r["output"] for r in rows], references) == results["test"]
-    assert results["baseline"]["test"] | score([r["base"] for r in rows], references) == results["baseline"]["test"]
-    assert "loss" in results["test"]  # the split metrics are still there
-    assert "rougeL" in (run / "report.html").read_text()
+    assert references == ["fox jumps", "hello world", "fine, thanks!"]
+    assert generation == {"file": str(held_out), "examples": 3, "base": score([r["base"] for r in rows], references),
+                          "fine_tuned": score([r["output"] for r in rows], references)}
+    printed = (run.parent / "train_output.txt").read_text()
+    assert f"3 prompts of {held_out}, greedy; the answers are in generations.jsonl" in printed
+    assert f"{generation['fine_tuned']['rougeL']:.4f}" in printed
+    report = (run / "report.html").read_text()
+    assert "Generation (" in report and "Sample answers" in report and html.escape(rows[2]["output"]) in report
 
     fine_tuned = open_generator(run=run)
     base = open_generator(model=str(lm_dir))
@@ -96,16 +106,27 @@ def _complete_held_out(generator, held_out: Path) -> list[str]:
     return generator.complete(reference_records(held_out), SAMPLING)
 
 
-def test_eval_generate_matches_the_scores_written_at_the_end_of_training(run, held_out, capsys, tmp_path):
-    results = json.loads((run / "results.json").read_text())
+def test_eval_generate_reproduces_the_answers_of_training_and_scores_them(run, held_out, capsys, tmp_path):
     out = tmp_path / "answers.jsonl"
     assert main(["eval", str(run), "--generate", str(held_out), "--compare-base", "--max-new-tokens", "8",
                  "--output", str(out)]) == 0
+    rows = read_jsonl(run / "generations.jsonl")
+    assert read_jsonl(out) == rows  # the same answers as at the end of training
+    capsys.readouterr()
+
+    # references built from those answers, so that base and fine-tuned get known, different scores
+    scored = tmp_path / "scored.jsonl"
+    references = [rows[0]["output"], rows[1]["base"] + " and more", "fine, thanks!"]
+    scored.write_text(json.dumps({"prompt": rows[0]["prompt"], "reference": references[0]}) + "\n" +
+                      json.dumps({"messages": rows[1]["messages"] + [{"role": "assistant", "content": references[1]}]})
+                      + "\n" + json.dumps({"prompt": rows[2]["prompt"], "reference": references[2]}) + "\n")
+    assert main(["eval", str(run), "--generate", str(scored), "--compare-base", "--max-new-tokens", "8"]) == 0
     printed = capsys.readouterr().out
+    tuned, base = score([r["output"] for r in rows], references), score([r["base"] for r in rows], references)
+    assert tuned["exact_match"] == pytest.approx(1 / 3) and 0 < base["rougeL"] < 1
     for name in ("exact_match", "rougeL"):
         line = next(line for line in printed.splitlines() if line.strip("│ ").startswith(name))
-        assert f"{results['baseline']['test'][name]:.4f}" in line and f"{results['test'][name]:.4f}" in line
-    assert read_jsonl(out) == read_jsonl(run / "generations.jsonl")
+        assert [cell.strip() for cell in line.split("│")[2:4]] == [f"{base[name]:.4f}", f"{tuned[name]:.4f}"]
 
 
 def test_run_model_plus_delta_and_merged_generate_the_same(run, lm_dir, tmp_path):
