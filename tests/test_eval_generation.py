@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 
-from deltatune.errors import DataError
+from deltatune.config import validate_config
+from deltatune.errors import ConfigError, DataError
 from deltatune.eval_generation import evaluate_generation, exact_match, lcs_length, reference_records, rouge_l, score
 from deltatune.generate import Sampling, generate
 from deltatune.inference import Generator
@@ -70,3 +72,22 @@ def test_evaluation_scores_the_greedy_outputs(tmp_path):
     assert got == outputs
     assert metrics == pytest.approx(score(outputs, [r["reference"] for r in rows]))
     assert metrics["exact_match"] == pytest.approx(1 / 3) and 1 / 3 < metrics["rougeL"] < 1
+
+
+def test_the_config_switch_is_checked_before_training(tmp_path):
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"text": "a b c"}\n')
+    raw = {"model": {"path": str(tmp_path)}, "data": {"train": str(train), "format": "text"},
+           "delta": [{"method": "lora", "targets": ["q_proj"]}], "eval_generation": {"file": "nope.jsonl"}}
+    with pytest.raises(ConfigError, match="eval_generation.file: file 'nope.jsonl' not found"):
+        validate_config(copy.deepcopy(raw))
+    raw["eval_generation"] = {"file": str(train), "max_new_token": 8}
+    with pytest.raises(ConfigError, match="eval_generation.max_new_token: unknown key \\(did you mean "
+                                          "'max_new_tokens'\\?\\); allowed keys: file, skip, limit"):
+        validate_config(copy.deepcopy(raw))
+    raw["eval_generation"] = {"file": str(train)}
+    assert validate_config(copy.deepcopy(raw)).to_dict()["eval_generation"]["file"] == str(train)
+    raw["data"]["format"] = "classification"
+    with pytest.raises(ConfigError, match="eval_generation: generating answers needs a causal-LM run, not "
+                                          "classification"):
+        validate_config(raw)
