@@ -153,8 +153,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from deltatune.run import load_run
 
+    from deltatune.prompts import saved_template
+
     session = load_run(args.run)
     session.delta.merge()
+    session.tokenizer.chat_template = saved_template(args.run / "best", args.run) or session.tokenizer.chat_template
     if args.out.exists() and any(args.out.iterdir()):
         raise DeltaTuneError(f"output folder {args.out} is not empty; choose a new folder")
     tmp = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}")

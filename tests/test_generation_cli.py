@@ -7,6 +7,7 @@ import contextlib
 import html
 import io
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -138,6 +139,27 @@ def test_run_model_plus_delta_and_merged_generate_the_same(run, lm_dir, tmp_path
     assert main(["merge", str(run), str(merged)]) == 0
     assert generate_to_file(tmp_path, "--model", str(merged)) == from_run
     assert [r["prompt"] for r in from_run] == PROMPTS
+
+
+def test_a_run_that_saved_its_chat_template_generates_with_it_by_default(run, tmp_path):
+    sft_run = tmp_path / "sft"
+    shutil.copytree(run, sft_run)
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant] "
+    for folder in (sft_run, sft_run / "best"):
+        (folder / "chat_template.jinja").write_text(template)
+    generator = open_generator(run=sft_run)
+    record = PromptRecord("t", text="hello world")
+    assert generator.prompt_text(record, chat=generator.use_chat(None, [record])) == \
+        "[user] hello world\n[assistant] "
+    rows = generate_to_file(tmp_path, "--run", str(sft_run))
+    assert [r["output"] for r in rows] == generator.complete([PromptRecord("t", text=p) for p in PROMPTS], SAMPLING)
+    assert generate_to_file(tmp_path, "--run", str(sft_run), "--no-chat") == generate_to_file(tmp_path, "--run", str(run))
+    assert rows != generate_to_file(tmp_path, "--run", str(sft_run), "--no-chat")
+
+    merged = tmp_path / "merged"
+    assert main(["merge", str(sft_run), str(merged)]) == 0
+    assert (merged / "chat_template.jinja").read_text() == template
+    assert generate_to_file(tmp_path, "--model", str(merged), "--chat") == rows
 
 
 def test_compare_base_shows_base_and_fine_tuned_side_by_side(run, lm_dir, tmp_path, capsys):
