@@ -147,7 +147,7 @@ class Conversation:
         self.messages.append({"role": "assistant", "content": answer})
         return answer
 
-    def prompt_tokens(self) -> int:
+    def _prompt_tokens(self) -> int:
         record = PromptRecord("chat", messages=tuple(self.messages))
         text = self.generator.prompt_text(record, chat=True)
         return len(self.generator.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -157,7 +157,7 @@ class Conversation:
         if limit is None:
             return
         first = 1 if self.system else 0
-        while self.prompt_tokens() + self.sampling.max_new_tokens > limit:
+        while self._prompt_tokens() + self.sampling.max_new_tokens > limit:
             if len(self.messages) - first <= 1:  # only the new message is left
                 self.messages.pop()
                 raise ConfigError(f"the message is too long: it and {self.sampling.max_new_tokens} new tokens do "
