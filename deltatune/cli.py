@@ -127,6 +127,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         gen = result.generation
         _print_generation_scores(gen["base"], gen["fine_tuned"], f"{gen['examples']} prompts of {gen['file']}, "
                                  f"greedy; the answers are in generations.jsonl")
+    if skipped := sum(part.get("skipped", 0) for part in session.data.source.values()):
+        first = next(part["first_skipped"] for part in session.data.source.values() if part.get("skipped"))
+        from rich.markup import escape
+
+        console.print(f"[yellow]skipped {skipped} malformed records[/] (data.skip_bad_records), e.g. {escape(first)}")
     console.print(f"run folder: [cyan]{config.output_dir}[/] (best delta in best/, report.html)")
     return 0
 
@@ -179,7 +184,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not records:
         raise DeltaTuneError("nothing to generate: give --prompt TEXT or --prompts-file FILE")
     sampling = _sampling(args)
-    generator = open_generator(run=args.run, model=args.model, delta=args.delta, attach=False)
+    generator = open_generator(run=args.run, model=args.model, delta=args.delta, template=args.template,
+                               attach=False)
     chat = generator.use_chat(args.chat, records)
     options = dict(chat=chat, system=args.system, batch_size=args.batch_size)
     base = generator.complete(records, sampling, **options) if args.compare_base else None
@@ -200,7 +206,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from deltatune.inference import Conversation, open_generator
 
-    generator = open_generator(run=args.run, model=args.model, delta=args.delta, merge=args.merge)
+    generator = open_generator(run=args.run, model=args.model, delta=args.delta, template=args.template,
+                               merge=args.merge)
     conversation = Conversation(generator, _sampling(args), system=args.system)
     console.print("[dim]chat: /reset starts a new conversation, /exit (or Ctrl-D) quits[/]")
     while True:
@@ -293,6 +300,8 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
     source.add_argument("--model", help="model folder or packaged alias (e.g. smollm2-135m)")
     p.add_argument("--delta", type=Path, help="saved delta folder to attach to --model (e.g. RUN/best)")
     p.add_argument("--merge", action="store_true", help="merge the delta into the base weights before generating")
+    p.add_argument("--template", help="chat template: chatml | llama3 | alpaca, a .jinja file or inline jinja "
+                                      "(default: the one the run saved, else the tokenizer's own)")
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
@@ -381,12 +390,13 @@ class _TrainProgress:
 
 
 def _print_results(result: Any, task: str) -> None:
-    table = Table(title="test set: base model vs fine-tuned")
+    split, scores = ("test", result.test) if result.test else ("validation", result.best_validation)  # best delta
+    table = Table(title=f"{split} set: base model vs fine-tuned")
     table.add_column("metric")
     table.add_column("base", justify="right")
     table.add_column("fine-tuned", justify="right")
-    base = (result.baseline or {}).get("test", {})
-    for name, value in (result.test or {}).items():
+    base = (result.baseline or {}).get(split, {})
+    for name, value in (scores or {}).items():
         table.add_row(name, _fmt(base.get(name)), _fmt(value))
     console.print(table)
     trainable, total = result.trainable_params, result.total_params

@@ -78,10 +78,11 @@ class Generator:
 
 
 def open_generator(*, run: str | Path | None = None, model: str | None = None, delta: str | Path | None = None,
-                   attach: bool = True, merge: bool = False) -> Generator:
+                   template: str | None = None, attach: bool = True, merge: bool = False) -> Generator:
     """Load a run's base model and best delta, or `model` (folder or alias) and an optional `delta` folder.
 
-    `attach=False` leaves the delta unloaded (call `attach_delta` later, e.g. after generating with the base).
+    `template` (a shipped name, a .jinja file or inline jinja) replaces the saved chat template. `attach=False`
+    leaves the delta unloaded (call `attach_delta` later, e.g. after generating with the base).
     """
     from deltatune.models import load_model
 
@@ -93,11 +94,16 @@ def open_generator(*, run: str | Path | None = None, model: str | None = None, d
         run = Path(run)
         model, dtype = _causal_lm_run(run)
         delta = run / "best"
-        template = saved_template(delta, run)
+        saved = saved_template(delta, run)
     else:
-        dtype, template = "float32", saved_template(Path(delta)) if delta is not None else None
+        dtype, saved = "float32", saved_template(Path(delta)) if delta is not None else None
     base, tokenizer = load_model(model, "causal_lm", dtype=dtype)
-    generator = Generator(base, tokenizer, Path(delta) if delta is not None else None, template)
+    if template is not None:
+        from deltatune.data.chat import resolve_template
+
+        is_file = template.endswith(".jinja") and Path(template).is_file()
+        saved = resolve_template(tokenizer, Path(template).read_text(encoding="utf-8") if is_file else template)
+    generator = Generator(base, tokenizer, Path(delta) if delta is not None else None, saved)
     if attach:
         generator.attach_delta(merge)
     return generator

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deltatune.data.chat import TEMPLATE_FILE
 from deltatune.errors import ConfigError, DataError
 
-TEMPLATE_FILE = "chat_template.jinja"  # the chat template a run was trained with, saved in the run and delta folders
 ROLES = ("system", "user", "assistant")
 
 
@@ -63,22 +63,26 @@ def saved_template(*folders: Path | None) -> str | None:
 
 def chat_template(tokenizer, saved: str | None = None) -> str:
     """The `saved` template (what training used), else the tokenizer's own; an error if there is neither."""
-    template = saved or tokenizer.chat_template
-    if not template:
-        raise ConfigError("the tokenizer has no chat template and none was saved with the run: train with a chat "
-                          "format (it saves chat_template.jinja) or use a model whose tokenizer has one")
-    return template
+    if saved:
+        return saved
+    if not tokenizer.chat_template:
+        raise ConfigError("the tokenizer has no chat template and none was saved with the run: pass --template "
+                          "chatml | llama3 | alpaca (or a jinja file), or train with a chat format (it saves "
+                          "chat_template.jinja)")
+    from deltatune.data.chat import resolve_template
+
+    return resolve_template(tokenizer)
 
 
 def render_chat(tokenizer, messages: list[dict[str, str]], template: str) -> str:
-    """`messages` as prompt text, ending where the assistant's reply starts."""
-    from jinja2 import TemplateError
+    """`messages` as prompt text ending where the assistant's reply starts, rendered exactly as in training."""
+    from deltatune.data.chat import render
+    from deltatune.data.conversations import RecordError
 
     try:
-        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                             add_generation_prompt=True)
-    except TemplateError as e:
-        raise ConfigError(f"the chat template failed on {messages!r:.120}: {e}") from e
+        return render(messages, template, tokenizer, add_generation_prompt=True)
+    except RecordError as e:
+        raise ConfigError(f"{e} (messages: {messages!r:.120})") from None
 
 
 def chat_messages(record: PromptRecord, system: str | None = None) -> list[dict[str, str]]:

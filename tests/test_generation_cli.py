@@ -19,7 +19,7 @@ from deltatune.eval_generation import score
 from deltatune.generate import Sampling
 from deltatune.inference import Conversation, open_generator
 from deltatune.prompts import PromptRecord
-from tests.tiny_lm import CORPUS, save_tiny_lm
+from tests.tiny_lm import CHATML, CORPUS, save_tiny_lm
 
 PROMPTS = ["hello world", "the quick brown fox", "I am"]
 SAMPLING = Sampling(max_new_tokens=8)
@@ -42,11 +42,14 @@ def held_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory, lm_dir: Path, held_out: Path) -> Path:
-    """A short LoRA run on the tiny Llama with generation-based evaluation switched on."""
+    """A short packed LoRA SFT run (messages) on the tiny Llama with generation-based evaluation switched on."""
     folder = tmp_path_factory.mktemp("run")
     train = folder / "train.jsonl"
-    train.write_text("".join(json.dumps({"text": t}) + "\n" for t in CORPUS * 6), encoding="utf-8")
-    config = {"model": {"path": str(lm_dir)}, "data": {"train": str(train), "format": "text", "max_length": 32},
+    chats = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+             for q, a in zip(CORPUS, CORPUS[1:] + CORPUS[:1])]
+    train.write_text("".join(json.dumps(c) + "\n" for c in chats * 6), encoding="utf-8")
+    config = {"model": {"path": str(lm_dir)},
+              "data": {"train": str(train), "format": "messages", "max_length": 64, "packing": True},
               "delta": [{"method": "lora", "r": 4, "targets": ["q_proj", "v_proj"]}],
               "train": {"epochs": 3, "batch_size": 4, "optimizer": {"lr": 0.05}},
               "output_dir": str(folder / "run"), "eval_generation": {"file": str(held_out), "max_new_tokens": 8}}
@@ -75,9 +78,9 @@ def generate_to_file(tmp_path: Path, *args: str) -> list[dict]:
     return read_jsonl(out)
 
 
-def library_outputs(**source) -> list[str]:
+def library_outputs(chat: bool | None = None, **source) -> list[str]:
     generator = open_generator(**source)
-    return generator.complete([PromptRecord("t", text=p) for p in PROMPTS], SAMPLING)
+    return generator.complete([PromptRecord("t", text=p) for p in PROMPTS], SAMPLING, chat=chat)
 
 
 def test_train_with_eval_generation_scores_base_and_fine_tuned(run, lm_dir, held_out):
@@ -137,7 +140,9 @@ def test_run_model_plus_delta_and_merged_generate_the_same(run, lm_dir, tmp_path
     assert generate_to_file(tmp_path, "--run", str(run), "--merge") == from_run
     merged = tmp_path / "merged"
     assert main(["merge", str(run), str(merged)]) == 0
-    assert generate_to_file(tmp_path, "--model", str(merged)) == from_run
+    assert generate_to_file(tmp_path, "--model", str(merged), "--chat") == from_run
+    assert (run / "chat_template.jinja").read_text() == (run / "best" / "chat_template.jinja").read_text() == CHATML
+    assert open_generator(run=run).use_chat(None, [PromptRecord("t", text="x")])  # an SFT run: chat by default
     assert [r["prompt"] for r in from_run] == PROMPTS
 
 
@@ -153,7 +158,8 @@ def test_a_run_that_saved_its_chat_template_generates_with_it_by_default(run, tm
         "[user] hello world\n[assistant] "
     rows = generate_to_file(tmp_path, "--run", str(sft_run))
     assert [r["output"] for r in rows] == generator.complete([PromptRecord("t", text=p) for p in PROMPTS], SAMPLING)
-    assert generate_to_file(tmp_path, "--run", str(sft_run), "--no-chat") == generate_to_file(tmp_path, "--run", str(run))
+    assert generate_to_file(tmp_path, "--run", str(sft_run), "--no-chat") == \
+        generate_to_file(tmp_path, "--run", str(run), "--no-chat")
     assert rows != generate_to_file(tmp_path, "--run", str(sft_run), "--no-chat")
 
     merged = tmp_path / "merged"
@@ -162,9 +168,22 @@ def test_a_run_that_saved_its_chat_template_generates_with_it_by_default(run, tm
     assert generate_to_file(tmp_path, "--model", str(merged), "--chat") == rows
 
 
+def test_template_option_names_a_shipped_template_or_a_file(lm_dir, tmp_path):
+    from deltatune.data import TEMPLATES
+
+    alpaca = open_generator(model=str(lm_dir), template="alpaca")
+    assert alpaca.template == TEMPLATES["alpaca"]
+    assert alpaca.prompt_text(PromptRecord("t", text="hi"), chat=True).endswith("### Instruction:\nhi\n\n### Response:\n")
+    rows = generate_to_file(tmp_path, "--model", str(lm_dir), "--template", "alpaca")  # chat is then on
+    assert [r["output"] for r in rows] == alpaca.complete([PromptRecord("t", text=p) for p in PROMPTS], SAMPLING)
+    jinja = tmp_path / "mine.jinja"
+    jinja.write_text(TEMPLATES["alpaca"])
+    assert generate_to_file(tmp_path, "--model", str(lm_dir), "--template", str(jinja)) == rows
+
+
 def test_compare_base_shows_base_and_fine_tuned_side_by_side(run, lm_dir, tmp_path, capsys):
     rows = generate_to_file(tmp_path, "--run", str(run), "--compare-base")
-    assert [r["base"] for r in rows] == library_outputs(model=str(lm_dir))
+    assert [r["base"] for r in rows] == library_outputs(model=str(lm_dir), chat=True)
     assert [r["output"] for r in rows] == library_outputs(run=run)
     assert [r["base"] for r in rows] != [r["output"] for r in rows]
     capsys.readouterr()
@@ -219,6 +238,8 @@ def test_chat_streams_the_same_replies_as_non_streamed_generation(run, monkeypat
     (["generate", "--run", "RUN", "--delta", "RUN/best", "--prompt", "x"], "--delta goes with --model"),
     (["generate", "--model", "MODEL", "--merge", "--prompt", "x"], "--merge needs a delta"),
     (["generate", "--model", "MODEL", "--prompt", "x", "--top-p", "2"], "sampling.top_p: Input should be less"),
+    (["generate", "--model", "MODEL", "--prompt", "x", "--template", "chatlm"], "unknown template 'chatlm'; use one "
+                                                                                "of chatml, llama3, alpaca"),
     (["chat", "--run", "CLASSIFIER"], "is a classification run (data.format: classification); generating text "
                                       "needs a run trained on text or chat data"),
     (["generate", "--model", "MODEL", "--prompts-file", "EMPTY"], "empty.txt: no prompts; write one prompt per line"),
@@ -227,7 +248,7 @@ def test_errors_are_one_clear_line(run, lm_dir, tmp_path, capsys, args, message)
     classifier = tmp_path / "classifier"
     classifier.mkdir()
     config = yaml.safe_load((run / "config.yaml").read_text())
-    config["data"]["format"] = "classification"
+    config["data"] = {"train": config["data"]["train"], "format": "classification"}
     (classifier / "config.yaml").write_text(yaml.safe_dump(config))
     (tmp_path / "empty.txt").write_text("\n")
     names = {"MODEL": str(lm_dir), "RUN": str(run), "CLASSIFIER": str(classifier), "EMPTY": str(tmp_path / "empty.txt")}
