@@ -156,9 +156,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from deltatune.run import load_run
-
     from deltatune.prompts import saved_template
+    from deltatune.run import load_run
 
     session = load_run(args.run)
     session.delta.merge()

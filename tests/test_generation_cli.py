@@ -173,7 +173,8 @@ def test_template_option_names_a_shipped_template_or_a_file(lm_dir, tmp_path):
 
     alpaca = open_generator(model=str(lm_dir), template="alpaca")
     assert alpaca.template == TEMPLATES["alpaca"]
-    assert alpaca.prompt_text(PromptRecord("t", text="hi"), chat=True).endswith("### Instruction:\nhi\n\n### Response:\n")
+    prompt = alpaca.prompt_text(PromptRecord("t", text="hi"), chat=True)
+    assert prompt.endswith("### Instruction:\nhi\n\n### Response:\n")
     rows = generate_to_file(tmp_path, "--model", str(lm_dir), "--template", "alpaca")  # chat is then on
     assert [r["output"] for r in rows] == alpaca.complete([PromptRecord("t", text=p) for p in PROMPTS], SAMPLING)
     jinja = tmp_path / "mine.jinja"
