@@ -2,7 +2,8 @@
 
 A prompt file is `.txt` (one prompt per line; blank lines are skipped) or a data file (.jsonl/.json/.csv/
 .parquet) whose records hold a `prompt` (plus an optional `reference`) or `messages` (role/content; a final
-assistant turn is the reference answer, not part of the prompt).
+assistant turn is the reference answer, not part of the prompt); records in the training formats sharegpt
+(`conversations`) and alpaca (`instruction`, `input`, `output`) are read as training reads them.
 """
 
 from __future__ import annotations
@@ -105,6 +106,8 @@ def _read_text_prompts(path: Path) -> list[PromptRecord]:
 
 def _record(row: dict[str, Any], where: str) -> PromptRecord:
     messages, prompt, reference = row.get("messages"), row.get("prompt"), row.get("reference")
+    if messages is None and prompt is None and (fmt := _sft_format(row)):
+        messages = _sft_messages(row, fmt, where)
     if messages is not None:
         messages = _check_messages(messages, where)
         if messages[-1]["role"] == "assistant":
@@ -119,6 +122,21 @@ def _record(row: dict[str, Any], where: str) -> PromptRecord:
     if reference is not None and not isinstance(reference, str):
         raise DataError(f"{where}: 'reference' must be text, got {reference!r}")
     return PromptRecord(where, text=prompt, reference=reference)
+
+
+def _sft_format(row: dict[str, Any]) -> str | None:
+    """The training format of a record without `prompt` or `messages`: sharegpt or alpaca (default columns)."""
+    return "sharegpt" if row.get("conversations") is not None else "alpaca" if "instruction" in row else None
+
+
+def _sft_messages(row: dict[str, Any], fmt: str, where: str) -> list[dict[str, str]]:
+    """The record as messages (ending with its last assistant turn), read as training reads it."""
+    from deltatune.data.conversations import DEFAULT_COLUMNS, ROLES, Reader, RecordError
+
+    try:
+        return Reader(fmt, DEFAULT_COLUMNS[fmt], ROLES)(row)
+    except RecordError as e:
+        raise DataError(f"{where}: {e}") from None
 
 
 def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:

@@ -44,6 +44,20 @@ def test_jsonl_prompts_messages_and_references(tmp_path):
     assert records[1].to_dict() == {"prompt": "2+2=", "reference": "4"}
 
 
+def test_training_formats_sharegpt_and_alpaca_are_read_as_conversations(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [
+        {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}], "system": "brief"},
+        {"instruction": "Add", "input": "2 and 2", "output": "4"},
+    ])
+    sharegpt, alpaca = read_prompts(path)
+    assert sharegpt.messages == ({"role": "system", "content": "brief"}, {"role": "user", "content": "hi"})
+    assert sharegpt.reference == "hello"
+    assert alpaca.messages == ({"role": "user", "content": "Add\n\n2 and 2"},) and alpaca.reference == "4"
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "Add"}])
+    with pytest.raises(DataError, match=f"{bad}:1: record has no 'output'"):
+        read_prompts(bad)
+
+
 @pytest.mark.parametrize("rows, message", [
     ([{"prompt": "ok"}, {"text": "no prompt"}], ":2: record needs a non-empty 'prompt' text or a 'messages' list "
                                                 "(has: text)"),
