@@ -20,6 +20,7 @@ from pydantic import ConfigDict, field_validator, model_validator
 from deltatune.data import DataConfig
 from deltatune.delta import DeltaConfig
 from deltatune.errors import ConfigError
+from deltatune.eval_generation import GenerationEval
 from deltatune.registry import parse_delta_config
 from deltatune.schema import Schema
 from deltatune.train import TrainConfig
@@ -53,6 +54,7 @@ class RunConfig(Schema):
     delta: list[DeltaConfig]
     train: TrainConfig = TrainConfig()
     output_dir: str = "runs/run"
+    eval_generation: GenerationEval | None = None  # after training: exact match / ROUGE-L of generated answers
     tasks: list[TaskConfig] | None = None  # multi-task training: instead of `data`
     multitask: MultiTaskConfig | None = None  # with `tasks`: sampling and loss weighting
 
@@ -78,6 +80,8 @@ class RunConfig(Schema):
             raise ValueError("give either `data:` (one task) or `tasks:` (a list of tasks, each with its own data)")
         if self.tasks is None and self.multitask is not None:
             raise ValueError("`multitask:` goes with `tasks:`; remove it or list the tasks")
+        if self.tasks is not None and self.eval_generation is not None:
+            raise ValueError("eval_generation goes with a single-task `data:` run, not with `tasks:`")
         if self.tasks is not None:
             self.multitask = self.multitask or MultiTaskConfig()
             check_run_tasks(self.tasks, self.multitask, self.delta)
@@ -100,8 +104,10 @@ class RunConfig(Schema):
     def to_dict(self) -> dict[str, Any]:
         """Plain data for writing back to YAML (the resolved config saved with every run)."""
         out = self.model_dump(mode="json", exclude={"delta"})
-        return {"model": out["model"], **{k: out[k] for k in ("data", "tasks", "multitask") if out[k] is not None},
-                "delta": [d.to_dict() for d in self.delta], "train": out["train"], "output_dir": self.output_dir}
+        optional = {k: out[k] for k in ("tasks", "multitask", "eval_generation") if out[k] is not None}
+        return {"model": out["model"], **({"data": out["data"]} if self.data is not None else {}),
+                "delta": [d.to_dict() for d in self.delta], "train": out["train"], "output_dir": self.output_dir,
+                **optional}
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
@@ -128,6 +134,7 @@ def validate_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     _check_paths(config)
+    _check_generation_eval(config)
     return config
 
 
@@ -184,3 +191,17 @@ def _check_paths(config: RunConfig) -> None:
             if value is not None and value not in PACKAGED_DATASETS and not Path(value).is_file():
                 raise ConfigError(f"{key}.{split}: file {value!r} not found "
                                   f"(give a data file or one of: {', '.join(PACKAGED_DATASETS)})")
+
+
+def _check_generation_eval(config: RunConfig) -> None:
+    """`eval_generation` needs a text-generating run and an existing held-out file."""
+    from deltatune.assets import PACKAGED_DATASETS
+
+    if config.eval_generation is None:
+        return
+    if config.task != "causal_lm":
+        raise ConfigError(f"eval_generation: generating answers needs a causal-LM run, not {config.task} "
+                          f"(data.format: {config.data.format})")
+    held_out = config.eval_generation.file
+    if held_out not in PACKAGED_DATASETS and not Path(held_out).is_file():
+        raise ConfigError(f"eval_generation.file: file {held_out!r} not found")
