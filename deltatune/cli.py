@@ -63,10 +63,21 @@ def _parser() -> argparse.ArgumentParser:
                    help="override the run's config, e.g. --set data.test=other.jsonl")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("merge", help="merge a run's delta into the base and save a standalone model")
+    p = sub.add_parser("merge", help="merge a run's delta into the base and save a standalone model "
+                                     "(= export --format hf)")
     p.add_argument("run", type=Path)
     p.add_argument("out", type=Path)
-    p.set_defaults(func=cmd_merge)
+    p.set_defaults(func=cmd_export, format="hf", model=None)
+
+    p = sub.add_parser("export", help="write a run's delta as a Hugging Face PEFT adapter, or merged into a "
+                                      "standalone transformers model")
+    p.add_argument("run", type=Path, metavar="RUN_OR_DELTA", help="run folder, or a saved delta folder")
+    p.add_argument("out", type=Path, help="new output folder")
+    p.add_argument("--format", choices=["peft", "hf"], required=True,
+                   help="peft: adapter_config.json + adapter_model.safetensors; hf: merged model (save_pretrained)")
+    p.add_argument("--merge", action="store_true", help="merge into the base weights (what --format hf does)")
+    p.add_argument("--model", help="base model folder of a delta folder (default: the one it was trained from)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="generate text with a trained run, or a model and an optional delta")
     source = p.add_mutually_exclusive_group(required=True)
@@ -117,20 +128,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_merge(args: argparse.Namespace) -> int:
-    from deltatune.run import load_run
+def cmd_export(args: argparse.Namespace) -> int:
+    from deltatune.interop import export
 
-    session = load_run(args.run)
-    session.delta.merge()
-    if args.out.exists() and any(args.out.iterdir()):
-        raise DeltaTuneError(f"output folder {args.out} is not empty; choose a new folder")
-    tmp = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}")
-    session.model.save_pretrained(tmp)
-    session.tokenizer.save_pretrained(tmp)
-    if args.out.exists():
-        args.out.rmdir()
-    tmp.rename(args.out)
-    console.print(f"merged model written to [cyan]{args.out}[/] (load it with transformers' from_pretrained)")
+    if args.format == "peft" and getattr(args, "merge", False):
+        raise DeltaTuneError("--merge goes with --format hf: a PEFT adapter keeps the delta separate")
+    out = export(args.run, args.out, args.format, model_path=args.model)
+    what, loader = (("PEFT adapter", "peft.PeftModel.from_pretrained") if args.format == "peft" else
+                    ("merged model", "transformers' from_pretrained"))
+    console.print(f"{what} written to [cyan]{out}[/] (load it with {loader})")
     return 0
 
 
