@@ -79,6 +79,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="base model folder of a delta folder (default: the one it was trained from)")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("compare", help="train one task with several methods (same data, seed, budget) and "
+                                       "compare them in one table and chart")
+    p.add_argument("config", type=Path)
+    p.add_argument("--methods", help="comma-separated methods or compare.settings variants, e.g. full,lora,prefix "
+                                     "(default: compare.methods of the config)")
+    p.add_argument("--force", action="store_true", help="re-train methods whose run has finished already")
+    p.add_argument("--in-process", action="store_true", help="train every method in this process (starts faster; "
+                                                             "peak memory is then this process's peak so far)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value for every method, e.g. --set data.limit=600 (repeatable)")
+    p.set_defaults(func=cmd_compare)
+
     p = sub.add_parser("generate", help="generate text with a trained run, or a model and an optional delta")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", type=Path, help="run folder written by `deltatune train` (a causal-LM run)")
@@ -137,6 +149,30 @@ def cmd_export(args: argparse.Namespace) -> int:
     what, loader = (("PEFT adapter", "peft.PeftModel.from_pretrained") if args.format == "peft" else
                     ("merged model", "transformers' from_pretrained"))
     console.print(f"{what} written to [cyan]{out}[/] (load it with {loader})")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from deltatune.compare import run_compare
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+
+    def on_event(kind: str, info: dict) -> None:
+        what = "finished earlier, kept (--force re-trains)" if kind == "skip" else "training"
+        console.print(f"[{info['index']}/{info['total']}] [cyan]{info['method']}[/]: {what} → {info['run_dir']}")
+
+    out, rows = run_compare(args.config, methods, args.overrides, force=args.force, isolate=not args.in_process,
+                            on_event=on_event)
+    table = Table(title=f"deltatune compare · test {rows[0].metric}")
+    for column in ("method", "deltas", f"test {rows[0].metric}", "trainable", "trainable %", "delta file",
+                   "train time", "tokens/s", "peak memory"):
+        table.add_column(column, justify="left" if column in ("method", "deltas") else "right")
+    for r in rows:
+        table.add_row(r.method, r.deltas, _fmt(r.test), f"{r.trainable_params:,}", f"{r.trainable_pct:.3f}%",
+                      f"{r.delta_bytes / 1e6:.2f} MB", f"{r.train_time_s:.1f} s", f"{r.tokens_per_s:,.0f}",
+                      f"{r.peak_rss_mb:,.0f} MB")
+    console.print(table)
+    console.print(f"written to [cyan]{out}[/]: compare.json, compare.csv, compare.png, compare.html")
     return 0
 
 
