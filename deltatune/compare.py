@@ -170,7 +170,7 @@ def train_one(config: RunConfig, *, resume: bool, isolate: bool) -> None:
                                                                       os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "deltatune", "train", str(run_dir / "config.yaml"), *(["--resume"] * resume)]
     with open(log, "w") as f:
-        done = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env={**env, "COLUMNS": "120"})
+        done = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env={**env, "COLUMNS": "120"}, check=False)
     if done.returncode != 0:
         tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
         raise DeltaTuneError(f"training {run_dir.name} failed (exit code {done.returncode}): {tail} (log: {log})")

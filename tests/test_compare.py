@@ -69,7 +69,8 @@ def test_bad_settings_name_the_key(config_file):
 @pytest.mark.slow  # trains three tiny runs
 def test_compare_trains_each_method_once_and_writes_the_table(config_file, tmp_path, capsys):
     events = []
-    out, rows = run_compare(config_file, isolate=False, on_event=lambda kind, info: events.append((kind, info["method"])))
+    out, rows = run_compare(config_file, isolate=False,
+                            on_event=lambda kind, info: events.append((kind, info["method"])))
     assert events == [("train", "lora"), ("train", "ia3")]
     assert out == tmp_path / "run"
     assert [r.method for r in rows] == ["lora", "ia3"] and [r.deltas for r in rows] == ["head + lora", "head + ia3"]

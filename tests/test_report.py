@@ -43,7 +43,7 @@ def render(page: Path, tmp_path: Path, extra: str = "") -> dict:
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={tmp_path / 'chromium-profile'}", "--dump-dom"]
-    done = subprocess.run([CHROMIUM, *flags, copy.as_uri()], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([CHROMIUM, *flags, copy.as_uri()], capture_output=True, text=True, timeout=120, check=False)
     found = re.search(r'<pre id="probe">(.*?)</pre>', done.stdout)
     assert found, f"chromium printed no probe (exit {done.returncode}): {done.stderr[-500:]}"
     return json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))

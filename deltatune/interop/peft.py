@@ -96,9 +96,10 @@ def refuse(peft: dict[str, Any], defaults: dict[str, Any]) -> None:
 
 class LoRASpec(Spec):
     peft_type, methods = "LORA", ("lora",)
-    UNSUPPORTED = {"bias": "none", "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False,
-                   "layers_to_transform": None, "target_parameters": None, "layer_replication": None,
-                   "trainable_token_indices": None, "use_qalora": False, "alora_invocation_tokens": None}
+    UNSUPPORTED: ClassVar[dict[str, Any]] = {  # PEFT options without a deltatune form, and their defaults
+        "bias": "none", "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False, "layers_to_transform": None,
+        "target_parameters": None, "layer_replication": None, "trainable_token_indices": None, "use_qalora": False,
+        "alora_invocation_tokens": None}
 
     def config(self, delta: Delta) -> dict[str, Any]:
         cfg: LoRA = delta.config  # type: ignore[assignment]
@@ -132,8 +133,8 @@ class IA3Spec(Spec):
         return {**tuner_fields(delta), "feedforward_modules": feedforward}
 
     def delta_config(self, peft: dict[str, Any]) -> DeltaConfig:
-        return IA3(targets=patterns(peft["target_modules"]), feedforward=patterns(peft.get("feedforward_modules")) or [],
-                   exclude=patterns(peft.get("exclude_modules")) or [])
+        return IA3(targets=patterns(peft["target_modules"]),
+                   feedforward=patterns(peft.get("feedforward_modules")) or [], exclude=patterns(peft.get("exclude_modules")) or [])
 
 
 class PromptLearningSpec(Spec):
@@ -210,7 +211,8 @@ class PTuningSpec(VirtualTokensSpec):
 
 
 class PrefixSpec(PromptLearningSpec):
-    """Prefix-tuning (`prefix_projection`: trained through an MLP) and P-tuning v2 (without): (n, layers·2·kv width)."""
+    """Prefix-tuning (`prefix_projection`: trained through an MLP) and P-tuning v2 (without); the tensor is
+    (n, layers·2·kv width)."""
 
     peft_type, methods = "PREFIX_TUNING", ("prefix", "ptuning_v2")
 
