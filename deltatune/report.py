@@ -72,6 +72,7 @@ def compare_chart(rows: list[Any]) -> bytes:
         ax.scatter(r.trainable_pct, r.test, s=40)
         ax.annotate(r.method, (r.trainable_pct, r.test), textcoords="offset points", xytext=(5, 5))
     ax.set_xscale("log")
+    ax.margins(x=0.2, y=0.15)  # room for the labels
     ax.set_xlabel("trainable parameters (% of the model, log scale)")
     ax.set_ylabel(f"test {rows[0].metric}")
     ax.grid(True, which="both", alpha=0.3)
