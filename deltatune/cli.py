@@ -165,11 +165,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
                             on_event=on_event)
     table = Table(title=f"deltatune compare · test {rows[0].metric}")
     for column in ("method", "deltas", f"test {rows[0].metric}", "trainable", "trainable %", "delta file",
-                   "train time", "tokens/s", "peak memory"):
+                   "wall time", "tokens/s", "peak memory"):
         table.add_column(column, justify="left" if column in ("method", "deltas") else "right")
     for r in rows:
         table.add_row(r.method, r.deltas, _fmt(r.test), f"{r.trainable_params:,}", f"{r.trainable_pct:.3f}%",
-                      f"{r.delta_bytes / 1e6:.2f} MB", f"{r.train_time_s:.1f} s", f"{r.tokens_per_s:,.0f}",
+                      f"{r.delta_bytes / 1e6:.2f} MB", f"{r.wall_time_s:.1f} s", f"{r.tokens_per_s:,.0f}",
                       f"{r.peak_rss_mb:,.0f} MB")
     console.print(table)
     console.print(f"written to [cyan]{out}[/]: compare.json, compare.csv, compare.png, compare.html")

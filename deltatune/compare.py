@@ -78,7 +78,7 @@ class Row:
     total_params: int
     trainable_pct: float
     delta_bytes: int
-    train_time_s: float
+    wall_time_s: float  # the whole run: training and evaluations
     tokens_per_s: float
     peak_rss_mb: float
     steps: int
@@ -184,7 +184,7 @@ def table_row(name: str, run_dir: Path, config: RunConfig) -> Row:
                base=((res.get("baseline") or {}).get("test") or {}).get(metric),
                trainable_params=res["trainable_params"], total_params=res["total_params"],
                trainable_pct=100 * res["trainable_params"] / res["total_params"],
-               delta_bytes=(run_dir / "best" / TENSOR_FILE).stat().st_size, train_time_s=res["wall_time_s"],
+               delta_bytes=(run_dir / "best" / TENSOR_FILE).stat().st_size, wall_time_s=res["wall_time_s"],
                tokens_per_s=res["train_tokens_per_s"], peak_rss_mb=res["peak_rss_mb"], steps=res["steps"])
 
 

@@ -45,10 +45,10 @@ def write_compare_report(out_dir: str | Path, rows: list[Any], configs: dict[str
     """Write `out_dir/compare.html`: the table, metric vs trainable % chart, every method's curves, configs."""
     out_dir = Path(out_dir)
     table = [[r.method, r.deltas, _fmt(r.test), _fmt(r.base), f"{r.trainable_params:,}", f"{r.trainable_pct:.3f}%",
-              _size(r.delta_bytes), f"{r.train_time_s:.1f} s", f"{r.tokens_per_s:,.0f}", f"{r.peak_rss_mb:,.0f} MB"]
+              _size(r.delta_bytes), f"{r.wall_time_s:.1f} s", f"{r.tokens_per_s:,.0f}", f"{r.peak_rss_mb:,.0f} MB"]
              for r in rows]
     header = ["method", "deltas", f"test {rows[0].metric}", "base", "trainable", "trainable %", "delta file",
-              "train time", "tokens/s", "peak memory"]
+              "wall time", "tokens/s", "peak memory"]
     memory = "each method in its own process" if isolated else "all methods in one process: the peak so far"
     curves = {name: read_metrics(Path(config.output_dir) / "metrics.jsonl") for name, config in configs.items()}
     sections = [

@@ -80,7 +80,7 @@ def test_compare_trains_each_method_once_and_writes_the_table(config_file, tmp_p
         assert row.trainable_params == results["trainable_params"] and row.steps == results["steps"] == 6
         assert row.trainable_pct == pytest.approx(100 * results["trainable_params"] / results["total_params"])
         assert row.delta_bytes == (out / row.method / "best" / "delta.safetensors").stat().st_size
-        assert row.train_time_s > 0 and row.tokens_per_s > 0 and row.peak_rss_mb > 0
+        assert row.wall_time_s > 0 and row.tokens_per_s > 0 and row.peak_rss_mb > 0
     head = 2 * 32 + 2
     assert [r.trainable_params for r in rows] == [2 * (2 * 32 + 32 * 2) + head, 2 * (32 + 32 + 32 + 64) + head]
     saved = json.loads((out / "compare.json").read_text())
