@@ -25,6 +25,7 @@ from pydantic import Field
 from torch import nn
 
 from deltatune import io
+from deltatune.data.batching import real_tokens
 from deltatune.delta import TENSOR_FILE, DeltaBase
 from deltatune.errors import CheckpointError, ConfigError, DataError, DeltaTuneError
 from deltatune.optim import OptimizerConfig, build_optimizer, build_scheduler
@@ -168,14 +169,14 @@ def train(model: nn.Module, delta: DeltaBase, data: TaskData, cfg: TrainConfig, 
             step_loss, tokens = 0.0, 0
             for batch in group:
                 batch = _to_device(batch, params[0].device)
-                logits = logits_of(model(**{k: v for k, v in batch.items() if k != "labels"}))
+                logits = logits_of(model(**_model_inputs(batch)))
                 part = units(batch["labels"], data.task) / step_units
                 loss = loss_sum(logits, batch["labels"], data.task) / step_units
                 if (extra := delta.extra_loss()) is not None:
                     loss = loss + extra * part
                 loss.backward()
                 step_loss += float(loss.detach())
-                tokens += int(batch.get("attention_mask", batch["input_ids"]).bool().sum())
+                tokens += real_tokens(batch)
             grad_norm = (nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm
                          else nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
             if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):  # never step into NaN weights
@@ -265,7 +266,7 @@ def evaluate(model: nn.Module, dataset: Sequence[dict[str, Any]], collate: Colla
         for start in range(0, len(dataset), batch_size):
             batch = _to_device(collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]),
                                device)
-            state.update(logits_of(model(**{k: v for k, v in batch.items() if k != "labels"})), batch["labels"])
+            state.update(logits_of(model(**_model_inputs(batch))), batch["labels"])
     finally:
         model.train(was_training)
     return state.result()
@@ -284,6 +285,11 @@ def _lengths(dataset: Sequence[dict[str, Any]]) -> list[int]:
     if hasattr(dataset, "column_names"):  # datasets.Dataset: read the column at once
         return [len(ids) for ids in dataset["input_ids"]]
     return [len(ex["input_ids"]) for ex in dataset]
+
+
+def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch without what is for the loop: labels, and the real-token count of packed batches."""
+    return {k: v for k, v in batch.items() if k not in ("labels", "num_tokens")}
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
