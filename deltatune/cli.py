@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,13 +33,20 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     parser = _parser()
     args = parser.parse_args(argv)
+    from deltatune.train.distributed import rank_and_world
+
+    rank, world = rank_and_world()
+    console.quiet = rank != 0  # under torchrun, rank 0 prints for the run
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
     try:
-        return args.func(args) or 0
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.func(args) or 0
     except DeltaTuneError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        console.quiet = False
+        console.print(f"[bold red]error{f' (rank {rank})' if world > 1 else ''}:[/] {exc}")
         return 1
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: the last checkpoint is kept; continue with --resume")
@@ -277,6 +285,12 @@ def _print_results(result: Any, task: str) -> None:
     console.print(f"trainable {trainable:,} / {total:,} parameters ({100 * trainable / total:.3f}%) · "
                   f"{result.steps} steps · wall {result.wall_time_s:.1f}s · {result.train_tokens_per_s:,.0f} tokens/s · "
                   f"peak memory {result.peak_rss_mb:,.0f} MB")
+
+
+def _show_warning(message: Warning | str, *args: Any, **kwargs: Any) -> None:
+    from rich.markup import escape
+
+    console.print(f"[yellow]warning:[/] {escape(str(message))}")
 
 
 def _fmt(value: Any) -> str:

@@ -54,6 +54,8 @@ class RunConfig(Schema):
     @classmethod
     def _parse_deltas(cls, value: Any) -> list[DeltaConfig]:
         items = value if isinstance(value, list) else [value]
+        if not items:
+            raise ValueError("give at least one method, e.g. [{method: lora, r: 8}]")
         return [item if isinstance(item, DeltaConfig) else parse_delta_config(item, where=str(i))
                 for i, item in enumerate(items)]
 
@@ -90,12 +92,24 @@ def read_config(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
 
 
 def validate_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
+    if bad := non_string_keys(raw):
+        raise ConfigError(f"{where}: keys must be names; {', '.join(bad)} is not (quote it, or fix the indentation)")
     try:
         config = RunConfig(**raw)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     _check_paths(config)
     return config
+
+
+def non_string_keys(node: Any, path: str = "") -> list[str]:
+    """Paths of the keys that are not strings (YAML reads `1:` or `true:` as a number / boolean) in nested data."""
+    if isinstance(node, dict):
+        bad = [f"{path}{k}" for k in node if not isinstance(k, str)]
+        return bad + [p for k, v in node.items() for p in non_string_keys(v, f"{path}{k}.")]
+    if isinstance(node, list):
+        return [p for i, v in enumerate(node) for p in non_string_keys(v, f"{path}{i}.")]
+    return []
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -112,7 +126,10 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
             node = node.setdefault(part, {})
             if not isinstance(node, (dict, list)):
                 raise ConfigError(f"--set {key}: {part!r} is a value, not a section")
-    value = yaml.safe_load(text) if text else ""
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: the value is not valid YAML: {exc}") from None
     if isinstance(node, list):
         node[_index(last, node, key)] = value
     else:

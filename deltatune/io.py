@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -14,7 +15,9 @@ from typing import Any, Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
-from deltatune.errors import ConfigError
+from deltatune.errors import ConfigError, DeltaTuneError
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 @contextmanager
@@ -29,8 +32,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            raise DeltaTuneError(f"no space left on device for {path}: nothing was written (a previous version is "
+                                 "unchanged); free some space and try again") from exc
         raise
 
 

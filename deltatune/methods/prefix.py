@@ -29,7 +29,7 @@ from transformers.cache_utils import DynamicCache
 
 from deltatune.delta import Delta, DeltaConfig
 from deltatune.errors import ConfigError
-from deltatune.methods.prompt import Carrier, positions, takes
+from deltatune.methods.prompt import Carrier, input_embeddings, positions, takes
 from deltatune.registry import register
 
 
@@ -109,7 +109,7 @@ class PrefixDelta(Delta):
             raise ConfigError(f"{self.method}: found self-attention modules taking past_key_values for layers "
                               f"{sorted(attention)}, expected 0..{shape.layers - 1}: this architecture has no "
                               "cache interface prefix-tuning can use")
-        embeddings = self.model.get_input_embeddings()
+        name, embeddings = input_embeddings(self.model, self.method)
         weight = embeddings.weight
         like = dict(device=weight.device, dtype=weight.dtype)
         n = cfg.n_tokens
@@ -118,7 +118,6 @@ class PrefixDelta(Delta):
                                shape.width).to(**like)
         else:
             prefix = PlainPrefix(torch.randn(n, shape.width, **like) * cfg.init_std)
-        name = next(n for n, m in self.model.named_modules() if m is embeddings)
         self.carrier = Carrier(embeddings, self.method, prefix=prefix)
         self.swap(name, self.carrier)
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
