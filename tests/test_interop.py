@@ -118,8 +118,11 @@ def test_peft_trained_adapter_loads_into_deltatune(tmp_path):
                            "prefix, ptuning_v2")),
     ([Head()], "a PEFT adapter holds exactly one method, this delta has only a task head"),
     ([LoRA(targets=["query"]), IA3()], "a PEFT adapter holds exactly one method, this delta has lora + ia3"),
-    ([Prompt(n_tokens=2)], "places some after the first token (position 'auto' keeps an encoder's [CLS] first)"),
-    ([PTuning(template="[P] {text} [P]")], "some after the text (template)"),
+    ([Prompt(n_tokens=2)], "this delta has virtual tokens after the first token (position 'auto' keeps an "
+                           "encoder's [CLS] first): it has no PEFT form"),
+    ([PTuning(template="[P] {text} [P]", position="start")], "this delta has pieces after the text: it has no PEFT"),
+    ([PTuning(template="[P] Review: {text}", position="start", literal_token_ids=[[5, 6]])],
+     "this delta has fixed words or {mask} in the template: it has no PEFT form"),
 ])
 def test_methods_without_a_peft_form_are_one_clear_error(configs, message, tmp_path):
     delta = deltatune.attach(biased_tiny_model("bert", "classification"), configs)

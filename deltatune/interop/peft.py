@@ -173,17 +173,18 @@ class VirtualTokensSpec(PromptLearningSpec):
     """Prompt tuning and P-tuning: PEFT puts the virtual tokens first, before any real token."""
 
     def config(self, delta: Delta) -> dict[str, Any]:
-        after_text, keep_first = delta.counts[1], delta.keep_first  # type: ignore[attr-defined]
-        if after_text or keep_first:
-            where = "after the text (template)" if after_text else \
-                "after the first token (position 'auto' keeps an encoder's [CLS] first)"
-            raise ConfigError(f"PEFT puts {delta.method} virtual tokens before the whole input, but this delta places "
-                              f"some {where}: it has no PEFT form. Train with `position: start` and virtual tokens "
-                              "only before {text} to export it")
+        problems = [text for text, present in (
+            ("virtual tokens after the first token (position 'auto' keeps an encoder's [CLS] first)", delta.keep_first),
+            ("pieces after the text", delta.after), ("fixed words or {mask} in the template", delta.literal_ids),
+        ) if present]  # type: ignore[attr-defined]
+        if problems:
+            raise ConfigError(f"PEFT puts only {delta.method} virtual tokens, before the whole input; this delta has "
+                              f"{'; '.join(problems)}: it has no PEFT form. Train with `position: start` and only "
+                              "[P] tokens before {text} to export it")
         return super().config(delta)
 
     def n_tokens(self, delta: Delta) -> int:
-        return sum(delta.counts)  # type: ignore[attr-defined]
+        return len(delta.before)  # type: ignore[attr-defined]
 
 
 class PromptSpec(VirtualTokensSpec):
