@@ -118,8 +118,8 @@ def test_peft_trained_adapter_loads_into_deltatune(tmp_path):
                            "prefix, ptuning_v2")),
     ([Head()], "a PEFT adapter holds exactly one method, this delta has only a task head"),
     ([LoRA(targets=["query"]), IA3()], "a PEFT adapter holds exactly one method, this delta has lora + ia3"),
-    ([Prompt(n_tokens=2)], "this delta has virtual tokens after the first token (position 'auto' keeps an "
-                           "encoder's [CLS] first): it has no PEFT form"),
+    ([Prompt(n_tokens=2)], ("this delta has virtual tokens after the first token (position 'auto' keeps an "
+                            "encoder's [CLS] first): it has no PEFT form")),
     ([PTuning(template="[P] {text} [P]", position="start")], "this delta has pieces after the text: it has no PEFT"),
     ([PTuning(template="[P] Review: {text}", position="start", literal_token_ids=[[5, 6]])],
      "this delta has fixed words or {mask} in the template: it has no PEFT form"),
