@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -19,6 +20,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from deltatune.errors import DeltaTuneError
 
@@ -69,6 +71,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["train", "validation", "test"], default="test")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override the run's config, e.g. --set data.test=other.jsonl")
+    p.add_argument("--generate", type=Path, metavar="FILE",
+                   help="instead: exact match and ROUGE-L of greedy answers to FILE's prompts vs its references")
+    p.add_argument("--compare-base", action="store_true", help="with --generate: also score the base model")
+    p.add_argument("--skip", type=int, default=0, help="with --generate: pass over the first N records")
+    p.add_argument("--limit", type=int, help="with --generate: N records at most")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--stop", action="append", default=[], help="cut each answer at this string (repeatable)")
+    p.add_argument("--system", help="system prompt for records without one")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--output", type=Path, help="with --generate: write every answer to this .jsonl file")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("merge", help="merge a run's delta into the base and save a standalone model "
@@ -100,16 +112,31 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("generate", help="generate text with a trained run, or a model and an optional delta")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", type=Path, help="run folder written by `deltatune train` (a causal-LM run)")
-    source.add_argument("--model", help="model folder or packaged alias (e.g. smollm2-135m)")
-    p.add_argument("--delta", type=Path, help="saved delta folder to attach to --model (e.g. RUN/best)")
-    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable: one batch)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--stop", action="append", default=None, help="cut each output at this string (repeatable)")
+    _add_model_source(p)
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
+    p.add_argument("--prompts-file", type=Path,
+                   help=".txt (one prompt per line) or .jsonl with `prompt` or `messages` per record")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap prompts in the chat template (default: on for runs that saved one, i.e. SFT runs)")
+    p.add_argument("--system", help="system prompt for chat prompts")
+    p.add_argument("--compare-base", action="store_true",
+                   help="also generate with the base model (no delta) and show both side by side")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--output", type=Path, help="write the generations to this .jsonl file")
+    _add_sampling(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="chat in the terminal with a trained run, or a model and an optional delta")
+    _add_model_source(p)
+    p.add_argument("--system", help="system prompt")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("convert", help="convert a GGUF model file into a safetensors model folder")
+    p.add_argument("source", help="a .gguf file, or a packaged model alias (smollm2-135m)")
+    p.add_argument("out", type=Path, nargs="?",
+                   help="output folder (optional for an alias: default is the cache it is loaded from)")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("methods", help="list the registered fine-tuning methods")
     p.set_defaults(func=cmd_methods)
@@ -127,6 +154,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     with _TrainProgress() as progress:
         session, result = run_training(config, resume=args.resume, on_event=progress.on_event)
     _print_results(result, config.task)
+    if result.generation:
+        gen = result.generation
+        _print_generation_scores(gen["base"], gen["fine_tuned"], f"{gen['examples']} prompts of {gen['file']}, "
+                                 f"greedy; the answers are in generations.jsonl")
     if skipped := sum(part.get("skipped", 0) for part in session.data.source.values()):
         first = next(part["first_skipped"] for part in session.data.source.values() if part.get("skipped"))
         from rich.markup import escape
@@ -140,6 +171,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from deltatune.run import load_run
     from deltatune.train import evaluate
 
+    if args.generate is not None:
+        return _eval_generation(args)
     session = load_run(args.run, args.overrides)
     dataset = getattr(session.data, args.split)
     metrics = evaluate(session.model, dataset, session.collator(), session.data.task,
@@ -190,30 +223,162 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from deltatune.generate import generate
+    from deltatune.inference import open_generator
+    from deltatune.prompts import PromptRecord, read_prompts
 
-    if args.run is not None:
-        if args.delta is not None:
-            raise DeltaTuneError("--delta goes with --model; a --run already has its delta (best/)")
-        from deltatune.run import load_run
-
-        session = load_run(args.run)
-        model, tokenizer = session.model, session.tokenizer
+    records = [PromptRecord(f"--prompt {i}", text=text) for i, text in enumerate(args.prompt, 1)]
+    records += read_prompts(args.prompts_file) if args.prompts_file else []
+    if not records:
+        raise DeltaTuneError("nothing to generate: give --prompt TEXT or --prompts-file FILE")
+    sampling = _sampling(args)
+    generator = open_generator(run=args.run, model=args.model, delta=args.delta, template=args.template,
+                               attach=False)
+    chat = generator.use_chat(args.chat, records)
+    options = dict(chat=chat, system=args.system, batch_size=args.batch_size)
+    base = generator.complete(records, sampling, **options) if args.compare_base else None
+    generator.attach_delta(args.merge)
+    outputs = generator.complete(records, sampling, **options)
+    if args.output is not None:
+        _write_outputs(args.output, records, outputs, base)
+    elif base is not None:
+        _print_side_by_side(records, base, outputs)
     else:
-        import deltatune
-        from deltatune.models import load_model
-
-        model, tokenizer = load_model(args.model, "causal_lm")
-        if args.delta is not None:
-            deltatune.load(model, args.delta)
-    outputs = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, top_p=args.top_p, stop=args.stop)
-    for prompt, output in zip(args.prompt, outputs):
-        from rich.markup import escape
-
-        console.print(f"[bold]{escape(prompt)}[/]", end="")
-        console.print(output, markup=False, highlight=False)
+        for i, (record, output) in enumerate(zip(records, outputs)):
+            console.print(("\n" if i else "") + _shown_prompt(record), style="bold", markup=False, highlight=False,
+                          end="\n" if chat else "")
+            console.out(output, highlight=False)
     return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from deltatune.inference import Conversation, open_generator
+
+    generator = open_generator(run=args.run, model=args.model, delta=args.delta, template=args.template,
+                               merge=args.merge)
+    conversation = Conversation(generator, _sampling(args), system=args.system)
+    console.print("[dim]chat: /reset starts a new conversation, /exit (or Ctrl-D) quits[/]")
+    while True:
+        try:
+            line = console.input("[bold green]you>[/] ").strip()
+        except EOFError:
+            break
+        if not sys.stdin.isatty():  # piped input: show it, so the transcript reads like a conversation
+            console.out(line, highlight=False)
+        if line == "/exit":
+            break
+        if line == "/reset":
+            conversation.reset()
+            console.print("[dim]history cleared[/]")
+        elif line.startswith("/"):
+            console.print(f"[yellow]unknown command[/] {escape(line)}: use /reset or /exit")
+        elif line:
+            console.print("[bold cyan]assistant>[/] ", end="")
+            conversation.reply(line, on_text=lambda text: console.out(text, end="", highlight=False))
+            console.out("")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import time
+
+    from deltatune import assets
+
+    start = time.perf_counter()
+    if args.source in assets.PACKAGED_GGUF and args.out is None:
+        out = assets.converted_dir(args.source)
+        if (out / "config.json").is_file():
+            console.print(f"{args.source} is already converted: [cyan]{out}[/]")
+            return 0
+        assets.converted_model(args.source)
+    elif args.out is None:
+        raise DeltaTuneError(f"give the output folder: deltatune convert {args.source} OUT")
+    else:
+        source = assets.packaged_gguf(args.source) if args.source in assets.PACKAGED_GGUF else args.source
+        out = assets.convert_gguf(source, args.out)
+    console.print(f"converted {args.source} → [cyan]{out}[/] in {time.perf_counter() - start:.1f}s "
+                  f"(use it with --model {out})")
+    return 0
+
+
+def _eval_generation(args: argparse.Namespace) -> int:
+    from deltatune.eval_generation import evaluate_generation, reference_records
+    from deltatune.generate import Sampling
+    from deltatune.inference import open_generator
+
+    if args.overrides:
+        raise DeltaTuneError("--set does not apply to --generate (it reads the run's model and delta only)")
+    records = reference_records(args.generate, args.limit, args.skip)
+    sampling = Sampling(max_new_tokens=args.max_new_tokens, stop=args.stop)
+    generator = open_generator(run=args.run, attach=False)
+    options = dict(system=args.system, batch_size=args.batch_size)
+    base, base_outputs = evaluate_generation(generator, records, sampling, **options) if args.compare_base \
+        else ({}, None)
+    generator.attach_delta()
+    tuned, outputs = evaluate_generation(generator, records, sampling, **options)
+    _print_generation_scores(base, tuned, f"{args.run} on {len(records)} prompts of {args.generate}, greedy")
+    if args.output is not None:
+        _write_outputs(args.output, records, outputs, base_outputs)
+    return 0
+
+
+def _print_generation_scores(base: dict[str, float] | None, tuned: dict[str, float], note: str) -> None:
+    table = Table(title="generated answers: base model vs fine-tuned" if base else "generated answers")
+    table.add_column("metric")
+    if base:
+        table.add_column("base", justify="right")
+    table.add_column("fine-tuned", justify="right")
+    for name, value in tuned.items():
+        table.add_row(name, *([_fmt(base[name])] if base else []), _fmt(value))
+    console.print(table)
+    console.print(note)
+
+
+def _write_outputs(path: Path, records: list, outputs: list[str], base: list[str] | None) -> None:
+    from deltatune.io import write_jsonl
+    from deltatune.prompts import output_rows
+
+    write_jsonl(path, output_rows(records, outputs, base))
+    console.print(f"wrote {len(outputs)} outputs to [cyan]{path}[/]")
+
+
+def _add_model_source(p: argparse.ArgumentParser) -> None:
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", type=Path, help="run folder written by `deltatune train` (a causal-LM run)")
+    source.add_argument("--model", help="model folder or packaged alias (e.g. smollm2-135m)")
+    p.add_argument("--delta", type=Path, help="saved delta folder to attach to --model (e.g. RUN/best)")
+    p.add_argument("--merge", action="store_true", help="merge the delta into the base weights before generating")
+    p.add_argument("--template", help="chat template: chatml | llama3 | alpaca, a .jinja file or inline jinja "
+                                      "(default: the one the run saved, else the tokenizer's own)")
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = no top-k cut")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating tokens")
+    p.add_argument("--seed", type=int, help="makes sampling reproducible")
+    p.add_argument("--stop", action="append", default=[], help="cut each output at this string (repeatable)")
+
+
+def _sampling(args: argparse.Namespace):
+    from deltatune.generate import Sampling
+
+    return Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                    top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+
+
+def _shown_prompt(record: Any) -> str:
+    return record.text if record.messages is None else record.messages[-1]["content"]
+
+
+def _print_side_by_side(records: list, base: list[str], tuned: list[str]) -> None:
+    table = Table(title="base model vs fine-tuned", show_lines=True)
+    for column in ("prompt", "base", "fine-tuned"):
+        table.add_column(column, overflow="fold")
+    for record, b, t in zip(records, base, tuned):
+        table.add_row(Text(_shown_prompt(record)), Text(b), Text(t))
+    console.print(table)
 
 
 def cmd_methods(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ from pydantic import ConfigDict, field_validator
 from deltatune.data import DataConfig
 from deltatune.delta import DeltaConfig
 from deltatune.errors import ConfigError
+from deltatune.eval_generation import GenerationEval
 from deltatune.registry import parse_delta_config
 from deltatune.schema import Schema
 from deltatune.train import TrainConfig
@@ -49,6 +50,7 @@ class RunConfig(Schema):
     delta: list[DeltaConfig]
     train: TrainConfig = TrainConfig()
     output_dir: str = "runs/run"
+    eval_generation: GenerationEval | None = None  # after training: exact match / ROUGE-L of generated answers
 
     @field_validator("delta", mode="before")
     @classmethod
@@ -66,8 +68,9 @@ class RunConfig(Schema):
     def to_dict(self) -> dict[str, Any]:
         """Plain data for writing back to YAML (the resolved config saved with every run)."""
         out = self.model_dump(mode="json", exclude={"delta"})
+        optional = {"eval_generation": out["eval_generation"]} if self.eval_generation else {}
         return {"model": out["model"], "data": out["data"], "delta": [d.to_dict() for d in self.delta],
-                "train": out["train"], "output_dir": self.output_dir}
+                "train": out["train"], "output_dir": self.output_dir, **optional}
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
@@ -99,6 +102,7 @@ def validate_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     _check_paths(config)
+    _check_generation_eval(config)
     return config
 
 
@@ -154,3 +158,17 @@ def _check_paths(config: RunConfig) -> None:
         if value is not None and value not in PACKAGED_DATASETS and not Path(value).is_file():
             raise ConfigError(f"data.{split}: file {value!r} not found "
                               f"(give a data file or one of: {', '.join(PACKAGED_DATASETS)})")
+
+
+def _check_generation_eval(config: RunConfig) -> None:
+    """`eval_generation` needs a text-generating run and an existing held-out file."""
+    from deltatune.assets import PACKAGED_DATASETS
+
+    if config.eval_generation is None:
+        return
+    if config.task != "causal_lm":
+        raise ConfigError(f"eval_generation: generating answers needs a causal-LM run, not {config.task} "
+                          f"(data.format: {config.data.format})")
+    held_out = config.eval_generation.file
+    if held_out not in PACKAGED_DATASETS and not Path(held_out).is_file():
+        raise ConfigError(f"eval_generation.file: file {held_out!r} not found")

@@ -76,6 +76,13 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    """One JSON object per line, ASCII-escaped: text may hold U+2028, which `str.splitlines` would split on."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 

@@ -32,6 +32,7 @@ def write_report(out_dir: str | Path, config: Any, result: Any) -> Path:
         f"<h1>deltatune run: {html.escape(str(out_dir))}</h1>",
         "<h2>Results (test set)</h2>", _results_table(res),
         _summary_table(res),
+        _generation_section(res, out_dir),
         "<h2>Training curves</h2>", _curves_img(rows, res["metric"]),
         "<h2>Config</h2>", _config_pre(config),
         "<h2>Environment</h2>", _table(["item", "value"], _environment()),
@@ -117,6 +118,20 @@ def _summary_table(res: dict[str, Any]) -> str:
              ("wall time", f"{res['wall_time_s']:.1f} s"), ("train tokens/s", f"{res['train_tokens_per_s']:,.0f}"),
              ("peak memory", f"{res['peak_rss_mb']:,.0f} MB")]
     return _table(["", ""], [[k, _fmt(v)] for k, v in items])
+
+
+def _generation_section(res: dict[str, Any], out_dir: Path, samples: int = 5) -> str:
+    """eval_generation: scores of base and fine-tuned answers, and the first few answers side by side."""
+    gen = res.get("generation")
+    if not gen:
+        return ""
+    base, tuned = gen.get("base") or {}, gen["fine_tuned"]
+    scores = _table(["metric", "base", "fine-tuned"], [[k, _fmt(base.get(k)), _fmt(v)] for k, v in tuned.items()])
+    rows = read_metrics(out_dir / "generations.jsonl")[:samples]
+    answers = [[r.get("prompt") or r["messages"][-1]["content"], r.get("reference"), r.get("base", "-"), r["output"]]
+               for r in rows]
+    return (f"<h2>Generation ({html.escape(str(gen['file']))}, {gen['examples']} examples, greedy)</h2>{scores}"
+            f"<h3>Sample answers</h3>{_table(['prompt', 'reference', 'base', 'fine-tuned'], answers)}")
 
 
 def _curves_img(rows: list[dict[str, Any]], metric: str) -> str:

@@ -74,6 +74,10 @@ def run_training(config: RunConfig, *, resume: bool = False,
     if main:
         session.delta.save(out / "best")
         _save_chat_template(session, out / "best")
+        if config.eval_generation is not None:
+            from deltatune.eval_generation import evaluate_after_training
+
+            evaluate_after_training(session, config.eval_generation, out, result)
         from deltatune.report import write_report
 
         write_report(out, config, result)

@@ -35,14 +35,23 @@ def open_source(path: str | Path, model_path: str | None = None) -> Source:
         if model_path is not None:
             raise ConfigError("--model goes with a delta folder; a run folder names its model in config.yaml")
         session = load_run(path)
-        return Source(session.model, session.delta, session.tokenizer)
+        return Source(session.model, session.delta, _with_template(session.tokenizer, path / "best", path))
     base = read_delta_config(path)["base"]
     model_path = model_path or base["name_or_path"]
     if not Path(model_path).is_dir():
         raise ConfigError(f"{path} is a delta folder whose base model {model_path!r} is not a folder here: "
                           "pass the base model folder with --model")
     model, tokenizer = _load_base(model_path, base["class"])
-    return Source(model, load(model, path), tokenizer)
+    return Source(model, load(model, path), _with_template(tokenizer, path))
+
+
+def _with_template(tokenizer: Any, *folders: Path) -> Any:
+    """The tokenizer with the chat template the run trained with (saved next to the delta), if any."""
+    from deltatune.prompts import saved_template
+
+    if tokenizer is not None:
+        tokenizer.chat_template = saved_template(*folders) or tokenizer.chat_template
+    return tokenizer
 
 
 def _load_base(folder: str, class_name: str) -> tuple[torch.nn.Module, Any]:

@@ -91,6 +91,7 @@ class TrainResult:
     peak_rss_mb: float
     trainable_params: int
     total_params: int
+    generation: dict[str, Any] | None = None  # eval_generation: file, examples, base and fine_tuned metrics
 
 
 def train(model: nn.Module, delta: DeltaBase, data: TaskData, cfg: TrainConfig, out_dir: str | Path, *,
