@@ -123,7 +123,7 @@ def test_long_records_are_an_error_or_silent_by_config(tmp_path, tokenizer):
 
 
 def test_long_conversations_name_their_line(tmp_path):
-    """Chat formats cut conversations too; the line is right even after a record without targets is dropped."""
+    """Chat formats cut conversations too; one cut before its answer counts (it is then dropped, not kept)."""
     from tiny import tiny_chat_tokenizer
 
     from deltatune.data.chat import TEMPLATES
@@ -131,12 +131,15 @@ def test_long_conversations_name_their_line(tmp_path):
     def chat(question: str, answer: str) -> dict:
         return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
 
-    rows = [chat("x" * 60, "ok"), chat("hi", "ok"), chat("hi", "y" * 60)]  # the first has no target left: dropped
+    rows = [chat("hi", "ok"), chat("x" * 60, "ok"), chat("hi", "y" * 60)]  # the second has no target left
     path = write_jsonl(tmp_path / "chat.jsonl", rows)
     cfg = DataConfig(train=str(path), format="messages", max_length=40, truncation="error", split=(1.0, 0.0, 0.0))
-    with pytest.raises(DataError, match=r"1 of 2 records in .*chat.jsonl are longer than 40 tokens \(data.max_length;"
-                                        r" the first is .*chat.jsonl:3 with 83 tokens\)"):
+    with pytest.raises(DataError, match=r"2 of 3 records in .*chat.jsonl are longer than 40 tokens \(data.max_length;"
+                                        r" the first is .*chat.jsonl:2 with 83 tokens\)"):
         prepare_data(cfg, tiny_chat_tokenizer(TEMPLATES["chatml"]))
+    with pytest.warns(UserWarning, match=r"2 of 3 records .* the first is .*chat.jsonl:2 .* they were truncated"):
+        data = prepare_data(cfg.model_copy(update={"truncation": "warn"}), tiny_chat_tokenizer(TEMPLATES["chatml"]))
+    assert [len(ex["input_ids"]) for ex in data.train] == [25, 40]  # the second conversation is left out
 
 
 # ---- config ----------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from datasets import Dataset
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from deltatune.data.conversations import Message, RecordError
-from deltatune.data.truncation import FULL_LENGTH, RECORD
+from deltatune.data.truncation import FULL_LENGTH
 from deltatune.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -114,7 +114,8 @@ def encode_conversations(conversations: list[list[Message]], tokenizer: PreTrain
                          max_length: int, train_on_prompt: bool = False,
                          where: Callable[[int], str] = "conversation {}".format) -> Dataset:
     """Token ids (truncated to max_length) with labels = ids on assistant tokens and -100 elsewhere (all tokens
-    with `train_on_prompt`). Conversations left with no label are dropped (their assistant turns were cut off).
+    with `train_on_prompt`), one example per conversation. A conversation cut before its assistant turns keeps no
+    target (`has_targets`); prepare_data drops those after applying data.truncation.
 
     A conversation the template cannot render (or locate the assistant turns of) is a DataError at `where(i)`."""
     if not tokenizer.is_fast:
@@ -128,18 +129,20 @@ def encode_conversations(conversations: list[list[Message]], tokenizer: PreTrain
             raise DataError(f"{where(i)}: {e}") from None
     encoded = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True,
                         verbose=False)
-    rows: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": [], FULL_LENGTH: [], RECORD: []}
-    for record, (ids, offsets, (_, spans)) in enumerate(zip(encoded["input_ids"], encoded["offset_mapping"], rendered)):
-        full_length, ids = len(ids), ids[:max_length]
-        labels = list(ids) if train_on_prompt else [
-            t if any(s < b and e > a for a, b in spans) else -100 for t, (s, e) in zip(ids, offsets)]
-        if any(label != -100 for label in labels[1:]):  # the first token is never a target
-            rows["input_ids"].append(ids)
-            rows["attention_mask"].append([1] * len(ids))
-            rows["labels"].append(labels)
-            rows[FULL_LENGTH].append(full_length)  # for data.truncation (see truncation.py)
-            rows[RECORD].append(record)
+    rows: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": [], FULL_LENGTH: []}
+    for ids, offsets, (_, spans) in zip(encoded["input_ids"], encoded["offset_mapping"], rendered):
+        rows[FULL_LENGTH].append(len(ids))  # for data.truncation (see truncation.py)
+        ids = ids[:max_length]
+        rows["input_ids"].append(ids)
+        rows["attention_mask"].append([1] * len(ids))
+        rows["labels"].append(list(ids) if train_on_prompt else [
+            t if any(s < b and e > a for a, b in spans) else -100 for t, (s, e) in zip(ids, offsets)])
     return Dataset.from_dict(rows)
+
+
+def has_targets(labels: list[int]) -> bool:
+    """Whether an encoded conversation has a token to learn (the first token is never a target)."""
+    return any(label != -100 for label in labels[1:])
 
 
 def _render(messages: list[Message], template: str, tokenizer: PreTrainedTokenizerBase, add_generation_prompt: bool,
