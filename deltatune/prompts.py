@@ -130,11 +130,11 @@ def _sft_format(row: dict[str, Any]) -> str | None:
 
 
 def _sft_messages(row: dict[str, Any], fmt: str, where: str) -> list[dict[str, str]]:
-    """The record as messages (ending with its last assistant turn), read as training reads it."""
+    """The record's turns (a final assistant turn is the reference), read with the training format's columns."""
     from deltatune.data.conversations import DEFAULT_COLUMNS, ROLES, Reader, RecordError
 
     try:
-        return Reader(fmt, DEFAULT_COLUMNS[fmt], ROLES)(row)
+        return Reader(fmt, DEFAULT_COLUMNS[fmt], ROLES).conversation(row)
     except RecordError as e:
         raise DataError(f"{where}: {e}") from None
 
