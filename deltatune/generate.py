@@ -52,6 +52,9 @@ def generate_ids(model: nn.Module, prompts: Sequence[Sequence[int]], sampling: S
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("generate needs at least one non-empty prompt")
     width = max(len(p) for p in prompts)
+    if (limit := context_length(model)) is not None and width + sampling.max_new_tokens > limit:
+        raise ConfigError(f"a prompt of {width} tokens and max_new_tokens={sampling.max_new_tokens} do not fit the "
+                          f"model's context of {limit} tokens; shorten the prompt or lower --max-new-tokens")
     device = next(model.parameters()).device
     ids = torch.tensor([[pad_token_id] * (width - len(p)) + list(p) for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
@@ -91,6 +94,11 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], sampling: Sampling
                        tokenizer=tokenizer, streamer=streamer)
     texts = tokenizer.batch_decode(new, skip_special_tokens=True)
     return [cut_at_stop(t, sampling.stop) for t in texts]
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The most tokens (prompt + new) the model's position embeddings take, if its config says."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
 def eos_ids(model: nn.Module, tokenizer) -> list[int]:

@@ -13,7 +13,7 @@ from torch import nn
 
 from deltatune.delta import DeltaBase
 from deltatune.errors import ConfigError
-from deltatune.generate import Sampling, generate
+from deltatune.generate import Sampling, context_length, generate
 from deltatune.prompts import PromptRecord, chat_messages, chat_template, render_chat, saved_template
 
 
@@ -159,7 +159,7 @@ class Conversation:
         return len(self.generator.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _fit_context(self) -> None:
-        limit = getattr(self.generator.model.config, "max_position_embeddings", None)
+        limit = context_length(self.generator.model)
         if limit is None:
             return
         first = 1 if self.system else 0
