@@ -99,14 +99,22 @@ def open_generator(*, run: str | Path | None = None, model: str | None = None, d
         dtype, saved = "float32", saved_template(Path(delta)) if delta is not None else None
     base, tokenizer = load_model(model, "causal_lm", dtype=dtype)
     if template is not None:
-        from deltatune.data.chat import resolve_template
-
-        is_file = template.endswith(".jinja") and Path(template).is_file()
-        saved = resolve_template(tokenizer, Path(template).read_text(encoding="utf-8") if is_file else template)
+        saved = _template_option(tokenizer, template)
     generator = Generator(base, tokenizer, Path(delta) if delta is not None else None, saved)
     if attach:
         generator.attach_delta(merge)
     return generator
+
+
+def _template_option(tokenizer: Any, template: str) -> str:
+    """The jinja source `--template` names: a shipped template, a .jinja file or inline jinja."""
+    from deltatune.data.chat import resolve_template
+
+    if template.endswith(".jinja"):
+        if not Path(template).is_file():
+            raise ConfigError(f"--template: no such file {template!r}")
+        template = Path(template).read_text(encoding="utf-8")
+    return resolve_template(tokenizer, template, option="--template")
 
 
 def _causal_lm_run(run: Path) -> tuple[str, str]:

@@ -15,6 +15,7 @@ import yaml
 from rich.control import strip_control_codes
 
 from deltatune.cli import main
+from deltatune.errors import ConfigError
 from deltatune.eval_generation import score
 from deltatune.generate import Sampling
 from deltatune.inference import Conversation, open_generator
@@ -175,11 +176,16 @@ def test_template_option_names_a_shipped_template_or_a_file(lm_dir, tmp_path):
     assert alpaca.template == TEMPLATES["alpaca"]
     prompt = alpaca.prompt_text(PromptRecord("t", text="hi"), chat=True)
     assert prompt.endswith("### Instruction:\nhi\n\n### Response:\n")
-    rows = generate_to_file(tmp_path, "--model", str(lm_dir), "--template", "alpaca")  # chat is then on
-    assert [r["output"] for r in rows] == alpaca.complete([PromptRecord("t", text=p) for p in PROMPTS], SAMPLING)
+    chatml = open_generator(model=str(lm_dir), template="chatml")  # alpaca's preamble leaves no room in 128 tokens
+    rows = generate_to_file(tmp_path, "--model", str(lm_dir), "--template", "chatml")  # chat is then on
+    assert [r["output"] for r in rows] == chatml.complete([PromptRecord("t", text=p) for p in PROMPTS], SAMPLING)
     jinja = tmp_path / "mine.jinja"
-    jinja.write_text(TEMPLATES["alpaca"])
+    jinja.write_text(TEMPLATES["chatml"])
     assert generate_to_file(tmp_path, "--model", str(lm_dir), "--template", str(jinja)) == rows
+    with pytest.raises(ConfigError, match=r"--template: no such file '.*missing.jinja'"):
+        open_generator(model=str(lm_dir), template=str(tmp_path / "missing.jinja"))
+    with pytest.raises(ConfigError, match=r"--template: unknown template 'chatlm'; use one of chatml, llama3"):
+        open_generator(model=str(lm_dir), template="chatlm")
 
 
 def test_compare_base_shows_base_and_fine_tuned_side_by_side(run, lm_dir, tmp_path, capsys):

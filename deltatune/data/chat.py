@@ -62,25 +62,27 @@ TEMPLATES: dict[str, str] = {
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
-def resolve_template(tokenizer: PreTrainedTokenizerBase, name_or_jinja: str | None = None) -> str:
-    """The jinja source of a chat template: a TEMPLATES name, inline jinja, or (None) the tokenizer's own."""
+def resolve_template(tokenizer: PreTrainedTokenizerBase, name_or_jinja: str | None = None,
+                     option: str = "data.chat_template") -> str:
+    """The jinja source of a chat template: a TEMPLATES name, inline jinja, or (None) the tokenizer's own.
+    Errors name the setting it came from (`option`)."""
     if name_or_jinja is None:
         own = tokenizer.chat_template
         if isinstance(own, dict):  # several named templates: the default one
             own = own.get("default")
         if not own:
-            raise ConfigError(f"the tokenizer has no chat template: set data.chat_template to one of "
+            raise ConfigError(f"the tokenizer has no chat template: set {option} to one of "
                               f"{', '.join(TEMPLATES)} or to an inline jinja template")
         return own
     if name_or_jinja in TEMPLATES:
         return TEMPLATES[name_or_jinja]
     if "{{" not in name_or_jinja and "{%" not in name_or_jinja:
-        raise ConfigError(f"data.chat_template: unknown template {name_or_jinja!r}; use one of "
+        raise ConfigError(f"{option}: unknown template {name_or_jinja!r}; use one of "
                           f"{', '.join(TEMPLATES)}, an inline jinja template, or leave it unset (the tokenizer's own)")
     try:
         render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], name_or_jinja, tokenizer)
     except RecordError as e:
-        raise ConfigError(f"data.chat_template: the inline template does not render a simple conversation ({e})") \
+        raise ConfigError(f"{option}: the inline template does not render a simple conversation ({e})") \
             from None
     return name_or_jinja
 
