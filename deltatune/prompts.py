@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deltatune.data.chat import TEMPLATE_FILE
 from deltatune.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 ROLES = ("system", "user", "assistant")
 
@@ -62,7 +65,7 @@ def saved_template(*folders: Path | None) -> str | None:
     return None
 
 
-def chat_template(tokenizer, saved: str | None = None) -> str:
+def chat_template(tokenizer: PreTrainedTokenizerBase, saved: str | None = None) -> str:
     """The `saved` template (what training used), else the tokenizer's own; an error if there is neither."""
     if saved:
         return saved
@@ -75,7 +78,7 @@ def chat_template(tokenizer, saved: str | None = None) -> str:
     return resolve_template(tokenizer)
 
 
-def render_chat(tokenizer, messages: list[dict[str, str]], template: str) -> str:
+def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], template: str) -> str:
     """`messages` as prompt text ending where the assistant's reply starts, rendered exactly as in training."""
     from deltatune.data.chat import render
     from deltatune.data.conversations import RecordError
