@@ -68,6 +68,8 @@ class Generator:
                  system: str | None = None, batch_size: int = 8,
                  on_text: Callable[[str], None] | None = None) -> list[str]:
         """Outputs for `records`, generated in batches of `batch_size` (`on_text` streams a single record)."""
+        if batch_size < 1:
+            raise ConfigError(f"batch size must be 1 or more, got {batch_size}")
         chat = self.use_chat(chat, records)
         texts = [self.prompt_text(r, chat, system) for r in records]
         outputs: list[str] = []

@@ -169,6 +169,11 @@ def test_a_run_that_saved_its_chat_template_generates_with_it_by_default(run, tm
     assert generate_to_file(tmp_path, "--model", str(merged), "--chat") == rows
 
 
+def test_batch_size_below_one_is_an_error(lm_dir):
+    with pytest.raises(ConfigError, match="batch size must be 1 or more, got 0"):
+        open_generator(model=str(lm_dir)).complete([PromptRecord("t", text="hi")], SAMPLING, batch_size=0)
+
+
 def test_template_option_names_a_shipped_template_or_a_file(lm_dir, tmp_path):
     from deltatune.data import TEMPLATES
 
