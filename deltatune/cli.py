@@ -83,10 +83,33 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, help="with --generate: write every answer to this .jsonl file")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("merge", help="merge a run's delta into the base and save a standalone model")
+    p = sub.add_parser("merge", help="merge a run's delta into the base and save a standalone model "
+                                     "(= export --format hf)")
     p.add_argument("run", type=Path)
     p.add_argument("out", type=Path)
-    p.set_defaults(func=cmd_merge)
+    p.set_defaults(func=cmd_export, format="hf", model=None)
+
+    p = sub.add_parser("export", help="write a run's delta as a Hugging Face PEFT adapter, or merged into a "
+                                      "standalone transformers model")
+    p.add_argument("run", type=Path, metavar="RUN_OR_DELTA", help="run folder, or a saved delta folder")
+    p.add_argument("out", type=Path, help="new output folder")
+    p.add_argument("--format", choices=["peft", "hf"], required=True,
+                   help="peft: adapter_config.json + adapter_model.safetensors; hf: merged model (save_pretrained)")
+    p.add_argument("--merge", action="store_true", help="merge into the base weights (what --format hf does)")
+    p.add_argument("--model", help="base model folder of a delta folder (default: the one it was trained from)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("compare", help="train one task with several methods (same data, seed, budget) and "
+                                       "compare them in one table and chart")
+    p.add_argument("config", type=Path)
+    p.add_argument("--methods", help="comma-separated methods or compare.settings variants, e.g. full,lora,prefix "
+                                     "(default: compare.methods of the config)")
+    p.add_argument("--force", action="store_true", help="re-train methods whose run has finished already")
+    p.add_argument("--in-process", action="store_true", help="train every method in this process (starts faster; "
+                                                             "peak memory is then this process's peak so far)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value for every method, e.g. --set data.limit=600 (repeatable)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("generate", help="generate text with a trained run, or a model and an optional delta")
     _add_model_source(p)
@@ -163,22 +186,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_merge(args: argparse.Namespace) -> int:
-    from deltatune.prompts import saved_template
-    from deltatune.run import load_run
+def cmd_export(args: argparse.Namespace) -> int:
+    from deltatune.interop import export
 
-    session = load_run(args.run)
-    session.delta.merge()
-    session.tokenizer.chat_template = saved_template(args.run / "best", args.run) or session.tokenizer.chat_template
-    if args.out.exists() and any(args.out.iterdir()):
-        raise DeltaTuneError(f"output folder {args.out} is not empty; choose a new folder")
-    tmp = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}")
-    session.model.save_pretrained(tmp)
-    session.tokenizer.save_pretrained(tmp)
-    if args.out.exists():
-        args.out.rmdir()
-    tmp.rename(args.out)
-    console.print(f"merged model written to [cyan]{args.out}[/] (load it with transformers' from_pretrained)")
+    if args.format == "peft" and getattr(args, "merge", False):
+        raise DeltaTuneError("--merge goes with --format hf: a PEFT adapter keeps the delta separate")
+    out = export(args.run, args.out, args.format, model_path=args.model)
+    what, loader = (("PEFT adapter", "peft.PeftModel.from_pretrained") if args.format == "peft" else
+                    ("merged model", "transformers' from_pretrained"))
+    console.print(f"{what} written to [cyan]{out}[/] (load it with {loader})")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from deltatune.compare import run_compare
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+
+    def on_event(kind: str, info: dict) -> None:
+        what = "finished earlier, kept (--force re-trains)" if kind == "skip" else "training"
+        console.print(f"[{info['index']}/{info['total']}] [cyan]{info['method']}[/]: {what} → {info['run_dir']}")
+
+    out, rows = run_compare(args.config, methods, args.overrides, force=args.force, isolate=not args.in_process,
+                            on_event=on_event)
+    table = Table(title=f"deltatune compare · test {rows[0].metric}")
+    for column in ("method", "deltas", f"test {rows[0].metric}", "trainable", "trainable %", "delta file",
+                   "wall time", "tokens/s", "peak memory"):
+        table.add_column(column, justify="left" if column in ("method", "deltas") else "right")
+    for r in rows:
+        table.add_row(r.method, r.deltas, _fmt(r.test), f"{r.trainable_params:,}", f"{r.trainable_pct:.3f}%",
+                      f"{r.delta_bytes / 1e6:.2f} MB", f"{r.wall_time_s:.1f} s", f"{r.tokens_per_s:,.0f}",
+                      f"{r.peak_rss_mb:,.0f} MB")
+    console.print(table)
+    console.print(f"written to [cyan]{out}[/]: compare.json, compare.csv, compare.png, compare.html")
     return 0
 
 

@@ -75,6 +75,11 @@ class RunConfig(Schema):
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML config, apply `key.sub=value` overrides, and validate it (one ConfigError if anything is off)."""
+    return validate_config(read_config(path, overrides), where=str(path))
+
+
+def read_config(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
+    """The YAML mapping of a config file with `key.sub=value` overrides applied, not validated yet."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
@@ -86,7 +91,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         raise ConfigError(f"{path}: expected a mapping with keys model, data, delta, train; got {type(raw).__name__}")
     for item in overrides:
         apply_override(raw, item)
-    return validate_config(raw, where=str(path))
+    return raw
 
 
 def validate_config(raw: dict[str, Any], where: str = "config") -> RunConfig:

@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any, Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
-from deltatune.errors import DeltaTuneError
+from deltatune.errors import ConfigError, DeltaTuneError
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -37,6 +38,33 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             raise DeltaTuneError(f"no space left on device for {path}: nothing was written (a previous version is "
                                  "unchanged); free some space and try again") from exc
         raise
+
+
+@contextmanager
+def new_folder(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder next to `path`; on success rename it to `path`, so `path` is never half-written.
+    `path` must not exist yet or be an empty folder."""
+    path = Path(path)
+    check_new_folder(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
+    try:
+        yield tmp
+        if path.exists():
+            path.rmdir()
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_new_folder(path: Path) -> None:
+    """An output folder must not exist yet, or be empty: nothing of the user's is ever overwritten."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ConfigError(f"output folder {path} already exists and is not empty; choose a new folder")
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -58,7 +58,7 @@ def kill_when(ready, proc: subprocess.Popen) -> None:
 
 def saving(run: Path, step: int):
     """A checkpoint of `step` or later is being written: its temporary folder exists."""
-    return lambda: bool(saves_in_progress(run)) and max(saves_in_progress(run)) >= step
+    return lambda: max(saves_in_progress(run), default=-1) >= step  # one listing: a save may finish between two
 
 
 def saves_in_progress(run: Path) -> list[int]:

@@ -2,9 +2,10 @@
 
 The prefixes go in through the model's own cache API: a forward pre-hook on the model fills a `DynamicCache`
 (transformers' public class) with each layer's prefix keys/values and passes it as `past_key_values`, prepends n
-ones to the attention mask, and sets position ids from the unextended mask, so real tokens keep positions
-0.. whatever the padding side. No attention code is copied. In cached generation the prefix is already in the
-cache: the pre-hook only extends the mask (and positions) of the new tokens.
+ones to the attention mask, and sets position ids from the unextended mask, so real tokens take positions
+n, n+1, .. after the prefix (as the papers' code and PEFT do) whatever the padding side. No attention code is
+copied. In cached generation the prefix is already in the cache: the pre-hook only extends the mask (and
+positions) of the new tokens.
 
 Gradient checkpointing makes transformers drop `past_key_values` inside checkpointed layers (it would be written
 twice on the backward replay). A forward pre-hook on every self-attention module then hands it a single-use
@@ -162,7 +163,7 @@ class PrefixDelta(Delta):
         if mask is None:
             mask = torch.ones(batch, past - n + length, dtype=torch.long, device=x.device)
         if takes(self.model, "position_ids"):
-            kwargs["position_ids"] = positions(mask)[:, -length:]
+            kwargs["position_ids"] = positions(mask)[:, -length:] + n  # after the prefix, as in the papers and PEFT
         kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], 1)
         return (), kwargs
 

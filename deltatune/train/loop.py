@@ -69,7 +69,7 @@ class TrainConfig(Schema):
     patience: int | None = Field(None, ge=1)  # evaluations without improvement before stopping
     checkpoint_every: int | None = Field(None, ge=1)  # checkpoints also at every epoch end and at the last step
     keep_checkpoints: int = Field(2, ge=1)
-    log_every: int = Field(10, ge=1)
+    log_every: int = Field(1, ge=1)  # train rows in metrics.jsonl/csv (and TensorBoard): every step
     num_threads: int | None = Field(None, ge=1)
     length_grouping: bool = False  # batches of similar lengths (less padding), still a seeded random order
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun (see distributed.py); fsdp: full fine-tuning

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from deltatune import io
 from deltatune.errors import CheckpointError, ConfigError
+from deltatune.train.tensorboard import open_tensorboard
 
 TASKS = ("classification", "regression", "text")
 METRICS = {"classification": ("loss", "accuracy", "macro_f1"), "regression": ("loss", "mse"),
@@ -120,7 +121,8 @@ def macro_f1(preds: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 class MetricsLog:
-    """`metrics.jsonl` (source of truth) and `metrics.csv`: one row per logged train step or evaluation.
+    """`metrics.jsonl` (source of truth) and `metrics.csv`: one row per logged train step (every step by default)
+    or evaluation; plus TensorBoard event files in `tensorboard/` when the package is installed.
 
     Row kinds: "baseline" (before training, step 0), "train", "eval" (validation during training), "final"
     (test split with the best delta). Files are appended to; `start(step)` on resume drops the rows written after
@@ -132,6 +134,7 @@ class MetricsLog:
     def __init__(self, out_dir: Path, task: str):
         self.jsonl, self.csv = out_dir / "metrics.jsonl", out_dir / "metrics.csv"
         self.columns = [*self.BASE, *METRICS[task][1:]]
+        self.tensorboard_dir, self.tensorboard = out_dir / "tensorboard", None  # event files too, if installed
 
     def start(self, resume_step: int | None) -> None:
         """Fresh files (None), or keep the rows up to `resume_step` of an interrupted run."""
@@ -143,12 +146,15 @@ class MetricsLog:
             writer = csv.DictWriter(f, self.columns, restval="", extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
+        self.tensorboard = open_tensorboard(self.tensorboard_dir, resume_step)
 
     def write(self, row: dict[str, Any]) -> None:
         with open(self.jsonl, "a") as f:
             f.write(json.dumps(row) + "\n")
         with open(self.csv, "a", newline="") as f:
             csv.DictWriter(f, self.columns, restval="", extrasaction="ignore").writerow(row)
+        if self.tensorboard is not None:
+            self.tensorboard.write(row)
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
