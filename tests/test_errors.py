@@ -341,11 +341,16 @@ def test_disk_full_during_a_checkpoint_leaves_the_previous_one_intact(tmp_path, 
     optimizer = torch.optim.AdamW(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     parts = {"delta": delta, "optimizer": optimizer, "scheduler": scheduler, "state": {"epoch": 0}, "keep": 2}
+    monkeypatch.setattr(io.os, "fsync", disk_full)  # the disk fills up while the tensors are flushed
+    with pytest.raises(CheckpointError, match=r"checkpoint step-00000001 was not written: No space left on device; "
+                                              r"there is no earlier checkpoint. Free some space and start the run"):
+        save_checkpoint(tmp_path, 1, **parts)
+    monkeypatch.undo()
     save_checkpoint(tmp_path, 1, **parts)
     files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    monkeypatch.setattr(io.os, "fsync", disk_full)  # the disk fills up while the tensors are flushed
+    monkeypatch.setattr(io.os, "fsync", disk_full)
     with pytest.raises(CheckpointError, match=r"checkpoint step-00000002 was not written: No space left on device; "
-                                              r"the previous checkpoint .*step-00000001 stay as they were. Free some "
+                                              r"the previous checkpoint .*step-00000001 is unchanged. Free some "
                                               r"space and continue with --resume"):
         save_checkpoint(tmp_path, 2, **parts)
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files  # nothing new, nothing touched
