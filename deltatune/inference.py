@@ -159,7 +159,11 @@ class Conversation:
         self.messages.append({"role": "user", "content": text})
         self._fit_context()
         record = PromptRecord("chat", messages=tuple(self.messages))
-        answer = self.generator.complete([record], self.sampling, chat=True, on_text=on_text)[0]
+        try:
+            answer = self.generator.complete([record], self.sampling, chat=True, on_text=on_text)[0]
+        except BaseException:  # e.g. Ctrl-C while streaming: the unanswered message leaves the history
+            self.messages.pop()
+            raise
         self.messages.append({"role": "assistant", "content": answer})
         return answer
 
