@@ -166,6 +166,7 @@ def test_a_run_that_saved_its_chat_template_generates_with_it_by_default(run, tm
     merged = tmp_path / "merged"
     assert main(["merge", str(sft_run), str(merged)]) == 0
     assert (merged / "chat_template.jinja").read_text() == template
+    assert json.loads((merged / "config.json").read_text())["use_cache"] is True  # packing did not turn it off
     assert generate_to_file(tmp_path, "--model", str(merged), "--chat") == rows
 
 

@@ -377,7 +377,7 @@ def test_packing_gives_the_per_example_losses_of_unpacked_examples(tmp_path: Pat
     assert got == pytest.approx([expected[key] for key in keys], rel=1e-5, abs=1e-5)
 
 
-def test_prepare_model_turns_off_the_cache_that_breaks_packing(tmp_path: Path, tok: Any) -> None:
+def test_prepare_model_turns_off_the_cache_for_packed_rows(tmp_path: Path, tok: Any) -> None:
     """With config.use_cache on (the default, also in training) transformers ignores packed position_ids."""
     model = tiny_model("llama", head="lm")
     ids, positions = torch.randint(3, 90, (1, 8)), torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])
@@ -385,8 +385,11 @@ def test_prepare_model_turns_off_the_cache_that_breaks_packing(tmp_path: Path, t
         alone = model(input_ids=ids[:, 4:]).logits
         leaky = model(input_ids=ids, position_ids=positions).logits[:, 4:]
         prepare_model(model)
+        prepare_model(model)  # idempotent: one hook
         packed = model(input_ids=ids, position_ids=positions).logits[:, 4:]
-    assert model.config.use_cache is False
+        cached = model(input_ids=ids[:, 4:], attention_mask=torch.ones(1, 4, dtype=torch.long))
+    assert model.config.use_cache is True and len(model._forward_pre_hooks) == 1  # saved models keep their cache
+    assert cached.past_key_values is not None  # generation still uses it
     assert (leaky - alone).abs().max() > 1e-2
     torch.testing.assert_close(packed, alone)
 
