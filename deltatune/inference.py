@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import yaml
 from torch import nn
@@ -15,6 +15,9 @@ from deltatune.delta import DeltaBase
 from deltatune.errors import ConfigError
 from deltatune.generate import Sampling, context_length, generate
 from deltatune.prompts import PromptRecord, chat_messages, chat_template, render_chat, saved_template
+
+if TYPE_CHECKING:
+    from deltatune.config import ModelConfig
 
 
 @dataclass
@@ -94,12 +97,13 @@ def open_generator(*, run: str | Path | None = None, model: str | None = None, d
         if delta is not None:
             raise ConfigError("--delta goes with --model; a --run already has its delta (best/)")
         run = Path(run)
-        model, dtype = _causal_lm_run(run)
-        delta = run / "best"
+        trained = _causal_lm_run(run)
+        model, delta = trained.path, run / "best"
+        options = dict(dtype=trained.dtype, trust_remote_code=trained.trust_remote_code)
         saved = saved_template(delta, run)
     else:
-        dtype, saved = "float32", saved_template(Path(delta)) if delta is not None else None
-    base, tokenizer = load_model(model, "causal_lm", dtype=dtype)
+        options, saved = {}, saved_template(Path(delta)) if delta is not None else None
+    base, tokenizer = load_model(model, "causal_lm", **options)
     if template is not None:
         saved = _template_option(tokenizer, template)
     generator = Generator(base, tokenizer, Path(delta) if delta is not None else None, saved)
@@ -119,8 +123,8 @@ def _template_option(tokenizer: Any, template: str) -> str:
     return resolve_template(tokenizer, template, option="--template")
 
 
-def _causal_lm_run(run: Path) -> tuple[str, str]:
-    """(model path, dtype) of a finished causal-LM run; a clear error for anything else."""
+def _causal_lm_run(run: Path) -> ModelConfig:
+    """The model settings of a finished causal-LM run; a clear error for anything else."""
     from deltatune.config import RunConfig
     from deltatune.run import CONFIG_NAME
 
@@ -135,7 +139,7 @@ def _causal_lm_run(run: Path) -> tuple[str, str]:
                           "a run trained on text or chat data")
     if not (run / "best").is_dir():
         raise ConfigError(f"{run} has no trained delta yet ({run / 'best'} missing): finish or resume the run first")
-    return config.model.path, config.model.dtype
+    return config.model
 
 
 class Conversation:

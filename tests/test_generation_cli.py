@@ -170,6 +170,22 @@ def test_a_run_that_saved_its_chat_template_generates_with_it_by_default(run, tm
     assert generate_to_file(tmp_path, "--model", str(merged), "--chat") == rows
 
 
+def test_a_run_loads_its_base_model_with_the_run_settings(run, tmp_path, monkeypatch):
+    """dtype and trust_remote_code come from the run's config, as in training."""
+    from deltatune import models
+
+    trusted = tmp_path / "trusted"
+    shutil.copytree(run, trusted)
+    config = yaml.safe_load((trusted / "config.yaml").read_text())
+    config["model"]["trust_remote_code"] = True
+    (trusted / "config.yaml").write_text(yaml.safe_dump(config))
+    seen, original = [], models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *args, **kwargs: seen.append(kwargs) or original(*args, **kwargs))
+    open_generator(run=trusted, attach=False)
+    open_generator(model=config["model"]["path"], attach=False)
+    assert seen == [{"dtype": "float32", "trust_remote_code": True}, {}]
+
+
 def test_batch_size_below_one_is_an_error(lm_dir):
     with pytest.raises(ConfigError, match="batch size must be 1 or more, got 0"):
         open_generator(model=str(lm_dir)).complete([PromptRecord("t", text="hi")], SAMPLING, batch_size=0)
