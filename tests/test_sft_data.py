@@ -258,11 +258,12 @@ def test_template_that_renders_prefixes_differently_is_an_error(tmp_path: Path) 
 def test_truncation_drops_examples_without_targets(tmp_path: Path, tok: Any) -> None:
     long_prompt = {"messages": [{"role": "user", "content": "x" * 80}, {"role": "assistant", "content": "ok"}]}
     path = write_jsonl(tmp_path / "m.jsonl", [GOOD, long_prompt])
-    data = prepare(path, tok, max_length=60)
+    with pytest.warns(UserWarning, match=r"2 of 2 records .* longer than 60 tokens .* they were truncated"):
+        data = prepare(path, tok, max_length=60)
     assert data.source["train"]["records"] == 2 and len(data.train) == 1 and len(data.train[0]["input_ids"]) == 60
     write_jsonl(path, [long_prompt])
     with pytest.raises(DataError, match="no training example has a target token within the first max_length=60"):
-        prepare(path, tok, max_length=60)
+        prepare(path, tok, max_length=60, truncation="silent")
 
 
 @pytest.mark.slow
