@@ -44,7 +44,8 @@ class Sampling(Schema):
 
 def generate_ids(model: nn.Module, prompts: Sequence[Sequence[int]], sampling: Sampling = Sampling(), *,
                  pad_token_id: int, eos_token_id: int | list[int] | None = None, use_cache: bool = True,
-                 tokenizer: PreTrainedTokenizerBase | None = None, streamer: BaseStreamer | None = None) -> list[list[int]]:
+                 tokenizer: PreTrainedTokenizerBase | None = None,
+                 streamer: BaseStreamer | None = None) -> list[list[int]]:
     """New token ids for each prompt (ids), generated as one left-padded batch, each cut before its first eos.
 
     With a `tokenizer`, generation of a row also ends once it produced one of `sampling.stop`.
@@ -77,9 +78,9 @@ def generate_ids(model: nn.Module, prompts: Sequence[Sequence[int]], sampling: S
     return [until_eos(row, eos_token_id) for row in out[:, width:].tolist()]
 
 
-def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str], sampling: Sampling = Sampling(), *,
-             add_special_tokens: bool = True, on_text: Callable[[str], None] | None = None,
-             use_cache: bool = True) -> list[str]:
+def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+             sampling: Sampling = Sampling(), *, add_special_tokens: bool = True,
+             on_text: Callable[[str], None] | None = None, use_cache: bool = True) -> list[str]:
     """Completions of `prompts` (text), each cut before the first of `sampling.stop`.
 
     `add_special_tokens=False` for prompts that already hold them (rendered by a chat template). `on_text`
@@ -131,7 +132,8 @@ class _TextStream(BaseStreamer):
     string; a trailing U+FFFD (a multi-byte character still incomplete) waits for its next token.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, on_text: Callable[[str], None], stop: list[str], eos: list[int]) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, on_text: Callable[[str], None], stop: list[str],
+                 eos: list[int]) -> None:
         self.tokenizer, self.on_text, self.stop, self.eos = tokenizer, on_text, stop, eos
         self.hold = max((len(s) - 1 for s in stop if s), default=0)
         self.ids: list[int] = []
