@@ -171,6 +171,20 @@ def test_skip_bad_records_counts_them(tmp_path: Path, tok: Any) -> None:
         prepare(path, tok, format="messages", skip_bad_records=True)
 
 
+def test_skip_bad_records_skips_conversations_the_template_rejects(tmp_path: Path, tok: Any) -> None:
+    template = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
+                "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    user, answer = {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}
+    good = {"messages": [user, answer]}
+    path = write_jsonl(tmp_path / "d.jsonl", [good, {"messages": [user, user, answer]}, good])
+    with pytest.raises(DataError, match=r"d.jsonl:2: the chat template failed on the conversation: .*roles must"):
+        prepare(path, tok, format="messages", chat_template=template)
+    data = prepare(path, tok, format="messages", chat_template=template, skip_bad_records=True)
+    assert len(data.train) == 2 and data.source["train"]["skipped"] == 1
+    assert data.source["train"]["first_skipped"].startswith(f"{path}:2: the chat template failed")
+
+
 def test_text_format_skips_records_without_text(tmp_path: Path, tok: Any) -> None:
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": "abc"}, {"text": ""}, {"text": "de"}])
     with pytest.raises(DataError, match=r"t.jsonl:2: record has no 'text' \(columns: none\)"):
