@@ -22,7 +22,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from deltatune.errors import DeltaTuneError
+from deltatune.errors import ConfigError, DeltaTuneError
 
 console = Console(stderr=False, highlight=False)
 
@@ -161,8 +161,6 @@ def cmd_train(args: argparse.Namespace) -> int:
                                  f"greedy; the answers are in generations.jsonl")
     if skipped := sum(part.get("skipped", 0) for part in session.data.source.values()):
         first = next(part["first_skipped"] for part in session.data.source.values() if part.get("skipped"))
-        from rich.markup import escape
-
         console.print(f"[yellow]skipped {skipped} malformed records[/] (data.skip_bad_records), e.g. {escape(first)}")
     console.print(f"run folder: [cyan]{config.output_dir}[/] (best delta in best/, report.html)")
     return 0
@@ -274,8 +272,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
             console.print(f"[yellow]unknown command[/] {escape(line)}: use /reset or /exit")
         elif line:
             console.print("[bold cyan]assistant>[/] ", end="")
-            conversation.reply(line, on_text=lambda text: console.out(text, end="", highlight=False))
-            console.out("")
+            try:
+                conversation.reply(line, on_text=lambda text: console.out(text, end="", highlight=False))
+                console.out("")
+            except ConfigError as exc:  # e.g. a message too long for the context: say so and keep chatting
+                console.print(f"\n[bold red]error:[/] {escape(str(exc))}")
     return 0
 
 
@@ -454,8 +455,6 @@ def _print_results(result: Any, task: str) -> None:
 
 
 def _show_warning(message: Warning | str, *args: Any, **kwargs: Any) -> None:
-    from rich.markup import escape
-
     console.print(f"[yellow]warning:[/] {escape(str(message))}")
 
 

@@ -285,3 +285,13 @@ def test_errors_are_one_clear_line(run, lm_dir, tmp_path, capsys, args, message)
     assert main(args) == 1
     printed = capsys.readouterr().out
     assert message in " ".join(printed.split()) and "Traceback" not in printed
+
+
+def test_chat_reports_a_too_long_message_and_goes_on(run, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("word " * 400 + "\nhello\n/exit\n"))
+    assert main(["chat", "--run", str(run), "--max-new-tokens", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert "error: the message is too long" in printed
+    expected = Conversation(open_generator(run=run), SAMPLING).reply("hello")  # the long message left no trace
+    replies = [line.split("assistant> ", 1)[1] for line in printed.split("\n") if "assistant> " in line]
+    assert replies[-1] == strip_control_codes(expected) != ""
