@@ -29,7 +29,7 @@ from deltatune.delta import TENSOR_FILE, DeltaBase
 from deltatune.errors import CheckpointError, ConfigError, DataError, DeltaTuneError
 from deltatune.optim import OptimizerConfig, build_optimizer, build_scheduler
 from deltatune.schema import Schema
-from deltatune.train import checkpoint
+from deltatune.train import checkpoint, speed
 from deltatune.train.metrics import (
     MetricsLog,
     MetricState,
@@ -37,8 +37,6 @@ from deltatune.train.metrics import (
     check_task,
     default_metric,
     improved,
-    logits_of,
-    loss_sum,
     units,
 )
 
@@ -72,6 +70,10 @@ class TrainConfig(Schema):
     num_threads: int | None = Field(None, ge=1)
     length_grouping: bool = False  # batches of similar lengths (less padding), still a seeded random order
     eval_baseline: bool = True  # evaluate the untrained model first (validation + test)
+    # Speed and memory levers (train/speed.py; measured in bench/README.md)
+    precision: speed.Precision = "auto"  # bf16 autocast (fp32 master weights) where the CPU has native bf16
+    chunked_loss: bool = True  # causal LM: loss through the head in chunks, never the full logits
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
 
 
 @dataclass
@@ -119,6 +121,7 @@ def train(model: nn.Module, delta: DeltaBase, data: TaskData, cfg: TrainConfig, 
     params = list(delta.trainable_parameters().values())
     trainable, total = delta.parameter_counts()
     optimizer = build_optimizer(model, delta, cfg.optimizer)
+    fast = speed.FastPath(model, data.task, cfg.precision, cfg.chunked_loss, cfg.gradient_checkpointing)
     micro_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
     total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
@@ -168,9 +171,8 @@ def train(model: nn.Module, delta: DeltaBase, data: TaskData, cfg: TrainConfig, 
             step_loss, tokens = 0.0, 0
             for batch in group:
                 batch = _to_device(batch, params[0].device)
-                logits = logits_of(model(**{k: v for k, v in batch.items() if k != "labels"}))
                 part = units(batch["labels"], data.task) / step_units
-                loss = loss_sum(logits, batch["labels"], data.task) / step_units
+                loss = fast.loss_sum(model, batch, data.task) / step_units
                 if (extra := delta.extra_loss()) is not None:
                     loss = loss + extra * part
                 loss.backward()
@@ -265,7 +267,7 @@ def evaluate(model: nn.Module, dataset: Sequence[dict[str, Any]], collate: Colla
         for start in range(0, len(dataset), batch_size):
             batch = _to_device(collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]),
                                device)
-            state.update(logits_of(model(**{k: v for k, v in batch.items() if k != "labels"})), batch["labels"])
+            speed.update_metrics(state, model, batch)
     finally:
         model.train(was_training)
     return state.result()

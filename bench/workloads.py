@@ -1,0 +1,109 @@
+"""Models and data shared by the benchmarks: every case is built the same way for deltatune and the reference.
+
+Data sets are lists of tokenized examples {"input_ids", "labels"} (labels -100 where no loss is taken):
+  chat      the packaged chatterbot Q&A corpus through the SmolLM2 chat template; loss on assistant turns only
+  longtail  spans of the packaged rotten-tomatoes reviews (one token stream) with long-tailed lengths
+            (log-normal, median 48 tokens, clipped to [8, max_length]); loss on every token
+  fixed     the same stream cut into rows of exactly max_length tokens
+Models: the packaged SmolLM2-135M, and Llama configs with random weights (seeded) and SmolLM2's tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+Example = dict[str, list[int]]
+LLAMA_SIZES = {  # name: (hidden, layers, intermediate, heads)
+    "llama-xs": (256, 4, 768, 4),
+    "llama-small": (512, 8, 1536, 8),
+    "llama-medium": (768, 12, 2048, 12),
+}
+MODELS = ("smollm2", *LLAMA_SIZES)
+DATASETS = ("chat", "longtail", "fixed")
+
+
+@cache
+def tokenizer() -> Any:
+    from deltatune.models import load_tokenizer
+
+    return load_tokenizer("smollm2-135m")
+
+
+def build_model(name: str) -> torch.nn.Module:
+    """A causal LM in fp32: the packaged SmolLM2-135M or a seeded random Llama of LLAMA_SIZES."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from deltatune.assets import resolve_model_path
+
+    if name == "smollm2":
+        return AutoModelForCausalLM.from_pretrained(resolve_model_path("smollm2-135m"), dtype=torch.float32)
+    hidden, layers, inter, heads = LLAMA_SIZES[name]
+    tok = tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, intermediate_size=inter,
+                         num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=2048,
+                         tie_word_embeddings=True, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id)
+    torch.manual_seed(1234)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def build_data(name: str, max_length: int, n_train: int, n_heldout: int = 64,
+               seed: int = 0) -> tuple[list[Example], list[Example]]:
+    """(train, held-out) examples of data set `name`; chat: held-out conversations are not trained on, and
+    training conversations repeat if `n_train` exceeds the ~1,960 left."""
+    rng = random.Random(seed)
+    if name == "chat":
+        rows = chat_examples(max_length)
+        order = rng.sample(range(len(rows)), len(rows))
+        rest = order[n_heldout:]
+        return [rows[rest[i % len(rest)]] for i in range(n_train)], [rows[i] for i in order[:n_heldout]]
+    if name not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}; choose from {', '.join(DATASETS)}")
+    return [_span(name, max_length, rng) for _ in range(n_train)], [_span(name, max_length, rng) for _ in range(n_heldout)]
+
+
+def _span(name: str, max_length: int, rng: random.Random) -> Example:
+    """A random span of the review stream: max_length tokens ("fixed") or a long-tailed length ("longtail")."""
+    stream = text_stream()
+    length = max_length if name == "fixed" else min(max_length, max(8, round(rng.lognormvariate(3.87, 0.9))))
+    start = rng.randrange(len(stream) - length)
+    ids = stream[start:start + length]
+    return {"input_ids": ids, "labels": list(ids)}
+
+
+@cache
+def text_stream() -> list[int]:
+    """The packaged rotten-tomatoes reviews as one token stream (reviews joined by newlines)."""
+    from deltatune.assets import resolve_data_path
+
+    path = resolve_data_path("rotten_tomatoes")
+    texts = [json.loads(line)["text"] for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    return tokenizer()("\n".join(texts), verbose=False)["input_ids"]
+
+
+@cache
+def chat_examples(max_length: int) -> list[Example]:
+    """Chatterbot conversations in the chat template; labels only on the assistant turns (with their end token)."""
+    from deltatune.assets import resolve_data_path
+
+    tok = tokenizer()
+    out = []
+    for line in Path(resolve_data_path("chatterbot")).read_text(encoding="utf-8").splitlines():
+        messages = json.loads(line)["messages"]
+        text = tok.apply_chat_template(messages, tokenize=False)
+        spans = []  # character spans of the assistant answers
+        for k, message in enumerate(messages):
+            if message["role"] == "assistant":
+                start = len(tok.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True))
+                spans.append((start, len(tok.apply_chat_template(messages[:k + 1], tokenize=False))))
+        enc = tok(text, return_offsets_mapping=True, add_special_tokens=False, truncation=True, max_length=max_length)
+        labels = [t if any(a <= s < b for a, b in spans) else -100
+                  for t, (s, _) in zip(enc["input_ids"], enc["offset_mapping"])]
+        out.append({"input_ids": enc["input_ids"], "labels": labels})
+    return out

@@ -1,0 +1,240 @@
+"""Speed and memory levers of the training loop; bench/README.md records what each one measured.
+
+* precision: bf16 autocast for forward and backward with fp32 master weights: every parameter (trainable or not)
+  stays fp32, matmuls run in bf16, losses in fp32. `auto` picks bf16 where the CPU has native bf16 dot products
+  (AVX512_BF16 / AMX) and the model is wide enough for it to pay (hidden size >= BF16_MIN_WIDTH).
+* chunked LM loss (causal LM only): the next-token loss is computed from the final hidden states, only at
+  target positions (labels != -100), through the output head in chunks; each chunk's gradient is taken at once
+  (a fused linear + cross-entropy), so neither the full logits nor their gradient ever exist.
+* activation checkpointing: transformers' non-reentrant checkpointing of every layer, switched on for each
+  training forward only (so nothing is left on the model); inputs need not require grad, whatever is frozen.
+* allocator: glibc keeps freed memory instead of returning it to the kernel every step (`tune_allocator`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deltatune.errors import ConfigError
+from deltatune.train.metrics import MetricState, logits_of, loss_sum
+
+Precision = Literal["auto", "fp32", "bf16"]
+BF16_MIN_WIDTH = 256  # narrower models run slower in bf16 (conversion overhead); see bench/README.md
+# Causal LMs whose forward is exactly `logits = lm_head(hidden_states)` (no logit scaling or soft-capping),
+# checked in transformers' modeling files; other models get the plain loss.
+CHUNKABLE = frozenset({"gpt2", "llama", "mistral", "mixtral", "qwen2", "qwen3", "gpt_neox", "phi", "phi3", "olmo2",
+                       "gemma", "smollm3"})
+CHUNK_ELEMENTS = 1 << 23  # logits per chunk (32 MiB in fp32)
+ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": 0, "MALLOC_TRIM_THRESHOLD_": 1 << 30}
+_MALLOPT = {"MALLOC_MMAP_MAX_": -4, "MALLOC_TRIM_THRESHOLD_": -1}  # glibc M_MMAP_MAX, M_TRIM_THRESHOLD
+
+
+# ---- precision ----------------------------------------------------------------------------------------------
+def cpu_flags() -> set[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return next((set(line.partition(":")[2].split()) for line in text.splitlines() if line.startswith("flags")), set())
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU computes bf16 dot products natively (AVX512_BF16 or AMX), so bf16 matmuls are fast."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def model_width(model: nn.Module) -> int:
+    config = getattr(_unwrap(model), "config", None)
+    return int(getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or 0)
+
+
+def resolve_precision(setting: Precision, model: nn.Module) -> torch.dtype | None:
+    """The autocast dtype for `setting` (None = plain fp32)."""
+    if setting == "fp32":
+        return None
+    if setting == "bf16":
+        return torch.bfloat16
+    device = next(model.parameters()).device
+    fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
+    return torch.bfloat16 if fast and model_width(model) >= BF16_MIN_WIDTH else None
+
+
+# ---- chunked causal-LM loss -----------------------------------------------------------------------------------
+def output_head(model: nn.Module) -> tuple[nn.Module, str] | None:
+    """(parent module, attribute) holding the LM head of a chunkable causal LM, else None."""
+    inner = _unwrap(model)
+    if getattr(getattr(inner, "config", None), "model_type", None) not in CHUNKABLE:
+        return None
+    head = inner.get_output_embeddings() if callable(getattr(inner, "get_output_embeddings", None)) else None
+    for name, module in inner.named_modules():
+        if module is head and name:
+            parent, _, attr = name.rpartition(".")
+            return inner.get_submodule(parent), attr
+    return None
+
+
+@contextmanager
+def hidden_states_out(where: tuple[nn.Module, str]) -> Iterator[nn.Module]:
+    """Swap the LM head for an identity while the model runs, so its "logits" are the final hidden states."""
+    parent, attr = where
+    head = getattr(parent, attr)
+    setattr(parent, attr, nn.Identity())
+    try:
+        yield head
+    finally:
+        setattr(parent, attr, head)
+
+
+def lm_loss_sum(model: nn.Module, where: tuple[nn.Module, str], inputs: dict[str, torch.Tensor],
+                labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy (as metrics.loss_sum) without materialising the logits."""
+    targets = labels[:, 1:]
+    keep = targets != -100
+    with hidden_states_out(where) as head:
+        hidden = logits_of(model(**inputs))
+    return linear_cross_entropy(hidden[:, :-1][keep], targets[keep], head)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    """sum(cross_entropy(head(hidden), targets)) over rows, in chunks of rows; differentiable in `hidden` and in
+    the head's trainable parameters."""
+    chunk = max(1, CHUNK_ELEMENTS // max(1, _vocab_size(head)))
+    params = [p for p in head.parameters() if p.requires_grad]
+    if torch.is_grad_enabled() and (hidden.requires_grad or params):
+        return _FusedLinearCE.apply(hidden, targets, head, chunk, *params)
+    return sum((_ce_sum(head, hidden[s:s + chunk], targets[s:s + chunk]) for s in range(0, len(targets), chunk)),
+               hidden.new_zeros((), dtype=torch.float32))
+
+
+def _ce_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def _vocab_size(head: nn.Module) -> int:
+    weight = getattr(head, "weight", None)
+    if weight is None:
+        weight = head.get_parameter("base_layer.weight")  # a delta wrapping the head (e.g. LoRA on lm_head)
+    return weight.shape[0]
+
+
+class _FusedLinearCE(torch.autograd.Function):
+    """Forward takes each chunk's gradients right away (w.r.t. its hidden rows and the head's trainable tensors)
+    and frees its logits; backward only scales them by the incoming gradient. Same values as the unchunked loss."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk: int,
+                *params: torch.Tensor) -> torch.Tensor:
+        grad_hidden = torch.zeros_like(hidden) if hidden.requires_grad else None
+        grad_params = [torch.zeros_like(p) for p in params]
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, len(targets), chunk):
+            rows = hidden[start:start + chunk].detach().requires_grad_(hidden.requires_grad)
+            with torch.enable_grad():
+                loss = _ce_sum(head, rows, targets[start:start + chunk])
+            wrt = ([rows] if grad_hidden is not None else []) + list(params)
+            grads = list(torch.autograd.grad(loss, wrt))
+            if grad_hidden is not None:
+                grad_hidden[start:start + chunk] = grads.pop(0)
+            for acc, g in zip(grad_params, grads):
+                acc += g
+            total += loss.detach()
+        ctx.save_for_backward(*([grad_hidden] if grad_hidden is not None else []), *grad_params)
+        ctx.has_hidden = grad_hidden is not None
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        saved = list(ctx.saved_tensors)
+        grad_hidden = saved.pop(0) * grad_out if ctx.has_hidden else None
+        return (grad_hidden, None, None, None, *(g * grad_out for g in saved))
+
+
+# ---- the loop's hook --------------------------------------------------------------------------------------------
+class FastPath:
+    """How the training loop computes a micro-batch's summed loss: precision, chunked LM loss, checkpointing."""
+
+    def __init__(self, model: nn.Module, task: str, precision: Precision = "auto", chunked_loss: bool = True,
+                 checkpointing: bool = False):
+        self.dtype = resolve_precision(precision, model)
+        self.head = output_head(model) if chunked_loss and task == "text" else None
+        self.checkpointing = checkpointing
+        if checkpointing and not getattr(_unwrap(model), "supports_gradient_checkpointing", False):
+            raise ConfigError(f"gradient_checkpointing: {type(_unwrap(model)).__name__} does not support activation "
+                              "checkpointing in transformers; set train.gradient_checkpointing: false")
+
+    def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+        """The summed loss of one batch (as metrics.loss_sum), computed the fast way."""
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        autocast = torch.autocast(_device(model).type, self.dtype) if self.dtype else nullcontext()
+        with autocast, checkpointed(model) if self.checkpointing else nullcontext():
+            if self.head is not None:
+                return lm_loss_sum(model, self.head, inputs, batch["labels"])
+            return loss_sum(logits_of(model(**inputs)), batch["labels"], task)
+
+
+@contextmanager
+def checkpointed(model: nn.Module) -> Iterator[None]:
+    """Activation checkpointing (non-reentrant) for the forwards inside; the model is left as it was found."""
+    inner = _unwrap(model)
+    if inner.is_activation_checkpointing:
+        yield
+        return
+    had_input_hooks = bool(getattr(inner, "_require_grads_hooks", None))
+    inner.activation_checkpointing_enable({"use_reentrant": False})
+    if not had_input_hooks:  # non-reentrant checkpointing does not need inputs that require grad
+        inner.disable_input_require_grads()
+    try:
+        yield
+    finally:
+        inner.activation_checkpointing_disable()
+
+
+def update_metrics(state: MetricState, model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
+    """Add one evaluation batch to `state`; causal-LM loss without materialising the logits where possible."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    where = output_head(model) if state.task == "text" else None
+    if where is None:
+        state.update(logits_of(model(**inputs)), batch["labels"])
+        return
+    state.add_loss(float(lm_loss_sum(model, where, inputs, batch["labels"])), int((batch["labels"][:, 1:] != -100).sum()))
+
+
+# ---- allocator ---------------------------------------------------------------------------------------------------
+def tune_allocator() -> dict[str, int]:
+    """Stop glibc from returning freed memory to the kernel after every step (mmap'ed big blocks and heap trims
+    cost ~25% of a CPU training step here): set M_MMAP_MAX=0 and a 1 GiB M_TRIM_THRESHOLD in this process with
+    mallopt, and export the same MALLOC_* variables for child processes. Values the user already set in the
+    environment are kept (glibc applied them at start-up). Returns what was applied ({} without glibc)."""
+    libc_name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(libc_name) if libc_name else None
+    if libc is None or not hasattr(libc, "mallopt"):
+        return {}
+    applied = {}
+    for name, value in ALLOCATOR_ENV.items():
+        if name in os.environ:
+            continue
+        if libc.mallopt(_MALLOPT[name], value) == 1:
+            os.environ[name] = str(value)
+            applied[name] = value
+    return applied
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel-style wrapper (`.module`), or the model itself."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
