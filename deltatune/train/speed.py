@@ -1,8 +1,8 @@
 """Speed and memory levers of the training loop; bench/README.md records what each one measured.
 
 * precision: bf16 autocast for forward and backward with fp32 master weights: every parameter (trainable or not)
-  stays fp32, matmuls run in bf16, losses in fp32. `auto` picks bf16 where the CPU has native bf16 dot products
-  (AVX512_BF16 / AMX) and the model is wide enough for it to pay (hidden size >= BF16_MIN_WIDTH).
+  stays fp32, matmuls run in bf16, losses in fp32. `auto` picks bf16 where the device has native bf16 dot products
+  (CPU: AVX512_BF16 or AMX; there it paid at every model width measured, bench/README.md); evaluation stays fp32.
 * chunked LM loss (causal LM only): the next-token loss is computed from the final hidden states, only at
   target positions (labels != -100), through the output head in chunks; each chunk's gradient is taken at once
   (a fused linear + cross-entropy), so neither the full logits nor their gradient ever exist.
@@ -29,7 +29,6 @@ from deltatune.errors import ConfigError
 from deltatune.train.metrics import MetricState, logits_of, loss_sum
 
 Precision = Literal["auto", "fp32", "bf16"]
-BF16_MIN_WIDTH = 256  # narrower models run slower in bf16 (conversion overhead); see bench/README.md
 # Causal LMs whose forward is exactly `logits = lm_head(hidden_states)` (no logit scaling or soft-capping),
 # checked in transformers' modeling files; other models get the plain loss.
 CHUNKABLE = frozenset({"gpt2", "llama", "mistral", "mixtral", "qwen2", "qwen3", "gpt_neox", "phi", "phi3", "olmo2",
@@ -54,11 +53,6 @@ def cpu_has_bf16() -> bool:
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
-def model_width(model: nn.Module) -> int:
-    config = getattr(_unwrap(model), "config", None)
-    return int(getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or 0)
-
-
 def resolve_precision(setting: Precision, model: nn.Module) -> torch.dtype | None:
     """The autocast dtype for `setting` (None = plain fp32)."""
     if setting == "fp32":
@@ -67,7 +61,7 @@ def resolve_precision(setting: Precision, model: nn.Module) -> torch.dtype | Non
         return torch.bfloat16
     device = next(model.parameters()).device
     fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
-    return torch.bfloat16 if fast and model_width(model) >= BF16_MIN_WIDTH else None
+    return torch.bfloat16 if fast else None
 
 
 # ---- chunked causal-LM loss -----------------------------------------------------------------------------------
