@@ -65,7 +65,8 @@ def build_data(name: str, max_length: int, n_train: int, n_heldout: int = 64,
         return [rows[rest[i % len(rest)]] for i in range(n_train)], [rows[i] for i in order[:n_heldout]]
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; choose from {', '.join(DATASETS)}")
-    return [_span(name, max_length, rng) for _ in range(n_train)], [_span(name, max_length, rng) for _ in range(n_heldout)]
+    spans = [_span(name, max_length, rng) for _ in range(n_train + n_heldout)]
+    return spans[:n_train], spans[n_train:]
 
 
 def _span(name: str, max_length: int, rng: random.Random) -> Example:

@@ -38,8 +38,16 @@ def loss_and_grads(model, delta, compute) -> tuple[torch.Tensor, dict[str, torch
     return loss.detach(), {n: p.grad.clone() for n, p in delta.trainable_parameters().items()}
 
 
+def inputs_of(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def fast_loss(fast: speed.FastPath, model, batch, task="text") -> torch.Tensor:
+    return fast.loss_sum(model, inputs_of(batch), batch["labels"], task)
+
+
 def plain_loss(model, batch, task="text"):
-    return loss_sum(logits_of(model(**{k: v for k, v in batch.items() if k != "labels"})), batch["labels"], task)
+    return loss_sum(logits_of(model(**inputs_of(batch))), batch["labels"], task)
 
 
 @pytest.fixture
@@ -57,7 +65,7 @@ def test_chunked_loss_equals_plain_loss_and_gradients(arch, method, small_chunks
     fast = speed.FastPath(model, "text", precision="fp32")
     assert fast.head is not None
     expected, expected_grads = loss_and_grads(model, delta, lambda: plain_loss(model, batch))
-    got, grads = loss_and_grads(model, delta, lambda: fast.loss_sum(model, batch, "text"))
+    got, grads = loss_and_grads(model, delta, lambda: fast_loss(fast, model, batch))
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-5)
     assert grads.keys() == expected_grads.keys()
     for name in grads:
@@ -69,7 +77,7 @@ def test_chunked_loss_never_builds_the_full_logits(small_chunks):
     deltatune.attach(model, deltatune.LoRA(r=4))
     shapes = []
     model.lm_head.register_forward_hook(lambda m, args, out: shapes.append(tuple(out.shape)))
-    speed.FastPath(model, "text", precision="fp32").loss_sum(model, batch, "text").backward()
+    fast_loss(speed.FastPath(model, "text", precision="fp32"), model, batch).backward()
     targets = int((batch["labels"][:, 1:] != -100).sum())
     assert [s[0] for s in shapes] == [5] * (targets // 5) + ([targets % 5] if targets % 5 else [])
     assert all(len(s) == 2 and s[1] == VOCAB for s in shapes)
@@ -137,6 +145,7 @@ def test_bf16_training_keeps_fp32_master_weights_and_stays_close_to_fp32(tmp_pat
 
 
 # ---- activation checkpointing -------------------------------------------------------------------------------------
+TASK = "classification"  # every method applies to a classifier
 NO_GRADIENT_THROUGH_LAYERS = {"head", "side"}  # they train only what sits after / beside the layer stack
 
 
@@ -149,12 +158,11 @@ def test_checkpointing_gives_the_same_gradients_for_every_method(method, arch):
     layer = model.get_submodule(f"{'transformer.h' if arch == 'gpt2' else 'model.layers'}.0.mlp")
     calls = []
     layer.register_forward_pre_hook(lambda *a: calls.append(1))  # (recompute stops early: not a forward hook)
-    paths = {flag: speed.FastPath(model, "classification", precision="fp32", checkpointing=flag)
+    paths = {flag: speed.FastPath(model, TASK, precision="fp32", checkpointing=flag)
              for flag in (False, True)}
-    expected, expected_grads = loss_and_grads(model, delta, lambda: paths[False].loss_sum(model, batch,
-                                                                                           "classification"))
+    expected, expected_grads = loss_and_grads(model, delta, lambda: fast_loss(paths[False], model, batch, TASK))
     calls.clear()
-    got, grads = loss_and_grads(model, delta, lambda: paths[True].loss_sum(model, batch, "classification"))
+    got, grads = loss_and_grads(model, delta, lambda: fast_loss(paths[True], model, batch, TASK))
     # the layer ran again in backward (it was checkpointed), unless no gradient flows through it
     assert len(calls) == (1 if method in NO_GRADIENT_THROUGH_LAYERS else 2)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
@@ -190,16 +198,16 @@ def fwd_bwd_flops(method) -> tuple[int, int]:
     fast = speed.FastPath(model, "text", precision="fp32", chunked_loss=False)  # FlopCounterMode: no autograd.grad
     with FlopCounterMode(display=False) as forward:
         with torch.no_grad():
-            fast.loss_sum(model, batch, "text")
+            fast_loss(fast, model, batch)
     with FlopCounterMode(display=False) as both:
-        fast.loss_sum(model, batch, "text").backward()
+        fast_loss(fast, model, batch).backward()
     return forward.get_total_flops(), both.get_total_flops()
 
 
 def test_frozen_weights_get_no_gradient_work():
     model, batch = tiny_model("llama", head="lm").train(), lm_batch()
     delta = deltatune.attach(model, deltatune.LoRA(r=4))
-    speed.FastPath(model, "text").loss_sum(model, batch, "text").backward()
+    fast_loss(speed.FastPath(model, "text"), model, batch).backward()
     owned = {id(p) for p in delta.trainable_parameters().values()}
     frozen = [p for p in model.parameters() if id(p) not in owned]
     assert frozen and all(not p.requires_grad and p.grad is None for p in frozen)

@@ -172,7 +172,8 @@ def train(model: nn.Module, delta: DeltaBase, data: TaskData, cfg: TrainConfig, 
             for batch in group:
                 batch = _to_device(batch, params[0].device)
                 part = units(batch["labels"], data.task) / step_units
-                loss = fast.loss_sum(model, batch, data.task) / step_units
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                loss = fast.loss_sum(model, inputs, batch["labels"], data.task) / step_units
                 if (extra := delta.extra_loss()) is not None:
                     loss = loss + extra * part
                 loss.backward()
@@ -267,7 +268,7 @@ def evaluate(model: nn.Module, dataset: Sequence[dict[str, Any]], collate: Colla
         for start in range(0, len(dataset), batch_size):
             batch = _to_device(collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]),
                                device)
-            speed.update_metrics(state, model, batch)
+            speed.update_metrics(state, model, {k: v for k, v in batch.items() if k != "labels"}, batch["labels"])
     finally:
         model.train(was_training)
     return state.result()

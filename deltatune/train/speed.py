@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.errors import ConfigError
-from deltatune.train.metrics import MetricState, logits_of, loss_sum
+from deltatune.train.metrics import MetricState, logits_of, loss_sum, units
 
 Precision = Literal["auto", "fp32", "bf16"]
 # Causal LMs whose forward is exactly `logits = lm_head(hidden_states)` (no logit scaling or soft-capping),
@@ -167,14 +167,14 @@ class FastPath:
             raise ConfigError(f"gradient_checkpointing: {type(_unwrap(model)).__name__} does not support activation "
                               "checkpointing in transformers; set train.gradient_checkpointing: false")
 
-    def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
-        """The summed loss of one batch (as metrics.loss_sum), computed the fast way."""
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+    def loss_sum(self, model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor,
+                 task: str) -> torch.Tensor:
+        """The summed loss of one batch (as metrics.loss_sum of `model(**inputs)`), computed the fast way."""
         autocast = torch.autocast(_device(model).type, self.dtype) if self.dtype else nullcontext()
         with autocast, checkpointed(model) if self.checkpointing else nullcontext():
             if self.head is not None:
-                return lm_loss_sum(model, self.head, inputs, batch["labels"])
-            return loss_sum(logits_of(model(**inputs)), batch["labels"], task)
+                return lm_loss_sum(model, self.head, inputs, labels)
+            return loss_sum(logits_of(model(**inputs)), labels, task)
 
 
 @contextmanager
@@ -194,14 +194,14 @@ def checkpointed(model: nn.Module) -> Iterator[None]:
         inner.activation_checkpointing_disable()
 
 
-def update_metrics(state: MetricState, model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
+def update_metrics(state: MetricState, model: nn.Module, inputs: dict[str, torch.Tensor],
+                   labels: torch.Tensor) -> None:
     """Add one evaluation batch to `state`; causal-LM loss without materialising the logits where possible."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
     where = output_head(model) if state.task == "text" else None
     if where is None:
-        state.update(logits_of(model(**inputs)), batch["labels"])
+        state.update(logits_of(model(**inputs)), labels)
         return
-    state.add_loss(float(lm_loss_sum(model, where, inputs, batch["labels"])), int((batch["labels"][:, 1:] != -100).sum()))
+    state.add_loss(float(lm_loss_sum(model, where, inputs, labels)), units(labels, "text"))
 
 
 # ---- allocator ---------------------------------------------------------------------------------------------------
