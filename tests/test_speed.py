@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import deltatune
@@ -63,7 +64,7 @@ def test_chunked_loss_equals_plain_loss_and_gradients(arch, method, small_chunks
     model, batch = tiny_model(arch, head="lm", dropout=0.0).train(), lm_batch()
     delta = deltatune.attach(model, method)
     fast = speed.FastPath(model, "text", precision="fp32")
-    assert fast.head is not None
+    assert (fast.head is None) == ("lm_head" in getattr(method, "targets", []))  # a wrapped head: the plain loss
     expected, expected_grads = loss_and_grads(model, delta, lambda: plain_loss(model, batch))
     got, grads = loss_and_grads(model, delta, lambda: fast_loss(fast, model, batch))
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-5)
@@ -72,24 +73,36 @@ def test_chunked_loss_equals_plain_loss_and_gradients(arch, method, small_chunks
         torch.testing.assert_close(grads[name], expected_grads[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+class VocabSizedResults(TorchFunctionMode):
+    """Records the shape of every torch function result whose last dimension is the vocabulary (logits)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.dim() and out.shape[-1] == VOCAB:
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
 def test_chunked_loss_never_builds_the_full_logits(small_chunks):
     model, batch = tiny_model("llama", head="lm").train(), lm_batch()
     deltatune.attach(model, deltatune.LoRA(r=4))
-    shapes = []
-    model.lm_head.register_forward_hook(lambda m, args, out: shapes.append(tuple(out.shape)))
-    fast_loss(speed.FastPath(model, "text", precision="fp32"), model, batch).backward()
+    with VocabSizedResults() as seen:
+        fast_loss(speed.FastPath(model, "text", precision="fp32"), model, batch).backward()
     targets = int((batch["labels"][:, 1:] != -100).sum())
-    assert [s[0] for s in shapes] == [5] * (targets // 5) + ([targets % 5] if targets % 5 else [])
-    assert all(len(s) == 2 and s[1] == VOCAB for s in shapes)
+    assert targets > 10 and seen.shapes
+    assert all(len(shape) == 2 and shape[0] <= 5 for shape in seen.shapes)  # chunks of target rows only
 
 
 def test_evaluate_uses_the_chunked_loss_and_matches_the_plain_one(small_chunks):
     model = tiny_model("llama", head="lm")
     data = task_data("text")
-    shapes = []
-    model.lm_head.register_forward_hook(lambda m, args, out: shapes.append(out.dim()))
-    scores = evaluate(model, data.validation, COLLATE, "text", batch_size=8)
-    assert set(shapes) == {2}  # rows of targets only, never (batch, length, vocab)
+    with VocabSizedResults() as seen:
+        scores = evaluate(model, data.validation, COLLATE, "text", batch_size=8)
+    assert seen.shapes and all(len(shape) == 2 and shape[0] <= 5 for shape in seen.shapes)
     total = units = 0.0
     with torch.no_grad():
         for start in range(0, len(data.validation), 8):
@@ -195,7 +208,7 @@ def test_checkpointing_a_model_that_cannot_is_a_config_error():
 def fwd_bwd_flops(method) -> tuple[int, int]:
     model, batch = tiny_model("llama", head="lm").train(), lm_batch()
     deltatune.attach(model, method)
-    fast = speed.FastPath(model, "text", precision="fp32", chunked_loss=False)  # FlopCounterMode: no autograd.grad
+    fast = speed.FastPath(model, "text", precision="fp32", chunked_loss=False)  # model FLOPs only
     with FlopCounterMode(display=False) as forward:
         with torch.no_grad():
             fast_loss(fast, model, batch)

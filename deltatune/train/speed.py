@@ -66,20 +66,21 @@ def resolve_precision(setting: Precision, model: nn.Module) -> torch.dtype | Non
 
 # ---- chunked causal-LM loss -----------------------------------------------------------------------------------
 def output_head(model: nn.Module) -> tuple[nn.Module, str] | None:
-    """(parent module, attribute) holding the LM head of a chunkable causal LM, else None."""
+    """(parent module, attribute) of the LM head of a chunkable causal LM whose head is a plain nn.Linear, else
+    None (a delta wrapping the head, e.g. LoRA on lm_head, gets the plain loss)."""
     inner = _unwrap(model)
     if getattr(getattr(inner, "config", None), "model_type", None) not in CHUNKABLE:
         return None
     head = inner.get_output_embeddings() if callable(getattr(inner, "get_output_embeddings", None)) else None
-    for name, module in inner.named_modules():
-        if module is head and name:
-            parent, _, attr = name.rpartition(".")
-            return inner.get_submodule(parent), attr
-    return None
+    if type(head) is not nn.Linear:
+        return None
+    name = next(n for n, m in inner.named_modules() if m is head)
+    parent, _, attr = name.rpartition(".")
+    return inner.get_submodule(parent), attr
 
 
 @contextmanager
-def hidden_states_out(where: tuple[nn.Module, str]) -> Iterator[nn.Module]:
+def hidden_states_out(where: tuple[nn.Module, str]) -> Iterator[nn.Linear]:
     """Swap the LM head for an identity while the model runs, so its "logits" are the final hidden states."""
     parent, attr = where
     head = getattr(parent, attr)
@@ -100,58 +101,54 @@ def lm_loss_sum(model: nn.Module, where: tuple[nn.Module, str], inputs: dict[str
     return linear_cross_entropy(hidden[:, :-1][keep], targets[keep], head)
 
 
-def linear_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
-    """sum(cross_entropy(head(hidden), targets)) over rows, in chunks of rows; differentiable in `hidden` and in
-    the head's trainable parameters."""
-    chunk = max(1, CHUNK_ELEMENTS // max(1, _vocab_size(head)))
-    params = [p for p in head.parameters() if p.requires_grad]
-    if torch.is_grad_enabled() and (hidden.requires_grad or params):
-        return _FusedLinearCE.apply(hidden, targets, head, chunk, *params)
-    return sum((_ce_sum(head, hidden[s:s + chunk], targets[s:s + chunk]) for s in range(0, len(targets), chunk)),
-               hidden.new_zeros((), dtype=torch.float32))
-
-
-def _ce_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
-
-
-def _vocab_size(head: nn.Module) -> int:
-    weight = getattr(head, "weight", None)
-    if weight is None:
-        weight = head.get_parameter("base_layer.weight")  # a delta wrapping the head (e.g. LoRA on lm_head)
-    return weight.shape[0]
+def linear_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Linear) -> torch.Tensor:
+    """sum(cross_entropy(head(hidden), targets)) over rows, in chunks of rows, differentiable in `hidden` and the
+    head's weight and bias. Under autocast the head runs in the autocast dtype (its weight cast once per call)."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head.weight.dtype
+    bias = None if head.bias is None else head.bias.to(dtype)
+    chunk = max(1, CHUNK_ELEMENTS // head.weight.shape[0])
+    return _FusedLinearCE.apply(hidden, head.weight.to(dtype), bias, targets, chunk, torch.is_grad_enabled())
 
 
 class _FusedLinearCE(torch.autograd.Function):
-    """Forward takes each chunk's gradients right away (w.r.t. its hidden rows and the head's trainable tensors)
-    and frees its logits; backward only scales them by the incoming gradient. Same values as the unchunked loss."""
+    """Cross-entropy of `hidden @ weight.T + bias`, chunk by chunk: each chunk's logits give its loss and, right
+    away, the gradients (softmax - one-hot), then are freed; backward only scales the stored gradients."""
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk: int,
-                *params: torch.Tensor) -> torch.Tensor:
-        grad_hidden = torch.zeros_like(hidden) if hidden.requires_grad else None
-        grad_params = [torch.zeros_like(p) for p in params]
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor, chunk: int, grad_enabled: bool) -> torch.Tensor:
+        need_hidden, need_weight, need_bias = (grad_enabled and need for need in ctx.needs_input_grad[:3])
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
         total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, len(targets), chunk):
-            rows = hidden[start:start + chunk].detach().requires_grad_(hidden.requires_grad)
-            with torch.enable_grad():
-                loss = _ce_sum(head, rows, targets[start:start + chunk])
-            wrt = ([rows] if grad_hidden is not None else []) + list(params)
-            grads = list(torch.autograd.grad(loss, wrt))
-            if grad_hidden is not None:
-                grad_hidden[start:start + chunk] = grads.pop(0)
-            for acc, g in zip(grad_params, grads):
-                acc += g
-            total += loss.detach()
-        ctx.save_for_backward(*([grad_hidden] if grad_hidden is not None else []), *grad_params)
-        ctx.has_hidden = grad_hidden is not None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, len(targets), chunk):
+                rows, target = hidden[start:start + chunk].to(weight.dtype), targets[start:start + chunk, None]
+                logits = F.linear(rows, weight, bias).float()
+                lse = torch.logsumexp(logits, -1, keepdim=True)
+                total += (lse - logits.gather(1, target)).sum()
+                if not (need_hidden or need_weight or need_bias):
+                    continue
+                grad = logits.sub_(lse).exp_().scatter_add_(1, target, -torch.ones_like(lse)).to(weight.dtype)
+                if grad_hidden is not None:
+                    grad_hidden[start:start + chunk] = grad @ weight
+                if grad_weight is not None:
+                    grad_weight += grad.T @ rows
+                if grad_bias is not None:
+                    grad_bias += grad.sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        saved = list(ctx.saved_tensors)
-        grad_hidden = saved.pop(0) * grad_out if ctx.has_hidden else None
-        return (grad_hidden, None, None, None, *(g * grad_out for g in saved))
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.dtypes
+        return (None if grad_hidden is None else grad_hidden * grad_out,
+                None if grad_weight is None else (grad_weight * grad_out).to(weight_dtype),
+                None if grad_bias is None else (grad_bias * grad_out).to(bias_dtype), None, None, None)
 
 
 # ---- the loop's hook --------------------------------------------------------------------------------------------
