@@ -74,10 +74,11 @@ def worker(spec: dict) -> dict:
 
     data = json.loads(Path(spec["data_file"]).read_text())
     model = build_model(spec["model"])
+    params = sum(p.numel() for p in model.parameters())
     run = run_reference if spec["side"].startswith("peft") else run_deltatune
     trained, stats = run(model, data["train"], spec)
-    stats["heldout_loss"] = heldout_loss(trained, data["heldout"])
-    return stats
+    stats["heldout_loss"] = heldout_loss(trained, data["heldout"]) if data["heldout"] else None
+    return {**stats, "base_params": params}
 
 
 class Recorder:
@@ -115,8 +116,9 @@ def run_reference(model, train: list[dict], spec: dict):
     from workloads import tokenizer
 
     if spec["method"] == "lora":
-        model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, r=LORA["r"], lora_alpha=LORA["alpha"],
-                                                 lora_dropout=LORA["dropout"], target_modules="all-linear"))
+        lora = {**LORA, **spec.get("lora", {})}
+        model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, r=lora["r"], lora_alpha=lora["alpha"],
+                                                 lora_dropout=lora["dropout"], target_modules="all-linear"))
     elif spec["method"] == "prompt":
         model = get_peft_model(model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=PROMPT_TOKENS,
                                                          prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB))
@@ -157,9 +159,7 @@ def run_deltatune(model, train: list[dict], spec: dict):
     from deltatune.train.speed import resolve_precision
     from workloads import tokenizer
 
-    method = {"lora": deltatune.LoRA(**LORA), "full": deltatune.Full(),
-              "prompt": deltatune.Prompt(n_tokens=PROMPT_TOKENS, init="vocab")}[spec["method"]]
-    delta = deltatune.attach(model, method)
+    delta = deltatune.attach(model, method_config(spec))
     rows = [{**e, "attention_mask": [1] * len(e["input_ids"])} for e in train]
     empty = Dataset.from_dict({"input_ids": [], "attention_mask": [], "labels": []})
     data = TaskData(Dataset.from_list(rows), empty, empty, task="text", label_names=None, num_labels=None, source={})
@@ -172,6 +172,17 @@ def run_deltatune(model, train: list[dict], spec: dict):
                     on_event=lambda kind, info: recorder.step_done() if kind == "step" else None)
     precision = "bf16" if resolve_precision(cfg.precision, model) else "fp32"
     return model, recorder.stats(spec["warmup"], precision)
+
+
+def method_config(spec: dict):
+    """The deltatune config of the case's method (the same settings the reference side gets)."""
+    import deltatune
+
+    if spec["method"] == "lora":
+        return deltatune.LoRA(**{**LORA, **spec.get("lora", {})})
+    if spec["method"] == "prompt":
+        return deltatune.Prompt(n_tokens=PROMPT_TOKENS, init="vocab")
+    return deltatune.Full()
 
 
 def heldout_loss(model, examples: list[dict]) -> float:
@@ -199,8 +210,7 @@ def count_flops(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     model = build_model(spec["model"]).train()
-    method = {"lora": deltatune.LoRA(**LORA), "full": deltatune.Full(), "prompt": deltatune.Prompt(n_tokens=20)}
-    deltatune.attach(model, method[spec["method"]])
+    deltatune.attach(model, method_config(spec))
     ids = torch.randint(3, 1000, (1, spec["length"]))
     with FlopCounterMode(display=False) as counter:
         loss_sum(model(input_ids=ids).logits, ids, "text").backward()
