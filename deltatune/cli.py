@@ -100,6 +100,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     with _TrainProgress() as progress:
         session, result = run_training(config, resume=args.resume, on_event=progress.on_event)
     _print_results(result, config.task)
+    if skipped := sum(part.get("skipped", 0) for part in session.data.source.values()):
+        first = next(part["first_skipped"] for part in session.data.source.values() if part.get("skipped"))
+        from rich.markup import escape
+
+        console.print(f"[yellow]skipped {skipped} malformed records[/] (data.skip_bad_records), e.g. {escape(first)}")
     console.print(f"run folder: [cyan]{config.output_dir}[/] (best delta in best/, report.html)")
     return 0
 
@@ -221,12 +226,13 @@ class _TrainProgress:
 
 
 def _print_results(result: Any, task: str) -> None:
-    table = Table(title="test set: base model vs fine-tuned")
+    split, scores = ("test", result.test) if result.test else ("validation", result.best_validation)  # best delta
+    table = Table(title=f"{split} set: base model vs fine-tuned")
     table.add_column("metric")
     table.add_column("base", justify="right")
     table.add_column("fine-tuned", justify="right")
-    base = (result.baseline or {}).get("test", {})
-    for name, value in (result.test or {}).items():
+    base = (result.baseline or {}).get(split, {})
+    for name, value in (scores or {}).items():
         table.add_row(name, _fmt(base.get(name)), _fmt(value))
     console.print(table)
     trainable, total = result.trainable_params, result.total_params

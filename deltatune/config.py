@@ -21,7 +21,8 @@ from deltatune.registry import parse_delta_config
 from deltatune.schema import Schema
 from deltatune.train import TrainConfig
 
-TASK_OF_FORMAT = {"classification": "classification", "regression": "regression", "text": "causal_lm"}
+TASK_OF_FORMAT = {"classification": "classification", "regression": "regression", "text": "causal_lm",
+                  "auto": "causal_lm", "alpaca": "causal_lm", "sharegpt": "causal_lm", "messages": "causal_lm"}
 
 
 class ModelConfig(Schema):

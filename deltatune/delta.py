@@ -171,6 +171,12 @@ class Delta(DeltaBase, ABC):
         """Replace training-only structure by what it computes (outputs unchanged); most methods have none."""
 
     # ---- helpers for methods ---------------------------------------------------------------------------
+    def collapse_to(self, param: nn.Parameter, **config_update) -> None:
+        """After a `for_inference` rewrite: `param` (already in the model) is now this delta's only tensor, and the
+        config records the simpler structure (e.g. `reparam="none"`) so a saved copy loads into it."""
+        self.config = self.config.model_copy(update=config_update)
+        self._params = {next(n for n, p in self.model.named_parameters() if p is param): param}
+
     def swap(self, name: str, new: nn.Module) -> None:
         """Replace the submodule `name` by `new`, remembering the original for `detach`."""
         parent, attr = _parent_of(self.model, name)

@@ -14,7 +14,8 @@ import torch
 import yaml
 
 from deltatune.config import RunConfig, load_config
-from deltatune.data import Collator, TaskData, prepare_data
+from deltatune.data import TEMPLATE_FILE, Collator, TaskData, prepare_data
+from deltatune.data.packing import prepare_model
 from deltatune.delta import DeltaBase, attach, load
 from deltatune.errors import ConfigError
 from deltatune.io import write_text
@@ -47,6 +48,8 @@ def open_session(config: RunConfig, delta_dir: Path | None = None) -> Session:
     model, _ = load_model(config.model.path, config.task, data.num_labels, dtype=config.model.dtype,
                           trust_remote_code=config.model.trust_remote_code, id2label=id2label)
     delta = load(model, delta_dir) if delta_dir else attach(model, config.delta)
+    if config.data.packing:
+        prepare_model(model)  # no KV cache; ConfigError unless packed rows keep their examples apart
     return Session(config, model, tokenizer, delta, data)
 
 
@@ -59,14 +62,22 @@ def run_training(config: RunConfig, *, resume: bool = False,
                           f"or choose another folder with --set output_dir=...")
     write_text(out / CONFIG_NAME, yaml.safe_dump(config.to_dict(), sort_keys=False))
     session = open_session(config)
+    _save_chat_template(session, out)
     result = train(session.model, session.delta, session.data, config.train, out,
                    collate=session.collator(), resume=resume, on_event=on_event)
     session.delta.for_inference()  # e.g. prefix-tuning keeps only the prefixes its MLP computed
     session.delta.save(out / "best")
+    _save_chat_template(session, out / "best")
     from deltatune.report import write_report
 
     write_report(out, config, result)
     return session, result
+
+
+def _save_chat_template(session: Session, folder: Path) -> None:
+    """The chat template the examples were rendered with, for generation and chat with the trained delta."""
+    if session.data.chat_template is not None:
+        write_text(folder / TEMPLATE_FILE, session.data.chat_template)
 
 
 def load_run(run_dir: str | Path, overrides: list[str] = ()) -> Session:

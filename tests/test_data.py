@@ -193,7 +193,7 @@ def test_text_format_chunks_long_texts_into_blocks(tmp_path: Path, tokenizer: An
 
 
 def test_formats_dict_matches_config_choices() -> None:
-    assert set(FORMATS) == set(get_args(DataConfig.model_fields["format"].annotation))
+    assert set(FORMATS) | {"auto"} == set(get_args(DataConfig.model_fields["format"].annotation))
 
 
 # --- config and splits ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from tests.tiny import tiny_model
 
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [20, 21, 22, 23]]
 DELTAS = {"prompt": Prompt(n_tokens=4), "ptuning": PTuning(template="[P][P][P] {text}", encoder="lstm"),
+          "ptuning_words": PTuning(template="[P] Q: [P] {text}", encoder="mlp", literal_token_ids=[[9, 10]]),
           "prefix": Prefix(n_tokens=4, hidden_size=16), "ptuning_v2": PTuningV2(n_tokens=4)}
 
 

@@ -87,3 +87,25 @@ def biased_tiny_model(arch: str, head: str = "lm") -> torch.nn.Module:
 def logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     with torch.no_grad():
         return model(**batch).logits
+
+
+CHAT_SPECIAL = ("<unk>", "<pad>", "<|im_start|>", "<|im_end|>")
+
+
+def tiny_chat_tokenizer(chat_template: str | None = None):
+    """A fast character-level tokenizer (< VOCAB ids, offsets exact) with ChatML special tokens; eos = <|im_end|>."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    chars = string.ascii_letters + string.digits + " .,?!'\n#:-"
+    vocab = {token: i for i, token in enumerate([*CHAT_SPECIAL, *chars])}
+    assert len(vocab) <= VOCAB
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens(list(CHAT_SPECIAL))
+    tokenizer = T.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>",
+                                          eos_token="<|im_end|>")
+    tokenizer.chat_template = chat_template
+    return tokenizer

@@ -9,6 +9,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from deltatune.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Collator:
@@ -16,6 +18,8 @@ class Collator:
 
     Returns input_ids, attention_mask (LongTensor [batch, length]) and labels: padded with -100 where they are
     token sequences (causal LM), else a 1-D tensor (long for class ids, float for regression). Other keys are ignored.
+    Packed rows (with position_ids, see packing.py) give input_ids, labels, position_ids and num_tokens (the real
+    tokens, a 0-d tensor the loop counts) and no attention_mask: the padding is one more short sequence at the end.
     """
 
     tokenizer_pad_id: int
@@ -26,8 +30,15 @@ class Collator:
         length = max(len(ex["input_ids"]) for ex in examples)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        batch = {"input_ids": self._pad([ex["input_ids"] for ex in examples], length, self.tokenizer_pad_id),
-                 "attention_mask": self._pad([ex["attention_mask"] for ex in examples], length, 0)}
+        batch = {"input_ids": self._pad([ex["input_ids"] for ex in examples], length, self.tokenizer_pad_id)}
+        if "position_ids" in examples[0]:
+            if self.padding_side != "right":
+                raise ConfigError("packed rows are padded on the right (padding_side='right')")
+            fill = [list(ex["position_ids"]) + list(range(length - len(ex["position_ids"]))) for ex in examples]
+            batch |= {"position_ids": self._pad(fill, length, 0),
+                      "num_tokens": torch.tensor(sum(len(ex["input_ids"]) for ex in examples))}
+        else:
+            batch["attention_mask"] = self._pad([ex["attention_mask"] for ex in examples], length, 0)
         labels = [ex["labels"] for ex in examples]
         if isinstance(labels[0], (list, tuple)):
             batch["labels"] = self._pad(labels, length, -100)
@@ -44,6 +55,13 @@ class Collator:
             else:
                 out[i, length - len(row):] = row
         return out
+
+
+def real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """The tokens of a collated batch that are not padding (for tokens/s)."""
+    if "num_tokens" in batch:
+        return int(batch["num_tokens"])
+    return int(batch.get("attention_mask", batch["input_ids"]).bool().sum())
 
 
 def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int, mega: int = 50) -> list[int]:

@@ -8,6 +8,27 @@ from pydantic import Field, model_validator
 
 from deltatune.schema import Schema
 
+LM_FORMATS = ("auto", "text", "alpaca", "sharegpt", "messages")  # causal language modelling (task "text")
+CHAT_FORMATS = ("alpaca", "sharegpt", "messages")  # rendered with a chat template
+
+
+class Columns(Schema):
+    """`data.columns`: which column (or turn key) of the files holds each part of an SFT record.
+
+    Unset fields use the format's names: messages = `messages` turns with `role`/`content`; sharegpt =
+    `conversations` turns with `from`/`value`; alpaca = `instruction`, `input`, `output`; `system` everywhere.
+    """
+
+    section = "data.columns"
+
+    messages: str | None = None  # the list of turns (messages, sharegpt)
+    role: str | None = None  # key of a turn's speaker
+    content: str | None = None  # key of a turn's text
+    instruction: str | None = None
+    input: str | None = None
+    output: str | None = None
+    system: str | None = None  # an optional system prompt column (all chat formats)
+
 
 class DataConfig(Schema):
     """The `data:` section of a run config. Invalid values raise ConfigError."""
@@ -18,13 +39,20 @@ class DataConfig(Schema):
     validation: str | None = None
     test: str | None = None
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    format: Literal["classification", "regression", "text"] = "classification"
+    format: Literal["classification", "regression", "auto", "text", "alpaca", "sharegpt", "messages"] = \
+        "classification"  # "auto": detect text / alpaca / sharegpt / messages from the training file
     text_column: str = "text"
     text_pair_column: str | None = None
     label_column: str = "label"
     labels: list[str] | None = None
     max_length: int = Field(256, gt=0)
     limit: int | None = Field(None, gt=0)
+    columns: Columns = Field(default_factory=Columns)
+    roles: dict[str, Literal["system", "user", "assistant"]] = {}  # role names in the data -> chat roles
+    chat_template: str | None = None  # a name (chatml, llama3, alpaca) or inline jinja; unset: the tokenizer's own
+    train_on_prompt: bool = False  # loss on every token, not only on the assistant turns
+    packing: bool = False  # concatenate examples into rows of max_length (no padding, no cross-example attention)
+    skip_bad_records: bool = False  # skip (and count) malformed records instead of stopping at the first one
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -33,4 +61,11 @@ class DataConfig(Schema):
                              "that sum to 1, with train > 0")
         if self.labels is not None and (not self.labels or len(set(self.labels)) != len(self.labels)):
             raise ValueError(f"labels {self.labels} must be a non-empty list without duplicates")
+        lm_only = [k for k in ("packing", "skip_bad_records", "train_on_prompt", "roles", "chat_template")
+                   if getattr(self, k)]
+        lm_only += ["columns"] if self.columns != Columns() else []
+        if lm_only and self.format not in LM_FORMATS:
+            raise ValueError(f"{', '.join(lm_only)} apply to the language-modelling formats "
+                             f"({', '.join(LM_FORMATS)}), not to format {self.format!r}: a {self.format} example "
+                             "is one sequence with one label")
         return self

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from datasets import Dataset
 
-from deltatune.data.config import DataConfig
+from deltatune.data.chat import encode_conversations, resolve_template
+from deltatune.data.config import CHAT_FORMATS, DataConfig
+from deltatune.data.conversations import Reader, RecordError, missing, no_value
 from deltatune.data.load import Table
 from deltatune.errors import DataError
 
@@ -23,21 +24,24 @@ class Format:
     """`encode(table, cfg, tokenizer, label_names)` -> Dataset with input_ids, attention_mask, labels.
 
     `label_names(train_table, cfg)` gives the class names (from the training file), if the task has classes;
-    `num_labels` is the model's output size when there are no class names.
+    `num_labels` is the model's output size when there are no class names. `task` is the training loop's task.
+    `reader(cfg)`, if given, returns a function that checks one record (raising RecordError with what is wrong),
+    so that bad records can be reported with their line, or skipped, before encoding.
     """
 
     encode: Encode
     label_names: Callable[[Table, DataConfig], list[str]] | None = None
     num_labels: int | None = None
+    task: str = "text"
+    reader: Callable[[DataConfig], Callable[[dict[str, Any]], Any]] | None = None
 
 
 def values(table: Table, column: str) -> list[Any]:
     """A column's values; DataError at the first record without one (absent, null, NaN or empty)."""
     result = table.column(column)
     for i, v in enumerate(result):
-        if v is None or v == "" or (isinstance(v, float) and math.isnan(v)):
-            present = [k for k, x in table.data[i].items() if x not in (None, "")]
-            raise DataError(f"{table.where(i)}: record has no {column!r} (columns: {', '.join(present)})")
+        if missing(v):
+            raise DataError(f"{table.where(i)}: {no_value(table.data[i], column)}")
     return result
 
 
@@ -98,8 +102,30 @@ def _encode_text(table: Table, cfg: DataConfig, tokenizer: PreTrainedTokenizerBa
         tokenize, batched=True, remove_columns=["text"], desc=f"Tokenizing {table.path.name}")
 
 
+def _text_reader(cfg: DataConfig) -> Callable[[dict[str, Any]], str]:
+    def read(record: dict[str, Any]) -> Any:
+        if missing(value := record.get(cfg.text_column)):
+            raise RecordError(no_value(record, cfg.text_column))
+        return value
+
+    return read
+
+
+def _chat_reader(cfg: DataConfig) -> Reader:
+    return Reader.of(cfg.format, cfg)
+
+
+def _encode_chat(table: Table, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, names: list[str] | None) -> Dataset:
+    """Conversations rendered with the chat template; labels only on assistant turns unless train_on_prompt."""
+    read = _chat_reader(cfg)
+    return encode_conversations([read(record) for record in table.data], tokenizer,
+                                resolve_template(tokenizer, cfg.chat_template), cfg.max_length, cfg.train_on_prompt,
+                                where=table.where)
+
+
 FORMATS: dict[str, Format] = {
-    "classification": Format(_encode_classification, label_names=_class_names),
-    "regression": Format(_encode_regression, num_labels=1),
-    "text": Format(_encode_text),
+    "classification": Format(_encode_classification, label_names=_class_names, task="classification"),
+    "regression": Format(_encode_regression, num_labels=1, task="regression"),
+    "text": Format(_encode_text, reader=_text_reader),
+    **{name: Format(_encode_chat, reader=_chat_reader) for name in CHAT_FORMATS},
 }

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 from datasets import Dataset
 
-from deltatune.data.config import DataConfig
+from deltatune.data.chat import resolve_template
+from deltatune.data.config import CHAT_FORMATS, DataConfig
+from deltatune.data.conversations import RecordError, detect_format
 from deltatune.data.formats import FORMATS
 from deltatune.data.load import Table, read_table
+from deltatune.data.packing import pack
 from deltatune.errors import DataError
 
 if TYPE_CHECKING:
@@ -22,7 +25,8 @@ SPLITS = ("train", "validation", "test")
 
 @dataclass
 class TaskData:
-    """Tokenized splits (columns input_ids, attention_mask, labels) and what the model head needs to know."""
+    """Tokenized splits (columns input_ids, attention_mask, labels; packed rows: input_ids, labels, position_ids)
+    and what the model head needs to know."""
 
     train: Dataset
     validation: Dataset
@@ -30,22 +34,62 @@ class TaskData:
     task: str
     label_names: list[str] | None
     num_labels: int | None
-    source: dict[str, dict[str, Any]]  # split -> file, records, examples, split_from_train
+    # split -> file, records, examples, split_from_train; with skip_bad_records "skipped" (bad records of the split's
+    # own file, else 0: a split cut from the training file is counted there) and "first_skipped" (file:line: why);
+    # with packing "rows" (the packed rows the examples became)
+    source: dict[str, dict[str, Any]]
+    format: str = ""  # the format used (the detected one for `format: auto`)
+    chat_template: str | None = None  # the jinja chat template the examples were rendered with (chat formats)
 
 
 def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> TaskData:
     """Read, validate, split (seeded, by record) and tokenize the data described by `cfg`."""
-    fmt = FORMATS[cfg.format]
     files = {s: _read(name, cfg.limit) for s in SPLITS if (name := getattr(cfg, s))}
+    if cfg.format == "auto":
+        cfg = cfg.model_copy(update={"format": detect_format(files["train"], cfg)})
+    fmt = FORMATS[cfg.format]
+    skipped = {s: [] for s in SPLITS}
+    if fmt.reader:
+        for s, table in files.items():
+            files[s], skipped[s] = _drop_bad_records(table, fmt.reader(cfg), cfg.skip_bad_records)
     fractions = {s: f for s, f in zip(SPLITS, cfg.split) if s == "train" or s not in files}
     tables = {**files, **split_table(files["train"], fractions, seed)}
     names = fmt.label_names(files["train"], cfg) if fmt.label_names else None
     empty = Dataset.from_dict({"input_ids": [], "attention_mask": [], "labels": []})  # a split of fraction 0
     data = {s: fmt.encode(tables[s], cfg, tokenizer, names) if len(tables[s].data) else empty for s in SPLITS}
+    if len(data["train"]) == 0:
+        raise DataError(f"{tables['train'].path}: no training example has a target token within the first "
+                        f"max_length={cfg.max_length} tokens; raise data.max_length")
     source = {s: {"file": str(tables[s].path), "records": len(tables[s].data), "examples": len(data[s]),
                   "split_from_train": s not in files} for s in SPLITS}
-    return TaskData(**data, task=cfg.format, label_names=names,
-                    num_labels=len(names) if names else fmt.num_labels, source=source)
+    if cfg.skip_bad_records:
+        for s in SPLITS:
+            source[s] |= {"skipped": len(skipped[s]), "first_skipped": skipped[s][0] if skipped[s] else None}
+    if cfg.packing:
+        data = {s: pack(data[s], cfg.max_length) if len(data[s]) else data[s] for s in SPLITS}
+        for s in SPLITS:
+            source[s]["rows"] = len(data[s])
+    template = resolve_template(tokenizer, cfg.chat_template) if cfg.format in CHAT_FORMATS else None
+    return TaskData(**data, task=fmt.task, label_names=names, num_labels=len(names) if names else fmt.num_labels,
+                    source=source, format=cfg.format, chat_template=template)
+
+
+def _drop_bad_records(table: Table, read: Callable[[dict[str, Any]], Any], skip: bool) -> tuple[Table, list[str]]:
+    """The table without its malformed records, and `file:line: problem` for each of them.
+
+    DataError at the first malformed record unless `skip`, and when every record is malformed."""
+    good, bad = [], []
+    for i, record in enumerate(table.data):
+        try:
+            read(record)
+            good.append(i)
+        except RecordError as e:
+            if not skip:
+                raise DataError(f"{table.where(i)}: {e}") from None
+            bad.append(f"{table.where(i)}: {e}")
+    if not good:
+        raise DataError(f"{table.path}: all {len(bad)} records are malformed, e.g. {bad[0]}")
+    return (table.select(good) if bad else table), bad
 
 
 def split_table(table: Table, fractions: dict[str, float], seed: int) -> dict[str, Table]:

@@ -190,9 +190,7 @@ class PrefixDelta(Delta):
         with torch.no_grad():
             flat = self.carrier.prefix().detach().clone()
         self.carrier.prefix = PlainPrefix(flat)
-        self.config = self.config.model_copy(update={"reparam": "none"})
-        name = next(n for n, p in self.model.named_parameters() if p is self.carrier.prefix.weight)
-        self._params = {name: self.carrier.prefix.weight}
+        self.collapse_to(self.carrier.prefix.weight, reparam="none")
 
 
 @register("ptuning_v2")

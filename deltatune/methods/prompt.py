@@ -13,10 +13,12 @@ attended tokens only (as HF generate does): the last position is a real token wh
 is what GPT-2/Llama sequence classification pools when given `inputs_embeds`. In cached generation the prefix is
 already in the cache; the pre-hook then only extends the mask and the position ids of the new tokens.
 
-P-tuning's prompt encoder is a strategy (`ENCODERS`: none | mlp | lstm); its template places `[P]` tokens before
-and after the input text (`"[P][P][P] {text} [P][P]"`). Literal words and `{mask}` in templates are data-side
-changes and are not supported here (write them into the data). Tokens after the text are meant for
-classification: in generation they sit after the prompt.
+P-tuning's prompt encoder is a strategy (`ENCODERS`: none | mlp | lstm); its template places `[P]` virtual tokens,
+literal words and the tokenizer's mask token around the input text (`"[P][P][P] {text} [P][P] It was {mask}"`).
+Literal words are embedded by the frozen embedding table, so only the [P] tokens train; their token ids are
+resolved once with the model's tokenizer and saved in the config. Everything after `{text}` sits after the
+prompt in cached generation (with a decoder, "[P][P] {text} It was" makes the model continue after "It was");
+without the KV cache every step re-reads the whole text, so those pieces would move behind the generated tokens.
 """
 
 from __future__ import annotations
@@ -119,27 +121,42 @@ class Prompt(DeltaConfig):
         return self
 
 
-TEMPLATE = re.compile(r"^((?:\s*\[P\])*)\s*\{text\}((?:\s*\[P\])*)\s*$")
+MARKERS = ("[P]", "{text}", "{mask}")
+Piece = str  # "[P]", "{mask}", or literal text
+
+
+def template_pieces(template: str) -> tuple[list[Piece], list[Piece]]:
+    """The pieces of a P-tuning template before and after `{text}` (literal text keeps its leading space)."""
+    parts = [p if p in MARKERS else p.rstrip() for p in re.split(r"(\[P\]|\{text\}|\{mask\})", template)]
+    parts = [p for p in parts if p.strip()]
+    if parts.count("{text}") != 1 or "[P]" not in parts:
+        raise ValueError(f"template {template!r} needs exactly one {{text}} and at least one [P], e.g. "
+                         "'[P][P][P] {text} [P][P] It was {mask}'")
+    cut = parts.index("{text}")
+    return parts[:cut], parts[cut + 1:]
 
 
 class PTuning(DeltaConfig):
-    """P-tuning v1 settings: template of [P] tokens around the text, prompt encoder."""
+    """P-tuning v1 settings: template of [P] tokens, words and {mask} around the text; prompt encoder."""
 
-    template: str = Field("[P][P][P][P][P][P][P][P][P][P] {text}", description="[P] virtual tokens around {text}")
+    template: str = Field("[P][P][P][P][P][P][P][P][P][P] {text}",
+                          description="[P] virtual tokens, literal words and {mask} around one {text}")
     encoder: Literal["lstm", "mlp", "none"] = Field("lstm", description="prompt encoder (reparameterisation)")
     hidden_size: int = Field(128, gt=0, description="prompt-encoder hidden size")
     position: Position = Field("auto", description=POSITION_HELP)
+    literal_token_ids: list[list[int]] | None = Field(
+        None, description="token ids of the template's words and {mask}, in order (set from the tokenizer)")
 
     @model_validator(mode="after")
     def _parse(self) -> PTuning:
-        if not TEMPLATE.match(self.template) or not sum(self.counts()):
-            raise ValueError(f"template {self.template!r} must be [P] tokens around one {{text}}, e.g. "
-                             "'[P][P][P] {text} [P][P]'; literal words and {mask} belong in the data")
+        self.pieces()
         return self
 
-    def counts(self) -> tuple[int, int]:
-        before, after = TEMPLATE.match(self.template).groups()  # type: ignore[union-attr]
-        return before.count("[P]"), after.count("[P]")
+    def pieces(self) -> tuple[list[Piece], list[Piece]]:
+        return template_pieces(self.template)
+
+    def literals(self) -> list[Piece]:
+        return [p for part in self.pieces() for p in part if p != "[P]"]
 
 
 # ---- the shared method ----------------------------------------------------------------------------------------
@@ -147,7 +164,11 @@ class InputTokensDelta(Delta):
     """Shared machinery: carrier + hooks inserting `virtual()` at the layout positions. Subclasses build tokens."""
 
     preserves_output = False
-    counts: tuple[int, int]  # virtual tokens before / after the text
+    # Inserted positions before / after the text, as rows of the extra table: the trainable virtual tokens,
+    # then the embeddings of `literal_ids` (fixed words of a template). Set by make_tokens.
+    before: list[int]
+    after: list[int]
+    literal_ids: list[int]
 
     def make_tokens(self, embeddings: nn.Module) -> VirtualTokens:
         raise NotImplementedError
@@ -160,26 +181,37 @@ class InputTokensDelta(Delta):
         self.causal = is_causal(self.model)
         position = self.config.position  # type: ignore[attr-defined]
         self.keep_first = int(position == "after_first" or (position == "auto" and not self.causal))
-        self.n = sum(self.counts)
+        self.n = len(self.before) + len(self.after)
+        self.register_literals(torch.tensor(self.literal_ids, dtype=torch.long, device=embeddings.weight.device))
         self._restore: torch.Tensor | None = None
         self._hooks = [self.model.register_forward_pre_hook(self._before, with_kwargs=True),
                        self.model.register_forward_hook(self._after, with_kwargs=True)]
         return list(self.carrier.tokens.parameters())
 
+    def register_literals(self, ids: torch.Tensor) -> None:
+        self.carrier.register_buffer("literal_ids", ids, persistent=False)
+
     def restore(self) -> None:
         for hook in self._hooks:
             hook.remove()
 
+    def extra_rows(self, dtype: torch.dtype) -> torch.Tensor:
+        """The rows `before`/`after` index: virtual tokens, then the frozen embeddings of the literal words."""
+        virtual = self.carrier.tokens().to(dtype)
+        if not self.literal_ids:
+            return virtual
+        return torch.cat([virtual, self.carrier.base_layer(self.carrier.literal_ids).to(dtype)])
+
     def layout(self, mask: torch.Tensor) -> torch.Tensor:
         """Per row, indices into [the L input positions, then the n virtual tokens] giving the new sequence."""
-        length, front = mask.shape[1], self.counts[0]
-        virtual = list(range(length, length + self.n))
+        length = mask.shape[1]
+        before, after = [length + j for j in self.before], [length + j for j in self.after]
         rows = []
         for row in mask.bool().tolist():
             real = [i for i, m in enumerate(row) if m]
             pads = [i for i, m in enumerate(row) if not m]
             k = min(self.keep_first, len(real))
-            seq = real[:k] + virtual[:front] + real[k:] + virtual[front:]
+            seq = real[:k] + before + real[k:] + after
             rows.append(pads + seq if self.causal else seq + pads)
         return torch.tensor(rows, device=mask.device)
 
@@ -203,8 +235,8 @@ class InputTokensDelta(Delta):
             embeds = self.carrier(ids)
         mask = torch.ones(batch, length, dtype=torch.long, device=x.device) if mask is None else mask
         idx = self.layout(mask)
-        virtual = self.carrier.tokens().to(embeds.dtype)
-        table = torch.cat([embeds, virtual.expand(batch, -1, -1)], 1)
+        extra = self.extra_rows(embeds.dtype)
+        table = torch.cat([embeds, extra.expand(batch, -1, -1)], 1)
         kwargs["inputs_embeds"] = table.gather(1, idx[..., None].expand(-1, -1, table.shape[-1]))
 
         def spread(t: torch.Tensor, fill: int) -> torch.Tensor:
@@ -240,7 +272,7 @@ class PromptDelta(InputTokensDelta):
 
     def make_tokens(self, embeddings: nn.Module) -> VirtualTokens:
         cfg: Prompt = self.config  # type: ignore[assignment]
-        self.counts = (cfg.n_tokens, 0)
+        self.before, self.after, self.literal_ids = list(range(cfg.n_tokens)), [], []
         weight = embeddings.weight
         if cfg.init == "random":
             init = torch.randn(cfg.n_tokens, weight.shape[1]) * weight.detach().float().std()
@@ -258,31 +290,81 @@ class PromptDelta(InputTokensDelta):
         return VirtualTokens(init.to(weight.device, weight.dtype), nn.Identity())
 
 
-def text_ids(model: nn.Module, text: str) -> list[int]:
-    """Token ids of `text` with the tokenizer saved next to the model (`model.config._name_or_path`)."""
+def model_tokenizer(model: nn.Module, needed_for: str, instead: str):
+    """The tokenizer saved next to the model (`model.config._name_or_path`); ConfigError naming `instead` if none."""
     from deltatune.models import load_tokenizer
 
     path = getattr(getattr(model, "config", None), "_name_or_path", "")
     if not path:
-        raise ConfigError("init_text needs the model's tokenizer, but the model has no source path "
-                          "(config._name_or_path); give init_token_ids instead")
-    ids = load_tokenizer(path)(text, add_special_tokens=False)["input_ids"]
+        raise ConfigError(f"{needed_for} needs the model's tokenizer, but the model has no source path "
+                          f"(config._name_or_path); give {instead} instead")
+    return load_tokenizer(path)
+
+
+def text_ids(model: nn.Module, text: str) -> list[int]:
+    """Token ids of `text` with the tokenizer saved next to the model."""
+    ids = model_tokenizer(model, "init_text", "init_token_ids")(text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise ConfigError(f"init_text {text!r} gives no tokens")
     return ids
 
 
+def literal_ids(model: nn.Module, literals: list[str]) -> list[list[int]]:
+    """Token ids of each literal word piece of a template; `{mask}` is the tokenizer's mask token."""
+    tokenizer = model_tokenizer(model, "a template with words or {mask}", "literal_token_ids")
+    if "{mask}" in literals and tokenizer.mask_token_id is None:
+        raise ConfigError(f"the template uses {{mask}} but the tokenizer of {model.config._name_or_path} has no mask "
+                          "token (decoders have none: drop {mask}; the model predicts from the last token)")
+    return [[tokenizer.mask_token_id] if piece == "{mask}" else tokenizer(piece, add_special_tokens=False)["input_ids"]
+            for piece in literals]
+
+
 @register("ptuning")
 class PTuningDelta(InputTokensDelta):
-    """P-tuning v1: virtual tokens from a prompt encoder (LSTM, MLP or none), placed around the input by a template."""
+    """P-tuning v1: virtual tokens from a prompt encoder (LSTM, MLP or none), placed around the input by a template
+    together with fixed words and the mask token."""
 
     config_class = PTuning
 
     def make_tokens(self, embeddings: nn.Module) -> VirtualTokens:
         cfg: PTuning = self.config  # type: ignore[assignment]
-        self.counts = cfg.counts()
+        literals = cfg.literals()
+        if literals and cfg.literal_token_ids is None:  # saved with the delta: load needs no tokenizer
+            self.config = cfg = cfg.model_copy(update={"literal_token_ids": literal_ids(self.model, literals)})
+        if len(cfg.literal_token_ids or []) != len(literals):
+            raise ConfigError(f"literal_token_ids has {len(cfg.literal_token_ids or [])} entries but the template "
+                              f"{cfg.template!r} has {len(literals)} words/{{mask}} pieces")
+        self.before, self.after, self.literal_ids = self.slots(cfg.pieces(), cfg.literal_token_ids or [])
         weight = embeddings.weight
-        dim = weight.shape[1]
-        encoder = ENCODERS[cfg.encoder](dim, cfg.hidden_size).to(weight.device, weight.dtype)
-        init = torch.randn(sum(self.counts), dim) * weight.detach().float().std()
+        n_virtual = sum(p == "[P]" for part in cfg.pieces() for p in part)
+        encoder = ENCODERS[cfg.encoder](weight.shape[1], cfg.hidden_size).to(weight.device, weight.dtype)
+        init = torch.randn(n_virtual, weight.shape[1]) * weight.detach().float().std()
         return VirtualTokens(init.to(weight.device, weight.dtype), encoder)
+
+    def for_inference(self) -> None:
+        """Replace the prompt encoder by the tokens it computes; `save` then writes only those (encoder: none)."""
+        if self.config.encoder == "none":  # type: ignore[attr-defined]
+            return
+        with torch.no_grad():
+            tokens = self.carrier.tokens().detach().clone()
+        self.carrier.tokens = VirtualTokens(tokens, nn.Identity())
+        self.collapse_to(self.carrier.tokens.embedding, encoder="none")
+
+    @staticmethod
+    def slots(pieces: tuple[list[Piece], list[Piece]],
+              ids: list[list[int]]) -> tuple[list[int], list[int], list[int]]:
+        """Rows of the extra table (virtual tokens first, then literal tokens) for the pieces before/after {text}."""
+        n_virtual = sum(p == "[P]" for part in pieces for p in part)
+        words, literal, virtual, out = iter(ids), [], 0, []
+        for part in pieces:
+            rows = []
+            for piece in part:
+                if piece == "[P]":
+                    rows.append(virtual)
+                    virtual += 1
+                else:
+                    for token in next(words):
+                        rows.append(n_virtual + len(literal))
+                        literal.append(token)
+            out.append(rows)
+        return out[0], out[1], literal

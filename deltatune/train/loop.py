@@ -25,6 +25,7 @@ from pydantic import Field
 from torch import nn
 
 from deltatune import io
+from deltatune.data.batching import real_tokens
 from deltatune.delta import TENSOR_FILE, DeltaBase
 from deltatune.errors import CheckpointError, ConfigError, DataError, DeltaTuneError
 from deltatune.optim import OptimizerConfig, build_optimizer, build_scheduler
@@ -172,13 +173,12 @@ def train(model: nn.Module, delta: DeltaBase, data: TaskData, cfg: TrainConfig, 
             for batch in group:
                 batch = _to_device(batch, params[0].device)
                 part = units(batch["labels"], data.task) / step_units
-                inputs = {k: v for k, v in batch.items() if k != "labels"}
-                loss = fast.loss_sum(model, inputs, batch["labels"], data.task) / step_units
+                loss = fast.loss_sum(model, _model_inputs(batch), batch["labels"], data.task) / step_units
                 if (extra := delta.extra_loss()) is not None:
                     loss = loss + extra * part
                 loss.backward()
                 step_loss += float(loss.detach())
-                tokens += int(batch.get("attention_mask", batch["input_ids"]).bool().sum())
+                tokens += real_tokens(batch)
             grad_norm = (nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm
                          else nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
             if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):  # never step into NaN weights
@@ -268,7 +268,7 @@ def evaluate(model: nn.Module, dataset: Sequence[dict[str, Any]], collate: Colla
         for start in range(0, len(dataset), batch_size):
             batch = _to_device(collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]),
                                device)
-            speed.update_metrics(state, model, {k: v for k, v in batch.items() if k != "labels"}, batch["labels"])
+            speed.update_metrics(state, model, _model_inputs(batch), batch["labels"])
     finally:
         model.train(was_training)
     return state.result()
@@ -287,6 +287,11 @@ def _lengths(dataset: Sequence[dict[str, Any]]) -> list[int]:
     if hasattr(dataset, "column_names"):  # datasets.Dataset: read the column at once
         return [len(ids) for ids in dataset["input_ids"]]
     return [len(ex["input_ids"]) for ex in dataset]
+
+
+def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch without what is for the loop: labels, and the real-token count of packed batches."""
+    return {k: v for k, v in batch.items() if k not in ("labels", "num_tokens")}
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
