@@ -58,6 +58,7 @@ SIDES = {
     "peft": {},
     "peft-bf16": {"bf16": True},
     "deltatune": {},
+    "dt-nopack": {"packing": False},
     "dt-fp32": {"precision": "fp32"},
     "dt-nochunk": {"chunked_loss": False},
     "dt-noalloc": {"allocator": False},
@@ -88,8 +89,8 @@ class Recorder:
         self.collate, self.tokens, self.step_ends = collate, [], []
 
     def __call__(self, examples):
-        batch = self.collate(examples)
-        self.tokens.append(int(batch["attention_mask"].sum()))
+        batch = self.collate(examples)  # packed rows carry their real token count, padded batches a mask
+        self.tokens.append(int(batch["num_tokens"] if "num_tokens" in batch else batch["attention_mask"].sum()))
         return batch
 
     def step_done(self) -> None:
@@ -146,7 +147,11 @@ def run_reference(model, train: list[dict], spec: dict):
 
 
 def run_deltatune(model, train: list[dict], spec: dict):
-    """deltatune's public API (attach + train) with its defaults, except the lever a side changes."""
+    """deltatune's public API (attach + train) with its defaults, except the lever a side changes.
+
+    Variable-length data is packed (data.packing) into rows of max_length; a step then takes as many rows as hold
+    the reference's tokens per step (batch x mean example length), so both sides take about as many optimizer
+    steps over the same epoch. Prompt tuning rewrites the inputs and cannot be packed: it is padded as usual."""
     lever = SIDES[spec["side"]]
     if lever.get("allocator", True):
         from deltatune.train.speed import tune_allocator
@@ -160,12 +165,19 @@ def run_deltatune(model, train: list[dict], spec: dict):
     from workloads import tokenizer
 
     delta = deltatune.attach(model, method_config(spec))
-    rows = [{**e, "attention_mask": [1] * len(e["input_ids"])} for e in train]
+    rows = Dataset.from_list([{**e, "attention_mask": [1] * len(e["input_ids"])} for e in train])
+    batch = spec["batch"]
+    if lever.get("packing", True) and spec["method"] != "prompt" and len({len(e["input_ids"]) for e in train}) > 1:
+        from deltatune.data.packing import pack, prepare_model
+
+        rows = pack(rows, spec["max_length"])
+        prepare_model(model)
+        batch = max(1, round(spec["batch"] * sum(len(e["input_ids"]) for e in train) / len(train) / spec["max_length"]))
     empty = Dataset.from_dict({"input_ids": [], "attention_mask": [], "labels": []})
-    data = TaskData(Dataset.from_list(rows), empty, empty, task="text", label_names=None, num_labels=None, source={})
+    data = TaskData(rows, empty, empty, task="text", label_names=None, num_labels=None, source={})
     recorder = Recorder(Collator(tokenizer().pad_token_id))
-    knobs = {k: v for k, v in lever.items() if k != "allocator"}
-    cfg = deltatune.TrainConfig(epochs=1, batch_size=spec["batch"], seed=spec["seed"], log_every=10**6,
+    knobs = {k: v for k, v in lever.items() if k not in ("allocator", "packing")}
+    cfg = deltatune.TrainConfig(epochs=1, batch_size=batch, seed=spec["seed"], log_every=10**6,
                                 eval_baseline=False, optimizer=deltatune.OptimizerConfig(lr=LR[spec["method"]]),
                                 **knobs)
     deltatune.train(model, delta, data, cfg, spec["out"], collate=recorder,
@@ -237,8 +249,11 @@ def matmul_peak(threads: int, size: int = 2048, seconds: float = 1.0) -> dict[st
 
 def spawn(spec: dict) -> dict:
     """Run one spec in a fresh process; its result is the last stdout line (JSON)."""
+    from workloads import smollm2_dir
+
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
+           "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "BENCH_SMOLLM2_DIR": str(smollm2_dir())}
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env, capture_output=True,
                           text=True)
     if proc.returncode:
@@ -254,7 +269,7 @@ def run_case(name: str, args: argparse.Namespace, tmp: Path, peak: dict[str, flo
     data_file = tmp / f"{name}.json"
     data_file.write_text(json.dumps({"train": train, "heldout": heldout}))
     base = {**asdict(case), "data_file": str(data_file), "batch": args.batch, "threads": args.threads,
-            "warmup": args.warmup}
+            "warmup": args.warmup, "max_length": args.max_length}
     runs: dict[str, list[dict]] = {side: [] for side in args.sides}
     for repeat in range(args.repeats):
         for side in args.sides:

@@ -1,7 +1,8 @@
 """Models and data shared by the benchmarks: every case is built the same way for deltatune and the reference.
 
 Data sets are lists of tokenized examples {"input_ids", "labels"} (labels -100 where no loss is taken):
-  chat      the packaged chatterbot Q&A corpus through the SmolLM2 chat template; loss on assistant turns only
+  chat      the packaged chatterbot Q&A corpus in deltatune's `messages` format (SmolLM2's chat template; loss on
+            the assistant turns only): the same tokens for both sides
   longtail  spans of the packaged rotten-tomatoes reviews (one token stream) with long-tailed lengths
             (log-normal, median 48 tokens, clipped to [8, max_length]); loss on every token
   fixed     the same stream cut into rows of exactly max_length tokens
@@ -11,6 +12,7 @@ Models: the packaged SmolLM2-135M, and Llama configs with random weights (seeded
 from __future__ import annotations
 
 import json
+import os
 import random
 from functools import cache
 from pathlib import Path
@@ -28,21 +30,30 @@ MODELS = ("smollm2", *LLAMA_SIZES)
 DATASETS = ("chat", "longtail", "fixed")
 
 
+def smollm2_dir() -> Path:
+    """The converted SmolLM2 folder; workers get it from the orchestrator ($BENCH_SMOLLM2_DIR), so that the
+    reference side never imports deltatune."""
+    if folder := os.environ.get("BENCH_SMOLLM2_DIR"):
+        return Path(folder)
+    from deltatune.assets import resolve_model_path
+
+    return resolve_model_path("smollm2-135m")
+
+
 @cache
 def tokenizer() -> Any:
-    from deltatune.models import load_tokenizer
+    """SmolLM2's tokenizer (its pad token is <|im_end|>)."""
+    from transformers import AutoTokenizer
 
-    return load_tokenizer("smollm2-135m")
+    return AutoTokenizer.from_pretrained(smollm2_dir())
 
 
 def build_model(name: str) -> torch.nn.Module:
     """A causal LM in fp32: the packaged SmolLM2-135M or a seeded random Llama of LLAMA_SIZES."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from deltatune.assets import resolve_model_path
-
     if name == "smollm2":
-        return AutoModelForCausalLM.from_pretrained(resolve_model_path("smollm2-135m"), dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32)
     hidden, layers, inter, heads = LLAMA_SIZES[name]
     tok = tokenizer()
     config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, intermediate_size=inter,
@@ -90,21 +101,10 @@ def text_stream() -> list[int]:
 
 @cache
 def chat_examples(max_length: int) -> list[Example]:
-    """Chatterbot conversations in the chat template; labels only on the assistant turns (with their end token)."""
-    from deltatune.assets import resolve_data_path
+    """Chatterbot conversations through deltatune's `messages` format: the tokenizer's chat template, labels only
+    on the assistant turns (examples without a target token within max_length are dropped by deltatune)."""
+    from deltatune.data import DataConfig, prepare_data
 
-    tok = tokenizer()
-    out = []
-    for line in Path(resolve_data_path("chatterbot")).read_text(encoding="utf-8").splitlines():
-        messages = json.loads(line)["messages"]
-        text = tok.apply_chat_template(messages, tokenize=False)
-        spans = []  # character spans of the assistant answers
-        for k, message in enumerate(messages):
-            if message["role"] == "assistant":
-                start = len(tok.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True))
-                spans.append((start, len(tok.apply_chat_template(messages[:k + 1], tokenize=False))))
-        enc = tok(text, return_offsets_mapping=True, add_special_tokens=False, truncation=True, max_length=max_length)
-        labels = [t if any(a <= s < b for a, b in spans) else -100
-                  for t, (s, _) in zip(enc["input_ids"], enc["offset_mapping"])]
-        out.append({"input_ids": enc["input_ids"], "labels": labels})
-    return out
+    cfg = DataConfig(train="chatterbot", format="messages", max_length=max_length, split=(1.0, 0.0, 0.0))
+    train = prepare_data(cfg, tokenizer()).train
+    return [{"input_ids": ids, "labels": labels} for ids, labels in zip(train["input_ids"], train["labels"])]
