@@ -230,8 +230,9 @@ def count_flops(spec: dict) -> dict:
 
 
 # ------------------------------------------------------------------ orchestration
-def matmul_peak(threads: int, size: int = 2048, seconds: float = 1.0) -> dict[str, float]:
-    """Best FLOP/s of a size x size matmul in fp32 and bf16 (this process, `threads` threads)."""
+def matmul_peak(threads: int, size: int = 512, seconds: float = 2.0) -> dict[str, float]:
+    """Best FLOP/s of a size x size matmul in fp32 and bf16 (this process, `threads` threads). Each call takes a
+    few ms, so on a shared machine the best calls are those that ran on a core alone."""
     import torch
 
     torch.set_num_threads(threads)
@@ -275,7 +276,8 @@ def run_case(name: str, args: argparse.Namespace, tmp: Path, peak: dict[str, flo
         for side in args.sides:
             spec = {**base, "side": side, "seed": repeat, "out": str(tmp / f"{name}-{side}-{repeat}")}
             runs[side].append(spawn(spec))
-            print(f"  {name} {side} #{repeat + 1}: {runs[side][-1]['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
+            print(f"  {name} {side} #{repeat + 1}: {runs[side][-1]['tokens_per_s']:.0f} tokens/s "
+                  f"{json.dumps(runs[side][-1])}", file=sys.stderr, flush=True)
     mean_length = sum(len(e["input_ids"]) for e in train) / len(train)
     flops = spawn({**base, "side": "flops", "length": round(mean_length)})["flops_per_token"]
     return summarise(name, runs, flops, peak, mean_length)
