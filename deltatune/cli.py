@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -18,6 +20,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from deltatune.errors import DeltaTuneError
 
@@ -36,13 +39,20 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     parser = _parser()
     args = parser.parse_args(argv)
+    from deltatune.train.distributed import rank_and_world
+
+    rank, world = rank_and_world()
+    console.quiet = rank != 0  # under torchrun, rank 0 prints for the run
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
     try:
-        return args.func(args) or 0
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.func(args) or 0
     except DeltaTuneError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        console.quiet = False
+        console.print(f"[bold red]error{f' (rank {rank})' if world > 1 else ''}:[/] {exc}")
         return 1
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: the last checkpoint is kept; continue with --resume")
@@ -65,24 +75,72 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["train", "validation", "test"], default="test")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override the run's config, e.g. --set data.test=other.jsonl")
+    p.add_argument("--generate", type=Path, metavar="FILE",
+                   help="instead: exact match and ROUGE-L of greedy answers to FILE's prompts vs its references")
+    p.add_argument("--compare-base", action="store_true", help="with --generate: also score the base model")
+    p.add_argument("--skip", type=int, default=0, help="with --generate: pass over the first N records")
+    p.add_argument("--limit", type=int, help="with --generate: N records at most")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--stop", action="append", default=[], help="cut each answer at this string (repeatable)")
+    p.add_argument("--system", help="system prompt for records without one")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--output", type=Path, help="with --generate: write every answer to this .jsonl file")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("merge", help="merge a run's delta into the base and save a standalone model")
+    p = sub.add_parser("merge", help="merge a run's delta into the base and save a standalone model "
+                                     "(= export --format hf)")
     p.add_argument("run", type=Path)
     p.add_argument("out", type=Path)
-    p.set_defaults(func=cmd_merge)
+    p.set_defaults(func=cmd_export, format="hf", model=None)
+
+    p = sub.add_parser("export", help="write a run's delta as a Hugging Face PEFT adapter, or merged into a "
+                                      "standalone transformers model")
+    p.add_argument("run", type=Path, metavar="RUN_OR_DELTA", help="run folder, or a saved delta folder")
+    p.add_argument("out", type=Path, help="new output folder")
+    p.add_argument("--format", choices=["peft", "hf"], required=True,
+                   help="peft: adapter_config.json + adapter_model.safetensors; hf: merged model (save_pretrained)")
+    p.add_argument("--merge", action="store_true", help="merge into the base weights (what --format hf does)")
+    p.add_argument("--model", help="base model folder of a delta folder (default: the one it was trained from)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("compare", help="train one task with several methods (same data, seed, budget) and "
+                                       "compare them in one table and chart")
+    p.add_argument("config", type=Path)
+    p.add_argument("--methods", help="comma-separated methods or compare.settings variants, e.g. full,lora,prefix "
+                                     "(default: compare.methods of the config)")
+    p.add_argument("--force", action="store_true", help="re-train methods whose run has finished already")
+    p.add_argument("--in-process", action="store_true", help="train every method in this process (starts faster; "
+                                                             "peak memory is then this process's peak so far)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value for every method, e.g. --set data.limit=600 (repeatable)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("generate", help="generate text with a trained run, or a model and an optional delta")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", type=Path, help="run folder written by `deltatune train` (a causal-LM run)")
-    source.add_argument("--model", help="model folder or packaged alias (e.g. smollm2-135m)")
-    p.add_argument("--delta", type=Path, help="saved delta folder to attach to --model (e.g. RUN/best)")
-    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable: one batch)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--stop", action="append", default=None, help="cut each output at this string (repeatable)")
+    _add_model_source(p)
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
+    p.add_argument("--prompts-file", type=Path,
+                   help=".txt (one prompt per line) or .jsonl with `prompt` or `messages` per record")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap prompts in the chat template (default: on for runs that saved one, i.e. SFT runs)")
+    p.add_argument("--system", help="system prompt for chat prompts")
+    p.add_argument("--compare-base", action="store_true",
+                   help="also generate with the base model (no delta) and show both side by side")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--output", type=Path, help="write the generations to this .jsonl file")
+    _add_sampling(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="chat in the terminal with a trained run, or a model and an optional delta")
+    _add_model_source(p)
+    p.add_argument("--system", help="system prompt")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("convert", help="convert a GGUF model file into a safetensors model folder")
+    p.add_argument("source", help="a .gguf file, or a packaged model alias (smollm2-135m)")
+    p.add_argument("out", type=Path, nargs="?",
+                   help="output folder (optional for an alias: default is the cache it is loaded from)")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("methods", help="list the registered fine-tuning methods")
     p.set_defaults(func=cmd_methods)
@@ -100,6 +158,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     with _TrainProgress() as progress:
         session, result = run_training(config, resume=args.resume, on_event=progress.on_event)
     _print_results(result, config.task)
+    if result.generation:
+        gen = result.generation
+        _print_generation_scores(gen["base"], gen["fine_tuned"], f"{gen['examples']} prompts of {gen['file']}, "
+                                 f"greedy; the answers are in generations.jsonl")
     if skipped := sum(part.get("skipped", 0) for part in session.data.source.values()):
         first = next(part["first_skipped"] for part in session.data.source.values() if part.get("skipped"))
         from rich.markup import escape
@@ -113,6 +175,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from deltatune.run import load_run
     from deltatune.train import evaluate
 
+    if args.generate is not None:
+        return _eval_generation(args)
     session = load_run(args.run, args.overrides)
     dataset = getattr(session.data, args.split)
     metrics = evaluate(session.model, dataset, session.collator(), session.data.task,
@@ -126,48 +190,199 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_merge(args: argparse.Namespace) -> int:
-    from deltatune.run import load_run
+def cmd_export(args: argparse.Namespace) -> int:
+    from deltatune.interop import export
 
-    session = load_run(args.run)
-    session.delta.merge()
-    if args.out.exists() and any(args.out.iterdir()):
-        raise DeltaTuneError(f"output folder {args.out} is not empty; choose a new folder")
-    tmp = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}")
-    session.model.save_pretrained(tmp)
-    session.tokenizer.save_pretrained(tmp)
-    if args.out.exists():
-        args.out.rmdir()
-    tmp.rename(args.out)
-    console.print(f"merged model written to [cyan]{args.out}[/] (load it with transformers' from_pretrained)")
+    if args.format == "peft" and getattr(args, "merge", False):
+        raise DeltaTuneError("--merge goes with --format hf: a PEFT adapter keeps the delta separate")
+    out = export(args.run, args.out, args.format, model_path=args.model)
+    what, loader = (("PEFT adapter", "peft.PeftModel.from_pretrained") if args.format == "peft" else
+                    ("merged model", "transformers' from_pretrained"))
+    console.print(f"{what} written to [cyan]{out}[/] (load it with {loader})")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from deltatune.compare import run_compare
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+
+    def on_event(kind: str, info: dict) -> None:
+        what = "finished earlier, kept (--force re-trains)" if kind == "skip" else "training"
+        console.print(f"[{info['index']}/{info['total']}] [cyan]{info['method']}[/]: {what} → {info['run_dir']}")
+
+    out, rows = run_compare(args.config, methods, args.overrides, force=args.force, isolate=not args.in_process,
+                            on_event=on_event)
+    table = Table(title=f"deltatune compare · test {rows[0].metric}")
+    for column in ("method", "deltas", f"test {rows[0].metric}", "trainable", "trainable %", "delta file",
+                   "wall time", "tokens/s", "peak memory"):
+        table.add_column(column, justify="left" if column in ("method", "deltas") else "right")
+    for r in rows:
+        table.add_row(r.method, r.deltas, _fmt(r.test), f"{r.trainable_params:,}", f"{r.trainable_pct:.3f}%",
+                      f"{r.delta_bytes / 1e6:.2f} MB", f"{r.wall_time_s:.1f} s", f"{r.tokens_per_s:,.0f}",
+                      f"{r.peak_rss_mb:,.0f} MB")
+    console.print(table)
+    console.print(f"written to [cyan]{out}[/]: compare.json, compare.csv, compare.png, compare.html")
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from deltatune.generate import generate
+    from deltatune.inference import open_generator
+    from deltatune.prompts import PromptRecord, read_prompts
 
-    if args.run is not None:
-        if args.delta is not None:
-            raise DeltaTuneError("--delta goes with --model; a --run already has its delta (best/)")
-        from deltatune.run import load_run
-
-        session = load_run(args.run)
-        model, tokenizer = session.model, session.tokenizer
+    records = [PromptRecord(f"--prompt {i}", text=text) for i, text in enumerate(args.prompt, 1)]
+    records += read_prompts(args.prompts_file) if args.prompts_file else []
+    if not records:
+        raise DeltaTuneError("nothing to generate: give --prompt TEXT or --prompts-file FILE")
+    sampling = _sampling(args)
+    generator = open_generator(run=args.run, model=args.model, delta=args.delta, template=args.template,
+                               attach=False)
+    chat = generator.use_chat(args.chat, records)
+    options = dict(chat=chat, system=args.system, batch_size=args.batch_size)
+    base = generator.complete(records, sampling, **options) if args.compare_base else None
+    generator.attach_delta(args.merge)
+    outputs = generator.complete(records, sampling, **options)
+    if args.output is not None:
+        _write_outputs(args.output, records, outputs, base)
+    elif base is not None:
+        _print_side_by_side(records, base, outputs)
     else:
-        import deltatune
-        from deltatune.models import load_model
-
-        model, tokenizer = load_model(args.model, "causal_lm")
-        if args.delta is not None:
-            deltatune.load(model, args.delta)
-    outputs = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, top_p=args.top_p, stop=args.stop)
-    for prompt, output in zip(args.prompt, outputs):
-        from rich.markup import escape
-
-        console.print(f"[bold]{escape(prompt)}[/]", end="")
-        console.print(output, markup=False, highlight=False)
+        for i, (record, output) in enumerate(zip(records, outputs)):
+            console.print(("\n" if i else "") + _shown_prompt(record), style="bold", markup=False, highlight=False,
+                          end="\n" if chat else "")
+            console.out(output, highlight=False)
     return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from deltatune.inference import Conversation, open_generator
+
+    generator = open_generator(run=args.run, model=args.model, delta=args.delta, template=args.template,
+                               merge=args.merge)
+    conversation = Conversation(generator, _sampling(args), system=args.system)
+    console.print("[dim]chat: /reset starts a new conversation, /exit (or Ctrl-D) quits[/]")
+    while True:
+        try:
+            line = console.input("[bold green]you>[/] ").strip()
+        except EOFError:
+            break
+        if not sys.stdin.isatty():  # piped input: show it, so the transcript reads like a conversation
+            console.out(line, highlight=False)
+        if line == "/exit":
+            break
+        if line == "/reset":
+            conversation.reset()
+            console.print("[dim]history cleared[/]")
+        elif line.startswith("/"):
+            console.print(f"[yellow]unknown command[/] {escape(line)}: use /reset or /exit")
+        elif line:
+            console.print("[bold cyan]assistant>[/] ", end="")
+            conversation.reply(line, on_text=lambda text: console.out(text, end="", highlight=False))
+            console.out("")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import time
+
+    from deltatune import assets
+
+    start = time.perf_counter()
+    if args.source in assets.PACKAGED_GGUF and args.out is None:
+        out = assets.converted_dir(args.source)
+        if (out / "config.json").is_file():
+            console.print(f"{args.source} is already converted: [cyan]{out}[/]")
+            return 0
+        assets.converted_model(args.source)
+    elif args.out is None:
+        raise DeltaTuneError(f"give the output folder: deltatune convert {args.source} OUT")
+    else:
+        source = assets.packaged_gguf(args.source) if args.source in assets.PACKAGED_GGUF else args.source
+        out = assets.convert_gguf(source, args.out)
+    console.print(f"converted {args.source} → [cyan]{out}[/] in {time.perf_counter() - start:.1f}s "
+                  f"(use it with --model {out})")
+    return 0
+
+
+def _eval_generation(args: argparse.Namespace) -> int:
+    from deltatune.eval_generation import evaluate_generation, reference_records
+    from deltatune.generate import Sampling
+    from deltatune.inference import open_generator
+
+    if args.overrides:
+        raise DeltaTuneError("--set does not apply to --generate (it reads the run's model and delta only)")
+    records = reference_records(args.generate, args.limit, args.skip)
+    sampling = Sampling(max_new_tokens=args.max_new_tokens, stop=args.stop)
+    generator = open_generator(run=args.run, attach=False)
+    options = dict(system=args.system, batch_size=args.batch_size)
+    base, base_outputs = evaluate_generation(generator, records, sampling, **options) if args.compare_base \
+        else ({}, None)
+    generator.attach_delta()
+    tuned, outputs = evaluate_generation(generator, records, sampling, **options)
+    _print_generation_scores(base, tuned, f"{args.run} on {len(records)} prompts of {args.generate}, greedy")
+    if args.output is not None:
+        _write_outputs(args.output, records, outputs, base_outputs)
+    return 0
+
+
+def _print_generation_scores(base: dict[str, float] | None, tuned: dict[str, float], note: str) -> None:
+    table = Table(title="generated answers: base model vs fine-tuned" if base else "generated answers")
+    table.add_column("metric")
+    if base:
+        table.add_column("base", justify="right")
+    table.add_column("fine-tuned", justify="right")
+    for name, value in tuned.items():
+        table.add_row(name, *([_fmt(base[name])] if base else []), _fmt(value))
+    console.print(table)
+    console.print(note)
+
+
+def _write_outputs(path: Path, records: list, outputs: list[str], base: list[str] | None) -> None:
+    from deltatune.io import write_jsonl
+    from deltatune.prompts import output_rows
+
+    write_jsonl(path, output_rows(records, outputs, base))
+    console.print(f"wrote {len(outputs)} outputs to [cyan]{path}[/]")
+
+
+def _add_model_source(p: argparse.ArgumentParser) -> None:
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", type=Path, help="run folder written by `deltatune train` (a causal-LM run)")
+    source.add_argument("--model", help="model folder or packaged alias (e.g. smollm2-135m)")
+    p.add_argument("--delta", type=Path, help="saved delta folder to attach to --model (e.g. RUN/best)")
+    p.add_argument("--merge", action="store_true", help="merge the delta into the base weights before generating")
+    p.add_argument("--template", help="chat template: chatml | llama3 | alpaca, a .jinja file or inline jinja "
+                                      "(default: the one the run saved, else the tokenizer's own)")
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = no top-k cut")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating tokens")
+    p.add_argument("--seed", type=int, help="makes sampling reproducible")
+    p.add_argument("--stop", action="append", default=[], help="cut each output at this string (repeatable)")
+
+
+def _sampling(args: argparse.Namespace):
+    from deltatune.generate import Sampling
+
+    return Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                    top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+
+
+def _shown_prompt(record: Any) -> str:
+    return record.text if record.messages is None else record.messages[-1]["content"]
+
+
+def _print_side_by_side(records: list, base: list[str], tuned: list[str]) -> None:
+    table = Table(title="base model vs fine-tuned", show_lines=True)
+    for column in ("prompt", "base", "fine-tuned"):
+        table.add_column(column, overflow="fold")
+    for record, b, t in zip(records, base, tuned):
+        table.add_row(Text(_shown_prompt(record)), Text(b), Text(t))
+    console.print(table)
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -239,6 +454,12 @@ def _print_results(result: Any, task: str) -> None:
     console.print(f"trainable {trainable:,} / {total:,} parameters ({100 * trainable / total:.3f}%) · "
                   f"{result.steps} steps · wall {result.wall_time_s:.1f}s · {result.train_tokens_per_s:,.0f} tokens/s · "
                   f"peak memory {result.peak_rss_mb:,.0f} MB")
+
+
+def _show_warning(message: Warning | str, *args: Any, **kwargs: Any) -> None:
+    from rich.markup import escape
+
+    console.print(f"[yellow]warning:[/] {escape(str(message))}")
 
 
 def _fmt(value: Any) -> str:

@@ -17,6 +17,7 @@ from pydantic import ConfigDict, field_validator
 from deltatune.data import DataConfig
 from deltatune.delta import DeltaConfig
 from deltatune.errors import ConfigError
+from deltatune.eval_generation import GenerationEval
 from deltatune.registry import parse_delta_config
 from deltatune.schema import Schema
 from deltatune.train import TrainConfig
@@ -49,11 +50,14 @@ class RunConfig(Schema):
     delta: list[DeltaConfig]
     train: TrainConfig = TrainConfig()
     output_dir: str = "runs/run"
+    eval_generation: GenerationEval | None = None  # after training: exact match / ROUGE-L of generated answers
 
     @field_validator("delta", mode="before")
     @classmethod
     def _parse_deltas(cls, value: Any) -> list[DeltaConfig]:
         items = value if isinstance(value, list) else [value]
+        if not items:
+            raise ValueError("give at least one method, e.g. [{method: lora, r: 8}]")
         return [item if isinstance(item, DeltaConfig) else parse_delta_config(item, where=str(i))
                 for i, item in enumerate(items)]
 
@@ -64,12 +68,18 @@ class RunConfig(Schema):
     def to_dict(self) -> dict[str, Any]:
         """Plain data for writing back to YAML (the resolved config saved with every run)."""
         out = self.model_dump(mode="json", exclude={"delta"})
+        optional = {"eval_generation": out["eval_generation"]} if self.eval_generation else {}
         return {"model": out["model"], "data": out["data"], "delta": [d.to_dict() for d in self.delta],
-                "train": out["train"], "output_dir": self.output_dir}
+                "train": out["train"], "output_dir": self.output_dir, **optional}
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML config, apply `key.sub=value` overrides, and validate it (one ConfigError if anything is off)."""
+    return validate_config(read_config(path, overrides), where=str(path))
+
+
+def read_config(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
+    """The YAML mapping of a config file with `key.sub=value` overrides applied, not validated yet."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
@@ -81,16 +91,29 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         raise ConfigError(f"{path}: expected a mapping with keys model, data, delta, train; got {type(raw).__name__}")
     for item in overrides:
         apply_override(raw, item)
-    return validate_config(raw, where=str(path))
+    return raw
 
 
 def validate_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
+    if bad := non_string_keys(raw):
+        raise ConfigError(f"{where}: keys must be names; {', '.join(bad)} is not (quote it, or fix the indentation)")
     try:
         config = RunConfig(**raw)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     _check_paths(config)
+    _check_generation_eval(config)
     return config
+
+
+def non_string_keys(node: Any, path: str = "") -> list[str]:
+    """Paths of the keys that are not strings (YAML reads `1:` or `true:` as a number / boolean) in nested data."""
+    if isinstance(node, dict):
+        bad = [f"{path}{k}" for k in node if not isinstance(k, str)]
+        return bad + [p for k, v in node.items() for p in non_string_keys(v, f"{path}{k}.")]
+    if isinstance(node, list):
+        return [p for i, v in enumerate(node) for p in non_string_keys(v, f"{path}{i}.")]
+    return []
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -107,7 +130,10 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
             node = node.setdefault(part, {})
             if not isinstance(node, (dict, list)):
                 raise ConfigError(f"--set {key}: {part!r} is a value, not a section")
-    value = yaml.safe_load(text) if text else ""
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: the value is not valid YAML: {exc}") from None
     if isinstance(node, list):
         node[_index(last, node, key)] = value
     else:
@@ -132,3 +158,17 @@ def _check_paths(config: RunConfig) -> None:
         if value is not None and value not in PACKAGED_DATASETS and not Path(value).is_file():
             raise ConfigError(f"data.{split}: file {value!r} not found "
                               f"(give a data file or one of: {', '.join(PACKAGED_DATASETS)})")
+
+
+def _check_generation_eval(config: RunConfig) -> None:
+    """`eval_generation` needs a text-generating run and an existing held-out file."""
+    from deltatune.assets import PACKAGED_DATASETS
+
+    if config.eval_generation is None:
+        return
+    if config.task != "causal_lm":
+        raise ConfigError(f"eval_generation: generating answers needs a causal-LM run, not {config.task} "
+                          f"(data.format: {config.data.format})")
+    held_out = config.eval_generation.file
+    if held_out not in PACKAGED_DATASETS and not Path(held_out).is_file():
+        raise ConfigError(f"eval_generation.file: file {held_out!r} not found")

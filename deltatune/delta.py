@@ -328,10 +328,15 @@ def read_delta_config(path: str | Path) -> dict[str, Any]:
 
 
 def load(model: nn.Module, path: str | Path) -> Delta | DeltaGroup:
-    """Attach the delta saved in folder `path` to `model` (a fresh copy of the same base) and load its tensors."""
+    """Attach the delta saved in folder `path` to `model` (a fresh copy of the same base) and load its tensors.
+    A Hugging Face PEFT adapter folder (`adapter_config.json`) loads as the equivalent deltas."""
     from deltatune.registry import parse_delta_config
 
     path = Path(path)
+    if not (path / CONFIG_FILE).is_file() and (path / "adapter_config.json").is_file():
+        from deltatune.interop.peft import load_peft
+
+        return load_peft(model, path)
     meta = read_delta_config(path)
     base = _BASE_FINGERPRINT.get(model) if _ATTACHED.get(model) else fingerprint(model)
     check_same_base(meta["base"], base)

@@ -1,66 +1,148 @@
 """Text generation with a model (and any attached delta) through Hugging Face `generate` and its KV cache.
 
 Batches are left-padded (what decoder generation needs); greedy decoding at temperature 0, otherwise sampling
-with temperature and top-p. `generate_ids` works on token ids (no tokenizer), `generate` on text.
+with temperature, top-p and top-k, reproducible with a seed. `generate_ids` works on token ids (no tokenizer),
+`generate` on text; `on_text` streams one prompt's output as it is generated.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
+from pydantic import Field
 from torch import nn
+from transformers.generation.streamers import BaseStreamer
 
 from deltatune.errors import ConfigError
+from deltatune.schema import Schema
 
 
-def generate_ids(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, pad_token_id: int,
-                 eos_token_id: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
-                 use_cache: bool = True) -> list[list[int]]:
-    """New token ids for each prompt (ids), generated as one left-padded batch."""
+class Sampling(Schema):
+    """How new tokens are chosen. Temperature 0 is greedy decoding (top_p and top_k then play no part)."""
+
+    section = "sampling"
+
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)  # 0 = no top-k cut
+    repetition_penalty: float = Field(1.0, gt=0)  # > 1 discourages tokens already in the text
+    seed: int | None = None  # sampling reproducible across calls; the global RNG is left untouched
+    stop: list[str] = []  # each output ends before the first of these strings
+
+    def generate_kwargs(self) -> dict:
+        """Keyword arguments of Hugging Face `generate` for these settings."""
+        kwargs = dict(max_new_tokens=self.max_new_tokens, repetition_penalty=self.repetition_penalty)
+        if self.temperature == 0:
+            return kwargs | dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        return kwargs | dict(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+
+
+def generate_ids(model: nn.Module, prompts: Sequence[Sequence[int]], sampling: Sampling = Sampling(), *,
+                 pad_token_id: int, eos_token_id: int | list[int] | None = None, use_cache: bool = True,
+                 tokenizer=None, streamer: BaseStreamer | None = None) -> list[list[int]]:
+    """New token ids for each prompt (ids), generated as one left-padded batch, each cut before its first eos.
+
+    With a `tokenizer`, generation of a row also ends once it produced one of `sampling.stop`.
+    """
     if not hasattr(model, "generate") or not model.can_generate():
         raise ConfigError(f"{type(model).__name__} cannot generate text: load the model as a causal LM "
                           "(task: text), not with a classification head")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("generate needs at least one non-empty prompt")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ConfigError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature} and {top_p}")
     width = max(len(p) for p in prompts)
     device = next(model.parameters()).device
     ids = torch.tensor([[pad_token_id] * (width - len(p)) + list(p) for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else \
-        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    kwargs = sampling.generate_kwargs()
+    if tokenizer is not None and sampling.stop:
+        kwargs |= dict(stop_strings=sampling.stop, tokenizer=tokenizer)
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 pad_token_id=pad_token_id, eos_token_id=eos_token_id, use_cache=use_cache,
-                                 **sampling)
+        with torch.no_grad(), torch.random.fork_rng(devices=[], enabled=sampling.seed is not None):
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed)
+            out = model.generate(input_ids=ids, attention_mask=mask, pad_token_id=pad_token_id,
+                                 eos_token_id=eos_token_id, use_cache=use_cache, streamer=streamer, **kwargs)
     finally:
         model.train(was_training)
-    results = []
-    for row in out[:, width:].tolist():
-        if eos_token_id is not None and eos_token_id in row:
-            row = row[:row.index(eos_token_id)]
-        results.append(row)
-    return results
+    return [until_eos(row, eos_token_id) for row in out[:, width:].tolist()]
 
 
-def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
-             top_p: float = 1.0, stop: list[str] | None = None, use_cache: bool = True) -> list[str]:
-    """Completions of `prompts` (text), cut at the first of the `stop` strings if given."""
+def generate(model: nn.Module, tokenizer, prompts: list[str], sampling: Sampling = Sampling(), *,
+             add_special_tokens: bool = True, on_text: Callable[[str], None] | None = None,
+             use_cache: bool = True) -> list[str]:
+    """Completions of `prompts` (text), each cut before the first of `sampling.stop`.
+
+    `add_special_tokens=False` for prompts that already hold them (rendered by a chat template). `on_text`
+    receives the output of a single prompt piece by piece while it is generated; the pieces join to the result.
+    """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ConfigError("the tokenizer has neither a pad nor an eos token: set tokenizer.pad_token")
-    encoded = [tokenizer(p)["input_ids"] for p in prompts]
-    new = generate_ids(model, encoded, max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-                       temperature=temperature, top_p=top_p, use_cache=use_cache)
+    if on_text is not None and len(prompts) != 1:
+        raise ConfigError(f"streaming works on one prompt at a time, got {len(prompts)}")
+    eos = eos_ids(model, tokenizer)
+    streamer = _TextStream(tokenizer, on_text, sampling.stop, eos) if on_text is not None else None
+    encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
+    new = generate_ids(model, encoded, sampling, pad_token_id=pad, eos_token_id=eos, use_cache=use_cache,
+                       tokenizer=tokenizer, streamer=streamer)
     texts = tokenizer.batch_decode(new, skip_special_tokens=True)
-    return [_cut(t, stop or []) for t in texts]
+    return [cut_at_stop(t, sampling.stop) for t in texts]
 
 
-def _cut(text: str, stop: list[str]) -> str:
+def eos_ids(model: nn.Module, tokenizer) -> list[int]:
+    """Token ids that end generation: the tokenizer's eos and those of the model's generation config."""
+    ids = [tokenizer.eos_token_id]
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += config_eos if isinstance(config_eos, list) else [config_eos]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def until_eos(row: list[int], eos_token_id: int | list[int] | None) -> list[int]:
+    """`row` up to (not including) its first end-of-sequence token."""
+    eos = set(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]) - {None}
+    return next((row[:i] for i, t in enumerate(row) if t in eos), row)
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """`text` up to the earliest occurrence of any stop string."""
     hits = [i for s in stop if s and (i := text.find(s)) >= 0]
     return text[:min(hits)] if hits else text
+
+
+class _TextStream(BaseStreamer):
+    """Hands the decoded new text to `on_text` as tokens arrive, exactly as `generate` will return it.
+
+    The last (longest stop string - 1) characters are held back until more text shows they do not start a stop
+    string; a trailing U+FFFD (a multi-byte character still incomplete) waits for its next token.
+    """
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None], stop: list[str], eos: list[int]) -> None:
+        self.tokenizer, self.on_text, self.stop, self.eos = tokenizer, on_text, stop, eos
+        self.hold = max((len(s) - 1 for s in stop if s), default=0)
+        self.ids: list[int] = []
+        self.shown = 0
+        self.saw_prompt = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.saw_prompt:  # generate passes the prompt first
+            self.saw_prompt = True
+            return
+        self.ids += value.reshape(-1).tolist()
+        self._show(final=False)
+
+    def end(self) -> None:
+        self._show(final=True)
+
+    def _show(self, final: bool) -> None:
+        full = self.tokenizer.decode(until_eos(self.ids, self.eos), skip_special_tokens=True)
+        text = cut_at_stop(full, self.stop)
+        end = len(text)
+        if not final:
+            end = min(end, len(full) - self.hold - full.endswith("\ufffd"))
+        if end > self.shown:
+            self.on_text(text[self.shown:end])
+            self.shown = end

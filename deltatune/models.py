@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
+    AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -19,6 +21,10 @@ from deltatune.errors import ConfigError, DeltaTuneError
 TASKS = {"classification": AutoModelForSequenceClassification, "regression": AutoModelForSequenceClassification,
          "causal_lm": AutoModelForCausalLM, "base": AutoModel}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Without any of these, AutoTokenizer quietly builds an empty tokenizer that maps every word to [UNK].
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+UNLIMITED = 1_000_000  # tokenizers without a known maximum report a huge model_max_length
 
 
 def load_model(path: str, task: str, num_labels: int | None = None, *, dtype: str = "float32",
@@ -52,7 +58,7 @@ def load_model(path: str, task: str, num_labels: int | None = None, *, dtype: st
 
     try:
         model, info = TASKS[task].from_pretrained(folder, output_loading_info=True, **kwargs)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise DeltaTuneError(f"cannot load model from {str(folder)!r} for task {task!r}: {e}") from e
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     model.deltatune_new_weights = sorted(set(info["missing_keys"]) | {k[0] for k in info["mismatched_keys"]})
@@ -63,13 +69,27 @@ def load_model(path: str, task: str, num_labels: int | None = None, *, dtype: st
 def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer saved with a model folder (or packaged alias), given a pad token if it has none."""
     folder = resolve_model_path(path)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise DeltaTuneError(f"no tokenizer in {str(folder)!r} (none of {', '.join(TOKENIZER_FILES)}); save it next "
+                             "to the model with tokenizer.save_pretrained(folder)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise DeltaTuneError(f"cannot load a tokenizer from {str(folder)!r}: {e}") from e
+    if tokenizer.pad_token is None:  # padded positions are masked out, so any special token can pad
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.bos_token
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        raise DeltaTuneError(f"the tokenizer in {str(folder)!r} has no pad, eos, unk or bos token to pad batches "
+                             "with; add one (tokenizer.add_special_tokens({'pad_token': '<pad>'})) and save it")
     return tokenizer
+
+
+def model_max_length(path: str, tokenizer: PreTrainedTokenizerBase, *, trust_remote_code: bool = False) -> int | None:
+    """The longest sequence the model takes: its position embeddings or the tokenizer's limit (the smaller)."""
+    config = AutoConfig.from_pretrained(resolve_model_path(path), trust_remote_code=trust_remote_code)
+    limits = [getattr(config, "max_position_embeddings", None), tokenizer.model_max_length]
+    known = [n for n in limits if isinstance(n, int) and 0 < n < UNLIMITED]
+    return min(known) if known else None
 
 
 def _ensure_pad_token(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:

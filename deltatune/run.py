@@ -19,8 +19,9 @@ from deltatune.data.packing import prepare_model
 from deltatune.delta import DeltaBase, attach, load
 from deltatune.errors import ConfigError
 from deltatune.io import write_text
-from deltatune.models import load_model, load_tokenizer
+from deltatune.models import load_model, load_tokenizer, model_max_length
 from deltatune.train import TrainResult, train
+from deltatune.train.distributed import is_main_process
 
 CONFIG_NAME = "config.yaml"
 
@@ -43,7 +44,8 @@ def open_session(config: RunConfig, delta_dir: Path | None = None) -> Session:
     """Load tokenizer, data and model for `config`; attach fresh deltas, or the saved ones in `delta_dir`."""
     torch.manual_seed(config.train.seed)  # new heads and delta tensors start the same way every run
     tokenizer = load_tokenizer(config.model.path, trust_remote_code=config.model.trust_remote_code)
-    data = prepare_data(config.data, tokenizer, seed=config.train.seed)
+    limit = model_max_length(config.model.path, tokenizer, trust_remote_code=config.model.trust_remote_code)
+    data = prepare_data(config.data, tokenizer, seed=config.train.seed, model_max_length=limit)
     id2label = dict(enumerate(data.label_names)) if data.label_names else None
     model, _ = load_model(config.model.path, config.task, data.num_labels, dtype=config.model.dtype,
                           trust_remote_code=config.model.trust_remote_code, id2label=id2label)
@@ -60,17 +62,25 @@ def run_training(config: RunConfig, *, resume: bool = False,
     if not resume and (out / "checkpoints").exists():
         raise ConfigError(f"run folder {out} already holds a run: pass --resume to continue it, "
                           f"or choose another folder with --set output_dir=...")
-    write_text(out / CONFIG_NAME, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    main = is_main_process()  # under torchrun only rank 0 writes
+    if main:
+        write_text(out / CONFIG_NAME, yaml.safe_dump(config.to_dict(), sort_keys=False))
     session = open_session(config)
-    _save_chat_template(session, out)
+    if main:
+        _save_chat_template(session, out)
     result = train(session.model, session.delta, session.data, config.train, out,
                    collate=session.collator(), resume=resume, on_event=on_event)
     session.delta.for_inference()  # e.g. prefix-tuning keeps only the prefixes its MLP computed
-    session.delta.save(out / "best")
-    _save_chat_template(session, out / "best")
-    from deltatune.report import write_report
+    if main:
+        session.delta.save(out / "best")
+        _save_chat_template(session, out / "best")
+        if config.eval_generation is not None:
+            from deltatune.eval_generation import evaluate_after_training
 
-    write_report(out, config, result)
+            evaluate_after_training(session, config.eval_generation, out, result)
+        from deltatune.report import write_report
+
+        write_report(out, config, result)
     return session, result
 
 

@@ -115,9 +115,8 @@ def no_match_error(pattern: str, candidates: dict[str, nn.Module], types: tuple[
         kinds = sorted({type(candidates[n]).__name__ for n in wrong_type})
         allowed = ", ".join(t.__name__ for t in types)
         msg += f" of a supported type: it names {kinds} modules, and this method supports {allowed}"
-    if close:
-        msg += f". Did you mean {', '.join(map(repr, close))}?"
-    return TargetError(f"{msg}. Candidates: {', '.join(shorts) or '(none)'}")
+    msg += f". Did you mean {', '.join(map(repr, close))}?" if close else "."
+    return TargetError(f"{msg} Candidates: {', '.join(shorts) or '(none)'}")
 
 
 def _layer_set(layers: LayerSpec, count: int) -> set[int] | None:

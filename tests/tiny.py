@@ -18,7 +18,7 @@ DROPOUT_KEYS = {"gpt2": ("resid_pdrop", "embd_pdrop", "attn_pdrop"), "llama": ("
 
 def tiny_config(arch: str, dropout: float | None = None, **extra):
     """A 2-layer config of `arch`; `dropout` (if given) sets every dropout probability of the family."""
-    common = dict(vocab_size=VOCAB, pad_token_id=0)
+    common = {"vocab_size": extra.pop("vocab_size", VOCAB), "pad_token_id": 0}
     if dropout is not None:
         extra.update(dict.fromkeys(DROPOUT_KEYS[arch], dropout))
     if arch == "gpt2":
@@ -87,6 +87,19 @@ def biased_tiny_model(arch: str, head: str = "lm") -> torch.nn.Module:
 def logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     with torch.no_grad():
         return model(**batch).logits
+
+
+def save_tiny_model_dir(folder, arch: str = "bert", head: str = "classification", dropout: float | None = None):
+    """Save a 2-layer random `arch` model with the real MiniLM tokenizer, like any Hugging Face model folder."""
+    from deltatune.assets import resolve_model_path
+
+    tokenizer = T.AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = tiny_config(arch, dropout, vocab_size=len(tokenizer))
+    auto = T.AutoModelForSequenceClassification if head == "classification" else T.AutoModelForCausalLM
+    auto.from_config(config).save_pretrained(folder)
+    return folder
 
 
 CHAT_SPECIAL = ("<unk>", "<pad>", "<|im_start|>", "<|im_end|>")

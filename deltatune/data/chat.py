@@ -19,6 +19,7 @@ from datasets import Dataset
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from deltatune.data.conversations import Message, RecordError
+from deltatune.data.truncation import FULL_LENGTH, RECORD
 from deltatune.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -127,15 +128,17 @@ def encode_conversations(conversations: list[list[Message]], tokenizer: PreTrain
             raise DataError(f"{where(i)}: {e}") from None
     encoded = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True,
                         verbose=False)
-    rows: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
-    for ids, offsets, (_, spans) in zip(encoded["input_ids"], encoded["offset_mapping"], rendered):
-        ids = ids[:max_length]
+    rows: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": [], FULL_LENGTH: [], RECORD: []}
+    for record, (ids, offsets, (_, spans)) in enumerate(zip(encoded["input_ids"], encoded["offset_mapping"], rendered)):
+        full_length, ids = len(ids), ids[:max_length]
         labels = list(ids) if train_on_prompt else [
             t if any(s < b and e > a for a, b in spans) else -100 for t, (s, e) in zip(ids, offsets)]
         if any(label != -100 for label in labels[1:]):  # the first token is never a target
             rows["input_ids"].append(ids)
             rows["attention_mask"].append([1] * len(ids))
             rows["labels"].append(labels)
+            rows[FULL_LENGTH].append(full_length)  # for data.truncation (see truncation.py)
+            rows[RECORD].append(record)
     return Dataset.from_dict(rows)
 
 

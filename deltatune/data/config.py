@@ -45,7 +45,8 @@ class DataConfig(Schema):
     text_pair_column: str | None = None
     label_column: str = "label"
     labels: list[str] | None = None
-    max_length: int = Field(256, gt=0)
+    max_length: int = Field(256, gt=0)  # lowered to the model's maximum when that is smaller
+    truncation: Literal["warn", "error", "silent"] = "warn"  # what longer records do (see truncation.py)
     limit: int | None = Field(None, gt=0)
     columns: Columns = Field(default_factory=Columns)
     roles: dict[str, Literal["system", "user", "assistant"]] = {}  # role names in the data -> chat roles

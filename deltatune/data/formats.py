@@ -11,6 +11,7 @@ from deltatune.data.chat import encode_conversations, resolve_template
 from deltatune.data.config import CHAT_FORMATS, DataConfig
 from deltatune.data.conversations import Reader, RecordError, missing, no_value
 from deltatune.data.load import Table
+from deltatune.data.truncation import FULL_LENGTH
 from deltatune.errors import DataError
 
 if TYPE_CHECKING:
@@ -56,8 +57,10 @@ def _tokenize(table: Table, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
         columns["pair"] = texts(table, cfg.text_pair_column)
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
-        return tokenizer(batch["text"], batch.get("pair"), truncation=True, max_length=cfg.max_length,
-                         return_token_type_ids=False)
+        full = tokenizer(batch["text"], batch.get("pair"), return_attention_mask=False, return_token_type_ids=False,
+                         verbose=False)["input_ids"]  # lengths before truncation, for data.truncation
+        return {**tokenizer(batch["text"], batch.get("pair"), truncation=True, max_length=cfg.max_length,
+                            return_token_type_ids=False), FULL_LENGTH: [len(ids) for ids in full]}
 
     inputs = [c for c in columns if c != "labels"]
     return Dataset.from_dict(columns).map(tokenize, batched=True, remove_columns=inputs,

@@ -6,6 +6,7 @@ import bz2
 import gzip
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable
@@ -96,9 +97,14 @@ def _read_json(path: Path, opener: Callable[..., IO[str]]) -> Table:
 
 def _read_csv(path: Path, opener: Callable[..., IO[str]]) -> Table:
     try:  # only empty cells are missing: a text "NA" stays text
-        df = pd.read_csv(path, encoding="utf-8", keep_default_na=False, na_values=[""])
+        with warnings.catch_warnings():  # rows longer than the header: pandas would drop (or index by) fields
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            df = pd.read_csv(path, encoding="utf-8", keep_default_na=False, na_values=[""], index_col=False)
     except pd.errors.EmptyDataError:
         df = pd.DataFrame()
+    except pd.errors.ParserWarning:
+        raise DataError(f"{path}: malformed CSV (rows have more fields than the header; quote fields that contain "
+                        "commas)") from None
     except pd.errors.ParserError as e:
         msg = str(e).strip().removeprefix("Error tokenizing data. C error: ")
         line = re.search(r"line (\d+)", msg)
@@ -144,13 +150,30 @@ def _table(path: Path, data: list[dict[str, Any]] | dict[str, list[Any]], positi
     for name, values in data.items():
         try:
             arrays[name] = pa.array(values, from_pandas=True)
-        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as e:
             kinds = [_kind(v) for v in values]
             first = next(k for k in kinds if k != "null")
-            i = next((i for i, k in enumerate(kinds) if k not in ("null", first)), 0)
-            raise DataError(f"{_where(path, positions[i], by_line)}: column {name!r} holds {values[i]!r} but earlier "
+            i = next((i for i, k in enumerate(kinds) if k not in ("null", first)), None)
+            where = _where(path, positions[_first_misfit(values) if i is None else i], by_line)
+            if i is None:  # one kind of value, but what is inside (or a number's size) does not fit one type
+                raise DataError(f"{where}: column {name!r} cannot hold this record's value ({e}); use one type per "
+                                "column, also inside lists and objects, and integers within 64 bits") from None
+            raise DataError(f"{where}: column {name!r} holds {values[i]!r} but earlier "
                             f"records hold {first} values; use one type per column ({e})") from None
     return Table(path, Dataset(pa.table(arrays)), positions, by_line)
+
+
+def _first_misfit(values: list[Any]) -> int:
+    """Index of the first value that cannot join the ones before it in one Arrow column (binary search)."""
+    fits, fails = 0, len(values)  # values[:fits] convert, values[:fails] do not
+    while fails - fits > 1:
+        mid = (fits + fails) // 2
+        try:
+            pa.array(values[:mid], from_pandas=True)
+            fits = mid
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            fails = mid
+    return fails - 1
 
 
 def _kind(value: Any) -> str:

@@ -15,6 +15,7 @@ from deltatune.data.conversations import RecordError, detect_format
 from deltatune.data.formats import FORMATS
 from deltatune.data.load import Table, read_table
 from deltatune.data.packing import pack
+from deltatune.data.truncation import check_truncation, effective_max_length
 from deltatune.errors import DataError
 
 if TYPE_CHECKING:
@@ -42,8 +43,12 @@ class TaskData:
     chat_template: str | None = None  # the jinja chat template the examples were rendered with (chat formats)
 
 
-def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> TaskData:
-    """Read, validate, split (seeded, by record) and tokenize the data described by `cfg`."""
+def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0,
+                 model_max_length: int | None = None) -> TaskData:
+    """Read, validate, split (seeded, by record) and tokenize the data described by `cfg`; sequences are cut to
+    `cfg.max_length` or the model's maximum, whichever is smaller (see truncation.py)."""
+    limit, origin = effective_max_length(cfg, model_max_length)
+    cfg = cfg.model_copy(update={"max_length": limit})
     files = {s: _read(name, cfg.limit) for s in SPLITS if (name := getattr(cfg, s))}
     if cfg.format == "auto":
         cfg = cfg.model_copy(update={"format": detect_format(files["train"], cfg)})
@@ -56,7 +61,8 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int 
     tables = {**files, **split_table(files["train"], fractions, seed)}
     names = fmt.label_names(files["train"], cfg) if fmt.label_names else None
     empty = Dataset.from_dict({"input_ids": [], "attention_mask": [], "labels": []})  # a split of fraction 0
-    data = {s: fmt.encode(tables[s], cfg, tokenizer, names) if len(tables[s].data) else empty for s in SPLITS}
+    data = {s: check_truncation(fmt.encode(tables[s], cfg, tokenizer, names), tables[s], cfg, origin)
+            if len(tables[s].data) else empty for s in SPLITS}
     if len(data["train"]) == 0:
         raise DataError(f"{tables['train'].path}: no training example has a target token within the first "
                         f"max_length={cfg.max_length} tokens; raise data.max_length")

@@ -2,9 +2,10 @@
 
 The prefixes go in through the model's own cache API: a forward pre-hook on the model fills a `DynamicCache`
 (transformers' public class) with each layer's prefix keys/values and passes it as `past_key_values`, prepends n
-ones to the attention mask, and sets position ids from the unextended mask, so real tokens keep positions
-0.. whatever the padding side. No attention code is copied. In cached generation the prefix is already in the
-cache: the pre-hook only extends the mask (and positions) of the new tokens.
+ones to the attention mask, and sets position ids from the unextended mask, so real tokens take positions
+n, n+1, .. after the prefix (as the papers' code and PEFT do) whatever the padding side. No attention code is
+copied. In cached generation the prefix is already in the cache: the pre-hook only extends the mask (and
+positions) of the new tokens.
 
 Gradient checkpointing makes transformers drop `past_key_values` inside checkpointed layers (it would be written
 twice on the backward replay). A forward pre-hook on every self-attention module then hands it a single-use
@@ -28,7 +29,7 @@ from transformers.cache_utils import DynamicCache
 
 from deltatune.delta import Delta, DeltaConfig
 from deltatune.errors import ConfigError
-from deltatune.methods.prompt import Carrier, positions, takes
+from deltatune.methods.prompt import Carrier, input_embeddings, positions, takes
 from deltatune.registry import register
 
 
@@ -108,7 +109,7 @@ class PrefixDelta(Delta):
             raise ConfigError(f"{self.method}: found self-attention modules taking past_key_values for layers "
                               f"{sorted(attention)}, expected 0..{shape.layers - 1}: this architecture has no "
                               "cache interface prefix-tuning can use")
-        embeddings = self.model.get_input_embeddings()
+        name, embeddings = input_embeddings(self.model, self.method)
         weight = embeddings.weight
         like = dict(device=weight.device, dtype=weight.dtype)
         n = cfg.n_tokens
@@ -117,7 +118,6 @@ class PrefixDelta(Delta):
                                shape.width).to(**like)
         else:
             prefix = PlainPrefix(torch.randn(n, shape.width, **like) * cfg.init_std)
-        name = next(n for n, m in self.model.named_modules() if m is embeddings)
         self.carrier = Carrier(embeddings, self.method, prefix=prefix)
         self.swap(name, self.carrier)
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -163,7 +163,7 @@ class PrefixDelta(Delta):
         if mask is None:
             mask = torch.ones(batch, past - n + length, dtype=torch.long, device=x.device)
         if takes(self.model, "position_ids"):
-            kwargs["position_ids"] = positions(mask)[:, -length:]
+            kwargs["position_ids"] = positions(mask)[:, -length:] + n  # after the prefix, as in the papers and PEFT
         kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], 1)
         return (), kwargs
 

@@ -32,7 +32,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from deltatune.delta import Delta, DeltaConfig
-from deltatune.errors import ConfigError
+from deltatune.errors import ConfigError, TargetError
 from deltatune.registry import register
 from deltatune.targeting import DeltaModule
 
@@ -49,6 +49,15 @@ class Carrier(DeltaModule):
 
     def forward(self, *args, **kwargs):
         return self.base_layer(*args, **kwargs)
+
+
+def input_embeddings(model: nn.Module, method: str) -> tuple[str, nn.Module]:
+    """(name, module) of the input embeddings, which must not carry another delta's tokens or prefixes yet."""
+    embeddings = model.get_input_embeddings()
+    if isinstance(embeddings, Carrier):
+        raise TargetError(f"{method}: the input embeddings already carry a {embeddings.owner_method} delta; "
+                          f"{method} and {embeddings.owner_method} both extend the input and cannot be combined")
+    return next(n for n, m in model.named_modules() if m is embeddings), embeddings
 
 
 def is_causal(model: nn.Module) -> bool:
@@ -174,8 +183,7 @@ class InputTokensDelta(Delta):
         raise NotImplementedError
 
     def build(self) -> list[nn.Parameter]:
-        embeddings = self.model.get_input_embeddings()
-        name = next(n for n, m in self.model.named_modules() if m is embeddings)
+        name, embeddings = input_embeddings(self.model, self.method)
         self.carrier = Carrier(embeddings, self.method, tokens=self.make_tokens(embeddings))
         self.swap(name, self.carrier)
         self.causal = is_causal(self.model)

@@ -26,7 +26,7 @@ import torch
 
 from deltatune import io
 from deltatune.delta import TENSOR_FILE, DeltaBase
-from deltatune.errors import CheckpointError
+from deltatune.errors import CheckpointError, DeltaTuneError
 
 NAME = re.compile(r"^step-(\d{8})$")
 CHECKSUMS = "checksums.json"
@@ -53,11 +53,16 @@ def checkpoint_dirs(root: str | Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if p.is_dir() and NAME.match(p.name)), key=lambda p: p.name)
 
 
+def checkpoint_path(root: str | Path, step: int) -> Path:
+    """The folder of checkpoint `step` under `root`."""
+    return Path(root) / f"step-{step:08d}"
+
+
 def save_checkpoint(root: str | Path, step: int, *, delta: DeltaBase, optimizer: torch.optim.Optimizer,
                     scheduler: Any, state: dict[str, Any], keep: int) -> Path:
     """Write checkpoint `step` atomically, then delete all but the newest `keep` checkpoints."""
     root = Path(root)
-    final = root / f"step-{step:08d}"
+    final = checkpoint_path(root, step)
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -75,8 +80,13 @@ def save_checkpoint(root: str | Path, step: int, *, delta: DeltaBase, optimizer:
         io.write_json(tmp / "state.json", {"step": step, **state})
         io.write_json(tmp / CHECKSUMS, {p.name: io.sha256(p) for p in sorted(tmp.iterdir())})
         replace_dir(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, DeltaTuneError) and isinstance(exc.__cause__, OSError):  # e.g. the disk is full
+            kept = checkpoint_dirs(root)
+            raise CheckpointError(f"checkpoint {final.name} was not written: {exc.__cause__.strerror}; the previous "
+                                  f"checkpoint{f' {kept[-1]}' if kept else 's'} stay as they were. Free some space and "
+                                  "continue with --resume") from exc
         raise
     for old in checkpoint_dirs(root)[:-max(keep, 1)]:
         shutil.rmtree(old)
@@ -129,7 +139,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def set_aside_newer(root: str | Path, step: int) -> list[Path]:
-    """Rename checkpoints newer than `step` (skipped as broken) to `*.corrupt`, so new ones can take their place."""
+    """Rename checkpoints newer than `step` (skipped as broken) to `*.corrupt`, so new ones can take their place;
+    delete the temporary folders of saves that were interrupted."""
+    for leftover in Path(root).glob(".step-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
     moved = []
     for path in checkpoint_dirs(root):
         if int(NAME.match(path.name)[1]) > step:

@@ -17,7 +17,7 @@ import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from deltatune.delta import TENSOR_FILE, DeltaBase
 from deltatune.errors import CheckpointError, ConfigError, DataError, DeltaTuneError
 from deltatune.optim import OptimizerConfig, build_optimizer, build_scheduler
 from deltatune.schema import Schema
-from deltatune.train import checkpoint, speed
+from deltatune.train import checkpoint, distributed, speed
 from deltatune.train.metrics import (
     MetricsLog,
     MetricState,
@@ -67,9 +67,10 @@ class TrainConfig(Schema):
     patience: int | None = Field(None, ge=1)  # evaluations without improvement before stopping
     checkpoint_every: int | None = Field(None, ge=1)  # checkpoints also at every epoch end and at the last step
     keep_checkpoints: int = Field(2, ge=1)
-    log_every: int = Field(10, ge=1)
+    log_every: int = Field(1, ge=1)  # train rows in metrics.jsonl/csv (and TensorBoard): every step
     num_threads: int | None = Field(None, ge=1)
     length_grouping: bool = False  # batches of similar lengths (less padding), still a seeded random order
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun (see distributed.py); fsdp: full fine-tuning
     eval_baseline: bool = True  # evaluate the untrained model first (validation + test)
     # Speed and memory levers (train/speed.py; measured in bench/README.md)
     precision: speed.Precision = "auto"  # bf16 autocast (fp32 master weights) where the CPU has native bf16
@@ -92,6 +93,7 @@ class TrainResult:
     peak_rss_mb: float
     trainable_params: int
     total_params: int
+    generation: dict[str, Any] | None = None  # eval_generation: file, examples, base and fine_tuned metrics
 
 
 def train(model: nn.Module, delta: DeltaBase, data: TaskData, cfg: TrainConfig, out_dir: str | Path, *,
@@ -122,13 +124,15 @@ def train(model: nn.Module, delta: DeltaBase, data: TaskData, cfg: TrainConfig, 
     params = list(delta.trainable_parameters().values())
     trainable, total = delta.parameter_counts()
     optimizer = build_optimizer(model, delta, cfg.optimizer)
-    fast = speed.FastPath(model, data.task, cfg.precision, cfg.chunked_loss, cfg.gradient_checkpointing)
+    par = distributed.setup(model, delta, cfg.parallel, cfg.optimizer.name)  # torchrun: DDP / FSDP; else no-op
+    train_collate = par.sharded(collate)  # this rank's shard of each global batch
+    fast = speed.FastPath(par.model, data.task, cfg.precision, cfg.chunked_loss, cfg.gradient_checkpointing)
     micro_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
     total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
     scheduler = build_scheduler(optimizer, cfg.optimizer, total_steps)
     lengths = _lengths(data.train) if cfg.length_grouping else None
-    log = MetricsLog(out_dir, data.task)
+    log = MetricsLog(out_dir, data.task) if par.main else distributed.NO_LOG
     has_validation, has_test = len(data.validation) > 0, len(data.test) > 0
 
     # Loop state: everything needed to continue exactly where a checkpoint was taken.
@@ -140,11 +144,12 @@ def train(model: nn.Module, delta: DeltaBase, data: TaskData, cfg: TrainConfig, 
         ck = checkpoint.load_latest(ckpt_root)
         if changed := [k for k in TRAJECTORY_KEYS if ck.state["config"][k] != getattr(cfg, k)]:
             raise ConfigError(f"cannot resume {out_dir} with different {', '.join(changed)} than the run used")
-        delta.load_state_dict(ck.delta)
-        optimizer.load_state_dict(ck.optimizer)
+        par.load_checkpoint(ck, delta, optimizer)
         scheduler.load_state_dict(ck.scheduler)
         checkpoint.set_rng_state(ck.rng)
-        checkpoint.set_aside_newer(ckpt_root, ck.step)  # broken newer ones would shadow the new checkpoints
+        par.barrier()  # every rank has read it before rank 0 renames anything
+        if par.main:
+            checkpoint.set_aside_newer(ckpt_root, ck.step)  # broken newer ones would shadow the new checkpoints
         st, step, last_ckpt = {**ck.state, "config": cfg.model_dump(mode="json")}, ck.step, ck.path
         del st["step"]
     log.start(resume_step=step if resume else None)
@@ -154,7 +159,7 @@ def train(model: nn.Module, delta: DeltaBase, data: TaskData, cfg: TrainConfig, 
     if not resume and cfg.eval_baseline:  # the "base" column of the base vs fine-tuned table
         st["baseline"] = {}
         for split in [s for s, present in (("validation", has_validation), ("test", has_test)) if present]:
-            st["baseline"][split] = evaluate(model, getattr(data, split), collate, data.task, eval_bs)
+            st["baseline"][split] = evaluate(par.model, getattr(data, split), collate, data.task, eval_bs)
             log.write({"kind": "baseline", "split": split, "step": 0, "epoch": 0.0, **st["baseline"][split]})
             emit("eval", {"split": split, "step": 0, "epoch": 0.0, "baseline": True, "metrics": st["baseline"][split]})
 
@@ -166,21 +171,24 @@ def train(model: nn.Module, delta: DeltaBase, data: TaskData, cfg: TrainConfig, 
         batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
         while st["epoch"] == epoch and not st["stopped_early"] and step < total_steps:
             t0 = time.perf_counter()
-            group = [collate([data.train[i] for i in idx]) for idx in batches[st["batch"]:st["batch"] + cfg.grad_accum]]
-            # Normalise by the units (examples or target tokens) of the whole step: accumulating equals a big batch.
-            step_units = max(sum(units(b["labels"], data.task) for b in group), 1)
+            par.seed_step(cfg.seed, step)
+            group = [train_collate([data.train[i] for i in idx])
+                     for idx in batches[st["batch"]:st["batch"] + cfg.grad_accum]]
+            # Normalise by the units (examples or target tokens) of the whole step, over all ranks: accumulating
+            # (or splitting the batch over ranks) equals one big batch.
+            step_units = max(par.sum(sum(units(b["labels"], data.task) for b in group))[0], 1)
             step_loss, tokens = 0.0, 0
             for batch in group:
                 batch = _to_device(batch, params[0].device)
                 part = units(batch["labels"], data.task) / step_units
-                loss = fast.loss_sum(model, _model_inputs(batch), batch["labels"], data.task) / step_units
+                loss = fast.loss_sum(par.model, _model_inputs(batch), batch["labels"], data.task) / step_units
                 if (extra := delta.extra_loss()) is not None:
                     loss = loss + extra * part
-                loss.backward()
+                par.backward(loss)
                 step_loss += float(loss.detach())
                 tokens += real_tokens(batch)
-            grad_norm = (nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm
-                         else nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+            step_loss, tokens = par.sum(step_loss, tokens)
+            grad_norm = par.clip_grad_norm(params, cfg.max_grad_norm)
             if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):  # never step into NaN weights
                 raise DeltaTuneError(
                     f"the training loss is {step_loss} (gradient norm {float(grad_norm)}) at step {step + 1} "
@@ -210,13 +218,13 @@ def train(model: nn.Module, delta: DeltaBase, data: TaskData, cfg: TrainConfig, 
 
             last = step == total_steps
             if has_validation and (end_of_epoch or last or (cfg.eval_every and step % cfg.eval_every == 0)):
-                scores = evaluate(model, data.validation, collate, data.task, eval_bs)
+                scores = evaluate(par.model, data.validation, collate, data.task, eval_bs)
                 log.write({"kind": "eval", "split": "validation", "step": step, "epoch": epoch_pos, **scores,
                            "elapsed": time.perf_counter() - clock})
                 emit("eval", {"split": "validation", "step": step, "epoch": epoch_pos, "metrics": scores})
                 if improved(scores[metric], st["best"], metric):
                     st["best"], st["best_step"], st["best_metrics"], st["bad_evals"] = scores[metric], step, scores, 0
-                    _save_delta(delta, out_dir / "best")
+                    _save_delta(delta, out_dir / "best", par)
                 else:
                     st["bad_evals"] += 1
                     if cfg.patience and st["bad_evals"] >= cfg.patience:
@@ -224,16 +232,18 @@ def train(model: nn.Module, delta: DeltaBase, data: TaskData, cfg: TrainConfig, 
             periodic = cfg.checkpoint_every and step % cfg.checkpoint_every == 0
             if end_of_epoch or last or st["stopped_early"] or periodic:
                 st["elapsed"] = time.perf_counter() - clock
-                last_ckpt = checkpoint.save_checkpoint(ckpt_root, step, delta=delta, optimizer=optimizer,
-                                                       scheduler=scheduler, state=st, keep=cfg.keep_checkpoints)
+                last_ckpt = par.save_checkpoint(ckpt_root, step, delta=delta, optimizer=optimizer,
+                                                scheduler=scheduler, state=st, keep=cfg.keep_checkpoints)
                 emit("checkpoint", {"step": step, "path": str(last_ckpt)})
             if st["stopped_early"]:
                 emit("early_stop", {"step": step, "epoch": epoch_pos, "metric": metric, "best": st["best"],
                                     "best_step": st["best_step"], "patience": cfg.patience})
 
+    par.finish()  # plain full weights on every rank again; rank 0's files are written
     # The result is the best delta (or the final one without a validation split); test it with those weights.
     if st["best_step"] is None:
-        _save_delta(delta, out_dir / "best")
+        _save_delta(delta, out_dir / "best", par)
+        par.barrier()
     else:
         delta.load_state_dict(io.load_tensors(out_dir / "best" / TENSOR_FILE))
     test = evaluate(model, data.test, collate, data.task, eval_bs) if has_test else None
@@ -248,7 +258,8 @@ def train(model: nn.Module, delta: DeltaBase, data: TaskData, cfg: TrainConfig, 
         train_tokens_per_s=st["tokens"] / max(st["train_time"], 1e-9),
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         trainable_params=trainable, total_params=total)
-    io.write_json(out_dir / "results.json", asdict(result))
+    if par.main:
+        io.write_json(out_dir / "results.json", asdict(result))
     emit("end", asdict(result))
     return result
 
@@ -265,13 +276,12 @@ def evaluate(model: nn.Module, dataset: Sequence[dict[str, Any]], collate: Colla
     state = MetricState(task)
     device = next(model.parameters()).device
     try:
-        for start in range(0, len(dataset), batch_size):
-            batch = _to_device(collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]),
-                               device)
-            speed.update_metrics(state, model, _model_inputs(batch), batch["labels"])
+        for rows, counted in distributed.eval_batches(len(dataset), batch_size):  # this rank's share
+            batch = _to_device(collate([dataset[i] for i in rows]), device)
+            speed.update_metrics(state, model, _model_inputs(batch), batch["labels"], count=counted)
     finally:
         model.train(was_training)
-    return state.result()
+    return distributed.gather_metrics(state).result()
 
 
 def _epoch_order(n: int, cfg: TrainConfig, epoch: int, lengths: list[int] | None) -> list[int]:
@@ -298,8 +308,10 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return batch if device.type == "cpu" else {k: v.to(device) for k, v in batch.items()}
 
 
-def _save_delta(delta: DeltaBase, folder: Path) -> None:
+def _save_delta(delta: DeltaBase, folder: Path, par: distributed.Parallel) -> None:
     """Save the delta into a temporary folder and rename it onto `folder`, so `folder` is never half-written."""
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    delta.save(tmp)
-    checkpoint.replace_dir(tmp, folder)
+    with par.full_params():
+        if par.main:
+            tmp = folder.with_name(f".{folder.name}.tmp")
+            delta.save(tmp)
+            checkpoint.replace_dir(tmp, folder)

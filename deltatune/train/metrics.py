@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from deltatune import io
-from deltatune.errors import ConfigError
+from deltatune.errors import CheckpointError, ConfigError
+from deltatune.train.tensorboard import open_tensorboard
 
 TASKS = ("classification", "regression", "text")
 METRICS = {"classification": ("loss", "accuracy", "macro_f1"), "regression": ("loss", "mse"),
@@ -60,8 +61,12 @@ def logits_of(output: Any) -> torch.Tensor:
 
 
 def units(labels: torch.Tensor, task: str) -> int:
-    """How many terms `loss_sum` adds up: examples, or real next-token targets for causal LM."""
-    return int((labels[:, 1:] != -100).sum()) if task == "text" else labels.shape[0]
+    """How many terms `loss_sum` adds up: examples, or real next-token targets for causal LM.
+
+    Ignored labels (-100, or NaN for regression) count for nothing, as in the loss."""
+    if task == "text":
+        return int((labels[:, 1:] != -100).sum())
+    return int((~labels.isnan()).sum()) if labels.is_floating_point() else int((labels != -100).sum())
 
 
 def loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
@@ -69,8 +74,9 @@ def loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Ten
     if task == "classification":
         return F.cross_entropy(logits.float(), labels.long(), reduction="sum")
     if task == "regression":
-        pred = logits.float().squeeze(-1)
-        return F.mse_loss(pred, labels.to(pred.dtype).view_as(pred), reduction="sum")
+        pred, target = logits.float().squeeze(-1), labels.to(torch.float).view(-1)
+        kept = ~target.isnan()
+        return F.mse_loss(pred.view(-1)[kept], target[kept], reduction="sum")
     logits, targets = logits[:, :-1], labels[:, 1:]
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                            ignore_index=-100, reduction="sum")
@@ -120,7 +126,8 @@ def macro_f1(preds: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 class MetricsLog:
-    """`metrics.jsonl` (source of truth) and `metrics.csv`: one row per logged train step or evaluation.
+    """`metrics.jsonl` (source of truth) and `metrics.csv`: one row per logged train step (every step by default)
+    or evaluation; plus TensorBoard event files in `tensorboard/` when the package is installed.
 
     Row kinds: "baseline" (before training, step 0), "train", "eval" (validation during training), "final"
     (test split with the best delta). Files are appended to; `start(step)` on resume drops the rows written after
@@ -132,21 +139,37 @@ class MetricsLog:
     def __init__(self, out_dir: Path, task: str):
         self.jsonl, self.csv = out_dir / "metrics.jsonl", out_dir / "metrics.csv"
         self.columns = [*self.BASE, *METRICS[task][1:]]
+        self.tensorboard_dir, self.tensorboard = out_dir / "tensorboard", None  # event files too, if installed
 
     def start(self, resume_step: int | None) -> None:
         """Fresh files (None), or keep the rows up to `resume_step` of an interrupted run."""
         rows = []
         if resume_step is not None and self.jsonl.exists():
-            rows = [r for line in self.jsonl.read_text().splitlines() if line.strip()
-                    for r in [json.loads(line)] if r["step"] <= resume_step and r["kind"] != "final"]
+            rows = [r for r in _read_rows(self.jsonl) if r["step"] <= resume_step and r["kind"] != "final"]
         io.write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in rows))
         with io.atomic_path(self.csv) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, self.columns, restval="", extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
+        self.tensorboard = open_tensorboard(self.tensorboard_dir, resume_step)
 
     def write(self, row: dict[str, Any]) -> None:
         with open(self.jsonl, "a") as f:
             f.write(json.dumps(row) + "\n")
         with open(self.csv, "a", newline="") as f:
             csv.DictWriter(f, self.columns, restval="", extrasaction="ignore").writerow(row)
+        if self.tensorboard is not None:
+            self.tensorboard.write(row)
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl; a last line cut short (the process was killed while appending it) is dropped."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for n, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n < len(lines):
+                raise CheckpointError(f"{path}:{n}: not a JSON row; the metrics log is damaged") from None
+    return rows

@@ -67,9 +67,9 @@ def resolve_precision(setting: Precision, model: nn.Module) -> torch.dtype | Non
 # ---- chunked causal-LM loss -----------------------------------------------------------------------------------
 def output_head(model: nn.Module) -> tuple[nn.Module, str] | None:
     """(parent module, attribute) of the LM head of a chunkable causal LM whose head is a plain nn.Linear, else
-    None (a delta wrapping the head, e.g. LoRA on lm_head, gets the plain loss)."""
+    None (a delta wrapping the head, e.g. LoRA on lm_head, and FSDP-sharded models get the plain loss)."""
     inner = _unwrap(model)
-    if getattr(getattr(inner, "config", None), "model_type", None) not in CHUNKABLE:
+    if getattr(getattr(inner, "config", None), "model_type", None) not in CHUNKABLE or _sharded(model):
         return None
     head = inner.get_output_embeddings() if callable(getattr(inner, "get_output_embeddings", None)) else None
     if type(head) is not nn.Linear:
@@ -191,14 +191,19 @@ def checkpointed(model: nn.Module) -> Iterator[None]:
         inner.activation_checkpointing_disable()
 
 
-def update_metrics(state: MetricState, model: nn.Module, inputs: dict[str, torch.Tensor],
-                   labels: torch.Tensor) -> None:
-    """Add one evaluation batch to `state`; causal-LM loss without materialising the logits where possible."""
+def update_metrics(state: MetricState, model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor,
+                   count: bool = True) -> None:
+    """Run one evaluation batch and (if `count`) add it to `state`; causal-LM loss without materialising the
+    logits where possible. (Sharded evaluation runs uncounted batches too: every rank joins every forward.)"""
     where = output_head(model) if state.task == "text" else None
     if where is None:
-        state.update(logits_of(model(**inputs)), labels)
+        logits = logits_of(model(**inputs))
+        if count:
+            state.update(logits, labels)
         return
-    state.add_loss(float(lm_loss_sum(model, where, inputs, labels)), units(labels, "text"))
+    loss = float(lm_loss_sum(model, where, inputs, labels))
+    if count:
+        state.add_loss(loss, units(labels, "text"))
 
 
 # ---- allocator ---------------------------------------------------------------------------------------------------
@@ -219,6 +224,11 @@ def tune_allocator() -> dict[str, int]:
             os.environ[name] = str(value)
             applied[name] = value
     return applied
+
+
+def _sharded(model: nn.Module) -> bool:
+    """FSDP (1 or 2) shards the head's weight outside its own forward: such models get the plain loss."""
+    return any(type(m).__name__.startswith(("FullyShardedDataParallel", "FSDP")) for m in (model, _unwrap(model)))
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

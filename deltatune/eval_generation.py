@@ -1,0 +1,132 @@
+"""Generation-based evaluation: greedy outputs on held-out prompts scored against reference answers.
+
+Metrics (means over the examples, in [0, 1]): `exact_match` (same text after lower-casing and collapsing
+whitespace) and `rougeL` (ROUGE-L F1: longest common subsequence of the lower-cased whitespace tokens).
+Available as `deltatune eval RUN --generate FILE` and as the `eval_generation:` section of a run config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydantic import Field
+
+from deltatune.errors import DataError
+from deltatune.generate import Sampling
+from deltatune.inference import Generator
+from deltatune.io import write_json, write_jsonl
+from deltatune.prompts import PromptRecord, output_rows, read_prompts, saved_template
+from deltatune.schema import Schema
+
+if TYPE_CHECKING:
+    from deltatune.run import Session
+    from deltatune.train import TrainResult
+
+GENERATIONS_FILE = "generations.jsonl"
+
+
+class GenerationEval(Schema):
+    """`eval_generation:` after training, score greedy outputs on `file` (prompts with references), for the
+    fine-tuned model and (when the run evaluates a baseline) the base model; written to results.json."""
+
+    section = "eval_generation"
+
+    file: str  # .jsonl/.json/.csv/.parquet: prompt + reference, or messages ending with the assistant's answer
+    skip: int = Field(0, ge=0)  # records to pass over first (e.g. those the training data took from the same file)
+    limit: int | None = Field(None, gt=0)  # then N records at most
+    max_new_tokens: int = Field(64, ge=1)
+    stop: list[str] = []
+    batch_size: int = Field(8, ge=1)
+    system: str | None = None  # system prompt for records without one
+
+    def sampling(self) -> Sampling:
+        return Sampling(max_new_tokens=self.max_new_tokens, stop=self.stop)
+
+
+def tokens(text: str) -> list[str]:
+    return text.lower().split()
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    return float(tokens(prediction) == tokens(reference))
+
+
+def lcs_length(a: list[str], b: list[str]) -> int:
+    """Length of the longest common subsequence of two token lists (dynamic programming, one row at a time)."""
+    row = [0] * (len(b) + 1)
+    for x in a:
+        diagonal = 0
+        for j, y in enumerate(b, 1):
+            diagonal, row[j] = row[j], diagonal + 1 if x == y else max(row[j], row[j - 1])
+    return row[-1]
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 (precision and recall weighted equally); 1.0 when both texts are empty."""
+    pred, ref = tokens(prediction), tokens(reference)
+    if not pred or not ref:
+        return float(pred == ref)
+    common = lcs_length(pred, ref)
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def score(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Mean exact match and ROUGE-L of paired predictions and references."""
+    n = len(references)
+    return {"exact_match": sum(map(exact_match, predictions, references)) / n,
+            "rougeL": sum(map(rouge_l, predictions, references)) / n}
+
+
+def reference_records(path: str | Path, limit: int | None = None, skip: int = 0) -> list[PromptRecord]:
+    """The prompts of an evaluation file (after the first `skip`), each with its reference answer: the given
+    `reference`, or the last assistant turn of its messages (later turns are dropped)."""
+    from deltatune.assets import resolve_data_path
+
+    records = read_prompts(resolve_data_path(str(path)))[skip:]
+    records = [_answer_as_reference(r) for r in (records[:limit] if limit else records)]
+    if not records:
+        raise DataError(f"{path}: no records left after skipping {skip}")
+    return records
+
+
+def _answer_as_reference(record: PromptRecord) -> PromptRecord:
+    if record.reference is not None:
+        return record
+    last = max((i for i, m in enumerate(record.messages or ()) if m["role"] == "assistant"), default=0)
+    if last == 0:
+        raise DataError(f"{record.where}: no reference answer; give a 'reference' next to the 'prompt', or "
+                        "'messages' with an assistant turn after a user turn")
+    messages = record.messages or ()
+    return replace(record, messages=messages[:last], reference=messages[last]["content"])
+
+
+def evaluate_generation(generator: Generator, records: list[PromptRecord], sampling: Sampling, *,
+                        system: str | None = None, batch_size: int = 8) -> tuple[dict[str, float], list[str]]:
+    """(metrics, outputs) of the generator's current model on `records`."""
+    outputs = generator.complete(records, sampling, system=system, batch_size=batch_size)
+    return score(outputs, [r.reference or "" for r in records]), outputs
+
+
+def evaluate_after_training(session: Session, cfg: GenerationEval, out_dir: Path, result: TrainResult) -> None:
+    """The `eval_generation` switch: score the fine-tuned model and (when the run evaluates a baseline) the base
+    model into `result.generation`, rewrite results.json, and write every answer to generations.jsonl.
+    The session keeps its delta attached."""
+    records = reference_records(cfg.file, cfg.limit, cfg.skip)
+    best = out_dir / "best"
+    generator = Generator(session.model, session.tokenizer, best, saved_template(best, out_dir), session.delta)
+    options = dict(system=cfg.system, batch_size=cfg.batch_size)
+    tuned, outputs = evaluate_generation(generator, records, cfg.sampling(), **options)
+    base, base_outputs = None, None
+    if result.baseline is not None:
+        generator.detach_delta()
+        base, base_outputs = evaluate_generation(generator, records, cfg.sampling(), **options)
+        generator.attach_delta()
+        session.delta = generator.delta
+    result.generation = {"file": cfg.file, "examples": len(records), "base": base, "fine_tuned": tuned}
+    write_jsonl(out_dir / GENERATIONS_FILE, output_rows(records, outputs, base_outputs))
+    write_json(out_dir / "results.json", asdict(result))

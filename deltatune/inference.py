@@ -1,0 +1,172 @@
+"""A causal LM ready to generate: a base model, an optional saved delta (merged or not), and the chat template the
+delta was trained with. Used by `deltatune generate`, `chat` and generation-based evaluation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+from torch import nn
+
+from deltatune.delta import DeltaBase
+from deltatune.errors import ConfigError
+from deltatune.generate import Sampling, generate
+from deltatune.prompts import PromptRecord, chat_messages, chat_template, render_chat, saved_template
+
+
+@dataclass
+class Generator:
+    """Base model + tokenizer, the saved delta to attach (`delta_dir`) and the run's saved chat template, if any."""
+
+    model: nn.Module
+    tokenizer: Any
+    delta_dir: Path | None = None
+    template: str | None = None  # saved with the run: what training used; None = the tokenizer's own
+    delta: DeltaBase | None = field(default=None, repr=False)
+
+    def attach_delta(self, merge: bool = False) -> None:
+        """Load the saved delta onto the model; `merge` folds it into the base weights."""
+        import deltatune
+
+        if self.delta_dir is None:
+            if merge:
+                raise ConfigError("--merge needs a delta: give --run or --delta")
+            return
+        self.delta = deltatune.load(self.model, self.delta_dir)
+        if merge:
+            self.delta.merge()
+
+    def detach_delta(self) -> None:
+        """Back to the base model, bit for bit."""
+        if self.delta is not None:
+            self.delta.detach()
+            self.delta = None
+
+    def chat_template(self) -> str:
+        """The template prompts are rendered with: the one saved with the run, else the tokenizer's."""
+        return chat_template(self.tokenizer, self.template)
+
+    def prompt_text(self, record: PromptRecord, chat: bool, system: str | None = None) -> str:
+        """The text the model continues: the record itself, or its messages rendered by the chat template."""
+        if not chat and record.messages is None:
+            return record.text or ""
+        return render_chat(self.tokenizer, chat_messages(record, system), self.chat_template())
+
+    def use_chat(self, chat: bool | None, records: list[PromptRecord]) -> bool:
+        """Whether prompts go through the chat template: as asked, else when the run saved its template (an SFT
+        run) or a record holds messages."""
+        has_messages = any(r.messages is not None for r in records)
+        if chat is False and has_messages:
+            where = next(r.where for r in records if r.messages is not None)
+            raise ConfigError(f"{where}: 'messages' records need the chat template; drop --no-chat")
+        return chat if chat is not None else self.template is not None or has_messages
+
+    def complete(self, records: list[PromptRecord], sampling: Sampling, *, chat: bool | None = None,
+                 system: str | None = None, batch_size: int = 8,
+                 on_text: Callable[[str], None] | None = None) -> list[str]:
+        """Outputs for `records`, generated in batches of `batch_size` (`on_text` streams a single record)."""
+        chat = self.use_chat(chat, records)
+        texts = [self.prompt_text(r, chat, system) for r in records]
+        outputs: list[str] = []
+        for i in range(0, len(texts), batch_size):
+            outputs += generate(self.model, self.tokenizer, texts[i:i + batch_size], sampling,
+                                add_special_tokens=not chat, on_text=on_text)
+        return outputs
+
+
+def open_generator(*, run: str | Path | None = None, model: str | None = None, delta: str | Path | None = None,
+                   template: str | None = None, attach: bool = True, merge: bool = False) -> Generator:
+    """Load a run's base model and best delta, or `model` (folder or alias) and an optional `delta` folder.
+
+    `template` (a shipped name, a .jinja file or inline jinja) replaces the saved chat template. `attach=False`
+    leaves the delta unloaded (call `attach_delta` later, e.g. after generating with the base).
+    """
+    from deltatune.models import load_model
+
+    if (run is None) == (model is None):
+        raise ConfigError("give either a run folder or a model")
+    if run is not None:
+        if delta is not None:
+            raise ConfigError("--delta goes with --model; a --run already has its delta (best/)")
+        run = Path(run)
+        model, dtype = _causal_lm_run(run)
+        delta = run / "best"
+        saved = saved_template(delta, run)
+    else:
+        dtype, saved = "float32", saved_template(Path(delta)) if delta is not None else None
+    base, tokenizer = load_model(model, "causal_lm", dtype=dtype)
+    if template is not None:
+        from deltatune.data.chat import resolve_template
+
+        is_file = template.endswith(".jinja") and Path(template).is_file()
+        saved = resolve_template(tokenizer, Path(template).read_text(encoding="utf-8") if is_file else template)
+    generator = Generator(base, tokenizer, Path(delta) if delta is not None else None, saved)
+    if attach:
+        generator.attach_delta(merge)
+    return generator
+
+
+def _causal_lm_run(run: Path) -> tuple[str, str]:
+    """(model path, dtype) of a finished causal-LM run; a clear error for anything else."""
+    from deltatune.config import RunConfig
+    from deltatune.run import CONFIG_NAME
+
+    if not (run / CONFIG_NAME).is_file():
+        raise ConfigError(f"{run} is not a run folder: {CONFIG_NAME} not found (train one with `deltatune train`)")
+    try:
+        config = RunConfig(**yaml.safe_load((run / CONFIG_NAME).read_text(encoding="utf-8")))
+    except ConfigError as e:
+        raise ConfigError(f"{run / CONFIG_NAME}: {e}") from None
+    if config.task != "causal_lm":
+        raise ConfigError(f"{run} is a {config.task} run (data.format: {config.data.format}); generating text needs "
+                          "a run trained on text or chat data")
+    if not (run / "best").is_dir():
+        raise ConfigError(f"{run} has no trained delta yet ({run / 'best'} missing): finish or resume the run first")
+    return config.model.path, config.model.dtype
+
+
+class Conversation:
+    """A multi-turn chat: every reply sees the whole history rendered by the chat template.
+
+    When the history no longer fits the model's context (prompt + max_new_tokens), the oldest turns are dropped
+    (a system prompt stays).
+    """
+
+    def __init__(self, generator: Generator, sampling: Sampling, system: str | None = None) -> None:
+        generator.chat_template()  # fail now, not at the first message, if there is none
+        self.generator, self.sampling, self.system = generator, sampling, system
+        self.messages: list[dict[str, str]] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    def reply(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
+        """The assistant's answer to `text`; `on_text` receives it piece by piece while it is generated."""
+        self.messages.append({"role": "user", "content": text})
+        self._fit_context()
+        record = PromptRecord("chat", messages=tuple(self.messages))
+        answer = self.generator.complete([record], self.sampling, chat=True, on_text=on_text)[0]
+        self.messages.append({"role": "assistant", "content": answer})
+        return answer
+
+    def _prompt_tokens(self) -> int:
+        record = PromptRecord("chat", messages=tuple(self.messages))
+        text = self.generator.prompt_text(record, chat=True)
+        return len(self.generator.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _fit_context(self) -> None:
+        limit = getattr(self.generator.model.config, "max_position_embeddings", None)
+        if limit is None:
+            return
+        first = 1 if self.system else 0
+        while self._prompt_tokens() + self.sampling.max_new_tokens > limit:
+            if len(self.messages) - first <= 1:  # only the new message is left
+                self.messages.pop()
+                raise ConfigError(f"the message is too long: it and {self.sampling.max_new_tokens} new tokens do "
+                                  f"not fit the model's context of {limit} tokens; shorten it or lower "
+                                  "--max-new-tokens")
+            del self.messages[first:first + 2]  # the oldest user turn and its answer

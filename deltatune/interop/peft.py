@@ -1,0 +1,357 @@
+"""Hugging Face PEFT adapter folders, both ways: `export_peft` writes `adapter_config.json` and
+`adapter_model.safetensors` that `peft.PeftModel.from_pretrained` loads with the same outputs; `load_peft` (what
+`deltatune.load` does with such a folder) attaches the equivalent deltas.
+
+deltatune's tensors already follow PEFT's layouts, so the format is a table, `SPECS`: per PEFT adapter type, the
+deltatune methods it holds, its adapter-config fields, and the PEFT key of every tensor. One adapter holds one
+method; a task head goes along as PEFT's `modules_to_save`. Prompt-learning adapters are written in the
+inference form PEFT itself saves: P-tuning as the prompt encoder's output, prefix-tuning as the prefix its MLP
+computes. They load back as plain virtual tokens / prefixes (the same outputs; the encoder or MLP is not in the
+file, in PEFT either).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers.models.auto import modeling_auto
+from transformers.pytorch_utils import Conv1D
+
+from deltatune import io
+from deltatune.arch import describe
+from deltatune.delta import Delta, DeltaBase, DeltaConfig, DeltaGroup, attach
+from deltatune.errors import CheckpointError, ConfigError
+from deltatune.methods.head import Head
+from deltatune.methods.ia3 import IA3
+from deltatune.methods.lora import LoRA
+from deltatune.methods.prefix import Prefix, PTuningV2, Shape
+from deltatune.methods.prompt import Prompt, PTuning
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+TUNER_PREFIX = "base_model.model."  # LoRA / IA3 keys: PEFT wraps the model in a LoraModel / IA3Model
+PROMPT_PREFIX = "base_model."  # modules_to_save keys of prompt-learning adapters
+PROMPT_KEY = "prompt_embeddings"
+# PEFT task types by the model class that the transformers Auto classes build for them
+TASK_TYPES = {"SEQ_CLS": modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+              "CAUSAL_LM": modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+              "TOKEN_CLS": modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
+              "QUESTION_ANS": modeling_auto.MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES,
+              "FEATURE_EXTRACTION": modeling_auto.MODEL_MAPPING_NAMES}
+
+
+class Spec:
+    """One PEFT adapter type: which deltatune methods it holds and how their configs and tensors map."""
+
+    peft_type: ClassVar[str]
+    methods: ClassVar[tuple[str, ...]]
+    head_prefix: ClassVar[str] = TUNER_PREFIX
+    needs_task_type: ClassVar[bool] = False
+
+    def config(self, delta: Delta) -> dict[str, Any]:
+        """The adapter-config fields of this method (PEFT's names)."""
+        raise NotImplementedError
+
+    def delta_config(self, peft: dict[str, Any]) -> DeltaConfig:
+        """The deltatune config of a PEFT adapter config."""
+        raise NotImplementedError
+
+    def keys(self, delta: Delta) -> dict[str, str]:
+        """Our tensor name -> PEFT key."""
+        return {name: TUNER_PREFIX + name for name in delta.trainable_parameters()}
+
+    def tensors(self, delta: Delta) -> dict[str, torch.Tensor]:
+        """Our tensor name -> the tensor as PEFT stores it."""
+        return delta.state_dict()
+
+
+def wrapped_modules(delta: Delta) -> dict[str, nn.Module]:
+    """Module name -> wrapper, for methods that wrap modules (`delta.wrappers`, each with a `base_layer`)."""
+    names = {id(m): n for n, m in delta.model.named_modules()}
+    return {names[id(w)]: w for w in delta.wrappers}  # type: ignore[attr-defined]
+
+
+def tuner_fields(delta: Delta) -> dict[str, Any]:
+    modules = wrapped_modules(delta)
+    return {"target_modules": sorted(modules),
+            "fan_in_fan_out": any(isinstance(w.base_layer, Conv1D) for w in modules.values())}
+
+
+def patterns(value: str | list[str] | None) -> list[str] | None:
+    """PEFT's target list (names / dot-suffixes) or regex string (full match) as deltatune patterns."""
+    if value is None or isinstance(value, list):
+        return value
+    return [value] if value == "all-linear" else [f"re:{value}"]
+
+
+def refuse(peft: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """One error naming the PEFT options deltatune cannot represent, when set to anything but their default."""
+    if used := [f"{key}={peft[key]!r}" for key, default in defaults.items() if peft.get(key) not in (default, None)]:
+        raise ConfigError(f"PEFT {peft['peft_type']} adapter uses options deltatune cannot represent: "
+                          f"{', '.join(used)}")
+
+
+class LoRASpec(Spec):
+    peft_type, methods = "LORA", ("lora",)
+    UNSUPPORTED: ClassVar[dict[str, Any]] = {  # PEFT options without a deltatune form, and their defaults
+        "bias": "none", "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False, "layers_to_transform": None,
+        "target_parameters": None, "layer_replication": None, "trainable_token_indices": None, "use_qalora": False,
+        "alora_invocation_tokens": None}
+
+    def config(self, delta: Delta) -> dict[str, Any]:
+        cfg: LoRA = delta.config  # type: ignore[assignment]
+        return {"r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.scaling == "rslora",
+                "use_dora": cfg.dora, "bias": "none", **tuner_fields(delta)}
+
+    def delta_config(self, peft: dict[str, Any]) -> DeltaConfig:
+        refuse(peft, self.UNSUPPORTED)
+        return LoRA(r=peft["r"], alpha=peft.get("lora_alpha", 8), dropout=peft.get("lora_dropout", 0.0),
+                    scaling="rslora" if peft.get("use_rslora") else "standard", dora=bool(peft.get("use_dora")),
+                    targets=patterns(peft["target_modules"]), exclude=patterns(peft.get("exclude_modules")) or [])
+
+    def keys(self, delta: Delta) -> dict[str, str]:
+        """As in the model, except embeddings: PEFT names their factors `lora_embedding_A/B` (no `.weight`)."""
+        embeddings = {n for n, w in wrapped_modules(delta).items() if isinstance(w.base_layer, nn.Embedding)}
+        keys = {}
+        for name in delta.trainable_parameters():
+            module, _, leaf = name.partition(".lora_")
+            if module in embeddings and leaf in ("A.weight", "B.weight"):
+                keys[name] = f"{TUNER_PREFIX}{module}.lora_embedding_{leaf[0]}"
+            else:
+                keys[name] = TUNER_PREFIX + name
+        return keys
+
+
+class IA3Spec(Spec):
+    peft_type, methods = "IA3", ("ia3",)
+
+    def config(self, delta: Delta) -> dict[str, Any]:
+        feedforward = sorted(n for n, w in wrapped_modules(delta).items() if w.is_feedforward)
+        return {**tuner_fields(delta), "feedforward_modules": feedforward}
+
+    def delta_config(self, peft: dict[str, Any]) -> DeltaConfig:
+        return IA3(targets=patterns(peft["target_modules"]),
+                   feedforward=patterns(peft.get("feedforward_modules")) or [], exclude=patterns(peft.get("exclude_modules")) or [])
+
+
+class PromptLearningSpec(Spec):
+    """Virtual tokens or prefixes: one tensor, `prompt_embeddings`, plus the model's shape in the config."""
+
+    head_prefix = PROMPT_PREFIX
+    needs_task_type = True
+
+    def config(self, delta: Delta) -> dict[str, Any]:
+        text = delta.model.config.get_text_config()
+        return {"num_virtual_tokens": self.n_tokens(delta), "token_dim": text.hidden_size,
+                "num_layers": text.num_hidden_layers, "num_attention_heads": text.num_attention_heads,
+                "num_transformer_submodules": 1}
+
+    def n_tokens(self, delta: Delta) -> int:
+        return delta.config.n_tokens  # type: ignore[attr-defined]
+
+    def keys(self, delta: Delta) -> dict[str, str]:
+        """The tensor PEFT keeps: the virtual tokens (P-tuning: the encoder's input) or the plain prefix."""
+        inference = self.inference_parameter(delta)
+        return {next(n for n, p in delta.trainable_parameters().items() if p is inference): PROMPT_KEY}
+
+    def tensors(self, delta: Delta) -> dict[str, torch.Tensor]:
+        (name,) = self.keys(delta)
+        return {name: self.inference_tensor(delta).detach()}
+
+    def inference_parameter(self, delta: Delta) -> nn.Parameter:
+        return delta.carrier.tokens.embedding  # type: ignore[attr-defined]
+
+    def inference_tensor(self, delta: Delta) -> torch.Tensor:
+        """What the model uses: for P-tuning the encoder's output, stored where PEFT's inference form keeps it."""
+        return delta.carrier.tokens()  # type: ignore[attr-defined]
+
+
+class VirtualTokensSpec(PromptLearningSpec):
+    """Prompt tuning and P-tuning: PEFT puts the virtual tokens first, before any real token."""
+
+    def config(self, delta: Delta) -> dict[str, Any]:
+        problems = [text for text, present in (
+            ("virtual tokens after the first token (position 'auto' keeps an encoder's [CLS] first)", delta.keep_first),
+            ("pieces after the text", delta.after), ("fixed words or {mask} in the template", delta.literal_ids),
+        ) if present]  # type: ignore[attr-defined]
+        if problems:
+            raise ConfigError(f"PEFT puts only {delta.method} virtual tokens, before the whole input; this delta has "
+                              f"{'; '.join(problems)}: it has no PEFT form. Train with `position: start` and only "
+                              "[P] tokens before {text} to export it")
+        return super().config(delta)
+
+    def n_tokens(self, delta: Delta) -> int:
+        return len(delta.before)  # type: ignore[attr-defined]
+
+
+class PromptSpec(VirtualTokensSpec):
+    peft_type, methods = "PROMPT_TUNING", ("prompt",)
+
+    def config(self, delta: Delta) -> dict[str, Any]:
+        return {**super().config(delta), "prompt_tuning_init": "RANDOM"}
+
+    def delta_config(self, peft: dict[str, Any]) -> DeltaConfig:
+        return Prompt(n_tokens=peft["num_virtual_tokens"], init="random", position="start")
+
+
+class PTuningSpec(VirtualTokensSpec):
+    peft_type, methods = "P_TUNING", ("ptuning",)
+
+    def config(self, delta: Delta) -> dict[str, Any]:
+        cfg: PTuning = delta.config  # type: ignore[assignment]
+        return {**super().config(delta), "encoder_hidden_size": cfg.hidden_size,
+                "encoder_reparameterization_type": "LSTM" if cfg.encoder == "lstm" else "MLP"}
+
+    def delta_config(self, peft: dict[str, Any]) -> DeltaConfig:
+        template = "[P]" * peft["num_virtual_tokens"] + " {text}"
+        return PTuning(template=template, encoder="none", position="start",
+                       hidden_size=peft.get("encoder_hidden_size") or 128)
+
+
+class PrefixSpec(PromptLearningSpec):
+    """Prefix-tuning (`prefix_projection`: trained through an MLP) and P-tuning v2 (without); the tensor is
+    (n, layers·2·kv width)."""
+
+    peft_type, methods = "PREFIX_TUNING", ("prefix", "ptuning_v2")
+
+    def config(self, delta: Delta) -> dict[str, Any]:
+        shape, cfg = Shape(delta.model), delta.config
+        return {**super().config(delta), "token_dim": shape.kv_heads * shape.head_dim,
+                "num_attention_heads": shape.kv_heads, "prefix_projection": delta.method == "prefix",
+                "encoder_hidden_size": cfg.hidden_size}  # type: ignore[attr-defined]
+
+    def delta_config(self, peft: dict[str, Any]) -> DeltaConfig:
+        n = peft["num_virtual_tokens"]
+        if peft.get("prefix_projection"):
+            return Prefix(n_tokens=n, reparam="none", hidden_size=peft.get("encoder_hidden_size") or 512)
+        return PTuningV2(n_tokens=n)
+
+    def inference_parameter(self, delta: Delta) -> nn.Parameter:
+        return delta.carrier.prefix.weight  # type: ignore[attr-defined]  (a plain prefix after for_inference)
+
+    def inference_tensor(self, delta: Delta) -> torch.Tensor:
+        return delta.carrier.prefix()  # type: ignore[attr-defined]
+
+
+SPECS: dict[str, Spec] = {spec.peft_type: spec for spec in (LoRASpec(), IA3Spec(), PromptSpec(), PTuningSpec(),
+                                                               PrefixSpec())}
+SPEC_OF_METHOD = {method: spec for spec in SPECS.values() for method in spec.methods}
+SUPPORTED = (f"PEFT formats exist for {', '.join(SPEC_OF_METHOD)} (one of them per adapter; a task head "
+             "goes along as modules_to_save)")
+
+
+# ---- export ------------------------------------------------------------------------------------------------
+def export_peft(delta: DeltaBase, out: str | Path) -> Path:
+    """Write `delta` as a PEFT adapter folder `out` (atomically). Prompt/prefix deltas are put in inference form."""
+    main, heads = _split(delta)
+    spec = SPEC_OF_METHOD[main.method]
+    delta.for_inference()
+    task_type = peft_task_type(delta.model)
+    if spec.needs_task_type and task_type is None:
+        raise ConfigError(f"PEFT runs {main.method} only on models of a PEFT task type (sequence classification, "
+                          f"causal LM, token classification, ...); {type(delta.model).__name__} is none of them")
+    keys = spec.keys(main)
+    tensors = {keys[name]: t for name, t in spec.tensors(main).items()}
+    head_tensors = {name: t for head in heads for name, t in head.state_dict().items()}
+    tensors |= {spec.head_prefix + name: t for name, t in head_tensors.items()}
+    config = {"peft_type": spec.peft_type, "task_type": task_type, "inference_mode": True,
+              "base_model_name_or_path": getattr(delta.model.config, "_name_or_path", None) or None,
+              "modules_to_save": sorted({n.rsplit(".", 1)[0] for n in head_tensors}) or None, **spec.config(main)}
+    with io.new_folder(out) as tmp:
+        io.save_tensors(tmp / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
+        io.write_json(tmp / CONFIG_FILE, config)
+    return Path(out)
+
+
+def _split(delta: DeltaBase) -> tuple[Delta, list[Delta]]:
+    """(the one method PEFT has a format for, the task heads); anything else is one ConfigError."""
+    parts = delta.parts()
+    heads = [p for p in parts if p.method == "head"]
+    convertible = [p for p in parts if p.method in SPEC_OF_METHOD]
+    if other := [p.method for p in parts if p not in heads and p not in convertible]:
+        raise ConfigError(f"PEFT has no format for {', '.join(other)}. {SUPPORTED}")
+    if len(convertible) != 1:
+        found = " + ".join(p.method for p in convertible) or "only a task head"
+        raise ConfigError(f"a PEFT adapter holds exactly one method, this delta has {found}. {SUPPORTED}")
+    return convertible[0], heads
+
+
+def peft_task_type(model: nn.Module) -> str | None:
+    """PEFT's task type of a transformers model, from the Auto class that builds its class; None if no such class."""
+    name = type(model).__name__
+    for task_type, classes in TASK_TYPES.items():
+        if any(name == c or (isinstance(c, tuple) and name in c) for c in classes.values()):
+            return task_type
+    return None
+
+
+# ---- import ------------------------------------------------------------------------------------------------
+def load_peft(model: nn.Module, folder: str | Path) -> Delta | DeltaGroup:
+    """Attach the deltas equivalent to the PEFT adapter in `folder` and load its tensors (key and shape checked)."""
+    folder = Path(folder)
+    peft = _read_config(folder)
+    spec = SPECS.get(peft.get("peft_type", ""))
+    if spec is None:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: PEFT type {peft.get('peft_type')!r} has no deltatune "
+                              f"equivalent; supported PEFT types: {', '.join(SPECS)}")
+    if peft.get("num_transformer_submodules", 1) != 1:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: encoder-decoder prompt learning "
+                              "(num_transformer_submodules=2) is not supported")
+    config = spec.delta_config(peft)
+    tensors = _read_tensors(folder)
+    main = attach(model, config)
+    parts: list[Delta] = [main]  # type: ignore[list-item]
+    try:
+        keys = spec.keys(main)  # type: ignore[arg-type]
+        rest = {k.removeprefix(spec.head_prefix): v for k, v in tensors.items() if k not in keys.values()}
+        if rest:
+            parts.append(attach(model, _head_config(model, rest)))  # type: ignore[arg-type]
+            keys |= {name: spec.head_prefix + name for name in parts[-1].trainable_parameters()}
+        _check_keys(folder, set(keys.values()), set(tensors))
+        for part in parts:
+            part.load_state_dict({name: tensors[keys[name]] for name in part.trainable_parameters()})
+    except BaseException:
+        for part in reversed(parts):
+            part.detach()
+        raise
+    return parts[0] if len(parts) == 1 else DeltaGroup(model, parts)
+
+
+def _head_config(model: nn.Module, tensors: dict[str, torch.Tensor]) -> Head:
+    """A head owning the modules_to_save tensors: the model's known head is the output, others train along."""
+    modules = sorted({name.rsplit(".", 1)[0] for name in tensors})
+    known = [m for m in modules if m in describe(model).heads]
+    output = known[-1] if known else modules[-1]
+    weight = tensors.get(f"{output}.weight")
+    return Head(module=output, num_labels=None if weight is None else weight.shape[0],
+                also_train=[m for m in modules if m != output])
+
+
+def _check_keys(folder: Path, expected: set[str], found: set[str]) -> None:
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{folder / WEIGHTS_FILE} does not fit the adapter its config describes on this model: "
+                              f"missing {missing[:5]}, unexpected {unexpected[:5]}. Load it onto the base model "
+                              "(and model class) it was trained with")
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    try:
+        peft = io.read_json(folder / CONFIG_FILE)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {folder / CONFIG_FILE}: {exc}") from None
+    if not isinstance(peft, dict):
+        raise CheckpointError(f"{folder / CONFIG_FILE}: expected a JSON object")
+    return peft
+
+
+def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    file = folder / WEIGHTS_FILE
+    if not file.is_file():
+        pickled = " (only adapter_model.bin, a pickle: re-save it with safe_serialization=True)" \
+            if (folder / "adapter_model.bin").exists() else ""
+        raise CheckpointError(f"{file} not found{pickled}")
+    return io.load_tensors(file)

@@ -1,0 +1,115 @@
+"""`deltatune compare`: method -> delta list resolution, one run per method, skip-finished, --force, the table."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import yaml
+
+from deltatune.cli import main
+from deltatune.compare import CompareConfig, method_config, run_compare
+from deltatune.config import read_config
+from deltatune.errors import ConfigError
+from tests.test_cli import reviews, tiny_bert_dir, wide_terminal, write_config  # noqa: F401  (fixtures)
+
+SETTINGS = {"methods": ["lora", "ia3"],
+            "settings": {"lora": {"delta": {"r": 2, "targets": ["query"]}, "train": {"optimizer": {"lr": 0.02}}},
+                         "lora-r4": {"delta": {"method": "lora", "r": 4, "targets": ["query", "value"]}},
+                         "bitfit": {"head": False}}}
+
+
+@pytest.fixture
+def config_file(tmp_path, tiny_bert_dir, reviews):  # noqa: F811
+    path = write_config(tmp_path, tiny_bert_dir, reviews, compare=SETTINGS)
+    raw = yaml.safe_load(path.read_text())
+    raw["train"] |= {"epochs": 1, "eval_baseline": False}
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def resolve(path, name):
+    raw = read_config(path)
+    compare = CompareConfig(**raw.pop("compare"))
+    return method_config(raw, name, compare.settings.get(name), where=str(path))
+
+
+def test_a_method_name_becomes_a_delta_list_with_its_settings(config_file, tmp_path):
+    lora = resolve(config_file, "lora")
+    assert [d.method for d in lora.delta] == ["head", "lora"]  # classification: a fresh head first
+    assert lora.delta[1].r == 2 and lora.delta[1].targets == ["query"] and lora.train.optimizer.lr == 0.02
+    assert lora.output_dir == str(tmp_path / "run" / "lora")
+    variant = resolve(config_file, "lora-r4")
+    assert [d.method for d in variant.delta] == ["head", "lora"] and variant.delta[1].r == 4
+    assert variant.train.optimizer.lr == 0.01  # the shared train section
+    assert [d.method for d in resolve(config_file, "bitfit").delta] == ["bitfit"]  # head: false
+    assert [d.method for d in resolve(config_file, "head").delta] == ["head"]
+    full = resolve(config_file, "full")
+    assert [d.method for d in full.delta] == ["head", "full"]  # registry defaults
+
+
+@pytest.mark.parametrize("methods, message", [
+    (["lorra"], "unknown method 'lorra'. Did you mean 'lora'?"),
+    (["lora", "lora"], "methods to compare are listed twice"),
+])
+def test_bad_method_lists(config_file, methods, message):
+    with pytest.raises(ConfigError, match=message):
+        run_compare(config_file, methods, isolate=False)
+
+
+def test_bad_settings_name_the_key(config_file):
+    raw = yaml.safe_load(config_file.read_text())
+    raw["compare"]["settings"]["lora"]["deltas"] = {}
+    config_file.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="compare.settings.lora.deltas: unknown key"):
+        run_compare(config_file, isolate=False)
+
+
+@pytest.mark.slow  # trains three tiny runs
+def test_compare_trains_each_method_once_and_writes_the_table(config_file, tmp_path, capsys):
+    events = []
+    out, rows = run_compare(config_file, isolate=False,
+                            on_event=lambda kind, info: events.append((kind, info["method"])))
+    assert events == [("train", "lora"), ("train", "ia3")]
+    assert out == tmp_path / "run"
+    assert [r.method for r in rows] == ["lora", "ia3"] and [r.deltas for r in rows] == ["head + lora", "head + ia3"]
+    for row in rows:
+        results = json.loads((out / row.method / "results.json").read_text())
+        assert row.test == results["test"]["accuracy"] and row.metric == "accuracy"
+        assert row.trainable_params == results["trainable_params"] and row.steps == results["steps"] == 6
+        assert row.trainable_pct == pytest.approx(100 * results["trainable_params"] / results["total_params"])
+        assert row.delta_bytes == (out / row.method / "best" / "delta.safetensors").stat().st_size
+        assert row.wall_time_s > 0 and row.tokens_per_s > 0 and row.peak_rss_mb > 0
+    head = 2 * 32 + 2
+    assert [r.trainable_params for r in rows] == [2 * (2 * 32 + 32 * 2) + head, 2 * (32 + 32 + 32 + 64) + head]
+    saved = json.loads((out / "compare.json").read_text())
+    assert [r["method"] for r in saved["rows"]] == ["lora", "ia3"] and saved["isolated_processes"] is False
+    with open(out / "compare.csv", newline="") as f:
+        assert [(r["method"], float(r["test"])) for r in csv.DictReader(f)] == [(r.method, r.test) for r in rows]
+    assert (out / "compare.png").read_bytes().startswith(b"\x89PNG")
+    page = (out / "compare.html").read_text()
+    assert page.count("<img") == 2 and "head + ia3" in page and "trainable %" in page
+
+    stamp = (out / "lora" / "results.json").stat().st_mtime_ns
+    assert main(["compare", str(config_file), "--in-process"]) == 0  # finished runs are kept
+    printed = " ".join(capsys.readouterr().out.split())
+    assert printed.count("finished earlier, kept") == 2 and "head + lora" in printed and "compare.html" in printed
+    assert (out / "lora" / "results.json").stat().st_mtime_ns == stamp
+
+    with pytest.raises(ConfigError, match=r"holds a finished run with a different config \(changed: delta.1.r\)"):
+        run_compare(config_file, overrides=["compare.settings.lora.delta.r=3"], isolate=False)
+    events.clear()
+    run_compare(config_file, ["lora"], ["compare.settings.lora.delta.r=3"], force=True, isolate=False,
+                on_event=lambda kind, info: events.append((kind, info["method"])))
+    assert events == [("train", "lora")]
+    assert (out / "lora" / "results.json").stat().st_mtime_ns != stamp
+    assert yaml.safe_load((out / "lora" / "config.yaml").read_text())["delta"][1]["r"] == 3
+
+
+@pytest.mark.slow  # a fresh python process per method
+def test_isolated_methods_train_in_their_own_process(config_file, tmp_path):
+    out, (row,) = run_compare(config_file, ["bitfit"])
+    assert (out / "bitfit" / "train.log").is_file() and (out / "bitfit" / "report.html").is_file()
+    assert row.deltas == "bitfit" and row.steps == 6
+    assert json.loads((out / "compare.json").read_text())["isolated_processes"] is True
