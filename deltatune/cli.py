@@ -22,7 +22,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from deltatune.errors import DeltaTuneError
+from deltatune.errors import ConfigError, DeltaTuneError
 
 console = Console(stderr=False, highlight=False)
 
@@ -154,7 +154,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     console.print(f"[bold]deltatune train[/] {args.config} → {config.output_dir}")
     methods = " + ".join(d.method for d in config.delta)
-    console.print(f"model [cyan]{config.model.path}[/]  data [cyan]{config.data.train}[/]  method [cyan]{methods}[/]")
+    data = config.data.train if config.tasks is None else "tasks " + ", ".join(t.name for t in config.tasks)
+    console.print(f"model [cyan]{config.model.path}[/]  data [cyan]{data}[/]  method [cyan]{methods}[/]")
     with _TrainProgress() as progress:
         session, result = run_training(config, resume=args.resume, on_event=progress.on_event)
     _print_results(result, config.task)
@@ -164,8 +165,6 @@ def cmd_train(args: argparse.Namespace) -> int:
                                  f"greedy; the answers are in generations.jsonl")
     if skipped := sum(part.get("skipped", 0) for part in session.data.source.values()):
         first = next(part["first_skipped"] for part in session.data.source.values() if part.get("skipped"))
-        from rich.markup import escape
-
         console.print(f"[yellow]skipped {skipped} malformed records[/] (data.skip_bad_records), e.g. {escape(first)}")
     console.print(f"run folder: [cyan]{config.output_dir}[/] (best delta in best/, report.html)")
     return 0
@@ -173,14 +172,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from deltatune.run import load_run
-    from deltatune.train import evaluate
+    from deltatune.train.tasks import objective
 
     if args.generate is not None:
         return _eval_generation(args)
     session = load_run(args.run, args.overrides)
     dataset = getattr(session.data, args.split)
-    metrics = evaluate(session.model, dataset, session.collator(), session.data.task,
-                       session.config.train.eval_batch_size or session.config.train.batch_size)
+    batch_size = session.config.train.eval_batch_size or session.config.train.batch_size
+    metrics = objective(session.data, session.delta).evaluate(session.model, dataset, session.collator(), batch_size)
     table = Table(title=f"{args.run} · {args.split} ({len(dataset)} examples)")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -277,8 +276,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
             console.print(f"[yellow]unknown command[/] {escape(line)}: use /reset or /exit")
         elif line:
             console.print("[bold cyan]assistant>[/] ", end="")
-            conversation.reply(line, on_text=lambda text: console.out(text, end="", highlight=False))
-            console.out("")
+            try:
+                conversation.reply(line, on_text=lambda text: console.out(text, end="", highlight=False))
+                console.out("")
+            except ConfigError as exc:  # e.g. a message too long for the context: say so and keep chatting
+                console.print(f"\n[bold red]error:[/] {escape(str(exc))}")
     return 0
 
 
@@ -457,8 +459,6 @@ def _print_results(result: Any, task: str) -> None:
 
 
 def _show_warning(message: Warning | str, *args: Any, **kwargs: Any) -> None:
-    from rich.markup import escape
-
     console.print(f"[yellow]warning:[/] {escape(str(message))}")
 
 

@@ -4,6 +4,9 @@
     data: {train: rotten_tomatoes, format: classification}
     delta: [{method: lora, r: 8, targets: [query, value]}, {method: head}]
     train: {epochs: 3, batch_size: 32, optimizer: {lr: 5.0e-4}}
+
+Multi-task runs give `tasks:` (each with its own `data:`) instead of `data:`, and optionally `multitask:`
+(sampling, loss weighting); see deltatune/train/tasks.py.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import ConfigDict, field_validator
+from pydantic import ConfigDict, field_validator, model_validator
 
 from deltatune.data import DataConfig
 from deltatune.delta import DeltaConfig
@@ -21,6 +24,7 @@ from deltatune.eval_generation import GenerationEval
 from deltatune.registry import parse_delta_config
 from deltatune.schema import Schema
 from deltatune.train import TrainConfig
+from deltatune.train.tasks import MultiTaskConfig, TaskConfig, check_run_tasks, parse_task_configs
 
 TASK_OF_FORMAT = {"classification": "classification", "regression": "regression", "text": "causal_lm",
                   "auto": "causal_lm", "alpaca": "causal_lm", "sharegpt": "causal_lm", "messages": "causal_lm"}
@@ -46,11 +50,13 @@ class RunConfig(Schema):
         return ""
 
     model: ModelConfig
-    data: DataConfig
+    data: DataConfig | None = None
     delta: list[DeltaConfig]
     train: TrainConfig = TrainConfig()
     output_dir: str = "runs/run"
     eval_generation: GenerationEval | None = None  # after training: exact match / ROUGE-L of generated answers
+    tasks: list[TaskConfig] | None = None  # multi-task training: instead of `data`
+    multitask: MultiTaskConfig | None = None  # with `tasks`: sampling and loss weighting
 
     @field_validator("delta", mode="before")
     @classmethod
@@ -61,16 +67,47 @@ class RunConfig(Schema):
         return [item if isinstance(item, DeltaConfig) else parse_delta_config(item, where=str(i))
                 for i, item in enumerate(items)]
 
+    _parse_tasks = field_validator("tasks", mode="before")(parse_task_configs)
+
+    @field_validator("multitask", mode="before")
+    @classmethod
+    def _multitask_schema(cls, value: Any) -> Any:
+        return MultiTaskConfig(**value) if isinstance(value, dict) else value
+
+    @model_validator(mode="after")
+    def _data_or_tasks(self) -> RunConfig:
+        if (self.data is None) == (self.tasks is None):
+            raise ValueError("give either `data:` (one task) or `tasks:` (a list of tasks, each with its own data)")
+        if self.tasks is None and self.multitask is not None:
+            raise ValueError("`multitask:` goes with `tasks:`; remove it or list the tasks")
+        if self.tasks is not None and self.eval_generation is not None:
+            raise ValueError("eval_generation goes with a single-task `data:` run, not with `tasks:`")
+        if self.tasks is not None:
+            self.multitask = self.multitask or MultiTaskConfig()
+            check_run_tasks(self.tasks, self.multitask, self.delta)
+        return self
+
     @property
     def task(self) -> str:
+        """The model class to load: for multi-task runs a causal LM if a task is text, else classification."""
+        if self.tasks is not None:
+            return "causal_lm" if any(TASK_OF_FORMAT[t.data.format] == "causal_lm" for t in self.tasks) \
+                else "classification"
         return TASK_OF_FORMAT[self.data.format]
+
+    def data_configs(self) -> dict[str, DataConfig]:
+        """Every data section by its key path (`data`, or `tasks.0.data`, ...)."""
+        if self.tasks is None:
+            return {"data": self.data}
+        return {f"tasks.{i}.data": t.data for i, t in enumerate(self.tasks)}
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for writing back to YAML (the resolved config saved with every run)."""
         out = self.model_dump(mode="json", exclude={"delta"})
-        optional = {"eval_generation": out["eval_generation"]} if self.eval_generation else {}
-        return {"model": out["model"], "data": out["data"], "delta": [d.to_dict() for d in self.delta],
-                "train": out["train"], "output_dir": self.output_dir, **optional}
+        optional = {k: out[k] for k in ("tasks", "multitask", "eval_generation") if out[k] is not None}
+        return {"model": out["model"], **({"data": out["data"]} if self.data is not None else {}),
+                "delta": [d.to_dict() for d in self.delta], "train": out["train"], "output_dir": self.output_dir,
+                **optional}
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
@@ -153,11 +190,12 @@ def _check_paths(config: RunConfig) -> None:
     if config.model.path not in PACKAGED_MODELS and not Path(config.model.path).is_dir():
         raise ConfigError(f"model.path: folder {config.model.path!r} not found "
                           f"(give a local model folder or one of: {', '.join(PACKAGED_MODELS)})")
-    for split in ("train", "validation", "test"):
-        value = getattr(config.data, split)
-        if value is not None and value not in PACKAGED_DATASETS and not Path(value).is_file():
-            raise ConfigError(f"data.{split}: file {value!r} not found "
-                              f"(give a data file or one of: {', '.join(PACKAGED_DATASETS)})")
+    for key, data in config.data_configs().items():
+        for split in ("train", "validation", "test"):
+            value = getattr(data, split)
+            if value is not None and value not in PACKAGED_DATASETS and not Path(value).is_file():
+                raise ConfigError(f"{key}.{split}: file {value!r} not found "
+                                  f"(give a data file or one of: {', '.join(PACKAGED_DATASETS)})")
 
 
 def _check_generation_eval(config: RunConfig) -> None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from deltatune.errors import DataError
+from deltatune.errors import ConfigError, DataError
 from deltatune.generate import Sampling
 from deltatune.inference import Generator
 from deltatune.io import write_json, write_jsonl
@@ -87,8 +87,10 @@ def reference_records(path: str | Path, limit: int | None = None, skip: int = 0)
     `reference`, or the last assistant turn of its messages (later turns are dropped)."""
     from deltatune.assets import resolve_data_path
 
+    if skip < 0 or (limit is not None and limit < 1):
+        raise ConfigError(f"skip must be 0 or more and limit 1 or more (got skip={skip}, limit={limit})")
     records = read_prompts(resolve_data_path(str(path)))[skip:]
-    records = [_answer_as_reference(r) for r in (records[:limit] if limit else records)]
+    records = [_answer_as_reference(r) for r in records[:limit]]
     if not records:
         raise DataError(f"{path}: no records left after skipping {skip}")
     return records

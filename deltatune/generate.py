@@ -7,7 +7,7 @@ with temperature, top-p and top-k, reproducible with a seed. `generate_ids` work
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from pydantic import Field
@@ -16,6 +16,9 @@ from transformers.generation.streamers import BaseStreamer
 
 from deltatune.errors import ConfigError
 from deltatune.schema import Schema
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 class Sampling(Schema):
@@ -41,7 +44,8 @@ class Sampling(Schema):
 
 def generate_ids(model: nn.Module, prompts: Sequence[Sequence[int]], sampling: Sampling = Sampling(), *,
                  pad_token_id: int, eos_token_id: int | list[int] | None = None, use_cache: bool = True,
-                 tokenizer=None, streamer: BaseStreamer | None = None) -> list[list[int]]:
+                 tokenizer: PreTrainedTokenizerBase | None = None,
+                 streamer: BaseStreamer | None = None) -> list[list[int]]:
     """New token ids for each prompt (ids), generated as one left-padded batch, each cut before its first eos.
 
     With a `tokenizer`, generation of a row also ends once it produced one of `sampling.stop`.
@@ -52,6 +56,9 @@ def generate_ids(model: nn.Module, prompts: Sequence[Sequence[int]], sampling: S
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("generate needs at least one non-empty prompt")
     width = max(len(p) for p in prompts)
+    if (limit := context_length(model)) is not None and width + sampling.max_new_tokens > limit:
+        raise ConfigError(f"a prompt of {width} tokens and max_new_tokens={sampling.max_new_tokens} do not fit the "
+                          f"model's context of {limit} tokens; shorten the prompt or lower --max-new-tokens")
     device = next(model.parameters()).device
     ids = torch.tensor([[pad_token_id] * (width - len(p)) + list(p) for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
@@ -71,9 +78,9 @@ def generate_ids(model: nn.Module, prompts: Sequence[Sequence[int]], sampling: S
     return [until_eos(row, eos_token_id) for row in out[:, width:].tolist()]
 
 
-def generate(model: nn.Module, tokenizer, prompts: list[str], sampling: Sampling = Sampling(), *,
-             add_special_tokens: bool = True, on_text: Callable[[str], None] | None = None,
-             use_cache: bool = True) -> list[str]:
+def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+             sampling: Sampling = Sampling(), *, add_special_tokens: bool = True,
+             on_text: Callable[[str], None] | None = None, use_cache: bool = True) -> list[str]:
     """Completions of `prompts` (text), each cut before the first of `sampling.stop`.
 
     `add_special_tokens=False` for prompts that already hold them (rendered by a chat template). `on_text`
@@ -93,7 +100,12 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], sampling: Sampling
     return [cut_at_stop(t, sampling.stop) for t in texts]
 
 
-def eos_ids(model: nn.Module, tokenizer) -> list[int]:
+def context_length(model: nn.Module) -> int | None:
+    """The most tokens (prompt + new) the model's position embeddings take, if its config says."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def eos_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Token ids that end generation: the tokenizer's eos and those of the model's generation config."""
     ids = [tokenizer.eos_token_id]
     config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -120,7 +132,8 @@ class _TextStream(BaseStreamer):
     string; a trailing U+FFFD (a multi-byte character still incomplete) waits for its next token.
     """
 
-    def __init__(self, tokenizer, on_text: Callable[[str], None], stop: list[str], eos: list[int]) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, on_text: Callable[[str], None], stop: list[str],
+                 eos: list[int]) -> None:
         self.tokenizer, self.on_text, self.stop, self.eos = tokenizer, on_text, stop, eos
         self.hold = max((len(s) - 1 for s in stop if s), default=0)
         self.ids: list[int] = []

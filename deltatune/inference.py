@@ -6,15 +6,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import yaml
 from torch import nn
 
 from deltatune.delta import DeltaBase
 from deltatune.errors import ConfigError
-from deltatune.generate import Sampling, generate
+from deltatune.generate import Sampling, context_length, generate
 from deltatune.prompts import PromptRecord, chat_messages, chat_template, render_chat, saved_template
+
+if TYPE_CHECKING:
+    from deltatune.config import ModelConfig
 
 
 @dataclass
@@ -68,6 +71,8 @@ class Generator:
                  system: str | None = None, batch_size: int = 8,
                  on_text: Callable[[str], None] | None = None) -> list[str]:
         """Outputs for `records`, generated in batches of `batch_size` (`on_text` streams a single record)."""
+        if batch_size < 1:
+            raise ConfigError(f"batch size must be 1 or more, got {batch_size}")
         chat = self.use_chat(chat, records)
         texts = [self.prompt_text(r, chat, system) for r in records]
         outputs: list[str] = []
@@ -92,25 +97,34 @@ def open_generator(*, run: str | Path | None = None, model: str | None = None, d
         if delta is not None:
             raise ConfigError("--delta goes with --model; a --run already has its delta (best/)")
         run = Path(run)
-        model, dtype = _causal_lm_run(run)
-        delta = run / "best"
+        trained = _causal_lm_run(run)
+        model, delta = trained.path, run / "best"
+        options = dict(dtype=trained.dtype, trust_remote_code=trained.trust_remote_code)
         saved = saved_template(delta, run)
     else:
-        dtype, saved = "float32", saved_template(Path(delta)) if delta is not None else None
-    base, tokenizer = load_model(model, "causal_lm", dtype=dtype)
+        options, saved = {}, saved_template(Path(delta)) if delta is not None else None
+    base, tokenizer = load_model(model, "causal_lm", **options)
     if template is not None:
-        from deltatune.data.chat import resolve_template
-
-        is_file = template.endswith(".jinja") and Path(template).is_file()
-        saved = resolve_template(tokenizer, Path(template).read_text(encoding="utf-8") if is_file else template)
+        saved = _template_option(tokenizer, template)
     generator = Generator(base, tokenizer, Path(delta) if delta is not None else None, saved)
     if attach:
         generator.attach_delta(merge)
     return generator
 
 
-def _causal_lm_run(run: Path) -> tuple[str, str]:
-    """(model path, dtype) of a finished causal-LM run; a clear error for anything else."""
+def _template_option(tokenizer: Any, template: str) -> str:
+    """The jinja source `--template` names: a shipped template, a .jinja file or inline jinja."""
+    from deltatune.data.chat import resolve_template
+
+    if template.endswith(".jinja"):
+        if not Path(template).is_file():
+            raise ConfigError(f"--template: no such file {template!r}")
+        template = Path(template).read_text(encoding="utf-8")
+    return resolve_template(tokenizer, template, option="--template")
+
+
+def _causal_lm_run(run: Path) -> ModelConfig:
+    """The model settings of a finished causal-LM run; a clear error for anything else."""
     from deltatune.config import RunConfig
     from deltatune.run import CONFIG_NAME
 
@@ -121,11 +135,12 @@ def _causal_lm_run(run: Path) -> tuple[str, str]:
     except ConfigError as e:
         raise ConfigError(f"{run / CONFIG_NAME}: {e}") from None
     if config.task != "causal_lm":
-        raise ConfigError(f"{run} is a {config.task} run (data.format: {config.data.format}); generating text needs "
+        formats = ", ".join(d.format for d in config.data_configs().values())
+        raise ConfigError(f"{run} is a {config.task} run (data.format: {formats}); generating text needs "
                           "a run trained on text or chat data")
     if not (run / "best").is_dir():
         raise ConfigError(f"{run} has no trained delta yet ({run / 'best'} missing): finish or resume the run first")
-    return config.model.path, config.model.dtype
+    return config.model
 
 
 class Conversation:
@@ -149,7 +164,11 @@ class Conversation:
         self.messages.append({"role": "user", "content": text})
         self._fit_context()
         record = PromptRecord("chat", messages=tuple(self.messages))
-        answer = self.generator.complete([record], self.sampling, chat=True, on_text=on_text)[0]
+        try:
+            answer = self.generator.complete([record], self.sampling, chat=True, on_text=on_text)[0]
+        except BaseException:  # e.g. Ctrl-C while streaming: the unanswered message leaves the history
+            self.messages.pop()
+            raise
         self.messages.append({"role": "assistant", "content": answer})
         return answer
 
@@ -159,7 +178,7 @@ class Conversation:
         return len(self.generator.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _fit_context(self) -> None:
-        limit = getattr(self.generator.model.config, "max_position_embeddings", None)
+        limit = context_length(self.generator.model)
         if limit is None:
             return
         first = 1 if self.system else 0

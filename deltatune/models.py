@@ -66,6 +66,11 @@ def load_model(path: str, task: str, num_labels: int | None = None, *, dtype: st
     return model, tokenizer
 
 
+def saved_num_labels(path: str, *, trust_remote_code: bool = False) -> int:
+    """The size of the classification head saved with a model (its config's num_labels; 2 when it has none)."""
+    return AutoConfig.from_pretrained(resolve_model_path(path), trust_remote_code=trust_remote_code).num_labels
+
+
 def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer saved with a model folder (or packaged alias), given a pad token if it has none."""
     folder = resolve_model_path(path)

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deltatune.data.chat import TEMPLATE_FILE
 from deltatune.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 ROLES = ("system", "user", "assistant")
 
@@ -62,7 +65,7 @@ def saved_template(*folders: Path | None) -> str | None:
     return None
 
 
-def chat_template(tokenizer, saved: str | None = None) -> str:
+def chat_template(tokenizer: PreTrainedTokenizerBase, saved: str | None = None) -> str:
     """The `saved` template (what training used), else the tokenizer's own; an error if there is neither."""
     if saved:
         return saved
@@ -75,7 +78,7 @@ def chat_template(tokenizer, saved: str | None = None) -> str:
     return resolve_template(tokenizer)
 
 
-def render_chat(tokenizer, messages: list[dict[str, str]], template: str) -> str:
+def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], template: str) -> str:
     """`messages` as prompt text ending where the assistant's reply starts, rendered exactly as in training."""
     from deltatune.data.chat import render
     from deltatune.data.conversations import RecordError
@@ -130,11 +133,11 @@ def _sft_format(row: dict[str, Any]) -> str | None:
 
 
 def _sft_messages(row: dict[str, Any], fmt: str, where: str) -> list[dict[str, str]]:
-    """The record as messages (ending with its last assistant turn), read as training reads it."""
+    """The record's turns (a final assistant turn is the reference), read with the training format's columns."""
     from deltatune.data.conversations import DEFAULT_COLUMNS, ROLES, Reader, RecordError
 
     try:
-        return Reader(fmt, DEFAULT_COLUMNS[fmt], ROLES)(row)
+        return Reader(fmt, DEFAULT_COLUMNS[fmt], ROLES).conversation(row)
     except RecordError as e:
         raise DataError(f"{where}: {e}") from None
 

@@ -15,13 +15,15 @@ import yaml
 
 from deltatune.config import RunConfig, load_config
 from deltatune.data import TEMPLATE_FILE, Collator, TaskData, prepare_data
+from deltatune.data.multitask import MultiTaskData, TaskCollator
 from deltatune.data.packing import prepare_model
 from deltatune.delta import DeltaBase, attach, load
 from deltatune.errors import ConfigError
 from deltatune.io import write_text
-from deltatune.models import load_model, load_tokenizer, model_max_length
+from deltatune.models import load_model, load_tokenizer, model_max_length, saved_num_labels
 from deltatune.train import TrainResult, train
 from deltatune.train.distributed import is_main_process
+from deltatune.train.tasks import prepare_tasks, task_deltas
 
 CONFIG_NAME = "config.yaml"
 
@@ -34,10 +36,11 @@ class Session:
     model: torch.nn.Module
     tokenizer: Any
     delta: DeltaBase
-    data: TaskData
+    data: TaskData | MultiTaskData
 
-    def collator(self) -> Collator:
-        return Collator(self.tokenizer.pad_token_id)
+    def collator(self) -> Collator | TaskCollator:
+        collate = Collator(self.tokenizer.pad_token_id)
+        return TaskCollator(collate) if isinstance(self.data, MultiTaskData) else collate
 
 
 def open_session(config: RunConfig, delta_dir: Path | None = None) -> Session:
@@ -45,12 +48,17 @@ def open_session(config: RunConfig, delta_dir: Path | None = None) -> Session:
     torch.manual_seed(config.train.seed)  # new heads and delta tensors start the same way every run
     tokenizer = load_tokenizer(config.model.path, trust_remote_code=config.model.trust_remote_code)
     limit = model_max_length(config.model.path, tokenizer, trust_remote_code=config.model.trust_remote_code)
-    data = prepare_data(config.data, tokenizer, seed=config.train.seed, model_max_length=limit)
+    data = (prepare_data(config.data, tokenizer, seed=config.train.seed, model_max_length=limit)
+            if config.tasks is None else
+            prepare_tasks(config.tasks, config.multitask, tokenizer, seed=config.train.seed, model_max_length=limit))
     id2label = dict(enumerate(data.label_names)) if data.label_names else None
-    model, _ = load_model(config.model.path, config.task, data.num_labels, dtype=config.model.dtype,
+    # multi-task: the model keeps its saved head's size (task_heads replaces the head)
+    num_labels = data.num_labels if config.tasks is None else saved_num_labels(
+        config.model.path, trust_remote_code=config.model.trust_remote_code)
+    model, _ = load_model(config.model.path, config.task, num_labels, dtype=config.model.dtype,
                           trust_remote_code=config.model.trust_remote_code, id2label=id2label)
-    delta = load(model, delta_dir) if delta_dir else attach(model, config.delta)
-    if config.data.packing:
+    delta = load(model, delta_dir) if delta_dir else attach(model, task_deltas(config.delta, data))
+    if config.tasks is None and config.data.packing:
         prepare_model(model)  # no KV cache; ConfigError unless packed rows keep their examples apart
     return Session(config, model, tokenizer, delta, data)
 

@@ -1,6 +1,7 @@
 """Packaged offline assets: alias resolution, first-use conversion to JSONL, and error messages."""
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -58,6 +59,17 @@ def test_chatterbot_conversion(tmp_cache: Path) -> None:
         assert [m["role"] for m in messages] == ["user", "assistant"] * (len(messages) // 2) + ["user"] * (
             len(messages) % 2)
         assert all(isinstance(m["content"], str) for m in messages)
+
+
+def test_chatterbot_topics_conversion(tmp_cache: Path) -> None:
+    rows = _read_jsonl(assets.resolve_data_path("chatterbot_topics"))
+    labels = Counter(r["label"] for r in rows)
+    assert len(labels) == 21 and {"ai", "food", "history", "computers", "trivia"} <= set(labels)
+    assert 1700 < len(rows) < 2000 and labels.most_common(1)[0][0] == "trivia"
+    texts = [r["text"] for r in rows]
+    assert len(set(texts)) == len(texts) and all(t == t.strip() and t for t in texts)  # distinct, one topic each
+    for topic, conversation in assets._chatterbot_conversations()[:50]:
+        assert any(r["text"] == line.strip() and r["label"] == topic for line in conversation for r in rows)
 
 
 def test_resolve_data_path_existing_and_missing(tmp_path: Path) -> None:

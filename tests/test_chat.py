@@ -67,6 +67,19 @@ def test_a_message_too_long_for_the_context_is_an_error_and_is_not_kept(generato
     assert chat.messages == []
 
 
+def test_an_interrupted_reply_leaves_the_history_as_it_was(generator):
+    chat = Conversation(generator, Sampling(max_new_tokens=4), system="sys")
+    chat.reply("hello")
+    before = list(chat.messages)
+
+    def interrupt(text: str) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        chat.reply("more", on_text=interrupt)
+    assert chat.messages == before
+
+
 def test_chat_needs_a_template():
     tokenizer = tiny_tokenizer()
     tokenizer.chat_template = None

@@ -27,6 +27,9 @@ CONFIG_ARGS: dict[str, dict] = {
     # a random model's sublayer outputs are ~0.1 in scale: a layer-normed adapter input and a wider bottleneck than
     # 32 // 16 = 2 make 8 steps lower the loss clearly (defaults: by only ~3e-4 on tiny BERT); exercises houlsby
     "adapter": {"placement": "houlsby", "bottleneck_size": 16, "layer_norm": True},
+    # multi-task: calls without a `task` keyword compute the first task (a: the 2 labels loss_of uses)
+    "task_heads": {"tasks": [{"name": "a", "num_labels": 2}, {"name": "b", "kind": "regression"}]},
+    "per_task": {"tasks": ["a", "b"], "delta": {"method": "lora", "r": 2}},
 }
 
 

@@ -90,8 +90,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(config, reference, tmp_
                             env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_when(moment(run, step), proc)
     assert checkpoint_dirs(run / "checkpoints")  # something to resume from
-    if moment is saving:
-        assert saves_in_progress(run)  # killed during a save: its folder is half-written (and is never used)
+    # `saving` almost always kills inside the save (a half-written .step-*.tmp folder stays behind and must never
+    # be used), but the save may complete between the poll and the kill: the rest holds either way.
     assert not (run / "results.json").exists()
 
     assert main(["train", str(config), "--set", f"output_dir={run}", "--resume"]) == 0

@@ -178,8 +178,13 @@ def test_classification_truncates_at_max_length_and_encodes_pairs(tmp_path: Path
     data = prepare_data(DataConfig(**files, max_length=16), tokenizer)
     assert [len(x) for x in data.train["input_ids"]] == [16, 3]
     assert data.train.column_names == ["labels", "input_ids", "attention_mask"]
-    pair = prepare_data(DataConfig(**files, text_pair_column="q"), tokenizer).train[1]["input_ids"]
+    pairs = prepare_data(DataConfig(**files, text_pair_column="q"), tokenizer).train
+    pair = pairs[1]["input_ids"]
     assert pair == tokenizer("hi", "why")["input_ids"] and pair.count(tokenizer.sep_token_id) == 2
+    assert pairs[1]["token_type_ids"] == tokenizer("hi", "why")["token_type_ids"] == [0, 0, 0, 1, 1]
+    batch = Collator(tokenizer.pad_token_id)([pairs[i] for i in range(2)])
+    assert batch["token_type_ids"][1].tolist() == [0, 0, 0, 1, 1] + [0] * (batch["input_ids"].shape[1] - 5)
+    assert "token_type_ids" not in Collator(tokenizer.pad_token_id)([data.train[i] for i in range(2)])
 
 
 def test_text_format_chunks_long_texts_into_blocks(tmp_path: Path, tokenizer: Any) -> None:

@@ -23,6 +23,7 @@ from tiny import save_tiny_model_dir
 
 from deltatune.cli import main
 from deltatune.data import Collator
+from deltatune.data.batching import real_tokens
 from deltatune.io import load_tensors
 from deltatune.train import distributed
 from deltatune.train.checkpoint import checkpoint_dirs
@@ -101,7 +102,9 @@ def test_each_rank_collates_its_contiguous_shard(n, rank, expected):
     if expected is None:  # nothing left for this rank: one example that counts for nothing
         assert batch["labels"].tolist() == [-100] and units(batch["labels"], "classification") == 0
         assert loss_sum(torch.randn(1, 2), batch["labels"], "classification") == 0
+        assert real_tokens(batch) == 0  # nor to tokens/s
     else:
+        assert real_tokens(batch) == sum(i + 2 for i in expected)
         assert batch["labels"].tolist() == expected
 
 

@@ -123,7 +123,7 @@ def test_long_records_are_an_error_or_silent_by_config(tmp_path, tokenizer):
 
 
 def test_long_conversations_name_their_line(tmp_path):
-    """Chat formats cut conversations too; the line is right even after a record without targets is dropped."""
+    """Chat formats cut conversations too; one cut before its answer counts (it is then dropped, not kept)."""
     from tiny import tiny_chat_tokenizer
 
     from deltatune.data.chat import TEMPLATES
@@ -131,12 +131,15 @@ def test_long_conversations_name_their_line(tmp_path):
     def chat(question: str, answer: str) -> dict:
         return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
 
-    rows = [chat("x" * 60, "ok"), chat("hi", "ok"), chat("hi", "y" * 60)]  # the first has no target left: dropped
+    rows = [chat("hi", "ok"), chat("x" * 60, "ok"), chat("hi", "y" * 60)]  # the second has no target left
     path = write_jsonl(tmp_path / "chat.jsonl", rows)
     cfg = DataConfig(train=str(path), format="messages", max_length=40, truncation="error", split=(1.0, 0.0, 0.0))
-    with pytest.raises(DataError, match=r"1 of 2 records in .*chat.jsonl are longer than 40 tokens \(data.max_length;"
-                                        r" the first is .*chat.jsonl:3 with 83 tokens\)"):
+    with pytest.raises(DataError, match=r"2 of 3 records in .*chat.jsonl are longer than 40 tokens \(data.max_length;"
+                                        r" the first is .*chat.jsonl:2 with 83 tokens\)"):
         prepare_data(cfg, tiny_chat_tokenizer(TEMPLATES["chatml"]))
+    with pytest.warns(UserWarning, match=r"2 of 3 records .* the first is .*chat.jsonl:2 .* they were truncated"):
+        data = prepare_data(cfg.model_copy(update={"truncation": "warn"}), tiny_chat_tokenizer(TEMPLATES["chatml"]))
+    assert [len(ex["input_ids"]) for ex in data.train] == [25, 40]  # the second conversation is left out
 
 
 # ---- config ----------------------------------------------------------------------------------------------------
@@ -338,11 +341,16 @@ def test_disk_full_during_a_checkpoint_leaves_the_previous_one_intact(tmp_path, 
     optimizer = torch.optim.AdamW(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     parts = {"delta": delta, "optimizer": optimizer, "scheduler": scheduler, "state": {"epoch": 0}, "keep": 2}
+    monkeypatch.setattr(io.os, "fsync", disk_full)  # the disk fills up while the tensors are flushed
+    with pytest.raises(CheckpointError, match=r"checkpoint step-00000001 was not written: No space left on device; "
+                                              r"there is no earlier checkpoint. Free some space and start the run"):
+        save_checkpoint(tmp_path, 1, **parts)
+    monkeypatch.undo()
     save_checkpoint(tmp_path, 1, **parts)
     files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    monkeypatch.setattr(io.os, "fsync", disk_full)  # the disk fills up while the tensors are flushed
+    monkeypatch.setattr(io.os, "fsync", disk_full)
     with pytest.raises(CheckpointError, match=r"checkpoint step-00000002 was not written: No space left on device; "
-                                              r"the previous checkpoint .*step-00000001 stay as they were. Free some "
+                                              r"the previous checkpoint .*step-00000001 is unchanged. Free some "
                                               r"space and continue with --resume"):
         save_checkpoint(tmp_path, 2, **parts)
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files  # nothing new, nothing touched

@@ -55,6 +55,9 @@ def test_reference_records_need_a_reference(tmp_path):
     assert [r.where for r in reference_records(path, limit=2, skip=1)] == [f"{path}:2", f"{path}:3"]
     with pytest.raises(DataError, match="no records left after skipping 4"):
         reference_records(path, skip=4)
+    for skip, limit in ((-1, None), (0, 0), (0, -2)):  # as `deltatune eval --skip/--limit` may pass them
+        with pytest.raises(ConfigError, match=rf"skip must be 0 or more and limit 1 or more \(got skip={skip}, "):
+            reference_records(path, skip=skip, limit=limit)
 
 
 def test_evaluation_scores_the_greedy_outputs(tmp_path):

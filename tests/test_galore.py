@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import importlib
 import importlib.util
+import json
 import math
 import os
 import sys
@@ -34,6 +35,7 @@ from deltatune.optim import (  # noqa: E402
     quant,
 )
 from deltatune.train.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint  # noqa: E402
+from tests.test_cli import reviews, tiny_bert_dir  # noqa: E402, F401  (fixtures)
 from tests.tiny import tiny_batch, tiny_model  # noqa: E402
 
 RANK = 8
@@ -244,6 +246,8 @@ def test_per_layer_mode_refuses_accumulation_and_clipping():
     check_train_settings(cfg, grad_accum=1, max_grad_norm=None)
     with pytest.raises(ConfigError, match=r"grad_accum=4.*max_grad_norm=1\.0"):
         check_train_settings(cfg, grad_accum=4, max_grad_norm=1.0)
+    with pytest.raises(ConfigError, match="2 processes: each one would update before the gradients are averaged"):
+        check_train_settings(cfg, grad_accum=1, max_grad_norm=None, world_size=2)
     check_train_settings(OptimizerConfig(name="galore_adamw"), grad_accum=4, max_grad_norm=1.0)  # not per-layer
 
 
@@ -282,8 +286,10 @@ class Interrupt(Exception):
     pass
 
 
-def loop_run(out, name: str, per_layer: bool, interrupt_at: int | None = None, resume: bool = False):
-    """The real training loop on a toy counting task: 2 epochs of 4 steps, checkpoints every 3 steps."""
+def loop_run(out, name: str, per_layer: bool, interrupt_at: int | None = None, resume: bool = False,
+             clip: bool | None = None, model=None, grad_accum: int = 1):
+    """The real training loop on a toy counting task: 2 epochs of 4 steps, checkpoints every 3 steps.
+    Gradients are clipped to norm 1 (`clip`, default: unless per-layer)."""
     from datasets import Dataset
 
     from deltatune.data import Collator, TaskData
@@ -293,11 +299,12 @@ def loop_run(out, name: str, per_layer: bool, interrupt_at: int | None = None, r
             for i in range(16)]
     data = TaskData(Dataset.from_list(rows), Dataset.from_list(rows[:4]), Dataset.from_list([]), task="text",
                     label_names=None, num_labels=None, source={})
+    clip = not per_layer if clip is None else clip
     cfg = TrainConfig(epochs=2, batch_size=4, checkpoint_every=3, log_every=1, eval_baseline=False,
-                      max_grad_norm=None if per_layer else 1.0,
+                      max_grad_norm=1.0 if clip else None, grad_accum=grad_accum,
                       optimizer=OptimizerConfig(name=name, lr=1e-2, warmup_steps=2,
                                                 galore={"rank": 4, "update_proj_gap": 5, "per_layer": per_layer}))
-    model = lm()
+    model = model or lm()
     delta = deltatune.attach(model, Full())
 
     def stop(kind, info):
@@ -319,6 +326,53 @@ def test_training_loop_resumes_exactly(tmp_path, name, per_layer):
     loop_run(tmp_path / "b", name, per_layer, interrupt_at=7)
     resumed = loop_run(tmp_path / "b", name, per_layer, resume=True)
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+@pytest.mark.parametrize("name", ["galore_adamw", "galore_adamw8bit"])
+def test_per_layer_run_through_the_loop_equals_the_normal_run(tmp_path, name):
+    """Without clipping, updating inside the gradient hooks gives the weights and logged gradient norms of
+    the usual backward-then-step run; afterwards no hook is left on the model."""
+    model = lm()
+    normal = loop_run(tmp_path / "a", name, per_layer=False, clip=False)
+    hooked = loop_run(tmp_path / "b", name, per_layer=True, model=model)
+    for key in normal:
+        torch.testing.assert_close(hooked[key], normal[key], atol=1e-6, rtol=1e-5)
+    norms = [[r["grad_norm"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+              if r["kind"] == "train"] for out in (tmp_path / "a", tmp_path / "b")]
+    assert len(norms[1]) == 8 and all(n > 0 for n in norms[1])
+    assert norms[1] == pytest.approx(norms[0], rel=1e-5)
+    assert not any(p._post_accumulate_grad_hooks for p in model.parameters())
+
+
+@pytest.mark.parametrize("clip, grad_accum, message", [
+    (True, 1, r"optimizer\.galore\.per_layer=true cannot work with train\.max_grad_norm=1\.0.*max_grad_norm: null"),
+    (False, 2, r"per_layer=true cannot work with train\.grad_accum=2.*set grad_accum: 1"),
+])
+def test_loop_refuses_per_layer_with_clipping_or_accumulation(tmp_path, clip, grad_accum, message):
+    with pytest.raises(ConfigError, match=message):
+        loop_run(tmp_path, "galore_adamw", per_layer=True, clip=clip, grad_accum=grad_accum)
+    assert not (tmp_path / "checkpoints").exists()  # refused before any work
+
+
+def test_cli_trains_the_galore_example_with_per_layer_updates(tmp_path, tiny_bert_dir, reviews, capsys):  # noqa: F811
+    """examples/galore.yaml with per_layer: true (and no clipping), on a tiny BERT through `deltatune train`."""
+    import yaml
+
+    from deltatune.cli import main
+
+    config = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "examples", "galore.yaml")))
+    config["model"]["path"], config["output_dir"] = str(tiny_bert_dir), str(tmp_path / "run")
+    config["data"].update(train=str(reviews), max_length=32)
+    config["train"].update(epochs=2, batch_size=16, max_grad_norm=None)
+    config["train"]["optimizer"].update(lr=1e-2, head_lr=1e-2)
+    config["train"]["optimizer"]["galore"].update(rank=8, per_layer=True)
+    path = tmp_path / "galore.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["train", str(path)]) == 0
+    result = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert result["steps"] == 12 and result["test"]["accuracy"] == 1.0
+    assert main(["train", str(path), "--set", "train.max_grad_norm=1.0", "--set", f"output_dir={tmp_path}/r2"]) == 1
+    assert "per_layer=true cannot work with train.max_grad_norm=1.0" in capsys.readouterr().out
 
 
 # ---- configuration -------------------------------------------------------------------------------------------

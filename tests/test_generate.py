@@ -36,6 +36,15 @@ def test_generation_needs_a_causal_lm():
         generate_ids(tiny_model("gpt2"), PROMPTS, pad_token_id=0)
 
 
+def test_prompt_and_new_tokens_beyond_the_context_are_an_error():
+    """GPT-2 has 64 learned positions: one more would be an index error deep inside the model."""
+    model = tiny_model("gpt2", head="lm")
+    assert len(generate_ids(model, [list(range(3, 63))], Sampling(max_new_tokens=4), pad_token_id=0)[0]) == 4
+    with pytest.raises(deltatune.ConfigError, match="a prompt of 60 tokens and max_new_tokens=5 do not fit the "
+                                                    "model's context of 64 tokens; shorten the prompt or lower"):
+        generate_ids(model, [list(range(3, 63)), [5]], Sampling(max_new_tokens=5), pad_token_id=0)
+
+
 def test_stop_strings_cut_the_output():
     assert cut_at_stop("a. b\nc", ["\n", "."]) == "a"
     assert cut_at_stop("abc", []) == "abc"

@@ -15,6 +15,7 @@ import yaml
 from rich.control import strip_control_codes
 
 from deltatune.cli import main
+from deltatune.errors import ConfigError
 from deltatune.eval_generation import score
 from deltatune.generate import Sampling
 from deltatune.inference import Conversation, open_generator
@@ -165,7 +166,29 @@ def test_a_run_that_saved_its_chat_template_generates_with_it_by_default(run, tm
     merged = tmp_path / "merged"
     assert main(["merge", str(sft_run), str(merged)]) == 0
     assert (merged / "chat_template.jinja").read_text() == template
+    assert json.loads((merged / "config.json").read_text())["use_cache"] is True  # packing did not turn it off
     assert generate_to_file(tmp_path, "--model", str(merged), "--chat") == rows
+
+
+def test_a_run_loads_its_base_model_with_the_run_settings(run, tmp_path, monkeypatch):
+    """dtype and trust_remote_code come from the run's config, as in training."""
+    from deltatune import models
+
+    trusted = tmp_path / "trusted"
+    shutil.copytree(run, trusted)
+    config = yaml.safe_load((trusted / "config.yaml").read_text())
+    config["model"]["trust_remote_code"] = True
+    (trusted / "config.yaml").write_text(yaml.safe_dump(config))
+    seen, original = [], models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *args, **kwargs: seen.append(kwargs) or original(*args, **kwargs))
+    open_generator(run=trusted, attach=False)
+    open_generator(model=config["model"]["path"], attach=False)
+    assert seen == [{"dtype": "float32", "trust_remote_code": True}, {}]
+
+
+def test_batch_size_below_one_is_an_error(lm_dir):
+    with pytest.raises(ConfigError, match="batch size must be 1 or more, got 0"):
+        open_generator(model=str(lm_dir)).complete([PromptRecord("t", text="hi")], SAMPLING, batch_size=0)
 
 
 def test_template_option_names_a_shipped_template_or_a_file(lm_dir, tmp_path):
@@ -175,11 +198,16 @@ def test_template_option_names_a_shipped_template_or_a_file(lm_dir, tmp_path):
     assert alpaca.template == TEMPLATES["alpaca"]
     prompt = alpaca.prompt_text(PromptRecord("t", text="hi"), chat=True)
     assert prompt.endswith("### Instruction:\nhi\n\n### Response:\n")
-    rows = generate_to_file(tmp_path, "--model", str(lm_dir), "--template", "alpaca")  # chat is then on
-    assert [r["output"] for r in rows] == alpaca.complete([PromptRecord("t", text=p) for p in PROMPTS], SAMPLING)
+    chatml = open_generator(model=str(lm_dir), template="chatml")  # alpaca's preamble leaves no room in 128 tokens
+    rows = generate_to_file(tmp_path, "--model", str(lm_dir), "--template", "chatml")  # chat is then on
+    assert [r["output"] for r in rows] == chatml.complete([PromptRecord("t", text=p) for p in PROMPTS], SAMPLING)
     jinja = tmp_path / "mine.jinja"
-    jinja.write_text(TEMPLATES["alpaca"])
+    jinja.write_text(TEMPLATES["chatml"])
     assert generate_to_file(tmp_path, "--model", str(lm_dir), "--template", str(jinja)) == rows
+    with pytest.raises(ConfigError, match=r"--template: no such file '.*missing.jinja'"):
+        open_generator(model=str(lm_dir), template=str(tmp_path / "missing.jinja"))
+    with pytest.raises(ConfigError, match=r"--template: unknown template 'chatlm'; use one of chatml, llama3"):
+        open_generator(model=str(lm_dir), template="chatlm")
 
 
 def test_compare_base_shows_base_and_fine_tuned_side_by_side(run, lm_dir, tmp_path, capsys):
@@ -257,3 +285,13 @@ def test_errors_are_one_clear_line(run, lm_dir, tmp_path, capsys, args, message)
     assert main(args) == 1
     printed = capsys.readouterr().out
     assert message in " ".join(printed.split()) and "Traceback" not in printed
+
+
+def test_chat_reports_a_too_long_message_and_goes_on(run, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("word " * 400 + "\nhello\n/exit\n"))
+    assert main(["chat", "--run", str(run), "--max-new-tokens", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert "error: the message is too long" in printed
+    expected = Conversation(open_generator(run=run), SAMPLING).reply("hello")  # the long message left no trace
+    replies = [line.split("assistant> ", 1)[1] for line in printed.split("\n") if "assistant> " in line]
+    assert replies[-1] == strip_control_codes(expected) != ""

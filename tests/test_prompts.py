@@ -53,9 +53,18 @@ def test_training_formats_sharegpt_and_alpaca_are_read_as_conversations(tmp_path
     assert sharegpt.messages == ({"role": "system", "content": "brief"}, {"role": "user", "content": "hi"})
     assert sharegpt.reference == "hello"
     assert alpaca.messages == ({"role": "user", "content": "Add\n\n2 and 2"},) and alpaca.reference == "4"
-    bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "Add"}])
-    with pytest.raises(DataError, match=f"{bad}:1: record has no 'output'"):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "", "output": "4"}])
+    with pytest.raises(DataError, match=f"{bad}:1: record has no 'instruction'"):
         read_prompts(bad)
+
+
+def test_training_format_prompts_need_no_answer(tmp_path):
+    """A prompt file in a training format may end with the user's turn: that is what the model answers."""
+    turns = [{"from": "human", "value": "q1"}, {"from": "gpt", "value": "a1"}, {"from": "human", "value": "q2"}]
+    path = write_jsonl(tmp_path / "p.jsonl", [{"conversations": turns}, {"instruction": "Add", "input": "2 and 2"}])
+    sharegpt, alpaca = read_prompts(path)
+    assert [m["content"] for m in sharegpt.messages] == ["q1", "a1", "q2"] and sharegpt.reference is None
+    assert alpaca.messages == ({"role": "user", "content": "Add\n\n2 and 2"},) and alpaca.reference is None
 
 
 @pytest.mark.parametrize("rows, message", [

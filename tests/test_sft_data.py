@@ -171,6 +171,20 @@ def test_skip_bad_records_counts_them(tmp_path: Path, tok: Any) -> None:
         prepare(path, tok, format="messages", skip_bad_records=True)
 
 
+def test_skip_bad_records_skips_conversations_the_template_rejects(tmp_path: Path, tok: Any) -> None:
+    template = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
+                "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    user, answer = {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}
+    good = {"messages": [user, answer]}
+    path = write_jsonl(tmp_path / "d.jsonl", [good, {"messages": [user, user, answer]}, good])
+    with pytest.raises(DataError, match=r"d.jsonl:2: the chat template failed on the conversation: .*roles must"):
+        prepare(path, tok, format="messages", chat_template=template)
+    data = prepare(path, tok, format="messages", chat_template=template, skip_bad_records=True)
+    assert len(data.train) == 2 and data.source["train"]["skipped"] == 1
+    assert data.source["train"]["first_skipped"].startswith(f"{path}:2: the chat template failed")
+
+
 def test_text_format_skips_records_without_text(tmp_path: Path, tok: Any) -> None:
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": "abc"}, {"text": ""}, {"text": "de"}])
     with pytest.raises(DataError, match=r"t.jsonl:2: record has no 'text' \(columns: none\)"):
@@ -258,11 +272,12 @@ def test_template_that_renders_prefixes_differently_is_an_error(tmp_path: Path) 
 def test_truncation_drops_examples_without_targets(tmp_path: Path, tok: Any) -> None:
     long_prompt = {"messages": [{"role": "user", "content": "x" * 80}, {"role": "assistant", "content": "ok"}]}
     path = write_jsonl(tmp_path / "m.jsonl", [GOOD, long_prompt])
-    data = prepare(path, tok, max_length=60)
+    with pytest.warns(UserWarning, match=r"2 of 2 records .* longer than 60 tokens .* they were truncated"):
+        data = prepare(path, tok, max_length=60)
     assert data.source["train"]["records"] == 2 and len(data.train) == 1 and len(data.train[0]["input_ids"]) == 60
     write_jsonl(path, [long_prompt])
     with pytest.raises(DataError, match="no training example has a target token within the first max_length=60"):
-        prepare(path, tok, max_length=60)
+        prepare(path, tok, max_length=60, truncation="silent")
 
 
 @pytest.mark.slow
@@ -377,7 +392,7 @@ def test_packing_gives_the_per_example_losses_of_unpacked_examples(tmp_path: Pat
     assert got == pytest.approx([expected[key] for key in keys], rel=1e-5, abs=1e-5)
 
 
-def test_prepare_model_turns_off_the_cache_that_breaks_packing(tmp_path: Path, tok: Any) -> None:
+def test_prepare_model_turns_off_the_cache_for_packed_rows(tmp_path: Path, tok: Any) -> None:
     """With config.use_cache on (the default, also in training) transformers ignores packed position_ids."""
     model = tiny_model("llama", head="lm")
     ids, positions = torch.randint(3, 90, (1, 8)), torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])
@@ -385,8 +400,11 @@ def test_prepare_model_turns_off_the_cache_that_breaks_packing(tmp_path: Path, t
         alone = model(input_ids=ids[:, 4:]).logits
         leaky = model(input_ids=ids, position_ids=positions).logits[:, 4:]
         prepare_model(model)
+        prepare_model(model)  # idempotent: one hook
         packed = model(input_ids=ids, position_ids=positions).logits[:, 4:]
-    assert model.config.use_cache is False
+        cached = model(input_ids=ids[:, 4:], attention_mask=torch.ones(1, 4, dtype=torch.long))
+    assert model.config.use_cache is True and len(model._forward_pre_hooks) == 1  # saved models keep their cache
+    assert cached.past_key_values is not None  # generation still uses it
     assert (leaky - alone).abs().max() > 1e-2
     torch.testing.assert_close(packed, alone)
 

@@ -18,9 +18,13 @@ from deltatune.errors import ConfigError
 from deltatune.registry import methods
 from deltatune.train import TrainConfig, evaluate, speed, train
 from deltatune.train.metrics import logits_of, loss_sum
+from deltatune.train.tasks import SingleTask
 from tests.test_contract import make_config
 from tests.test_loop import COLLATE, task_data
 from tests.tiny import VOCAB, tiny_batch, tiny_model
+
+
+TEXT = SingleTask("text")
 
 
 def lm_batch() -> dict[str, torch.Tensor]:
@@ -36,15 +40,16 @@ def loss_and_grads(model, delta, compute) -> tuple[torch.Tensor, dict[str, torch
         p.grad = None
     loss = compute()
     loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in delta.trainable_parameters().items()}
+    return loss.detach(), {n: None if p.grad is None else p.grad.clone()  # None: unused (another task's copy)
+                           for n, p in delta.trainable_parameters().items()}
 
 
 def inputs_of(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
-def fast_loss(fast: speed.FastPath, model, batch, task="text") -> torch.Tensor:
-    return fast.loss_sum(model, inputs_of(batch), batch["labels"], task)
+def fast_loss(fast: speed.FastPath, model, batch) -> torch.Tensor:
+    return fast.loss_sum(model, inputs_of(batch), batch)
 
 
 def plain_loss(model, batch, task="text"):
@@ -63,7 +68,7 @@ def small_chunks(monkeypatch):
 def test_chunked_loss_equals_plain_loss_and_gradients(arch, method, small_chunks):
     model, batch = tiny_model(arch, head="lm", dropout=0.0).train(), lm_batch()
     delta = deltatune.attach(model, method)
-    fast = speed.FastPath(model, "text", precision="fp32")
+    fast = speed.FastPath(model, TEXT, precision="fp32")
     assert (fast.head is None) == ("lm_head" in getattr(method, "targets", []))  # a wrapped head: the plain loss
     expected, expected_grads = loss_and_grads(model, delta, lambda: plain_loss(model, batch))
     got, grads = loss_and_grads(model, delta, lambda: fast_loss(fast, model, batch))
@@ -91,7 +96,7 @@ def test_chunked_loss_never_builds_the_full_logits(small_chunks):
     model, batch = tiny_model("llama", head="lm").train(), lm_batch()
     deltatune.attach(model, deltatune.LoRA(r=4))
     with VocabSizedResults() as seen:
-        fast_loss(speed.FastPath(model, "text", precision="fp32"), model, batch).backward()
+        fast_loss(speed.FastPath(model, TEXT, precision="fp32"), model, batch).backward()
     targets = int((batch["labels"][:, 1:] != -100).sum())
     assert targets > 10 and seen.shapes
     assert all(len(shape) == 2 and shape[0] <= 5 for shape in seen.shapes)  # chunks of target rows only
@@ -114,8 +119,8 @@ def test_evaluate_uses_the_chunked_loss_and_matches_the_plain_one(small_chunks):
 
 def test_models_outside_the_checked_list_get_the_plain_loss():
     assert speed.output_head(tiny_model("bert", head="lm")) is None  # masked LM: not a causal LM
-    assert speed.FastPath(tiny_model("llama", head="lm"), "text", chunked_loss=False).head is None
-    assert speed.FastPath(tiny_model("llama"), "classification").head is None
+    assert speed.FastPath(tiny_model("llama", head="lm"), TEXT, chunked_loss=False).head is None
+    assert speed.FastPath(tiny_model("llama"), SingleTask("classification")).head is None
 
 
 # ---- precision ------------------------------------------------------------------------------------------------
@@ -159,7 +164,7 @@ def test_bf16_training_keeps_fp32_master_weights_and_stays_close_to_fp32(tmp_pat
 
 # ---- activation checkpointing -------------------------------------------------------------------------------------
 TASK = "classification"  # every method applies to a classifier
-NO_GRADIENT_THROUGH_LAYERS = {"head", "side"}  # they train only what sits after / beside the layer stack
+NO_GRADIENT_THROUGH_LAYERS = {"head", "side", "task_heads"}  # they train only what sits after / beside the layers
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -171,17 +176,19 @@ def test_checkpointing_gives_the_same_gradients_for_every_method(method, arch):
     layer = model.get_submodule(f"{'transformer.h' if arch == 'gpt2' else 'model.layers'}.0.mlp")
     calls = []
     layer.register_forward_pre_hook(lambda *a: calls.append(1))  # (recompute stops early: not a forward hook)
-    paths = {flag: speed.FastPath(model, TASK, precision="fp32", checkpointing=flag)
+    paths = {flag: speed.FastPath(model, SingleTask(TASK), precision="fp32", checkpointing=flag)
              for flag in (False, True)}
-    expected, expected_grads = loss_and_grads(model, delta, lambda: fast_loss(paths[False], model, batch, TASK))
+    expected, expected_grads = loss_and_grads(model, delta, lambda: fast_loss(paths[False], model, batch))
     calls.clear()
-    got, grads = loss_and_grads(model, delta, lambda: fast_loss(paths[True], model, batch, TASK))
+    got, grads = loss_and_grads(model, delta, lambda: fast_loss(paths[True], model, batch))
     # the layer ran again in backward (it was checkpointed), unless no gradient flows through it
     assert len(calls) == (1 if method in NO_GRADIENT_THROUGH_LAYERS else 2)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
-    assert any(g.abs().sum() > 0 for g in grads.values())
+    assert any(g is not None and g.abs().sum() > 0 for g in grads.values())
+    assert {n for n, g in grads.items() if g is None} == {n for n, g in expected_grads.items() if g is None}
     for name in grads:
-        torch.testing.assert_close(grads[name], expected_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+        if grads[name] is not None:
+            torch.testing.assert_close(grads[name], expected_grads[name], rtol=1e-5, atol=1e-6, msg=name)
     assert not model.is_activation_checkpointing  # switched on for that forward only
     assert not getattr(model, "_require_grads_hooks", None)
 
@@ -201,14 +208,14 @@ def test_checkpointing_a_model_that_cannot_is_a_config_error():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     with pytest.raises(ConfigError, match="Sequential does not support activation checkpointing.*"
                                           "gradient_checkpointing: false"):
-        speed.FastPath(model, "regression", checkpointing=True)
+        speed.FastPath(model, SingleTask("regression"), checkpointing=True)
 
 
 # ---- frozen weights get no gradient work --------------------------------------------------------------------------
 def fwd_bwd_flops(method) -> tuple[int, int]:
     model, batch = tiny_model("llama", head="lm").train(), lm_batch()
     deltatune.attach(model, method)
-    fast = speed.FastPath(model, "text", precision="fp32", chunked_loss=False)  # model FLOPs only
+    fast = speed.FastPath(model, TEXT, precision="fp32", chunked_loss=False)  # model FLOPs only
     with FlopCounterMode(display=False) as forward:
         with torch.no_grad():
             fast_loss(fast, model, batch)
@@ -220,7 +227,7 @@ def fwd_bwd_flops(method) -> tuple[int, int]:
 def test_frozen_weights_get_no_gradient_work():
     model, batch = tiny_model("llama", head="lm").train(), lm_batch()
     delta = deltatune.attach(model, deltatune.LoRA(r=4))
-    fast_loss(speed.FastPath(model, "text"), model, batch).backward()
+    fast_loss(speed.FastPath(model, TEXT), model, batch).backward()
     owned = {id(p) for p in delta.trainable_parameters().values()}
     frozen = [p for p in model.parameters() if id(p) not in owned]
     assert frozen and all(not p.requires_grad and p.grad is None for p in frozen)

@@ -17,7 +17,8 @@ class Collator:
     """Pad a list of examples to the longest one (rounded up to `pad_to_multiple_of`).
 
     Returns input_ids, attention_mask (LongTensor [batch, length]) and labels: padded with -100 where they are
-    token sequences (causal LM), else a 1-D tensor (long for class ids, float for regression). Other keys are ignored.
+    token sequences (causal LM), else a 1-D tensor (long for class ids, float for regression); token_type_ids
+    (sentence pairs on BERT-style models) are padded with 0 when the examples have them. Other keys are ignored.
     Packed rows (with position_ids, see packing.py) give input_ids, labels, position_ids and num_tokens (the real
     tokens, a 0-d tensor the loop counts) and no attention_mask: the padding is one more short sequence at the end.
     """
@@ -39,6 +40,8 @@ class Collator:
                       "num_tokens": torch.tensor(sum(len(ex["input_ids"]) for ex in examples))}
         else:
             batch["attention_mask"] = self._pad([ex["attention_mask"] for ex in examples], length, 0)
+        if "token_type_ids" in examples[0]:
+            batch["token_type_ids"] = self._pad([ex["token_type_ids"] for ex in examples], length, 0)
         labels = [ex["labels"] for ex in examples]
         if isinstance(labels[0], (list, tuple)):
             batch["labels"] = self._pad(labels, length, -100)

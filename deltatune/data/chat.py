@@ -19,7 +19,7 @@ from datasets import Dataset
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from deltatune.data.conversations import Message, RecordError
-from deltatune.data.truncation import FULL_LENGTH, RECORD
+from deltatune.data.truncation import FULL_LENGTH
 from deltatune.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -62,25 +62,27 @@ TEMPLATES: dict[str, str] = {
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
-def resolve_template(tokenizer: PreTrainedTokenizerBase, name_or_jinja: str | None = None) -> str:
-    """The jinja source of a chat template: a TEMPLATES name, inline jinja, or (None) the tokenizer's own."""
+def resolve_template(tokenizer: PreTrainedTokenizerBase, name_or_jinja: str | None = None,
+                     option: str = "data.chat_template") -> str:
+    """The jinja source of a chat template: a TEMPLATES name, inline jinja, or (None) the tokenizer's own.
+    Errors name the setting it came from (`option`)."""
     if name_or_jinja is None:
         own = tokenizer.chat_template
         if isinstance(own, dict):  # several named templates: the default one
             own = own.get("default")
         if not own:
-            raise ConfigError(f"the tokenizer has no chat template: set data.chat_template to one of "
+            raise ConfigError(f"the tokenizer has no chat template: set {option} to one of "
                               f"{', '.join(TEMPLATES)} or to an inline jinja template")
         return own
     if name_or_jinja in TEMPLATES:
         return TEMPLATES[name_or_jinja]
     if "{{" not in name_or_jinja and "{%" not in name_or_jinja:
-        raise ConfigError(f"data.chat_template: unknown template {name_or_jinja!r}; use one of "
+        raise ConfigError(f"{option}: unknown template {name_or_jinja!r}; use one of "
                           f"{', '.join(TEMPLATES)}, an inline jinja template, or leave it unset (the tokenizer's own)")
     try:
         render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], name_or_jinja, tokenizer)
     except RecordError as e:
-        raise ConfigError(f"data.chat_template: the inline template does not render a simple conversation ({e})") \
+        raise ConfigError(f"{option}: the inline template does not render a simple conversation ({e})") \
             from None
     return name_or_jinja
 
@@ -114,7 +116,8 @@ def encode_conversations(conversations: list[list[Message]], tokenizer: PreTrain
                          max_length: int, train_on_prompt: bool = False,
                          where: Callable[[int], str] = "conversation {}".format) -> Dataset:
     """Token ids (truncated to max_length) with labels = ids on assistant tokens and -100 elsewhere (all tokens
-    with `train_on_prompt`). Conversations left with no label are dropped (their assistant turns were cut off).
+    with `train_on_prompt`), one example per conversation. A conversation cut before its assistant turns keeps no
+    target (`has_targets`); prepare_data drops those after applying data.truncation.
 
     A conversation the template cannot render (or locate the assistant turns of) is a DataError at `where(i)`."""
     if not tokenizer.is_fast:
@@ -128,18 +131,20 @@ def encode_conversations(conversations: list[list[Message]], tokenizer: PreTrain
             raise DataError(f"{where(i)}: {e}") from None
     encoded = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True,
                         verbose=False)
-    rows: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": [], FULL_LENGTH: [], RECORD: []}
-    for record, (ids, offsets, (_, spans)) in enumerate(zip(encoded["input_ids"], encoded["offset_mapping"], rendered)):
-        full_length, ids = len(ids), ids[:max_length]
-        labels = list(ids) if train_on_prompt else [
-            t if any(s < b and e > a for a, b in spans) else -100 for t, (s, e) in zip(ids, offsets)]
-        if any(label != -100 for label in labels[1:]):  # the first token is never a target
-            rows["input_ids"].append(ids)
-            rows["attention_mask"].append([1] * len(ids))
-            rows["labels"].append(labels)
-            rows[FULL_LENGTH].append(full_length)  # for data.truncation (see truncation.py)
-            rows[RECORD].append(record)
+    rows: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": [], FULL_LENGTH: []}
+    for ids, offsets, (_, spans) in zip(encoded["input_ids"], encoded["offset_mapping"], rendered):
+        rows[FULL_LENGTH].append(len(ids))  # for data.truncation (see truncation.py)
+        ids = ids[:max_length]
+        rows["input_ids"].append(ids)
+        rows["attention_mask"].append([1] * len(ids))
+        rows["labels"].append(list(ids) if train_on_prompt else [
+            t if any(s < b and e > a for a, b in spans) else -100 for t, (s, e) in zip(ids, offsets)])
     return Dataset.from_dict(rows)
+
+
+def has_targets(labels: list[int]) -> bool:
+    """Whether an encoded conversation has a token to learn (the first token is never a target)."""
+    return any(label != -100 for label in labels[1:])
 
 
 def _render(messages: list[Message], template: str, tokenizer: PreTrainedTokenizerBase, add_generation_prompt: bool,

@@ -43,22 +43,28 @@ class Reader:
 
     def __call__(self, record: dict[str, Any]) -> list[Message]:
         """The conversation of a record, ending with its last assistant turn; RecordError says what is wrong."""
+        messages = self.conversation(record)
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        if last is None:
+            raise RecordError(no_value(record, self.columns.output) if self.format == "alpaca" else
+                              f"{self.columns.messages!r} has no assistant turn (nothing to learn from)")
+        return messages[:last + 1]
+
+    def conversation(self, record: dict[str, Any]) -> list[Message]:
+        """All turns of a record, an answer or not (a prompt to generate from); RecordError says what is wrong."""
         messages = self._alpaca(record) if self.format == "alpaca" else self._turns(record)
         system = record.get(self.columns.system)
         if not missing(system) and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": _text(system, self.columns.system)})
-        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-        if last is None:
-            raise RecordError(f"{self.columns.messages!r} has no assistant turn (nothing to learn from)")
-        return messages[:last + 1]
+        return messages
 
     def _alpaca(self, record: dict[str, Any]) -> list[Message]:
         c = self.columns
-        instruction, output = _required(record, c.instruction), _required(record, c.output)
-        extra = record.get(c.input)
+        instruction, extra, output = _required(record, c.instruction), record.get(c.input), record.get(c.output)
         if not missing(extra):
             instruction = f"{instruction}\n\n{_text(extra, c.input)}"
-        return [{"role": "user", "content": instruction}, {"role": "assistant", "content": output}]
+        answer = [] if missing(output) else [{"role": "assistant", "content": _text(output, c.output)}]
+        return [{"role": "user", "content": instruction}, *answer]
 
     def _turns(self, record: dict[str, Any]) -> list[Message]:
         c, turns = self.columns, record.get(self.columns.messages)

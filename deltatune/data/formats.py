@@ -56,11 +56,14 @@ def _tokenize(table: Table, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
     if cfg.text_pair_column:
         columns["pair"] = texts(table, cfg.text_pair_column)
 
+    # segment ids tell BERT-style models which tokens belong to the second text of a pair
+    segments = bool(cfg.text_pair_column) and "token_type_ids" in tokenizer.model_input_names
+
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
         full = tokenizer(batch["text"], batch.get("pair"), return_attention_mask=False, return_token_type_ids=False,
                          verbose=False)["input_ids"]  # lengths before truncation, for data.truncation
         return {**tokenizer(batch["text"], batch.get("pair"), truncation=True, max_length=cfg.max_length,
-                            return_token_type_ids=False), FULL_LENGTH: [len(ids) for ids in full]}
+                            return_token_type_ids=segments), FULL_LENGTH: [len(ids) for ids in full]}
 
     inputs = [c for c in columns if c != "labels"]
     return Dataset.from_dict(columns).map(tokenize, batched=True, remove_columns=inputs,

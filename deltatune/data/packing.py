@@ -6,8 +6,9 @@ the target of the previous example's last token. The rows go to the model withou
 position restarts transformers (masking_utils.find_packed_sequence_indices) builds a block-diagonal causal mask for
 sdpa and eager attention, and flash-attention uses the same position_ids for varlen kernels. It does so only
 when there is no KV cache, and models build one whenever `config.use_cache` is on, even in training: then the
-examples of a row silently attend to each other. `prepare_model` therefore turns the cache off and checks on the
-model itself that a packed row gives the logits of its examples run one by one (this also catches deltas that
+examples of a row silently attend to each other. `prepare_model` therefore turns the cache off for packed rows
+(a forward hook; the config keeps `use_cache`, so merged and exported models still generate with it) and checks on
+the model itself that a packed row gives the logits of its examples run one by one (this also catches deltas that
 rewrite the model inputs, such as prompt or prefix tuning, and models that ignore packed position_ids).
 """
 
@@ -65,9 +66,9 @@ def _best_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 
 @torch.no_grad()
 def prepare_model(model: nn.Module) -> None:
-    """Turn the KV cache off and check that packed rows keep their examples apart; ConfigError if not."""
-    if getattr(model, "config", None) is not None:
-        model.config.use_cache = False
+    """Run packed rows without a KV cache and check that they keep their examples apart; ConfigError if not."""
+    if not any(hook is _no_cache_for_packed_rows for hook in model._forward_pre_hooks.values()):
+        model.register_forward_pre_hook(_no_cache_for_packed_rows, with_kwargs=True)
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(0)
     parts = [torch.randint(0, vocab, (1, n), generator=generator) for n in _PROBE_LENGTHS]
@@ -91,3 +92,10 @@ def prepare_model(model: nn.Module) -> None:
                           f"other logits than its examples run one by one (max difference {gap:.3g}); the model "
                           "ignores packed position_ids or a delta (e.g. prompt or prefix tuning) rewrites the inputs. "
                           "Set data.packing: false (train.length_grouping: true also reduces padding)")
+
+
+def _no_cache_for_packed_rows(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Packed rows (position_ids without an attention_mask, see batching.Collator) run with use_cache=False."""
+    if "position_ids" in kwargs and kwargs.get("attention_mask") is None and kwargs.get("past_key_values") is None:
+        kwargs["use_cache"] = False
+    return args, kwargs

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 from datasets import Dataset
 
-from deltatune.data.chat import resolve_template
+from deltatune.data.chat import assistant_spans, has_targets, resolve_template
 from deltatune.data.config import CHAT_FORMATS, DataConfig
 from deltatune.data.conversations import RecordError, detect_format
 from deltatune.data.formats import FORMATS
@@ -55,14 +55,17 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int 
     fmt = FORMATS[cfg.format]
     skipped = {s: [] for s in SPLITS}
     if fmt.reader:
+        read = _rendered(fmt.reader(cfg), cfg, tokenizer) if cfg.format in CHAT_FORMATS else fmt.reader(cfg)
         for s, table in files.items():
-            files[s], skipped[s] = _drop_bad_records(table, fmt.reader(cfg), cfg.skip_bad_records)
+            files[s], skipped[s] = _drop_bad_records(table, read, cfg.skip_bad_records)
     fractions = {s: f for s, f in zip(SPLITS, cfg.split) if s == "train" or s not in files}
     tables = {**files, **split_table(files["train"], fractions, seed)}
     names = fmt.label_names(files["train"], cfg) if fmt.label_names else None
     empty = Dataset.from_dict({"input_ids": [], "attention_mask": [], "labels": []})  # a split of fraction 0
     data = {s: check_truncation(fmt.encode(tables[s], cfg, tokenizer, names), tables[s], cfg, origin)
             if len(tables[s].data) else empty for s in SPLITS}
+    if cfg.format in CHAT_FORMATS:
+        data = {s: _drop_without_targets(data[s]) for s in SPLITS}
     if len(data["train"]) == 0:
         raise DataError(f"{tables['train'].path}: no training example has a target token within the first "
                         f"max_length={cfg.max_length} tokens; raise data.max_length")
@@ -78,6 +81,22 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int 
     template = resolve_template(tokenizer, cfg.chat_template) if cfg.format in CHAT_FORMATS else None
     return TaskData(**data, task=fmt.task, label_names=names, num_labels=len(names) if names else fmt.num_labels,
                     source=source, format=cfg.format, chat_template=template)
+
+
+def _rendered(read: Callable[[dict[str, Any]], Any], cfg: DataConfig,
+              tokenizer: PreTrainedTokenizerBase) -> Callable[[dict[str, Any]], Any]:
+    """With skip_bad_records, a chat reader that also renders the conversation, so that conversations the template
+    rejects (e.g. roles that do not alternate) are skipped too; else `read` (encoding then stops at the first)."""
+    if not cfg.skip_bad_records:
+        return read
+    template = resolve_template(tokenizer, cfg.chat_template)
+    return lambda record: assistant_spans(read(record), template, tokenizer)
+
+
+def _drop_without_targets(dataset: Dataset) -> Dataset:
+    """The conversations that still have an assistant token after truncation (see truncation.py)."""
+    keep = [i for i, labels in enumerate(dataset["labels"]) if has_targets(labels)]
+    return dataset if len(keep) == len(dataset) else dataset.select(keep)
 
 
 def _drop_bad_records(table: Table, read: Callable[[dict[str, Any]], Any], skip: bool) -> tuple[Table, list[str]]:

@@ -2,8 +2,7 @@
 
 The limit is `data.max_length`, lowered to the model's maximum (position embeddings / tokenizer) when that is
 smaller, so no sequence can overflow the model. A format that truncates adds a `full_length` column (tokens
-before truncation) and, unless its examples are its records one to one, a `record` column (the table row of each
-example); `check_truncation` applies `data.truncation` and drops both.
+before truncation, one example per record); `check_truncation` applies `data.truncation` and drops it.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ if TYPE_CHECKING:
     from deltatune.data.config import DataConfig
     from deltatune.data.load import Table
 
-FULL_LENGTH, RECORD = "full_length", "record"
+FULL_LENGTH = "full_length"
 
 
 def effective_max_length(cfg: DataConfig, model_max_length: int | None) -> tuple[int, str]:
@@ -34,14 +33,13 @@ def check_truncation(dataset: Dataset, table: Table, cfg: DataConfig, origin: st
     if FULL_LENGTH not in dataset.column_names:
         return dataset
     lengths = dataset[FULL_LENGTH]
-    records = dataset[RECORD] if RECORD in dataset.column_names else range(len(lengths))
     if cfg.truncation != "silent" and (over := [i for i, n in enumerate(lengths) if n > cfg.max_length]):
         first = over[0]
         what = (f"{len(over)} of {len(lengths)} records in {table.path} are longer than {cfg.max_length} tokens "
-                f"({origin}; the first is {table.where(records[first])} with {lengths[first]} tokens)")
+                f"({origin}; the first is {table.where(first)} with {lengths[first]} tokens)")
         if cfg.truncation == "error":
             raise DataError(f"{what}; shorten them, raise data.max_length if the model allows, or set "
                             "data.truncation: warn to truncate them")
         warnings.warn(f"{what}; they were truncated (data.truncation: error stops instead, silent hides this)",
                       stacklevel=2)
-    return dataset.remove_columns([c for c in (FULL_LENGTH, RECORD) if c in dataset.column_names])
+    return dataset.remove_columns(FULL_LENGTH)

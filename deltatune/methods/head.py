@@ -84,7 +84,7 @@ class HeadDelta(Delta):
 
     def build(self) -> list[nn.Parameter]:
         cfg: Head = self.config  # type: ignore[assignment]
-        head_name = self._head_name(cfg)
+        head_name = head_module_name(self.model, cfg.module)
         head = self.model.get_submodule(head_name)
         name, old = head_name, head
         if not isinstance(head, nn.Linear):
@@ -135,23 +135,6 @@ class HeadDelta(Delta):
         setattr(*self._home, self._head)
 
     # ---- helpers ------------------------------------------------------------------------------------------
-    def _head_name(self, cfg: Head) -> str:
-        if cfg.module is not None:
-            found = find_modules(self.model, [cfg.module])
-            if len(found) > 1:
-                raise TargetError(f"module {cfg.module!r} matches {len(found)} modules ({', '.join(list(found)[:4])}); "
-                                  "give the full name of the one head module")
-            return next(iter(found))
-        arch = describe(self.model)
-        if arch.heads:
-            return arch.heads[-1]  # the last one is the output (DistilBERT: pre_classifier, then classifier)
-        outside = [n for n, m in self.model.named_modules() if isinstance(m, nn.Linear) and arch.layer_index(n) is None]
-        linears = outside or [n for n, m in self.model.named_modules() if isinstance(m, nn.Linear)]
-        raise TargetError(f"{type(self.model).__name__} has no known task head; name the module to replace with "
-                          f"`module`. Candidate Linear modules near the output: {', '.join(linears[-5:]) or '(none)'}. "
-                          "A model without a head (AutoModel) cannot get one added: load it with "
-                          "AutoModelForSequenceClassification / ForTokenClassification instead")
-
     def _new_head(self, old: nn.Linear, outputs: int, reinit: bool) -> TaskHead:
         new = TaskHead(old.in_features, outputs, bias=old.bias is not None, device=old.weight.device,
                        dtype=old.weight.dtype)
@@ -182,3 +165,22 @@ class HeadDelta(Delta):
             config.problem_type = "regression"
         elif config.problem_type == "regression":
             config.problem_type = None  # let the model infer single/multi-label classification from the labels
+
+
+def head_module_name(model: nn.Module, module: str | None = None) -> str:
+    """The name of the task head `module` names (a pattern matching one module), or of the model's known head."""
+    if module is not None:
+        found = find_modules(model, [module])
+        if len(found) > 1:
+            raise TargetError(f"module {module!r} matches {len(found)} modules ({', '.join(list(found)[:4])}); "
+                              "give the full name of the one head module")
+        return next(iter(found))
+    arch = describe(model)
+    if arch.heads:
+        return arch.heads[-1]  # the last one is the output (DistilBERT: pre_classifier, then classifier)
+    outside = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and arch.layer_index(n) is None]
+    linears = outside or [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    raise TargetError(f"{type(model).__name__} has no known task head; name the module to replace with "
+                      f"`module`. Candidate Linear modules near the output: {', '.join(linears[-5:]) or '(none)'}. "
+                      "A model without a head (AutoModel) cannot get one added: load it with "
+                      "AutoModelForSequenceClassification / ForTokenClassification instead")

@@ -71,11 +71,15 @@ class GaLoreConfig(Schema):
         return [value] if isinstance(value, str) else value
 
 
-def check_train_settings(cfg: OptimizerConfig, *, grad_accum: int, max_grad_norm: float | None) -> None:
+def check_train_settings(cfg: OptimizerConfig, *, grad_accum: int, max_grad_norm: float | None,
+                         world_size: int = 1) -> None:
     """Refuse training settings that per-layer GaLore cannot honour (the loop should call this before training)."""
     if cfg.galore is None or not cfg.galore.per_layer:
         return
     problems = []
+    if world_size > 1:
+        problems.append(f"{world_size} processes: each one would update before the gradients are averaged "
+                        "across processes; train in one process")
     if grad_accum > 1:
         problems.append(f"train.grad_accum={grad_accum}: each backward pass already updates the weights; "
                         "set grad_accum: 1 (use a bigger batch_size instead)")

@@ -84,9 +84,10 @@ def save_checkpoint(root: str | Path, step: int, *, delta: DeltaBase, optimizer:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, DeltaTuneError) and isinstance(exc.__cause__, OSError):  # e.g. the disk is full
             kept = checkpoint_dirs(root)
-            raise CheckpointError(f"checkpoint {final.name} was not written: {exc.__cause__.strerror}; the previous "
-                                  f"checkpoint{f' {kept[-1]}' if kept else 's'} stay as they were. Free some space and "
-                                  "continue with --resume") from exc
+            then = (f"the previous checkpoint {kept[-1]} is unchanged. Free some space and continue with --resume"
+                    if kept else "there is no earlier checkpoint. Free some space and start the run again")
+            raise CheckpointError(f"checkpoint {final.name} was not written: {exc.__cause__.strerror}; {then}") \
+                from exc
         raise
     for old in checkpoint_dirs(root)[:-max(keep, 1)]:
         shutil.rmtree(old)

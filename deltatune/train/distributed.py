@@ -84,6 +84,7 @@ class Parallel:
             batch = collate(examples[:1])  # nothing left for this rank: one example that counts for nothing
             labels = batch["labels"]
             batch["labels"] = torch.full_like(labels, torch.nan if labels.is_floating_point() else -100)
+            batch["num_tokens"] = torch.tensor(0)  # nor for tokens/s (batching.real_tokens)
             return batch
 
         return collate_shard

@@ -28,21 +28,20 @@ from deltatune import io
 from deltatune.data.batching import real_tokens
 from deltatune.delta import TENSOR_FILE, DeltaBase
 from deltatune.errors import CheckpointError, ConfigError, DataError, DeltaTuneError
-from deltatune.optim import OptimizerConfig, build_optimizer, build_scheduler
+from deltatune.optim import OptimizerConfig, build_optimizer, build_scheduler, check_train_settings
 from deltatune.schema import Schema
 from deltatune.train import checkpoint, distributed, speed
 from deltatune.train.metrics import (
     MetricsLog,
     MetricState,
-    check_metric,
     check_task,
-    default_metric,
     improved,
-    units,
 )
+from deltatune.train.tasks import objective
 
 if TYPE_CHECKING:
     from deltatune.data import TaskData
+    from deltatune.data.multitask import MultiTaskData
 
 Collate = Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
 # Changing these between a run and its resume would make the restored data position meaningless.
@@ -96,20 +95,23 @@ class TrainResult:
     generation: dict[str, Any] | None = None  # eval_generation: file, examples, base and fine_tuned metrics
 
 
-def train(model: nn.Module, delta: DeltaBase, data: TaskData, cfg: TrainConfig, out_dir: str | Path, *,
-          collate: Collate, resume: bool = False,
+def train(model: nn.Module, delta: DeltaBase, data: TaskData | MultiTaskData, cfg: TrainConfig,
+          out_dir: str | Path, *, collate: Collate, resume: bool = False,
           on_event: Callable[[str, dict[str, Any]], None] | None = None) -> TrainResult:
-    """Train `delta` (attached to `model`) on `data` (a TaskData); see the module docstring for the outputs.
+    """Train `delta` (attached to `model`) on `data` (a TaskData, or a MultiTaskData: see train/tasks.py);
+    see the module docstring for the outputs.
 
     `resume=True` continues from the newest good checkpoint in `out_dir/checkpoints` and ends with exactly the
     weights and loss curve of an uninterrupted run (bitwise on CPU), given the same config.
     """
     out_dir, emit = Path(out_dir), on_event or (lambda kind, info: None)
-    check_task(data.task)
-    metric = cfg.metric or default_metric(data.task)
-    check_metric(metric, data.task)
+    task = objective(data, delta)  # loss, units and metrics of the task, or of several tasks (tasks.py)
+    metric = cfg.metric or task.default_metric
+    task.check_metric(metric)
     if len(data.train) == 0:
         raise DataError("the training split is empty: nothing to train on")
+    check_train_settings(cfg.optimizer, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
+                         world_size=distributed.rank_and_world()[1])
     ckpt_root, eval_bs = out_dir / "checkpoints", cfg.eval_batch_size or cfg.batch_size
     if not resume and checkpoint.checkpoint_dirs(ckpt_root):
         raise CheckpointError(f"{ckpt_root} holds checkpoints of an earlier run: continue it with resume=True, "
@@ -124,15 +126,16 @@ def train(model: nn.Module, delta: DeltaBase, data: TaskData, cfg: TrainConfig, 
     params = list(delta.trainable_parameters().values())
     trainable, total = delta.parameter_counts()
     optimizer = build_optimizer(model, delta, cfg.optimizer)
+    per_layer = getattr(optimizer, "per_layer", False)  # updates in gradient hooks during backward (galore.py)
     par = distributed.setup(model, delta, cfg.parallel, cfg.optimizer.name)  # torchrun: DDP / FSDP; else no-op
     train_collate = par.sharded(collate)  # this rank's shard of each global batch
-    fast = speed.FastPath(par.model, data.task, cfg.precision, cfg.chunked_loss, cfg.gradient_checkpointing)
+    fast = speed.FastPath(par.model, task, cfg.precision, cfg.chunked_loss, cfg.gradient_checkpointing)
     micro_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
     total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
     scheduler = build_scheduler(optimizer, cfg.optimizer, total_steps)
     lengths = _lengths(data.train) if cfg.length_grouping else None
-    log = MetricsLog(out_dir, data.task) if par.main else distributed.NO_LOG
+    log = MetricsLog(out_dir, task.metrics) if par.main else distributed.NO_LOG
     has_validation, has_test = len(data.validation) > 0, len(data.test) > 0
 
     # Loop state: everything needed to continue exactly where a checkpoint was taken.
@@ -159,7 +162,7 @@ def train(model: nn.Module, delta: DeltaBase, data: TaskData, cfg: TrainConfig, 
     if not resume and cfg.eval_baseline:  # the "base" column of the base vs fine-tuned table
         st["baseline"] = {}
         for split in [s for s, present in (("validation", has_validation), ("test", has_test)) if present]:
-            st["baseline"][split] = evaluate(par.model, getattr(data, split), collate, data.task, eval_bs)
+            st["baseline"][split] = task.evaluate(par.model, getattr(data, split), collate, eval_bs)
             log.write({"kind": "baseline", "split": split, "step": 0, "epoch": 0.0, **st["baseline"][split]})
             emit("eval", {"split": split, "step": 0, "epoch": 0.0, "baseline": True, "metrics": st["baseline"][split]})
 
@@ -167,8 +170,7 @@ def train(model: nn.Module, delta: DeltaBase, data: TaskData, cfg: TrainConfig, 
     window_tokens, window_time = 0, 0.0
     while not st["stopped_early"] and step < total_steps:
         # The order of an epoch depends only on (seed, epoch): the data position is just (epoch, batch index).
-        epoch, order = st["epoch"], _epoch_order(len(data.train), cfg, st["epoch"], lengths)
-        batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+        epoch, batches = st["epoch"], _epoch_batches(data, cfg, st["epoch"], lengths)
         while st["epoch"] == epoch and not st["stopped_early"] and step < total_steps:
             t0 = time.perf_counter()
             par.seed_step(cfg.seed, step)
@@ -176,23 +178,25 @@ def train(model: nn.Module, delta: DeltaBase, data: TaskData, cfg: TrainConfig, 
                      for idx in batches[st["batch"]:st["batch"] + cfg.grad_accum]]
             # Normalise by the units (examples or target tokens) of the whole step, over all ranks: accumulating
             # (or splitting the batch over ranks) equals one big batch.
-            step_units = max(par.sum(sum(units(b["labels"], data.task) for b in group))[0], 1)
+            step_units = max(par.sum(sum(task.units(b) for b in group))[0], 1)
             step_loss, tokens = 0.0, 0
             for batch in group:
                 batch = _to_device(batch, params[0].device)
-                part = units(batch["labels"], data.task) / step_units
-                loss = fast.loss_sum(par.model, _model_inputs(batch), batch["labels"], data.task) / step_units
+                part = task.units(batch) / step_units
+                loss = fast.loss_sum(par.model, _model_inputs(batch), batch) / step_units
                 if (extra := delta.extra_loss()) is not None:
                     loss = loss + extra * part
                 par.backward(loss)
                 step_loss += float(loss.detach())
                 tokens += real_tokens(batch)
             step_loss, tokens = par.sum(step_loss, tokens)
-            grad_norm = par.clip_grad_norm(params, cfg.max_grad_norm)
+            grad_norm = (optimizer.grad_norm() if per_layer  # the hooks consumed (and freed) the gradients
+                         else par.clip_grad_norm(params, cfg.max_grad_norm))
             if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):  # never step into NaN weights
                 raise DeltaTuneError(
                     f"the training loss is {step_loss} (gradient norm {float(grad_norm)}) at step {step + 1} "
-                    f"(epoch {epoch + 1}); training stopped before the weights were updated. The last good "
+                    f"(epoch {epoch + 1}); training stopped before the weights were updated"
+                    f"{' (per-layer: tensors with finite gradients were)' if per_layer else ''}. The last good "
                     f"checkpoint is kept: {last_ckpt or 'none written yet'}. "
                     "Try a lower learning rate or check the data.")
             lr = optimizer.param_groups[0]["lr"]
@@ -218,7 +222,7 @@ def train(model: nn.Module, delta: DeltaBase, data: TaskData, cfg: TrainConfig, 
 
             last = step == total_steps
             if has_validation and (end_of_epoch or last or (cfg.eval_every and step % cfg.eval_every == 0)):
-                scores = evaluate(par.model, data.validation, collate, data.task, eval_bs)
+                scores = task.evaluate(par.model, data.validation, collate, eval_bs)
                 log.write({"kind": "eval", "split": "validation", "step": step, "epoch": epoch_pos, **scores,
                            "elapsed": time.perf_counter() - clock})
                 emit("eval", {"split": "validation", "step": step, "epoch": epoch_pos, "metrics": scores})
@@ -239,6 +243,8 @@ def train(model: nn.Module, delta: DeltaBase, data: TaskData, cfg: TrainConfig, 
                 emit("early_stop", {"step": step, "epoch": epoch_pos, "metric": metric, "best": st["best"],
                                     "best_step": st["best_step"], "patience": cfg.patience})
 
+    if per_layer:
+        optimizer.remove_hooks()  # a later backward pass on the model must not update the weights
     par.finish()  # plain full weights on every rank again; rank 0's files are written
     # The result is the best delta (or the final one without a validation split); test it with those weights.
     if st["best_step"] is None:
@@ -246,7 +252,7 @@ def train(model: nn.Module, delta: DeltaBase, data: TaskData, cfg: TrainConfig, 
         par.barrier()
     else:
         delta.load_state_dict(io.load_tensors(out_dir / "best" / TENSOR_FILE))
-    test = evaluate(model, data.test, collate, data.task, eval_bs) if has_test else None
+    test = task.evaluate(model, data.test, collate, eval_bs) if has_test else None
     if test is not None:
         log.write({"kind": "final", "split": "test", "step": step, "epoch": step / steps_per_epoch, **test,
                    "elapsed": time.perf_counter() - clock})
@@ -282,6 +288,15 @@ def evaluate(model: nn.Module, dataset: Sequence[dict[str, Any]], collate: Colla
     finally:
         model.train(was_training)
     return distributed.gather_metrics(state).result()
+
+
+def _epoch_batches(data: TaskData | MultiTaskData, cfg: TrainConfig, epoch: int,
+                   lengths: list[int] | None) -> list[list[int]]:
+    """The batches (lists of example indices) of an epoch; multi-task data plans one-task batches itself."""
+    if hasattr(data, "epoch_batches"):
+        return data.epoch_batches(cfg.batch_size, cfg.seed, epoch, lengths)
+    order = _epoch_order(len(data.train), cfg, epoch, lengths)
+    return [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
 
 
 def _epoch_order(n: int, cfg: TrainConfig, epoch: int, lengths: list[int] | None) -> list[int]:

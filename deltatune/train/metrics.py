@@ -11,7 +11,7 @@ import csv
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,12 +41,13 @@ def check_metric(metric: str, task: str) -> None:
 
 
 def improved(value: float, best: float | None, metric: str) -> bool:
-    """Strictly better than `best` (None = nothing yet); NaN never improves."""
+    """Strictly better than `best` (None = nothing yet); NaN never improves. `task/metric` names (multi-task)
+    are judged by their metric."""
     if math.isnan(value):
         return False
     if best is None:
         return True
-    return value < best if metric in MINIMISED else value > best
+    return value < best if metric.rpartition("/")[2] in MINIMISED else value > best
 
 
 def logits_of(output: Any) -> torch.Tensor:
@@ -136,9 +137,9 @@ class MetricsLog:
 
     BASE = ("kind", "split", "step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed")
 
-    def __init__(self, out_dir: Path, task: str):
+    def __init__(self, out_dir: Path, metrics: Sequence[str]):
         self.jsonl, self.csv = out_dir / "metrics.jsonl", out_dir / "metrics.csv"
-        self.columns = [*self.BASE, *METRICS[task][1:]]
+        self.columns = [*self.BASE, *(m for m in metrics if m not in self.BASE)]
         self.tensorboard_dir, self.tensorboard = out_dir / "tensorboard", None  # event files too, if installed
 
     def start(self, resume_step: int | None) -> None:

@@ -19,14 +19,17 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from deltatune.errors import ConfigError
-from deltatune.train.metrics import MetricState, logits_of, loss_sum, units
+from deltatune.train.metrics import MetricState, logits_of, units
+
+if TYPE_CHECKING:
+    from deltatune.train.tasks import MultiTask, SingleTask
 
 Precision = Literal["auto", "fp32", "bf16"]
 # Causal LMs whose forward is exactly `logits = lm_head(hidden_states)` (no logit scaling or soft-capping),
@@ -155,23 +158,24 @@ class _FusedLinearCE(torch.autograd.Function):
 class FastPath:
     """How the training loop computes a micro-batch's summed loss: precision, chunked LM loss, checkpointing."""
 
-    def __init__(self, model: nn.Module, task: str, precision: Precision = "auto", chunked_loss: bool = True,
-                 checkpointing: bool = False):
+    def __init__(self, model: nn.Module, task: SingleTask | MultiTask, precision: Precision = "auto",
+                 chunked_loss: bool = True, checkpointing: bool = False):
+        self.task = task
         self.dtype = resolve_precision(precision, model)
-        self.head = output_head(model) if chunked_loss and task == "text" else None
+        self.head = output_head(model) if chunked_loss and getattr(task, "kind", None) == "text" else None
         self.checkpointing = checkpointing
         if checkpointing and not getattr(_unwrap(model), "supports_gradient_checkpointing", False):
             raise ConfigError(f"gradient_checkpointing: {type(_unwrap(model)).__name__} does not support activation "
                               "checkpointing in transformers; set train.gradient_checkpointing: false")
 
-    def loss_sum(self, model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor,
-                 task: str) -> torch.Tensor:
-        """The summed loss of one batch (as metrics.loss_sum of `model(**inputs)`), computed the fast way."""
+    def loss_sum(self, model: nn.Module, inputs: dict[str, torch.Tensor],
+                 batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The task's loss of one batch (`task.loss_sum` of `model(**inputs)`), computed the fast way."""
         autocast = torch.autocast(_device(model).type, self.dtype) if self.dtype else nullcontext()
         with autocast, checkpointed(model) if self.checkpointing else nullcontext():
             if self.head is not None:
-                return lm_loss_sum(model, self.head, inputs, labels)
-            return loss_sum(logits_of(model(**inputs)), labels, task)
+                return lm_loss_sum(model, self.head, inputs, batch["labels"])
+            return self.task.loss_sum(logits_of(model(**inputs)), batch)
 
 
 @contextmanager
