@@ -29,6 +29,10 @@ console = Console(stderr=False, highlight=False)
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # our own progress bar is the only one
+    if argv is None:  # a real `deltatune` process (console script or python -m), not a call from Python code
+        from deltatune.train.speed import tune_allocator
+
+        tune_allocator()  # before any training memory is allocated
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the weight-loading report is noise next to our own summary

@@ -30,13 +30,12 @@ from deltatune.delta import TENSOR_FILE, DeltaBase
 from deltatune.errors import CheckpointError, ConfigError, DataError, DeltaTuneError
 from deltatune.optim import OptimizerConfig, build_optimizer, build_scheduler, check_train_settings
 from deltatune.schema import Schema
-from deltatune.train import checkpoint, distributed
+from deltatune.train import checkpoint, distributed, speed
 from deltatune.train.metrics import (
     MetricsLog,
     MetricState,
     check_task,
     improved,
-    logits_of,
 )
 from deltatune.train.tasks import objective
 
@@ -72,6 +71,10 @@ class TrainConfig(Schema):
     length_grouping: bool = False  # batches of similar lengths (less padding), still a seeded random order
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun (see distributed.py); fsdp: full fine-tuning
     eval_baseline: bool = True  # evaluate the untrained model first (validation + test)
+    # Speed and memory levers (train/speed.py; measured in bench/README.md)
+    precision: speed.Precision = "auto"  # bf16 autocast (fp32 master weights) where the CPU has native bf16
+    chunked_loss: bool = True  # causal LM: loss through the head in chunks, never the full logits
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
 
 
 @dataclass
@@ -126,6 +129,7 @@ def train(model: nn.Module, delta: DeltaBase, data: TaskData | MultiTaskData, cf
     per_layer = getattr(optimizer, "per_layer", False)  # updates in gradient hooks during backward (galore.py)
     par = distributed.setup(model, delta, cfg.parallel, cfg.optimizer.name)  # torchrun: DDP / FSDP; else no-op
     train_collate = par.sharded(collate)  # this rank's shard of each global batch
+    fast = speed.FastPath(par.model, task, cfg.precision, cfg.chunked_loss, cfg.gradient_checkpointing)
     micro_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
     total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
@@ -178,9 +182,8 @@ def train(model: nn.Module, delta: DeltaBase, data: TaskData | MultiTaskData, cf
             step_loss, tokens = 0.0, 0
             for batch in group:
                 batch = _to_device(batch, params[0].device)
-                logits = logits_of(par.model(**_model_inputs(batch)))
                 part = task.units(batch) / step_units
-                loss = task.loss_sum(logits, batch) / step_units
+                loss = fast.loss_sum(par.model, _model_inputs(batch), batch) / step_units
                 if (extra := delta.extra_loss()) is not None:
                     loss = loss + extra * part
                 par.backward(loss)
@@ -281,9 +284,7 @@ def evaluate(model: nn.Module, dataset: Sequence[dict[str, Any]], collate: Colla
     try:
         for rows, counted in distributed.eval_batches(len(dataset), batch_size):  # this rank's share
             batch = _to_device(collate([dataset[i] for i in rows]), device)
-            logits = logits_of(model(**_model_inputs(batch)))
-            if counted:
-                state.update(logits, batch["labels"])
+            speed.update_metrics(state, model, _model_inputs(batch), batch["labels"], count=counted)
     finally:
         model.train(was_training)
     return distributed.gather_metrics(state).result()

@@ -100,6 +100,11 @@ class MetricState:
             self.preds.append(logits.argmax(-1).flatten())
             self.labels.append(labels.flatten())
 
+    def add_loss(self, loss_sum: float, units: int) -> None:
+        """Add a batch whose summed loss was computed without logits (chunked causal-LM loss)."""
+        self.loss += loss_sum
+        self.units += units
+
     def result(self) -> dict[str, float]:
         loss = self.loss / max(self.units, 1)
         if self.task == "regression":

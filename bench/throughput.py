@@ -1,0 +1,350 @@
+"""Training throughput and memory: deltatune vs Hugging Face PEFT + transformers.Trainer, side by side.
+
+Both sides train the same model, method and hyper-parameters on the same tokenized examples for exactly one
+epoch (so they see equal tokens), each run in its own fresh process (peak RSS is per process). Sides alternate
+within each repeat, so machine load hits both alike; each repeat uses another seed; medians are reported.
+
+    python bench/throughput.py                                     # every case, 3 repeats
+    python bench/throughput.py --cases lora-chat-llama --repeats 1 --steps 6      # a quick look
+    python bench/throughput.py --cases lora-chat-llama --sides deltatune,dt-fp32,dt-nochunk,dt-noalloc  # levers
+
+Reported per side: real tokens/s (padding excluded; steps after --warmup), peak RSS, time to first step (process
+start to the end of optimizer step 1), held-out loss after the epoch (mean per example, fp32, same code for
+both sides), and achieved model FLOP/s (matmul FLOPs per real token, counted once with torch's FlopCounterMode,
+times tokens/s) as a fraction of a matmul peak measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+START = time.perf_counter()
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+sys.path.insert(0, str(BENCH.parent))
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    data: str
+    method: str
+
+
+CASES = {
+    "lora-chat-smollm2": Case("smollm2", "chat", "lora"),
+    "lora-longtail-smollm2": Case("smollm2", "longtail", "lora"),
+    "lora-chat-llama": Case("llama-small", "chat", "lora"),
+    "lora-longtail-llama": Case("llama-small", "longtail", "lora"),
+    "lora-fixed-llama": Case("llama-small", "fixed", "lora"),
+    "lora-fixed-smollm2": Case("smollm2", "fixed", "lora"),
+    "full-longtail-llama": Case("llama-small", "longtail", "full"),
+    "prompt-chat-smollm2": Case("smollm2", "chat", "prompt"),
+}
+LR = {"lora": 1e-3, "full": 1e-4, "prompt": 3e-2}
+LORA = {"r": 8, "alpha": 16, "dropout": 0.0}
+PROMPT_TOKENS = 20
+# Sides: the reference, deltatune with its defaults, and deltatune with one lever changed (for the lever table).
+SIDES = {
+    "peft": {},
+    "peft-bf16": {"bf16": True},
+    "deltatune": {},
+    "dt-nopack": {"packing": False},
+    "dt-fp32": {"precision": "fp32"},
+    "dt-nochunk": {"chunked_loss": False},
+    "dt-noalloc": {"allocator": False},
+    "dt-checkpointing": {"gradient_checkpointing": True},
+}
+
+
+# ------------------------------------------------------------------ worker (one training run, own process)
+def worker(spec: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    from workloads import build_model
+
+    data = json.loads(Path(spec["data_file"]).read_text())
+    model = build_model(spec["model"])
+    params = sum(p.numel() for p in model.parameters())
+    run = run_reference if spec["side"].startswith("peft") else run_deltatune
+    trained, stats = run(model, data["train"], spec)
+    stats["heldout_loss"] = heldout_loss(trained, data["heldout"]) if data["heldout"] else None
+    return {**stats, "base_params": params}
+
+
+class Recorder:
+    """Real tokens of every batch collated, and the time every optimizer step ended."""
+
+    def __init__(self, collate):
+        self.collate, self.tokens, self.step_ends = collate, [], []
+
+    def __call__(self, examples):
+        batch = self.collate(examples)  # packed rows carry their real token count, padded batches a mask
+        self.tokens.append(int(batch["num_tokens"] if "num_tokens" in batch else batch["attention_mask"].sum()))
+        return batch
+
+    def step_done(self) -> None:
+        self.step_ends.append(time.perf_counter())
+
+    def stats(self, warmup: int, precision: str) -> dict:
+        """Tokens/s over the steps after the first `warmup` (at least one step is left out, at least one kept)."""
+        import resource
+
+        n = len(self.step_ends)
+        warm = max(1, min(warmup, n - 1))
+        seconds = self.step_ends[n - 1] - self.step_ends[warm - 1]
+        return {"steps": n, "tokens": sum(self.tokens[:n]), "tokens_per_s": sum(self.tokens[warm:n]) / seconds,
+                "first_step_s": self.step_ends[0] - START, "precision": precision,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def run_reference(model, train: list[dict], spec: dict):
+    """PEFT + transformers.Trainer with its usual settings: padding to the batch maximum, no packing."""
+    from datasets import Dataset
+    from peft import LoraConfig, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+    from transformers import (DataCollatorForLanguageModeling, DataCollatorForSeq2Seq, Trainer, TrainerCallback,
+                              TrainingArguments)
+    from workloads import tokenizer
+
+    if spec["method"] == "lora":
+        lora = {**LORA, **spec.get("lora", {})}
+        model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, r=lora["r"], lora_alpha=lora["alpha"],
+                                                 lora_dropout=lora["dropout"], target_modules="all-linear"))
+    elif spec["method"] == "prompt":
+        model = get_peft_model(model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=PROMPT_TOKENS,
+                                                         prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB))
+    tok = tokenizer()
+    plain_lm = all(e["labels"] == e["input_ids"] for e in train)
+    if plain_lm:  # the usual causal-LM collator: labels = input_ids, padding masked
+        collate, rows = DataCollatorForLanguageModeling(tok, mlm=False), [{"input_ids": e["input_ids"]} for e in train]
+    else:  # prompt-masked SFT: labels padded with -100
+        collate, rows = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100), train
+    recorder = Recorder(collate)
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            recorder.step_done()
+
+    bf16 = SIDES[spec["side"]].get("bf16", False)
+    args = TrainingArguments(output_dir=spec["out"], per_device_train_batch_size=spec["batch"],
+                             num_train_epochs=1, learning_rate=LR[spec["method"]], lr_scheduler_type="linear",
+                             weight_decay=0.0, max_grad_norm=1.0, seed=spec["seed"], logging_steps=10**6,
+                             save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+                             dataloader_num_workers=0, bf16=bf16)
+    Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows), data_collator=recorder,
+            callbacks=[Timer()]).train()
+    return model, recorder.stats(spec["warmup"], "bf16" if bf16 else "fp32")
+
+
+def run_deltatune(model, train: list[dict], spec: dict):
+    """deltatune's public API (attach + train) with its defaults, except the lever a side changes.
+
+    Variable-length data is packed (data.packing) into rows of max_length; a step then takes as many rows as hold
+    the reference's tokens per step (batch x mean example length), so both sides take about as many optimizer
+    steps over the same epoch. Prompt tuning rewrites the inputs and cannot be packed: it is padded as usual."""
+    lever = SIDES[spec["side"]]
+    if lever.get("allocator", True):
+        from deltatune.train.speed import tune_allocator
+
+        tune_allocator()  # what the `deltatune` CLI does at start-up
+    from datasets import Dataset
+
+    import deltatune
+    from deltatune.data import Collator, TaskData
+    from deltatune.train.speed import resolve_precision
+    from workloads import tokenizer
+
+    delta = deltatune.attach(model, method_config(spec))
+    rows = Dataset.from_list([{**e, "attention_mask": [1] * len(e["input_ids"])} for e in train])
+    batch = spec["batch"]
+    if lever.get("packing", True) and spec["method"] != "prompt" and len({len(e["input_ids"]) for e in train}) > 1:
+        from deltatune.data.packing import pack, prepare_model
+
+        rows = pack(rows, spec["max_length"])
+        prepare_model(model)
+        batch = max(1, round(spec["batch"] * sum(len(e["input_ids"]) for e in train) / len(train) / spec["max_length"]))
+    empty = Dataset.from_dict({"input_ids": [], "attention_mask": [], "labels": []})
+    data = TaskData(rows, empty, empty, task="text", label_names=None, num_labels=None, source={})
+    recorder = Recorder(Collator(tokenizer().pad_token_id))
+    knobs = {k: v for k, v in lever.items() if k not in ("allocator", "packing")}
+    cfg = deltatune.TrainConfig(epochs=1, batch_size=batch, seed=spec["seed"], log_every=10**6,
+                                eval_baseline=False, optimizer=deltatune.OptimizerConfig(lr=LR[spec["method"]]),
+                                **knobs)
+    deltatune.train(model, delta, data, cfg, spec["out"], collate=recorder,
+                    on_event=lambda kind, info: recorder.step_done() if kind == "step" else None)
+    precision = "bf16" if resolve_precision(cfg.precision, model) else "fp32"
+    return model, recorder.stats(spec["warmup"], precision)
+
+
+def method_config(spec: dict):
+    """The deltatune config of the case's method (the same settings the reference side gets)."""
+    import deltatune
+
+    if spec["method"] == "lora":
+        return deltatune.LoRA(**{**LORA, **spec.get("lora", {})})
+    if spec["method"] == "prompt":
+        return deltatune.Prompt(n_tokens=PROMPT_TOKENS, init="vocab")
+    return deltatune.Full()
+
+
+def heldout_loss(model, examples: list[dict]) -> float:
+    """Mean over examples of the per-example mean next-token loss (fp32, eval mode, one example at a time)."""
+    import torch
+
+    model.eval()
+    losses = []
+    with torch.no_grad():
+        for e in examples:
+            ids = torch.tensor([e["input_ids"]])
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.tensor([e["labels"]]))
+            losses.append(float(out.loss))
+    return sum(losses) / len(losses)
+
+
+def count_flops(spec: dict) -> dict:
+    """Matmul FLOPs per token of one forward + backward of the case's method (plain fp32 loss on every position)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import deltatune
+    from deltatune.train.metrics import loss_sum
+    from workloads import build_model
+
+    torch.set_num_threads(spec["threads"])
+    model = build_model(spec["model"]).train()
+    deltatune.attach(model, method_config(spec))
+    ids = torch.randint(3, 1000, (1, spec["length"]))
+    with FlopCounterMode(display=False) as counter:
+        loss_sum(model(input_ids=ids).logits, ids, "text").backward()
+    return {"flops_per_token": counter.get_total_flops() / spec["length"]}
+
+
+# ------------------------------------------------------------------ orchestration
+def matmul_peak(threads: int, size: int = 512, seconds: float = 2.0) -> dict[str, float]:
+    """Best FLOP/s of a size x size matmul in fp32 and bf16 (this process, `threads` threads). Each call takes a
+    few ms, so on a shared machine the best calls are those that ran on a core alone."""
+    import torch
+
+    torch.set_num_threads(threads)
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        best, end = 0.0, time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            t = time.perf_counter()
+            torch.mm(a, b)
+            best = max(best, 2 * size**3 / (time.perf_counter() - t))
+        out[name] = best
+    return out
+
+
+def spawn(spec: dict) -> dict:
+    """Run one spec in a fresh process; its result is the last stdout line (JSON)."""
+    from workloads import smollm2_dir
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "BENCH_SMOLLM2_DIR": str(smollm2_dir())}
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env, capture_output=True,
+                          text=True)
+    if proc.returncode:
+        raise RuntimeError(f"worker {spec['side']} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_case(name: str, args: argparse.Namespace, tmp: Path, peak: dict[str, float]) -> dict:
+    from workloads import build_data
+
+    case = CASES[name]
+    train, heldout = build_data(case.data, args.max_length, args.steps * args.batch)
+    data_file = tmp / f"{name}.json"
+    data_file.write_text(json.dumps({"train": train, "heldout": heldout}))
+    base = {**asdict(case), "data_file": str(data_file), "batch": args.batch, "threads": args.threads,
+            "warmup": args.warmup, "max_length": args.max_length}
+    runs: dict[str, list[dict]] = {side: [] for side in args.sides}
+    for repeat in range(args.repeats):
+        for side in args.sides:
+            spec = {**base, "side": side, "seed": repeat, "out": str(tmp / f"{name}-{side}-{repeat}")}
+            runs[side].append(spawn(spec))
+            print(f"  {name} {side} #{repeat + 1}: {runs[side][-1]['tokens_per_s']:.0f} tokens/s "
+                  f"{json.dumps(runs[side][-1])}", file=sys.stderr, flush=True)
+    mean_length = sum(len(e["input_ids"]) for e in train) / len(train)
+    flops = spawn({**base, "side": "flops", "length": round(mean_length)})["flops_per_token"]
+    return summarise(name, runs, flops, peak, mean_length)
+
+
+def summarise(name: str, runs: dict[str, list[dict]], flops: float, peak: dict[str, float],
+              mean_length: float) -> dict:
+    sides = {}
+    for side, results in runs.items():
+        med = {k: statistics.median(r[k] for r in results) for k in ("tokens_per_s", "peak_rss_mb", "first_step_s")}
+        losses = [r["heldout_loss"] for r in results]
+        sides[side] = {**med, "heldout_loss": statistics.mean(losses),
+                       "heldout_loss_sd": statistics.stdev(losses) if len(losses) > 1 else 0.0,
+                       "steps": results[0]["steps"], "tokens": results[0]["tokens"],
+                       "flops_per_s": flops * med["tokens_per_s"], "peak_kind": results[0]["precision"],
+                       "runs": results}
+    return {"case": name, **asdict(CASES[name]), "mean_length": mean_length, "flops_per_token": flops,
+            "sides": sides}
+
+
+def table(results: list[dict], peak: dict[str, float]) -> str:
+    """A markdown table; ratios are against the first side of each case."""
+    lines = ["| case | side | tokens/s | × | peak RSS MB | × | first step s | held-out loss | steps | "
+             "GFLOP/s | % of peak |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        ref = next(iter(r["sides"].values()))
+        for side, s in r["sides"].items():
+            lines.append(
+                f"| {r['case']} | {side} | {s['tokens_per_s']:.0f} | {s['tokens_per_s'] / ref['tokens_per_s']:.2f} | "
+                f"{s['peak_rss_mb']:.0f} | {s['peak_rss_mb'] / ref['peak_rss_mb']:.2f} | {s['first_step_s']:.1f} | "
+                f"{s['heldout_loss']:.3f} ± {s['heldout_loss_sd']:.3f} | {s['steps']} | {s['flops_per_s'] / 1e9:.1f} | "
+                f"{100 * s['flops_per_s'] / peak[s['peak_kind']]:.0f}% {s['peak_kind']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from: {', '.join(CASES)}")
+    p.add_argument("--sides", default="peft,deltatune", help=f"comma-separated, from: {', '.join(SIDES)}")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, default=30, help="reference optimizer steps (= examples / batch)")
+    p.add_argument("--warmup", type=int, default=2, help="steps left out of tokens/s")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, help="write all results (every run) as JSON here")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        spec = json.loads(args.worker)
+        print(json.dumps(count_flops(spec) if spec["side"] == "flops" else worker(spec)))
+        return
+    args.cases, args.sides = args.cases.split(","), args.sides.split(",")
+    for name, known in (("case", CASES), ("side", SIDES)):
+        if bad := [x for x in getattr(args, name + "s") if x not in known]:
+            p.error(f"unknown {name} {', '.join(bad)}; choose from {', '.join(known)}")
+    peak = matmul_peak(args.threads)
+    print(f"matmul peak ({args.threads} thread(s)): fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, "
+          f"bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s; load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="deltatune-bench-") as tmp:
+        results = [run_case(name, args, Path(tmp), peak) for name in args.cases]
+    print(table(results, peak))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"peak": peak, "args": {k: str(v) for k, v in vars(args).items()},
+                                        "load_average": os.getloadavg(), "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""Speed and memory levers of the training loop; bench/README.md records what each one measured.
+
+* precision: bf16 autocast for forward and backward with fp32 master weights: every parameter (trainable or not)
+  stays fp32, matmuls run in bf16, losses in fp32. `auto` picks bf16 where the device has native bf16 dot products
+  (CPU: AVX512_BF16 or AMX; there it paid at every model width measured, bench/README.md); evaluation stays fp32.
+* chunked LM loss (causal LM only): the next-token loss is computed from the final hidden states, only at
+  target positions (labels != -100), through the output head in chunks; each chunk's gradient is taken at once
+  (a fused linear + cross-entropy), so neither the full logits nor their gradient ever exist.
+* activation checkpointing: transformers' non-reentrant checkpointing of every layer, switched on for each
+  training forward only (so nothing is left on the model); inputs need not require grad, whatever is frozen.
+* allocator: glibc keeps freed memory instead of returning it to the kernel every step (`tune_allocator`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deltatune.errors import ConfigError
+from deltatune.train.metrics import MetricState, logits_of, units
+
+if TYPE_CHECKING:
+    from deltatune.train.tasks import MultiTask, SingleTask
+
+Precision = Literal["auto", "fp32", "bf16"]
+# Causal LMs whose forward is exactly `logits = lm_head(hidden_states)` (no logit scaling or soft-capping),
+# checked in transformers' modeling files; other models get the plain loss.
+CHUNKABLE = frozenset({"gpt2", "llama", "mistral", "mixtral", "qwen2", "qwen3", "gpt_neox", "phi", "phi3", "olmo2",
+                       "gemma", "smollm3"})
+CHUNK_ELEMENTS = 1 << 23  # logits per chunk (32 MiB in fp32)
+ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": 0, "MALLOC_TRIM_THRESHOLD_": 1 << 30}
+_MALLOPT = {"MALLOC_MMAP_MAX_": -4, "MALLOC_TRIM_THRESHOLD_": -1}  # glibc M_MMAP_MAX, M_TRIM_THRESHOLD
+
+
+# ---- precision ----------------------------------------------------------------------------------------------
+def cpu_flags() -> set[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return next((set(line.partition(":")[2].split()) for line in text.splitlines() if line.startswith("flags")), set())
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU computes bf16 dot products natively (AVX512_BF16 or AMX), so bf16 matmuls are fast."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_precision(setting: Precision, model: nn.Module) -> torch.dtype | None:
+    """The autocast dtype for `setting` (None = plain fp32)."""
+    if setting == "fp32":
+        return None
+    if setting == "bf16":
+        return torch.bfloat16
+    device = next(model.parameters()).device
+    fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
+    return torch.bfloat16 if fast else None
+
+
+# ---- chunked causal-LM loss -----------------------------------------------------------------------------------
+def output_head(model: nn.Module) -> tuple[nn.Module, str] | None:
+    """(parent module, attribute) of the LM head of a chunkable causal LM whose head is a plain nn.Linear, else
+    None (a delta wrapping the head, e.g. LoRA on lm_head, and FSDP-sharded models get the plain loss)."""
+    inner = _unwrap(model)
+    if getattr(getattr(inner, "config", None), "model_type", None) not in CHUNKABLE or _sharded(model):
+        return None
+    head = inner.get_output_embeddings() if callable(getattr(inner, "get_output_embeddings", None)) else None
+    if type(head) is not nn.Linear:
+        return None
+    name = next(n for n, m in inner.named_modules() if m is head)
+    parent, _, attr = name.rpartition(".")
+    return inner.get_submodule(parent), attr
+
+
+@contextmanager
+def hidden_states_out(where: tuple[nn.Module, str]) -> Iterator[nn.Linear]:
+    """Swap the LM head for an identity while the model runs, so its "logits" are the final hidden states."""
+    parent, attr = where
+    head = getattr(parent, attr)
+    setattr(parent, attr, nn.Identity())
+    try:
+        yield head
+    finally:
+        setattr(parent, attr, head)
+
+
+def lm_loss_sum(model: nn.Module, where: tuple[nn.Module, str], inputs: dict[str, torch.Tensor],
+                labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy (as metrics.loss_sum) without materialising the logits."""
+    targets = labels[:, 1:]
+    keep = targets != -100
+    with hidden_states_out(where) as head:
+        hidden = logits_of(model(**inputs))
+    return linear_cross_entropy(hidden[:, :-1][keep], targets[keep], head)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Linear) -> torch.Tensor:
+    """sum(cross_entropy(head(hidden), targets)) over rows, in chunks of rows, differentiable in `hidden` and the
+    head's weight and bias. Under autocast the head runs in the autocast dtype (its weight cast once per call)."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head.weight.dtype
+    bias = None if head.bias is None else head.bias.to(dtype)
+    chunk = max(1, CHUNK_ELEMENTS // head.weight.shape[0])
+    return _FusedLinearCE.apply(hidden, head.weight.to(dtype), bias, targets, chunk, torch.is_grad_enabled())
+
+
+class _FusedLinearCE(torch.autograd.Function):
+    """Cross-entropy of `hidden @ weight.T + bias`, chunk by chunk: each chunk's logits give its loss and, right
+    away, the gradients (softmax - one-hot), then are freed; backward only scales the stored gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor, chunk: int, grad_enabled: bool) -> torch.Tensor:
+        need_hidden, need_weight, need_bias = (grad_enabled and need for need in ctx.needs_input_grad[:3])
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, len(targets), chunk):
+                rows, target = hidden[start:start + chunk].to(weight.dtype), targets[start:start + chunk, None]
+                logits = F.linear(rows, weight, bias).float()
+                lse = torch.logsumexp(logits, -1, keepdim=True)
+                total += (lse - logits.gather(1, target)).sum()
+                if not (need_hidden or need_weight or need_bias):
+                    continue
+                grad = logits.sub_(lse).exp_().scatter_add_(1, target, -torch.ones_like(lse)).to(weight.dtype)
+                if grad_hidden is not None:
+                    grad_hidden[start:start + chunk] = grad @ weight
+                if grad_weight is not None:
+                    grad_weight += grad.T @ rows
+                if grad_bias is not None:
+                    grad_bias += grad.sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.dtypes
+        return (None if grad_hidden is None else grad_hidden * grad_out,
+                None if grad_weight is None else (grad_weight * grad_out).to(weight_dtype),
+                None if grad_bias is None else (grad_bias * grad_out).to(bias_dtype), None, None, None)
+
+
+# ---- the loop's hook --------------------------------------------------------------------------------------------
+class FastPath:
+    """How the training loop computes a micro-batch's summed loss: precision, chunked LM loss, checkpointing."""
+
+    def __init__(self, model: nn.Module, task: SingleTask | MultiTask, precision: Precision = "auto",
+                 chunked_loss: bool = True, checkpointing: bool = False):
+        self.task = task
+        self.dtype = resolve_precision(precision, model)
+        self.head = output_head(model) if chunked_loss and getattr(task, "kind", None) == "text" else None
+        self.checkpointing = checkpointing
+        if checkpointing and not getattr(_unwrap(model), "supports_gradient_checkpointing", False):
+            raise ConfigError(f"gradient_checkpointing: {type(_unwrap(model)).__name__} does not support activation "
+                              "checkpointing in transformers; set train.gradient_checkpointing: false")
+
+    def loss_sum(self, model: nn.Module, inputs: dict[str, torch.Tensor],
+                 batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The task's loss of one batch (`task.loss_sum` of `model(**inputs)`), computed the fast way."""
+        autocast = torch.autocast(_device(model).type, self.dtype) if self.dtype else nullcontext()
+        with autocast, checkpointed(model) if self.checkpointing else nullcontext():
+            if self.head is not None:
+                return lm_loss_sum(model, self.head, inputs, batch["labels"])
+            return self.task.loss_sum(logits_of(model(**inputs)), batch)
+
+
+@contextmanager
+def checkpointed(model: nn.Module) -> Iterator[None]:
+    """Activation checkpointing (non-reentrant) for the forwards inside; the model is left as it was found."""
+    inner = _unwrap(model)
+    if inner.is_activation_checkpointing:
+        yield
+        return
+    had_input_hooks = bool(getattr(inner, "_require_grads_hooks", None))
+    inner.activation_checkpointing_enable({"use_reentrant": False})
+    if not had_input_hooks:  # non-reentrant checkpointing does not need inputs that require grad
+        inner.disable_input_require_grads()
+    try:
+        yield
+    finally:
+        inner.activation_checkpointing_disable()
+
+
+def update_metrics(state: MetricState, model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor,
+                   count: bool = True) -> None:
+    """Run one evaluation batch and (if `count`) add it to `state`; causal-LM loss without materialising the
+    logits where possible. (Sharded evaluation runs uncounted batches too: every rank joins every forward.)"""
+    where = output_head(model) if state.task == "text" else None
+    if where is None:
+        logits = logits_of(model(**inputs))
+        if count:
+            state.update(logits, labels)
+        return
+    loss = float(lm_loss_sum(model, where, inputs, labels))
+    if count:
+        state.add_loss(loss, units(labels, "text"))
+
+
+# ---- allocator ---------------------------------------------------------------------------------------------------
+def tune_allocator() -> dict[str, int]:
+    """Stop glibc from returning freed memory to the kernel after every step (mmap'ed big blocks and heap trims
+    cost ~25% of a CPU training step here): set M_MMAP_MAX=0 and a 1 GiB M_TRIM_THRESHOLD in this process with
+    mallopt, and export the same MALLOC_* variables for child processes. Values the user already set in the
+    environment are kept (glibc applied them at start-up). Returns what was applied ({} without glibc)."""
+    libc_name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(libc_name) if libc_name else None
+    if libc is None or not hasattr(libc, "mallopt"):
+        return {}
+    applied = {}
+    for name, value in ALLOCATOR_ENV.items():
+        if name in os.environ:
+            continue
+        if libc.mallopt(_MALLOPT[name], value) == 1:
+            os.environ[name] = str(value)
+            applied[name] = value
+    return applied
+
+
+def _sharded(model: nn.Module) -> bool:
+    """FSDP (1 or 2) shards the head's weight outside its own forward: such models get the plain loss."""
+    return any(type(m).__name__.startswith(("FullyShardedDataParallel", "FSDP")) for m in (model, _unwrap(model)))
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel-style wrapper (`.module`), or the model itself."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
