@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -28,7 +27,9 @@ console = Console(stderr=False, highlight=False)
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # our own progress bar is the only one
+    import datasets
+
+    datasets.disable_progress_bars()  # our own progress bar is the only one (datasets is imported already)
     if argv is None:  # a real `deltatune` process (console script or python -m), not a call from Python code
         from deltatune.train.speed import tune_allocator
 
