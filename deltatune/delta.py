@@ -137,6 +137,7 @@ class Delta(DeltaBase, ABC):
     mergeable: ClassVar[bool] = False
     role: ClassVar[str] = "delta"  # "head" for new task heads: the optimizer may give them their own LR
     preserves_output: ClassVar[bool] = True  # attaching leaves the model's outputs unchanged until trained
+    extra_positions: int = 0  # sequence positions the delta occupies (virtual tokens, prefixes), set by build()
 
     def __init__(self, model: nn.Module, config: DeltaConfig):
         self.model = model
@@ -373,6 +374,11 @@ def check_same_base(saved: dict[str, Any], current: dict[str, Any]) -> None:
         f"this delta was saved for another base model ({saved['class']} from {saved['name_or_path']}); "
         f"the given model is {current['class']} from {current['name_or_path']}. Differences: {'; '.join(diffs)}. "
         "Load the same base model the delta was trained on.")
+
+
+def occupied_positions(model: nn.Module) -> int:
+    """Sequence positions the deltas attached to `model` take from its context (virtual tokens, prefixes)."""
+    return sum(delta.extra_positions for delta in _ATTACHED.get(model, []))
 
 
 def owned_tensors(model: nn.Module) -> set[int]:

@@ -57,8 +57,11 @@ def generate_ids(model: nn.Module, prompts: Sequence[Sequence[int]], sampling: S
         raise ConfigError("generate needs at least one non-empty prompt")
     width = max(len(p) for p in prompts)
     if (limit := context_length(model)) is not None and width + sampling.max_new_tokens > limit:
+        from deltatune.delta import occupied_positions
+
+        taken = f" (with {n} positions taken by the delta's virtual tokens)" if (n := occupied_positions(model)) else ""
         raise ConfigError(f"a prompt of {width} tokens and max_new_tokens={sampling.max_new_tokens} do not fit the "
-                          f"model's context of {limit} tokens; shorten the prompt or lower --max-new-tokens")
+                          f"model's context of {limit} tokens{taken}; shorten the prompt or lower --max-new-tokens")
     device = next(model.parameters()).device
     ids = torch.tensor([[pad_token_id] * (width - len(p)) + list(p) for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
@@ -101,8 +104,12 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list
 
 
 def context_length(model: nn.Module) -> int | None:
-    """The most tokens (prompt + new) the model's position embeddings take, if its config says."""
-    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    """The most tokens (prompt + new) the model's position embeddings take, if its config says, less the
+    positions attached deltas occupy (prompt tokens, prefixes)."""
+    from deltatune.delta import occupied_positions
+
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return None if limit is None else limit - occupied_positions(model)
 
 
 def eos_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:

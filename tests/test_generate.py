@@ -44,6 +44,14 @@ def test_prompt_and_new_tokens_beyond_the_context_are_an_error():
                                                     "model's context of 64 tokens; shorten the prompt or lower"):
         generate_ids(model, [list(range(3, 63)), [5]], Sampling(max_new_tokens=5), pad_token_id=0)
 
+    for config in [Prompt(n_tokens=10), Prefix(n_tokens=10)]:  # their positions come out of the context
+        delta = deltatune.attach(model, config)
+        assert len(generate_ids(model, [list(range(3, 53))], Sampling(max_new_tokens=4), pad_token_id=0)[0]) == 4
+        with pytest.raises(deltatune.ConfigError, match="a prompt of 50 tokens and max_new_tokens=5 do not fit the "
+                           r"model's context of 54 tokens \(with 10 positions taken by the delta"):
+            generate_ids(model, [list(range(3, 53))], Sampling(max_new_tokens=5), pad_token_id=0)
+        delta.detach()
+
 
 def test_stop_strings_cut_the_output():
     assert cut_at_stop("a. b\nc", ["\n", "."]) == "a"

@@ -112,7 +112,7 @@ class PrefixDelta(Delta):
         name, embeddings = input_embeddings(self.model, self.method)
         weight = embeddings.weight
         like = dict(device=weight.device, dtype=weight.dtype)
-        n = cfg.n_tokens
+        n = self.extra_positions = cfg.n_tokens  # real tokens take positions after the prefix
         if cfg.reparam == "mlp":
             prefix = MLPPrefix(torch.randn(n, weight.shape[1], **like) * cfg.init_std, cfg.hidden_size,
                                shape.width).to(**like)

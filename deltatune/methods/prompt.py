@@ -189,7 +189,7 @@ class InputTokensDelta(Delta):
         self.causal = is_causal(self.model)
         position = self.config.position  # type: ignore[attr-defined]
         self.keep_first = int(position == "after_first" or (position == "auto" and not self.causal))
-        self.n = len(self.before) + len(self.after)
+        self.n = self.extra_positions = len(self.before) + len(self.after)
         self.register_literals(torch.tensor(self.literal_ids, dtype=torch.long, device=embeddings.weight.device))
         self._restore: torch.Tensor | None = None
         self._hooks = [self.model.register_forward_pre_hook(self._before, with_kwargs=True),
