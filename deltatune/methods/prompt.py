@@ -189,15 +189,13 @@ class InputTokensDelta(Delta):
         self.causal = is_causal(self.model)
         position = self.config.position  # type: ignore[attr-defined]
         self.keep_first = int(position == "after_first" or (position == "auto" and not self.causal))
-        self.n = self.extra_positions = len(self.before) + len(self.after)
-        self.register_literals(torch.tensor(self.literal_ids, dtype=torch.long, device=embeddings.weight.device))
+        self.extra_positions = len(self.before) + len(self.after)
+        ids = torch.tensor(self.literal_ids, dtype=torch.long, device=embeddings.weight.device)
+        self.carrier.register_buffer("literal_ids", ids, persistent=False)
         self._restore: torch.Tensor | None = None
         self._hooks = [self.model.register_forward_pre_hook(self._before, with_kwargs=True),
                        self.model.register_forward_hook(self._after, with_kwargs=True)]
         return list(self.carrier.tokens.parameters())
-
-    def register_literals(self, ids: torch.Tensor) -> None:
-        self.carrier.register_buffer("literal_ids", ids, persistent=False)
 
     def restore(self) -> None:
         for hook in self._hooks:
@@ -232,9 +230,10 @@ class InputTokensDelta(Delta):
         mask = kwargs.get("attention_mask")
         cache = kwargs.get("past_key_values")
         if cache is not None and cache.get_seq_length() > 0:  # cached decoding: virtual tokens are in the cache
-            full = torch.ones(batch, cache.get_seq_length() + length - self.n, dtype=torch.long, device=x.device)
+            n = self.extra_positions
+            full = torch.ones(batch, cache.get_seq_length() + length - n, dtype=torch.long, device=x.device)
             mask = full if mask is None else mask
-            mask = torch.cat([mask.new_ones(batch, self.n), mask], 1).sort(dim=1).values  # pads first, as laid out
+            mask = torch.cat([mask.new_ones(batch, n), mask], 1).sort(dim=1).values  # pads first, as laid out
             kwargs["attention_mask"] = mask
             if takes(self.model, "position_ids"):
                 kwargs["position_ids"] = positions(mask)[:, -length:]
@@ -248,7 +247,7 @@ class InputTokensDelta(Delta):
         kwargs["inputs_embeds"] = table.gather(1, idx[..., None].expand(-1, -1, table.shape[-1]))
 
         def spread(t: torch.Tensor, fill: int) -> torch.Tensor:
-            return torch.cat([t, t.new_full((batch, self.n), fill)], 1).gather(1, idx)
+            return torch.cat([t, t.new_full((batch, self.extra_positions), fill)], 1).gather(1, idx)
 
         kwargs["attention_mask"] = new_mask = spread(mask, 1)
         if kwargs.get("token_type_ids") is not None:
@@ -267,7 +266,7 @@ class InputTokensDelta(Delta):
         where, self._restore = self._restore, None
         logits = getattr(output, "logits", None)
         if where is not None and isinstance(logits, torch.Tensor) and logits.dim() >= 3 \
-                and logits.shape[1] == where.shape[1] + self.n:
+                and logits.shape[1] == where.shape[1] + self.extra_positions:
             output.logits = logits.gather(1, where[..., None].expand(-1, -1, logits.shape[-1]))
         return output
 
@@ -344,7 +343,7 @@ class PTuningDelta(InputTokensDelta):
                               f"{cfg.template!r} has {len(literals)} words/{{mask}} pieces")
         self.before, self.after, self.literal_ids = self.slots(cfg.pieces(), cfg.literal_token_ids or [])
         weight = embeddings.weight
-        n_virtual = sum(p == "[P]" for part in cfg.pieces() for p in part)
+        n_virtual = len(self.before) + len(self.after) - len(self.literal_ids)
         encoder = ENCODERS[cfg.encoder](weight.shape[1], cfg.hidden_size).to(weight.device, weight.dtype)
         init = torch.randn(n_virtual, weight.shape[1]) * weight.detach().float().std()
         return VirtualTokens(init.to(weight.device, weight.dtype), encoder)
