@@ -22,7 +22,7 @@ from deltatune.delta import DeltaConfig
 from deltatune.errors import ConfigError
 from deltatune.eval_generation import GenerationEval
 from deltatune.registry import parse_delta_config
-from deltatune.schema import Schema
+from deltatune.schema import Schema, nested
 from deltatune.train import TrainConfig
 from deltatune.train.tasks import MultiTaskConfig, TaskConfig, check_run_tasks, parse_task_configs
 
@@ -69,10 +69,7 @@ class RunConfig(Schema):
 
     _parse_tasks = field_validator("tasks", mode="before")(parse_task_configs)
 
-    @field_validator("multitask", mode="before")
-    @classmethod
-    def _multitask_schema(cls, value: Any) -> Any:
-        return MultiTaskConfig(**value) if isinstance(value, dict) else value
+    _multitask_schema = nested("multitask", MultiTaskConfig)
 
     @model_validator(mode="after")
     def _data_or_tasks(self) -> RunConfig:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from deltatune.errors import config_error
 
@@ -24,3 +24,12 @@ class Schema(BaseModel):
     def schema_name(cls) -> str:
         """How errors name this section when it is built on its own (e.g. `LoRA(r=0)`)."""
         return cls.section or cls.__name__
+
+
+def nested(field: str, schema: type[Schema]) -> Any:
+    """A before-validator building an optional nested section through its own Schema (a mapping -> `schema(**it)`),
+    so its errors name the nested key and list that section's allowed keys. Use as `_x = nested("x", XConfig)`."""
+    def build(value: Any) -> Any:
+        return schema(**value) if isinstance(value, dict) else value
+
+    return field_validator(field, mode="before")(build)

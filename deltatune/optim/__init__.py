@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from deltatune.optim.galore import GaLoreConfig
-from deltatune.schema import Schema
+from deltatune.schema import Schema, nested
 
 GALORE_NAMES = ("galore_adamw", "galore_adamw8bit")
 
@@ -45,11 +45,7 @@ class OptimizerConfig(Schema):
     warmup_steps: int | None = Field(None, ge=0)  # overrides warmup_ratio
     galore: GaLoreConfig | None = None  # galore_adamw / galore_adamw8bit only; their default when left out
 
-    @field_validator("galore", mode="before")
-    @classmethod
-    def _galore_schema(cls, value: object) -> object:
-        """Build it through its own Schema, so errors name the nested key and list its allowed keys."""
-        return GaLoreConfig(**value) if isinstance(value, dict) else value
+    _galore_schema = nested("galore", GaLoreConfig)
 
     @model_validator(mode="after")
     def _galore_needs_galore_optimizer(self) -> OptimizerConfig:
