@@ -149,9 +149,8 @@ def run_reference(model, train: list[dict], spec: dict):
 def run_deltatune(model, train: list[dict], spec: dict):
     """deltatune's public API (attach + train) with its defaults, except the lever a side changes.
 
-    Variable-length data is packed (data.packing) into rows of max_length; a step then takes as many rows as hold
-    the reference's tokens per step (batch x mean example length), so both sides take about as many optimizer
-    steps over the same epoch. Prompt tuning rewrites the inputs and cannot be packed: it is padded as usual."""
+    Variable-length data is packed (data.packing): each step's examples (the same batches as without packing) go
+    into rows of at most max_length tokens. Prompt tuning rewrites the inputs and cannot be packed: it is padded."""
     lever = SIDES[spec["side"]]
     if lever.get("allocator", True):
         from deltatune.train.speed import tune_allocator
@@ -166,18 +165,17 @@ def run_deltatune(model, train: list[dict], spec: dict):
 
     delta = deltatune.attach(model, method_config(spec))
     rows = Dataset.from_list([{**e, "attention_mask": [1] * len(e["input_ids"])} for e in train])
-    batch = spec["batch"]
-    if lever.get("packing", True) and spec["method"] != "prompt" and len({len(e["input_ids"]) for e in train}) > 1:
-        from deltatune.data.packing import pack, prepare_model
+    packing = (lever.get("packing", True) and spec["method"] != "prompt"
+               and len({len(e["input_ids"]) for e in train}) > 1)
+    if packing:
+        from deltatune.data.packing import prepare_model
 
-        rows = pack(rows, spec["max_length"])
         prepare_model(model)
-        batch = max(1, round(spec["batch"] * sum(len(e["input_ids"]) for e in train) / len(train) / spec["max_length"]))
     empty = Dataset.from_dict({"input_ids": [], "attention_mask": [], "labels": []})
     data = TaskData(rows, empty, empty, task="text", label_names=None, num_labels=None, source={})
-    recorder = Recorder(Collator(tokenizer().pad_token_id))
+    recorder = Recorder(Collator(tokenizer().pad_token_id, pack_to=spec["max_length"] if packing else None))
     knobs = {k: v for k, v in lever.items() if k not in ("allocator", "packing")}
-    cfg = deltatune.TrainConfig(epochs=1, batch_size=batch, seed=spec["seed"], log_every=10**6,
+    cfg = deltatune.TrainConfig(epochs=1, batch_size=spec["batch"], seed=spec["seed"], log_every=10**6,
                                 eval_baseline=False, optimizer=deltatune.OptimizerConfig(lr=LR[spec["method"]]),
                                 **knobs)
     deltatune.train(model, delta, data, cfg, spec["out"], collate=recorder,

@@ -39,7 +39,8 @@ class Session:
     data: TaskData | MultiTaskData
 
     def collator(self) -> Collator | TaskCollator:
-        collate = Collator(self.tokenizer.pad_token_id)
+        packing = self.config.tasks is None and self.config.data.packing
+        collate = Collator(self.tokenizer.pad_token_id, pack_to=self.config.data.max_length if packing else None)
         return TaskCollator(collate) if isinstance(self.data, MultiTaskData) else collate
 
 

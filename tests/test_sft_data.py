@@ -13,12 +13,13 @@ import torch
 import torch.nn.functional as F
 import transformers as T
 import yaml
+from safetensors.torch import load_file
 
 from deltatune.data import TEMPLATE_FILE, TEMPLATES, Collator, DataConfig, prepare_data, real_tokens, resolve_template
 from deltatune.data.chat import encode_conversations, render
 from deltatune.data.conversations import detect_format
 from deltatune.data.load import read_table
-from deltatune.data.packing import pack, prepare_model
+from deltatune.data.packing import pack_examples, prepare_model
 from deltatune.errors import ConfigError, DataError
 from deltatune.train.metrics import loss_sum, units
 from tiny import tiny_chat_tokenizer, tiny_config, tiny_model
@@ -307,39 +308,46 @@ def test_smollm2_template_masks_token_by_token() -> None:
 
 # --- packing ----------------------------------------------------------------------------------------------------------
 
-def packed_and_plain(tmp_path: Path, tok: Any, max_length: int = 120):
-    """Conversations of 31 to 58 tokens (tiny GPT-2 has 64 positions), packed into rows of 120 and not."""
+def plain_examples(tmp_path: Path, tok: Any) -> list[dict[str, Any]]:
+    """Eight conversations of 31 to 58 tokens (tiny GPT-2 has 64 positions), tokenized without packing."""
     records = [{"messages": [{"role": "user", "content": f"q{'ab' * (i // 2)}"},
                              {"role": "assistant", "content": f"a{i}"},
                              {"role": "user", "content": "m"},
                              {"role": "assistant", "content": "x" * (i % 4) + "."}]} for i in range(1, 9)]
     records[2]["messages"] = records[2]["messages"][:2]
-    path = write_jsonl(tmp_path / "p.jsonl", records)
-    return prepare(path, tok, packing=True, max_length=max_length), prepare(path, tok, max_length=max_length)
+    data = prepare(write_jsonl(tmp_path / "p.jsonl", records), tok, packing=True, max_length=120)
+    return [data.train[i] for i in range(len(data.train))]
 
 
-def test_pack_rows(tmp_path: Path, tok: Any) -> None:
-    packed, plain = packed_and_plain(tmp_path, tok)
-    lengths = sorted(len(ex["input_ids"]) for ex in plain.train)
-    assert packed.source["train"]["rows"] == len(packed.train) < len(plain.train)
+def test_pack_examples_rows(tmp_path: Path, tok: Any) -> None:
+    examples = plain_examples(tmp_path, tok)
+    rows = pack_examples(examples, 120)
+    assert len(rows) == -(-sum(len(ex["input_ids"]) for ex in examples) // 120) < len(examples)  # fewest rows
     pieces = []
-    for row in packed.train:
+    for row in rows:
         assert len(row["input_ids"]) <= 120
         starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["input_ids"])]
         assert row["position_ids"] == [p for a, b in zip(starts, starts[1:]) for p in range(b - a)]
         for a, b in zip(starts, starts[1:]):
-            pieces.append(b - a)
+            pieces.append(row["input_ids"][a:b])
             assert row["labels"][a] == -100
-    assert sorted(pieces) == lengths
-    with pytest.raises(ConfigError, match="example 0 has 3 tokens, more than max_length=2"):
-        pack(plain.train.select([0]).map(lambda ex: {"input_ids": [1, 2, 3]}), 2)
+    assert sorted(pieces) == sorted(ex["input_ids"] for ex in examples)
+    assert pack_examples([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}], 2)[0]["input_ids"] == [1, 2, 3]  # own row
+
+
+@pytest.mark.parametrize(("lengths", "rows"), [([200, 120, 90, 60, 40, 40, 30, 20], [200, 200, 200]),
+                                              ([250, 10, 10], [20, 250]), ([5] * 40, [200])])
+def test_packed_rows_are_balanced(lengths: list[int], rows: list[int]) -> None:
+    """The fewest rows best-fit finds, at the smallest row length that keeps them (plain best-fit into 256 would
+    give 250 / 240 / 110 in the first case: 150 padding tokens instead of none)."""
+    examples = [{"input_ids": [7] * n, "labels": [7] * n} for n in lengths]
+    assert sorted(len(r["input_ids"]) for r in pack_examples(examples, 256)) == rows
 
 
 def test_collator_shapes(tmp_path: Path, tok: Any) -> None:
-    packed, plain = packed_and_plain(tmp_path, tok)
-    collate = Collator(tok.pad_token_id)
-    rows = [packed.train[i] for i in range(len(packed.train))]
-    batch = collate(rows)
+    examples = plain_examples(tmp_path, tok)
+    batch = Collator(tok.pad_token_id, pack_to=120)(examples)
+    rows = pack_examples(examples, 120)
     width = max(len(r["input_ids"]) for r in rows)
     assert set(batch) == {"input_ids", "labels", "position_ids", "num_tokens"}
     assert batch["input_ids"].shape == batch["labels"].shape == batch["position_ids"].shape == (len(rows), width)
@@ -347,10 +355,11 @@ def test_collator_shapes(tmp_path: Path, tok: Any) -> None:
     n = len(rows[short]["input_ids"])
     assert batch["position_ids"][short, n:].tolist() == list(range(width - n))  # the padding is its own sequence
     assert (batch["labels"][short, n:] == -100).all() and (batch["input_ids"][short, n:] == tok.pad_token_id).all()
-    plain_batch = collate([plain.train[i] for i in range(len(plain.train))])
+    plain_batch = Collator(tok.pad_token_id)(examples)
     assert set(plain_batch) == {"input_ids", "attention_mask", "labels"}
-    assert real_tokens(batch) == real_tokens(plain_batch) == sum(len(ex["input_ids"]) for ex in plain.train)
+    assert real_tokens(batch) == real_tokens(plain_batch) == sum(len(ex["input_ids"]) for ex in examples)
     assert units(batch["labels"], "text") == units(plain_batch["labels"], "text")
+    assert batch["input_ids"].numel() < plain_batch["input_ids"].numel()
 
 
 def per_example_losses(logits: torch.Tensor, labels: torch.Tensor, segments: torch.Tensor) -> list[float]:
@@ -364,7 +373,7 @@ def per_example_losses(logits: torch.Tensor, labels: torch.Tensor, segments: tor
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packing_gives_the_per_example_losses_of_unpacked_examples(tmp_path: Path, tok: Any, arch: str,
                                                                     attn: str) -> None:
-    packed, plain = packed_and_plain(tmp_path, tok)
+    examples = plain_examples(tmp_path, tok)
     config = tiny_config(arch)
     config._attn_implementation = attn
     torch.manual_seed(0)
@@ -373,15 +382,16 @@ def test_packing_gives_the_per_example_losses_of_unpacked_examples(tmp_path: Pat
     collate = Collator(tok.pad_token_id)
     with torch.no_grad():
         expected = {}  # each example alone, keyed by its token ids
-        for ex in plain.train:
+        for ex in examples:
             batch = collate([ex])
             expected[tuple(ex["input_ids"])] = float(loss_sum(model(input_ids=batch["input_ids"]).logits,
                                                               batch["labels"], "text"))
-        batch = collate([packed.train[i] for i in range(len(packed.train))])
+        rows = pack_examples(examples, 120)
+        batch = collate(rows)
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
     segments = torch.full_like(batch["input_ids"], -1)
     keys, k = [], 0
-    for r, row in enumerate(packed.train):
+    for r, row in enumerate(rows):
         starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["input_ids"])]
         for a, b in zip(starts, starts[1:]):
             segments[r, a:b] = k
@@ -421,8 +431,8 @@ def test_prepare_model_rejects_deltas_that_rewrite_inputs() -> None:
 # --- whole runs -------------------------------------------------------------------------------------------------------
 
 def test_sft_run_with_packing_matches_unpacked_and_evals(tmp_path: Path, tok: Any, capsys) -> None:
-    """A packed run trains exactly like the unpacked one (same losses), saves the template, and `deltatune eval`
-    reports loss and perplexity."""
+    """A packed run takes the same steps on the same examples as the unpacked one (same losses and weights, fp32),
+    saves the template, and `deltatune eval` reports loss and perplexity."""
     from deltatune.cli import main
     from deltatune.config import validate_config
     from deltatune.run import run_training
@@ -430,20 +440,25 @@ def test_sft_run_with_packing_matches_unpacked_and_evals(tmp_path: Path, tok: An
     model_dir = tmp_path / "model"
     tiny_model("llama", head="lm").save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
-    packed_and_plain(tmp_path, tok)  # writes p.jsonl
-    losses, results = {}, {}
+    plain_examples(tmp_path, tok)  # writes p.jsonl
+    losses, results, weights = {}, {}, {}
     for packing in (True, False):
         raw = {"model": {"path": str(model_dir)},
                "data": {"train": str(tmp_path / "p.jsonl"), "format": "auto", "split": [0.75, 0.25, 0],
                         "max_length": 120, "packing": packing},
                "delta": [{"method": "lora", "r": 4, "targets": "all-linear"}],
-               "train": {"epochs": 3, "batch_size": 8, "log_every": 1, "optimizer": {"lr": 1e-2}},
+               "train": {"epochs": 3, "batch_size": 2, "log_every": 1, "optimizer": {"lr": 1e-2}, "precision": "fp32"},
                "output_dir": str(tmp_path / f"run-{packing}")}
         _, results[packing] = run_training(validate_config(raw))
         losses[packing] = [json.loads(line)["loss"] for line in (tmp_path / f"run-{packing}" / "metrics.jsonl")
                            .read_text().splitlines()]
-    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+        weights[packing] = load_file(tmp_path / f"run-{packing}" / "best" / "delta.safetensors")
+    assert len(losses[True]) == 3 * 3 + 4  # 9 steps (3 per epoch), baseline + 3 validations
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
     assert losses[True][-1] < losses[True][0]
+    assert weights[True].keys() == weights[False].keys()
+    for name, tensor in weights[True].items():
+        torch.testing.assert_close(tensor, weights[False][name], rtol=1e-4, atol=1e-6)
     run = tmp_path / "run-True"
     assert (run / TEMPLATE_FILE).read_text() == (run / "best" / TEMPLATE_FILE).read_text() == TEMPLATES["chatml"]
     assert yaml.safe_load((run / "config.yaml").read_text())["data"]["packing"] is True

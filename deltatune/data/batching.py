@@ -9,6 +9,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from deltatune.data.packing import pack_examples
 from deltatune.errors import ConfigError
 
 
@@ -19,15 +20,20 @@ class Collator:
     Returns input_ids, attention_mask (LongTensor [batch, length]) and labels: padded with -100 where they are
     token sequences (causal LM), else a 1-D tensor (long for class ids, float for regression); token_type_ids
     (sentence pairs on BERT-style models) are padded with 0 when the examples have them. Other keys are ignored.
-    Packed rows (with position_ids, see packing.py) give input_ids, labels, position_ids and num_tokens (the real
-    tokens, a 0-d tensor the loop counts) and no attention_mask: the padding is one more short sequence at the end.
+    With `pack_to` (causal-LM examples; data.packing) the examples are first packed into rows of at most that many
+    tokens (packing.pack_examples). Packed rows (with position_ids) give input_ids, labels, position_ids and
+    num_tokens (the real tokens, a 0-d tensor the loop counts) and no attention_mask: the padding is one more short
+    sequence at the end.
     """
 
     tokenizer_pad_id: int
     pad_to_multiple_of: int | None = None
     padding_side: Literal["right", "left"] = "right"
+    pack_to: int | None = None
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if self.pack_to:
+            examples = pack_examples(examples, self.pack_to)
         length = max(len(ex["input_ids"]) for ex in examples)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of

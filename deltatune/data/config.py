@@ -52,7 +52,7 @@ class DataConfig(Schema):
     roles: dict[str, Literal["system", "user", "assistant"]] = {}  # role names in the data -> chat roles
     chat_template: str | None = None  # a name (chatml, llama3, alpaca) or inline jinja; unset: the tokenizer's own
     train_on_prompt: bool = False  # loss on every token, not only on the assistant turns
-    packing: bool = False  # concatenate examples into rows of max_length (no padding, no cross-example attention)
+    packing: bool = False  # each step's examples in rows of max_length (little padding, no cross-example attention)
     skip_bad_records: bool = False  # skip (and count) malformed records instead of stopping at the first one
 
     @model_validator(mode="after")

@@ -14,7 +14,6 @@ from deltatune.data.config import CHAT_FORMATS, DataConfig
 from deltatune.data.conversations import RecordError, detect_format
 from deltatune.data.formats import FORMATS
 from deltatune.data.load import Table, read_table
-from deltatune.data.packing import pack
 from deltatune.data.truncation import check_truncation, effective_max_length
 from deltatune.errors import DataError
 
@@ -36,8 +35,7 @@ class TaskData:
     label_names: list[str] | None
     num_labels: int | None
     # split -> file, records, examples, split_from_train; with skip_bad_records "skipped" (bad records of the split's
-    # own file, else 0: a split cut from the training file is counted there) and "first_skipped" (file:line: why);
-    # with packing "rows" (the packed rows the examples became)
+    # own file, else 0: a split cut from the training file is counted there) and "first_skipped" (file:line: why)
     source: dict[str, dict[str, Any]]
     format: str = ""  # the format used (the detected one for `format: auto`)
     chat_template: str | None = None  # the jinja chat template the examples were rendered with (chat formats)
@@ -74,10 +72,6 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int 
     if cfg.skip_bad_records:
         for s in SPLITS:
             source[s] |= {"skipped": len(skipped[s]), "first_skipped": skipped[s][0] if skipped[s] else None}
-    if cfg.packing:
-        data = {s: pack(data[s], cfg.max_length) if len(data[s]) else data[s] for s in SPLITS}
-        for s in SPLITS:
-            source[s]["rows"] = len(data[s])
     template = resolve_template(tokenizer, cfg.chat_template) if cfg.format in CHAT_FORMATS else None
     return TaskData(**data, task=fmt.task, label_names=names, num_labels=len(names) if names else fmt.num_labels,
                     source=source, format=cfg.format, chat_template=template)
