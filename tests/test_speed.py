@@ -285,9 +285,11 @@ def test_tune_allocator_keeps_the_users_own_settings(monkeypatch):
     monkeypatch.setattr(speed.ctypes, "CDLL", lambda name: FakeLibc())
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")  # glibc applied it at start-up
     monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "1024")
     assert speed.tune_allocator() == {"MALLOC_MMAP_MAX_": 0}
     assert calls == [(-4, 0)]  # M_MMAP_MAX only
     assert speed.os.environ["MALLOC_TRIM_THRESHOLD_"] == "12345"
+    assert speed.os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "1024"
 
 
 def test_cli_tunes_the_allocator_only_as_its_own_process(monkeypatch):
