@@ -64,6 +64,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     sweeps = list(dict.fromkeys(r["sweep"] for r in rows))
     fig, axes = plt.subplots(2, len(sweeps), figsize=(4.2 * len(sweeps), 6.5), squeeze=False)
@@ -78,6 +79,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         axes[1][col].set_xlabel("parameters (M)" if key == "model" else key)
         for row in (0, 1):
             axes[row][col].set_xscale("log", base=2 if key != "model" else 10)
+            axes[row][col].xaxis.set_minor_formatter(NullFormatter())  # overlapping 3x10^1 4x10^1 ... labels
             axes[row][col].set_ylim(bottom=0)
             axes[row][col].grid(alpha=0.3)
     axes[0][0].set_ylabel("real tokens/s")
