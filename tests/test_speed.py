@@ -4,6 +4,7 @@ activation checkpointing with every method, no gradient work for frozen weights,
 from __future__ import annotations
 
 import json
+import resource
 import subprocess
 import sys
 import textwrap
@@ -302,3 +303,32 @@ def test_cli_tunes_the_allocator_only_as_its_own_process(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["deltatune", "methods"])
     assert cli.main() == 0
     assert calls == [1]
+
+
+def test_heap_is_trimmed_only_when_the_rss_grew_by_the_slack(monkeypatch):
+    """tune_allocator keeps freed blocks; trim_heap_if_grown gives them back once the RSS grew HEAP_SLACK_MB."""
+    trims = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            return 1
+
+        def malloc_trim(self, pad):
+            trims.append(pad)
+
+    for name in speed.ALLOCATOR_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(speed.ctypes, "CDLL", lambda name: FakeLibc())
+    monkeypatch.setattr(speed, "_HEAP", {"libc": None, "floor_mb": None})
+    readings = iter([1000, 1200, 1000 + speed.HEAP_SLACK_MB + 1, 1100, 1300])
+    monkeypatch.setattr(speed, "rss_mb", lambda: next(readings))
+    assert speed.trim_heap_if_grown() is False  # tune_allocator has not run: never (nothing is read)
+    speed.tune_allocator()
+    assert [speed.trim_heap_if_grown() for _ in range(3)] == [False, False, True]  # floor 1000; 1200; 1513
+    assert trims == [0]
+    assert speed.trim_heap_if_grown() is False and speed._HEAP["floor_mb"] == 1100  # the step after a trim: floor
+    assert speed.trim_heap_if_grown() is False  # 1300: within the slack of 1100
+
+
+def test_rss_mb_reads_this_process():
+    assert 10 < speed.rss_mb() < resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 + 1

@@ -203,6 +203,7 @@ def train(model: nn.Module, delta: DeltaBase, data: TaskData | MultiTaskData, cf
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            speed.trim_heap_if_grown()
             step += 1
             st["batch"] += len(group)
             end_of_epoch = st["batch"] >= len(batches)

@@ -229,7 +229,42 @@ def tune_allocator() -> dict[str, int]:
             continue
         os.environ[name] = str(value)
         applied[name] = value
+    if applied.keys() & _MALLOPT.keys() and hasattr(libc, "malloc_trim"):
+        _HEAP.update(libc=libc, floor_mb=None)
     return applied
+
+
+# With the settings above glibc keeps freed blocks, and batches whose shapes change every step (packed or padded
+# variable-length data) fragment the heap: a full fine-tuning run's RSS grew by ~50 MB a step without bound (7.5 GB
+# after 120 steps, llama-small). Giving the free pages back (malloc_trim) costs the page faults the settings avoid,
+# so it is done only when the RSS has grown by HEAP_SLACK_MB since the last time: LoRA runs, whose RSS stays flat,
+# never pay for it.
+HEAP_SLACK_MB = 512
+_HEAP: dict[str, Any] = {"libc": None, "floor_mb": None}
+
+
+def trim_heap_if_grown() -> bool:
+    """After a training step: malloc_trim when tune_allocator ran in this process and the RSS grew by more than
+    HEAP_SLACK_MB since the first step after the last trim (or the first call). Returns whether it trimmed."""
+    if _HEAP["libc"] is None:
+        return False
+    rss = rss_mb()
+    if _HEAP["floor_mb"] is None:
+        _HEAP["floor_mb"] = rss
+    if rss - _HEAP["floor_mb"] <= HEAP_SLACK_MB:
+        return False
+    _HEAP["libc"].malloc_trim(0)
+    _HEAP["floor_mb"] = None  # the next step's RSS (its working set faulted in again) is the new floor
+    return True
+
+
+def rss_mb() -> float:
+    """This process's resident memory now, in MB (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return 0.0
 
 
 def _mallopt(libc: ctypes.CDLL | None, param: int, value: int) -> bool:
