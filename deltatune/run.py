@@ -39,9 +39,14 @@ class Session:
     data: TaskData | MultiTaskData
 
     def collator(self) -> Collator | TaskCollator:
-        packing = self.config.tasks is None and self.config.data.packing
-        collate = Collator(self.tokenizer.pad_token_id, pack_to=self.config.data.max_length if packing else None)
+        pack_to = self.config.data.max_length if _packs(self.config) else None
+        collate = Collator(self.tokenizer.pad_token_id, pack_to=pack_to)
         return TaskCollator(collate) if isinstance(self.data, MultiTaskData) else collate
+
+
+def _packs(config: RunConfig) -> bool:
+    """Whether the run packs its batches (data.packing; multi-task runs never do)."""
+    return config.tasks is None and config.data.packing
 
 
 def open_session(config: RunConfig, delta_dir: Path | None = None) -> Session:
@@ -59,7 +64,7 @@ def open_session(config: RunConfig, delta_dir: Path | None = None) -> Session:
     model, _ = load_model(config.model.path, config.task, num_labels, dtype=config.model.dtype,
                           trust_remote_code=config.model.trust_remote_code, id2label=id2label)
     delta = load(model, delta_dir) if delta_dir else attach(model, task_deltas(config.delta, data))
-    if config.tasks is None and config.data.packing:
+    if _packs(config):
         prepare_model(model)  # no KV cache; ConfigError unless packed rows keep their examples apart
     return Session(config, model, tokenizer, delta, data)
 

@@ -237,8 +237,8 @@ def tune_allocator() -> dict[str, int]:
 # With the settings above glibc keeps freed blocks, and batches whose shapes change every step (packed or padded
 # variable-length data) fragment the heap: a full fine-tuning run's RSS grew by ~50 MB a step without bound (7.5 GB
 # after 120 steps, llama-small). Giving the free pages back (malloc_trim) costs the page faults the settings avoid,
-# so it is done only when the RSS has grown by HEAP_SLACK_MB since the last time: LoRA runs, whose RSS stays flat,
-# never pay for it.
+# so it is done only when the RSS has grown by HEAP_SLACK_MB past the step after the last trim: LoRA runs, whose
+# RSS stays flat, never pay for it.
 HEAP_SLACK_MB = 512
 _HEAP: dict[str, Any] = {"libc": None, "floor_mb": None}
 
