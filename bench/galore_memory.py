@@ -90,6 +90,7 @@ def measure(name: str, args: argparse.Namespace) -> dict:
     import deltatune
     from deltatune.methods.full import Full
     from deltatune.optim import OptimizerConfig, build_optimizer, build_scheduler
+    from deltatune.train.speed import rss_mb
 
     torch.set_num_threads(args.threads)
     data = blocks(args.seq)
@@ -103,7 +104,7 @@ def measure(name: str, args: argparse.Namespace) -> dict:
     cfg = OptimizerConfig(name=kind, lr=args.lr, schedule="constant", warmup_steps=args.steps // 10, galore=galore)
     optimizer = build_optimizer(model, delta, cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps=args.steps)
-    rss_start = _rss_mb()
+    rss_start = rss_mb()
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
     losses, start = [], time.perf_counter()
     for step in range(args.steps):
@@ -143,11 +144,6 @@ def table(results: list[dict], args: argparse.Namespace) -> str:
                      f"| {r['train_loss']:.3f} | {r['eval_loss']:.3f} | {r['eval_loss'] / base['eval_loss']:.3f} "
                      f"| {r['s_per_step']:.2f} |")
     return "\n".join(lines)
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 if __name__ == "__main__":
