@@ -315,7 +315,7 @@ def plain_examples(tmp_path: Path, tok: Any) -> list[dict[str, Any]]:
                              {"role": "user", "content": "m"},
                              {"role": "assistant", "content": "x" * (i % 4) + "."}]} for i in range(1, 9)]
     records[2]["messages"] = records[2]["messages"][:2]
-    data = prepare(write_jsonl(tmp_path / "p.jsonl", records), tok, packing=True, max_length=120)
+    data = prepare(write_jsonl(tmp_path / "p.jsonl", records), tok, max_length=120)
     return [data.train[i] for i in range(len(data.train))]
 
 
