@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from deltatune.errors import ConfigError, DeltaTuneError
@@ -129,7 +130,12 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     plain = {k: v.detach().contiguous().clone() if _shares_storage(v, tensors) else v.detach().contiguous()
              for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(plain, str(tmp), metadata=metadata)
+        try:
+            save_file(plain, str(tmp), metadata=metadata)
+        except SafetensorError as exc:  # safetensors reports I/O errors as text: a full disk must read as one
+            if full := next((code for code in DISK_FULL if f"(os error {code})" in str(exc)), None):
+                raise OSError(full, os.strerror(full), str(tmp)) from exc
+            raise
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:

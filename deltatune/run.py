@@ -80,11 +80,12 @@ def run_training(config: RunConfig, *, resume: bool = False, overwrite: bool = F
     are refused). `resume` continues the run there; `overwrite` first moves an earlier run's files aside.
     Everything is validated before the first write, so a refused command changes nothing on disk."""
     out = runfolder.output_folder(config.output_dir, config_path=config_path, resume=resume)
-    runfolder.check_run_folder(out, resume=resume, overwrite=overwrite)
-    main = is_main_process()  # under torchrun only rank 0 writes
+    main = is_main_process()  # under torchrun only rank 0 checks the folder and writes (the others wait for it)
+    if main:
+        runfolder.check_run_folder(out, resume=resume, overwrite=overwrite)
     with runfolder.run_lock(out) if main else nullcontext():
         record = runfolder.run_record(config)
-        resumed = _check_resume(out, record) if resume else None
+        resumed = _check_resume(out, record) if resume and main else None
         session = open_session(config)
         if resumed is not None and (planned := planned_steps(config.train, len(session.data.train))) < resumed:
             raise ConfigError(f"cannot resume {out}: it is at step {resumed} already, but train.epochs / "

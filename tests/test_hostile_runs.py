@@ -313,6 +313,7 @@ def test_signal_saves_the_current_step_and_resume_equals_an_uninterrupted_run(se
 
 
 # ---- 5. disk full on a real (small) tmpfs ---------------------------------------------------------------------
+@pytest.mark.slow
 def test_disk_full_on_a_real_tmpfs_keeps_the_previous_checkpoint(setup, tmp_path):
     """tests/tmpfs_worker.py runs in its own mount namespace (`unshare -rm`) on a 2 MB tmpfs: it trains, fills the
     disk, resumes (refused: no space), frees space and resumes to the end. Needs unshare; under CI it must work."""
@@ -331,6 +332,8 @@ def test_disk_full_on_a_real_tmpfs_keeps_the_previous_checkpoint(setup, tmp_path
     assert "the previous checkpoint" in report["full"]["error"] and "is unchanged" in report["full"]["error"]
     assert report["full"]["checkpoint_unchanged"] and report["full"]["best_unchanged"]
     assert report["full"]["no_temporary_files"]
+    assert report["no_byte"] == {"code": 1, "unchanged": True, "error": f"error: no space left on device in "
+                                 f"{mount}/run: nothing was written; free some space and try again"}
     assert report["resumed"] == {"code": 0, "steps": 6}
     assert report["read_only"]["code"] == 1
     assert "cannot be written" in report["read_only"]["error"] and "read-only" in report["read_only"]["error"]

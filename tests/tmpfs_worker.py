@@ -3,8 +3,9 @@ mount namespace): `python tmpfs_worker.py CONFIG MOUNT_POINT` prints one JSON re
 
 1. a 2 MB tmpfs on MOUNT_POINT; train 3 steps into it (a checkpoint after every step);
 2. fill the disk up to 16 KB, resume to step 6: the next checkpoint does not fit -> the error, the files before;
-3. free the space, resume again: the run ends at step 6;
-4. a read-only tmpfs as output_dir: one clear error.
+3. fill it completely: resuming is refused before anything changes;
+4. free the space, resume again: the run ends at step 6;
+5. a read-only tmpfs as output_dir: one clear error.
 """
 
 from __future__ import annotations
@@ -25,11 +26,10 @@ FREE = 16 * 1024  # less than one checkpoint of the tiny LoRA run, more than its
 def fill(folder: Path, leave: int) -> Path:
     """A file that takes all the free space of `folder`'s file system but `leave` bytes."""
     filler = folder / "filler"
-    with open(filler, "wb") as f:
+    with open(filler, "wb", buffering=0) as f:
         try:
             while True:
                 f.write(b"\0" * 4096)
-                f.flush()
         except OSError as exc:
             assert exc.errno == errno.ENOSPC, exc
     filler.write_bytes(b"\0" * (filler.stat().st_size - leave))
@@ -55,6 +55,10 @@ def main(config: str, mount: Path) -> dict:
             == {k: v for k, v in before.items() if k.startswith("best")},
             "no_temporary_files": not [k for k in after if Path(k).name.startswith(".")]}
     filler.unlink()
+    filler = fill(mount, 0)  # not a byte left: the first write (the lock's holder) fails, nothing changes
+    code, out = cli_run(*train, "--set", "train.max_steps=6", "--resume")
+    no_byte = {"code": code, "error": out.strip().splitlines()[-1], "unchanged": snapshot(run) == after}
+    filler.unlink()
     code, out = cli_run(*train, "--set", "train.max_steps=6", "--resume")
     resumed = {"code": code, "steps": json.loads((run / "results.json").read_text())["steps"] if code == 0 else out}
 
@@ -62,7 +66,7 @@ def main(config: str, mount: Path) -> dict:
     read_only.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(read_only)], check=True)
     code, out = cli_run(*train, "--set", f"output_dir={read_only / 'run'}")
-    return {"full": full, "resumed": resumed, "read_only": {"code": code, "error": out.strip().splitlines()[-1]}}
+    return {"full": full, "no_byte": no_byte, "resumed": resumed, "read_only": {"code": code, "error": out.strip().splitlines()[-1]}}
 
 
 if __name__ == "__main__":
