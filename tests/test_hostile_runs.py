@@ -312,6 +312,29 @@ def test_signal_saves_the_current_step_and_resume_equals_an_uninterrupted_run(se
         assert torch.equal(best_delta(run)[name], value), name
 
 
+def test_a_signal_before_the_first_step_saves_step_0_and_resume_is_exact(setup, reference, tmp_path):
+    """SIGINT while the baseline is evaluated: the loop stops at its first step boundary with a step-0 checkpoint."""
+    from deltatune.train.interrupt import TrainingInterrupted
+
+    run = tmp_path / "run"
+    config = load_config(setup, [f"output_dir={run}", "train.log_every=1"])
+
+    def on_event(kind: str, info: dict) -> None:
+        if kind == "start":
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted, match=rf"training stopped by SIGINT at step 0: the state after step 0 is "
+                                                  rf"saved in {run}/checkpoints/step-00000000$"):
+        run_training(config, on_event=on_event)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the loop's handler is gone again
+    assert not (run / LOCK_NAME).exists()
+    code, out = cli_run("train", str(setup), "--set", f"output_dir={run}", "--set", "train.log_every=1", "--resume")
+    assert code == 0, out
+    assert metrics(run) == metrics(reference)
+    for name, value in best_delta(reference).items():
+        assert torch.equal(best_delta(run)[name], value), name
+
+
 # ---- 5. disk full on a real (small) tmpfs ---------------------------------------------------------------------
 @pytest.mark.slow
 def test_disk_full_on_a_real_tmpfs_keeps_the_previous_checkpoint(setup, tmp_path):

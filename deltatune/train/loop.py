@@ -262,6 +262,8 @@ def _train(model: nn.Module, delta: DeltaBase, data: TaskData | MultiTaskData, c
                 emit("early_stop", {"step": step, "epoch": epoch_pos, "metric": metric, "best": st["best"],
                                     "best_step": st["best_step"], "patience": cfg.patience})
 
+    if par.sum(float(stop.signum is not None))[0]:  # during the last step: its checkpoint is saved already
+        raise TrainingInterrupted(stop.signum or signal.SIGTERM, step, last_ckpt)
     if per_layer:
         optimizer.remove_hooks()  # a later backward pass on the model must not update the weights
     par.finish()  # plain full weights on every rank again; rank 0's files are written
