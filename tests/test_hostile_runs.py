@@ -197,7 +197,8 @@ def test_resume_cannot_shorten_below_the_step_reached(setup, run):
 def test_resume_with_more_epochs_extends_the_schedule(setup, run):
     """A finished 2-epoch run resumed with epochs=3 trains 6 more steps on the schedule of a 3-epoch run (linear
     decay to 0 at step 18, the same 2 warmup steps): never at LR 0 while the config says 0.01."""
-    code, out = cli_run("train", str(setup), "--set", f"output_dir={run}", "--set", "train.epochs=3", "--resume")
+    own = run / "config.yaml"  # the run's own config: its folder is output_dir, allowed with --resume
+    code, out = cli_run("train", str(own), "--set", f"output_dir={run}", "--set", "train.epochs=3", "--resume")
     assert code == 0, out
     rows = [r for r in metrics(run) if r["kind"] == "train"]
     assert [r["step"] for r in rows] == list(range(1, 19))

@@ -90,7 +90,9 @@ def save_checkpoint(root: str | Path, step: int, *, delta: DeltaBase, optimizer:
                 from exc
         raise
     for old in checkpoint_dirs(root)[:-max(keep, 1)]:
-        shutil.rmtree(old)
+        trash = old.with_name(f".{old.name}.deleting")  # gone in one rename: never a half-deleted step-N
+        old.rename(trash)
+        shutil.rmtree(trash)
     return final
 
 
