@@ -136,6 +136,9 @@ def _acquire(path: Path) -> int:
             raise ConfigError(f"{path.parent} is in use by another deltatune process (pid {holder.get('pid')} on "
                               f"{holder.get('host')}, started {holder.get('started')}): wait for it to finish or "
                               "stop it; two runs must not write into one folder") from None
+        except OSError as exc:  # e.g. ENOLCK: a network file system without locks
+            os.close(fd)
+            raise ConfigError(f"cannot lock {path}: {exc.strerror}; put output_dir on a local file system") from exc
         try:
             if os.stat(path).st_ino == os.fstat(fd).st_ino:  # not unlinked by a holder releasing it meanwhile
                 return fd

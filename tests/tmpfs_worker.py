@@ -66,7 +66,8 @@ def main(config: str, mount: Path) -> dict:
     read_only.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(read_only)], check=True)
     code, out = cli_run(*train, "--set", f"output_dir={read_only / 'run'}")
-    return {"full": full, "no_byte": no_byte, "resumed": resumed, "read_only": {"code": code, "error": out.strip().splitlines()[-1]}}
+    return {"full": full, "no_byte": no_byte, "resumed": resumed,
+            "read_only": {"code": code, "error": out.strip().splitlines()[-1]}}
 
 
 if __name__ == "__main__":
