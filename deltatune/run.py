@@ -24,9 +24,9 @@ from deltatune.errors import ConfigError
 from deltatune.io import write_text
 from deltatune.models import load_model, load_tokenizer, model_max_length, saved_num_labels
 from deltatune.train import TrainResult, train
-from deltatune.train.checkpoint import load_latest, save_delta
+from deltatune.train.checkpoint import Checkpoint, load_latest, save_delta
 from deltatune.train.distributed import is_main_process
-from deltatune.train.loop import planned_steps
+from deltatune.train.loop import check_resumable, planned_steps
 from deltatune.train.tasks import prepare_tasks, task_deltas
 
 CONFIG_NAME = runfolder.CONFIG_NAME
@@ -87,9 +87,8 @@ def run_training(config: RunConfig, *, resume: bool = False, overwrite: bool = F
         record = runfolder.run_record(config)
         resumed = _check_resume(out, record) if resume and main else None
         session = open_session(config)
-        if resumed is not None and (planned := planned_steps(config.train, len(session.data.train))) < resumed:
-            raise ConfigError(f"cannot resume {out}: it is at step {resumed} already, but train.epochs / "
-                              f"train.max_steps now allow only {planned} steps; give at least {resumed}")
+        if resumed is not None:
+            check_resumable(resumed, config.train, planned_steps(config.train, len(session.data.train)), out)
         if main:
             if overwrite:
                 runfolder.set_aside(out)
@@ -111,8 +110,8 @@ def run_training(config: RunConfig, *, resume: bool = False, overwrite: bool = F
     return session, result
 
 
-def _check_resume(out: Path, record: dict) -> int:
-    """Refuse a resume whose config or data differ from the run's (runfolder.check_resume); the step reached."""
+def _check_resume(out: Path, record: dict) -> Checkpoint:
+    """Refuse a resume whose config or data differ from the run's (runfolder.check_resume); the checkpoint."""
     ck = load_latest(out / "checkpoints")
     saved = ck.state.get("run")
     if saved is None:  # a checkpoint of an older deltatune: its train section, and config.yaml for the rest
@@ -121,7 +120,7 @@ def _check_resume(out: Path, record: dict) -> int:
         saved = {"config": {**(saved_config if isinstance(saved_config, dict) else {}),
                             "train": ck.state["config"]}, "data": {}}
     runfolder.check_resume(out, saved, record)
-    return ck.step
+    return ck
 
 
 def _save_chat_template(session: Session, folder: Path) -> None:

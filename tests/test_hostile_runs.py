@@ -190,8 +190,19 @@ def test_eval_after_a_refused_resume_uses_the_runs_own_data(setup, run, tmp_path
 
 def test_resume_cannot_shorten_below_the_step_reached(setup, run):
     out = refused(run, "train", str(setup), "--set", f"output_dir={run}", "--set", "train.max_steps=5", "--resume")
-    assert f"cannot resume {run}: it is at step {STEPS} already, but train.epochs / train.max_steps now allow " \
-           f"only 5 steps; give at least {STEPS}" in out
+    assert f"error: cannot resume {run}: it is at step {STEPS} already, but epochs / max_steps now allow only 5 " \
+           "steps" in out
+
+
+def test_an_early_stopped_run_is_not_extended_silently(setup, run):
+    state_file = checkpoint_dirs(run / "checkpoints")[-1] / "state.json"
+    state = json.loads(state_file.read_text())
+    io.write_json(state_file, {**state, "stopped_early": True})
+    sums = json.loads((state_file.parent / "checksums.json").read_text())
+    io.write_json(state_file.parent / "checksums.json", {**sums, "state.json": io.sha256(state_file)})
+    out = refused(run, "train", str(setup), "--set", f"output_dir={run}", "--set", "train.epochs=3", "--resume")
+    assert f"error: cannot extend {run}: it stopped early at step {STEPS} (train.patience: no improvement), " \
+           "so more epochs / max_steps would train nothing" in out
 
 
 def test_resume_with_more_epochs_extends_the_schedule(setup, run):

@@ -157,7 +157,7 @@ def _train(model: nn.Module, delta: DeltaBase, data: TaskData | MultiTaskData, c
     step, last_ckpt = 0, None
     if resume:
         ck = checkpoint.load_latest(ckpt_root)
-        _check_resumable(ck, cfg, total_steps, out_dir)
+        check_resumable(ck, cfg, total_steps, out_dir)
         par.load_checkpoint(ck, delta, optimizer)
         scheduler.load_state_dict(ck.scheduler)
         _extend_schedule(scheduler, total_steps)
@@ -360,8 +360,9 @@ def _steps_per_epoch(cfg: TrainConfig, examples: int) -> int:
     return math.ceil(math.ceil(examples / cfg.batch_size) / cfg.grad_accum)
 
 
-def _check_resumable(ck: checkpoint.Checkpoint, cfg: TrainConfig, total_steps: int, out_dir: Path) -> None:
-    """A resume continues the same trajectory (data order, optimizer, LR) for at least the steps taken."""
+def check_resumable(ck: checkpoint.Checkpoint, cfg: TrainConfig, total_steps: int, out_dir: Path) -> None:
+    """ConfigError unless resuming `ck` with `cfg` (`total_steps` long) continues the same trajectory (data order,
+    optimizer, LR) for at least the steps taken, and trains if it is longer."""
     saved = ck.state["config"]
     changed = [f"{k}: {saved.get(k)!r} → {v!r}" for k, v in cfg.model_dump(mode="json").items()
                if k in (*TRAJECTORY_KEYS, "optimizer") and saved.get(k) != v]
@@ -370,6 +371,10 @@ def _check_resumable(ck: checkpoint.Checkpoint, cfg: TrainConfig, total_steps: i
     if total_steps < ck.step:
         raise ConfigError(f"cannot resume {out_dir}: it is at step {ck.step} already, but epochs / max_steps now "
                           f"allow only {total_steps} steps")
+    if ck.state.get("stopped_early") and total_steps > ck.step:
+        raise ConfigError(f"cannot extend {out_dir}: it stopped early at step {ck.step} (train.patience: no "
+                          "improvement), so more epochs / max_steps would train nothing; start a new run in another "
+                          "folder")
 
 
 def _extend_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, total_steps: int) -> None:
