@@ -49,6 +49,9 @@ def output_folder(value: str, *, config_path: str | Path | None = None, resume: 
                               f"write its files among yours (and its own {CONFIG_NAME}); choose a new folder")
     if path.exists() and not path.is_dir():
         raise ConfigError(f"output_dir {value!r} is an existing file, not a folder; choose a new folder")
+    if inside := next((p for p in where.parents if _is_run(p)), None):
+        raise ConfigError(f"output_dir {value!r} is inside the run folder {inside}: a run's folder holds only its own "
+                          "files; choose a folder outside it")
     _check_writable(path, value)
     return path
 
@@ -63,6 +66,12 @@ def _check_writable(path: Path, value: str) -> None:
 def run_entries(folder: Path) -> list[str]:
     """The names of a run's files and folders present in `folder`."""
     return [name for name in RUN_ENTRIES if (folder / name).exists()] if folder.is_dir() else []
+
+
+def _is_run(folder: Path) -> bool:
+    """`folder` holds a run: its config.yaml and what training wrote (a config.yaml alone may be anyone's)."""
+    entries = run_entries(folder)
+    return "config.yaml" in entries and len(entries) > 1
 
 
 def check_run_folder(folder: Path, *, resume: bool, overwrite: bool) -> None:

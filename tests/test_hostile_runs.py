@@ -98,6 +98,12 @@ def test_output_dirs_no_run_may_use(setup, tmp_path, monkeypatch, where):
     assert expected in str(err.value)
 
 
+def test_a_run_inside_another_runs_folder_is_refused(setup, run):
+    out = refused(run, "train", str(setup), "--set", f"output_dir={run}/best/nested")
+    assert f"error: output_dir '{run}/best/nested' is inside the run folder {run}: a run's folder holds only its " \
+           "own files" in out
+
+
 def test_read_only_output_dir_is_one_config_error(tmp_path):
     if os.geteuid() == 0:  # root writes into a 0555 folder: only a read-only mount stops it (see the tmpfs test)
         locked = Path("/proc/self")  # a folder nobody can create files in
