@@ -37,7 +37,8 @@ RESUMABLE = ("output_dir", "eval_generation", "train.epochs", "train.max_steps",
 def output_folder(value: str, *, config_path: str | Path | None = None, resume: bool = False) -> Path:
     """The folder `value` (`output_dir`) names, `~` expanded; ConfigError if no run may be written there:
     empty, the current / home / root folder, the config file's own folder (except its run's `config.yaml` on
-    --resume), an existing file, or a folder this process cannot write into."""
+    --resume), a folder inside another run's folder, an existing file, or a folder this process cannot write
+    into."""
     io.check_not_special(value, "output_dir")
     path = Path(value).expanduser()
     where = path.resolve()
