@@ -184,7 +184,7 @@ def test_invalid_config_files_and_overrides(tmp_path, text, overrides, message):
 # ---- models and tokenizers ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("damage, message", [
     ("config.json", r"expected a folder with config.json \(a Hugging Face save_pretrained folder\)"),
-    ("config.json=", r"cannot load model from .* for task 'classification': .*config.json' is not a valid JSON"),
+    ("config.json=", r"config.json is not valid JSON \(Expecting property name .*\); restore the model's config.json"),
     ("model.safetensors=", r"cannot load model from .*: Error while deserializing header"),
     ("tokenizer.json tokenizer_config.json", r"no tokenizer in .* \(none of tokenizer.json, .*\); save it next to the"),
 ])
