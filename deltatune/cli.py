@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = _show_warning
             return args.func(args) or 0
     except DeltaTuneError as exc:
-        errors.print(f"[bold red]error{f' (rank {rank})' if world > 1 else ''}:[/] {escape(str(exc))}")
+        errors.print(f"[bold red]error{f' (rank {rank})' if world > 1 else ''}:[/] {escape(str(exc))}", soft_wrap=True)
         return 1
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: the last checkpoint is kept; continue with --resume")

@@ -19,6 +19,7 @@ from datasets import Dataset
 from deltatune.errors import DataError
 
 _OPENERS: dict[str, Callable[..., IO[str]]] = {".gz": gzip.open, ".bz2": bz2.open}
+ENCODING = "utf-8-sig"  # UTF-8; a byte-order mark (as some Windows editors write) is skipped
 CHAT_TURNS = ("messages", "conversations")  # a single chat record is one key holding a list of turns
 SUPPORTED = ".jsonl, .json, .csv, .parquet (and .jsonl/.json/.csv compressed as .gz or .bz2)"
 
@@ -75,7 +76,7 @@ def read_table(path: str | Path) -> Table:
 
 def _read_jsonl(path: Path, opener: Callable[..., IO[str]]) -> Table:
     records, lines = [], []
-    with opener(path, "rt", encoding="utf-8") as f:
+    with opener(path, "rt", encoding=ENCODING) as f:
         for n, line in enumerate(f, 1):
             if line.strip():
                 records.append(_json_object(line.strip(), f"{path}:{n}"))
@@ -84,7 +85,7 @@ def _read_jsonl(path: Path, opener: Callable[..., IO[str]]) -> Table:
 
 
 def _read_json(path: Path, opener: Callable[..., IO[str]]) -> Table:
-    with opener(path, "rt", encoding="utf-8") as f:
+    with opener(path, "rt", encoding=ENCODING) as f:
         text = f.read()
     try:
         items = json.loads(text, parse_constant=_no_constant)
@@ -124,7 +125,7 @@ def _read_csv(path: Path, opener: Callable[..., IO[str]]) -> Table:
     try:  # only empty cells are missing: a text "NA" stays text
         with warnings.catch_warnings():  # rows longer than the header: pandas would drop (or index by) fields
             warnings.simplefilter("error", pd.errors.ParserWarning)
-            df = pd.read_csv(path, encoding="utf-8", keep_default_na=False, na_values=[""], index_col=False)
+            df = pd.read_csv(path, encoding=ENCODING, keep_default_na=False, na_values=[""], index_col=False)
     except pd.errors.EmptyDataError:
         df = pd.DataFrame()
     except pd.errors.ParserWarning:
