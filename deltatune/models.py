@@ -67,6 +67,10 @@ def load_model(path: str, task: str, num_labels: int | None = None, *, dtype: st
         raise DeltaTuneError(f"cannot load model from {str(folder)!r} for task {task!r}: {e}") from e
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     model.deltatune_new_weights = _new_weights(model, info, folder)
+    if len(tokenizer) > (rows := model.get_input_embeddings().num_embeddings):
+        raise CheckpointError(f"the tokenizer in {str(folder)!r} has {len(tokenizer)} tokens but the model's "
+                              f"embeddings only {rows}: they do not belong together (token ids past {rows - 1} "
+                              "would crash the model); save the model's own tokenizer next to it")
     if task == "causal_lm":
         _check_causal(model, folder)
     _ensure_pad_token(model, tokenizer)

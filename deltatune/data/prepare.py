@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -81,12 +82,16 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int 
 
 def check_classes(labels: list[int], names: list[str], table: Table) -> None:
     """DataError if the training split holds a single class: the classifier would learn to always answer it (and
-    score perfectly on data of that class), which is never what a classification run is for."""
+    score perfectly on data of that class), which is never what a classification run is for. A warning when most
+    classes have a single example (e.g. data.label_column names a text column)."""
     if len(classes := set(labels)) < 2:
         only = names[next(iter(classes))] if classes else "none"
         raise DataError(f"{table.path}: every training example has the same label ({only!r}, {len(labels)} "
                         "examples): a classifier needs at least two classes to learn anything; add examples of the "
                         "other classes (or check data.label_column)")
+    if len(classes) > max(20, len(labels) / 2):
+        warnings.warn(f"{table.path}: {len(classes)} classes for {len(labels)} training examples (most classes have "
+                      "one example): is data.label_column the label and not free text?", stacklevel=3)
 
 
 def _rendered(read: Callable[[dict[str, Any]], Any], cfg: DataConfig,
