@@ -67,10 +67,7 @@ def load_model(path: str, task: str, num_labels: int | None = None, *, dtype: st
         raise DeltaTuneError(f"cannot load model from {str(folder)!r} for task {task!r}: {e}") from e
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     model.deltatune_new_weights = _new_weights(model, info, folder)
-    if len(tokenizer) > (rows := model.get_input_embeddings().num_embeddings):
-        raise CheckpointError(f"the tokenizer in {str(folder)!r} has {len(tokenizer)} tokens but the model's "
-                              f"embeddings only {rows}: they do not belong together (token ids past {rows - 1} "
-                              "would crash the model); save the model's own tokenizer next to it")
+    _check_tokenizer_fits(model, tokenizer, folder)
     if task == "causal_lm":
         _check_causal(model, folder)
     _ensure_pad_token(model, tokenizer)
@@ -149,6 +146,13 @@ def _new_weights(model: torch.nn.Module, info: dict[str, Any], folder: Path) -> 
         warnings.warn(f"{len(missing)} parameters of {type(model).__name__} are not in {str(folder)!r} and start "
                       f"random: {', '.join(missing[:5])}", stacklevel=3)
     return new
+
+
+def _check_tokenizer_fits(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+    if len(tokenizer) > (rows := model.get_input_embeddings().num_embeddings):
+        raise CheckpointError(f"the tokenizer in {str(folder)!r} has {len(tokenizer)} tokens but the model's "
+                              f"embeddings only {rows}: they do not belong together (token ids past {rows - 1} "
+                              "would crash the model); save the model's own tokenizer next to it")
 
 
 def _check_causal(model: torch.nn.Module, folder: Path) -> None:

@@ -93,7 +93,7 @@ def _read_json(path: Path, opener: Callable[..., IO[str]]) -> Table:
         if not text.lstrip().startswith("["):  # many ".json" files are JSON lines
             return _read_jsonl(path, opener)
         raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
-    except NonFinite as e:
+    except _NonFinite as e:
         raise DataError(f"{path}: {e}") from None
     if isinstance(items, dict):  # one record, unless the records sit in lists
         _check_orientation(items, path)
@@ -109,7 +109,7 @@ def _check_orientation(whole: dict[str, Any], path: Path) -> None:
     row index) or in a list under one key (`{"data": [...]}`); deltatune reads arrays of records, or JSON lines."""
     fix = ("write one record per line (JSON lines) or an array of records [{...}, {...}], e.g. "
            "pandas.read_json(file).to_json(out, orient='records', lines=True)")
-    columns, (key, *_) = list(whole.values()), whole or [""]
+    columns, key = list(whole.values()), next(iter(whole), "")
     if len(whole) == 1 and key not in CHAT_TURNS and isinstance(columns[0], list) and len(columns[0]) > 1 \
             and all(isinstance(v, dict) for v in columns[0]):
         raise DataError(f"{path}: the records are inside the key {key!r} of one JSON object; {fix}")
@@ -153,16 +153,16 @@ def _json_object(line: str, where: str) -> dict[str, Any]:
         return _check_object(json.loads(line, parse_constant=_no_constant), where)
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: invalid JSON ({e.msg}, column {e.colno})") from None
-    except NonFinite as e:
+    except _NonFinite as e:
         raise DataError(f"{where}: {e}") from None
 
 
-class NonFinite(ValueError):
+class _NonFinite(ValueError):
     """A NaN or Infinity in a JSON data file (Python's json reads them; they are not JSON)."""
 
 
 def _no_constant(name: str) -> None:
-    raise NonFinite(f"{name} is not a JSON value (JSON has no NaN or infinity): write a finite number, or null "
+    raise _NonFinite(f"{name} is not a JSON value (JSON has no NaN or infinity): write a finite number, or null "
                     "for a missing value")
 
 
