@@ -21,12 +21,13 @@ from deltatune.errors import CheckpointError
 SAMPLED_TENSORS = 6
 SAMPLES = 8
 _STRIDE = 2654435761  # Knuth's multiplicative hash: sample positions spread over the whole tensor
+DTYPES = ("float64", "float32", "float16", "bfloat16")  # sampled; others (e.g. float8 weights) are not
 
 
 class WeightSample(BaseModel):
     """Sampled elements of one parameter, as stored in delta.json."""
 
-    dtype: Literal["float64", "float32", "float16", "bfloat16"]
+    dtype: Literal[DTYPES]
     index: list[int]
     values: list[float]
 
@@ -56,7 +57,8 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
 
 def sample_weights(params: dict[str, torch.Tensor], new: set[str]) -> dict[str, dict[str, Any]]:
     """A few elements at fixed positions of a few parameters spread over the model, with their dtype."""
-    names = [n for n, p in params.items() if n not in new and p.is_floating_point() and p.numel() and not p.is_meta]
+    names = [n for n, p in params.items()
+             if n not in new and str(p.dtype).removeprefix("torch.") in DTYPES and p.numel() and not p.is_meta]
     names = [n for n in names if params[n].dim() > 1] or names  # matrices: norms often start as all ones
     if not names:
         return {}
