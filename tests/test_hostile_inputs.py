@@ -227,6 +227,14 @@ def test_a_new_head_of_another_size_is_expected(bert_dir, recwarn):
     assert model.classifier.weight.shape == (3, 32) and not recwarn.list
 
 
+def test_a_tokenizer_larger_than_the_embeddings_is_an_error(tmp_path, bert_dir, reviews, capsys):
+    folder = Path(shutil.copytree(bert_dir, tmp_path / "bert"))
+    tiny_model("bert").save_pretrained(folder)  # 96 embeddings, next to MiniLM's tokenizer of 30522 tokens
+    cli_fails(["train", write_config(tmp_path, folder, reviews)], capsys,
+              r"the tokenizer in .* has 30522 tokens but the model's embeddings only 96: they do not belong together",
+              folder, reviews)
+
+
 # ---- 3. an encoder is not a causal language model --------------------------------------------------------------------
 def test_an_encoder_is_refused_for_causal_language_modelling(tmp_path, bert_dir, gpt2_dir, reviews, capsys):
     with pytest.raises(ConfigError, match=r"holds an encoder \(bert\): its prediction for a token depends on the tokens"
@@ -377,6 +385,13 @@ def test_unseen_labels_in_validation_or_test_files(tmp_path, bert_dir, reviews, 
         cli_fails(["train", write_config(tmp_path, bert_dir, reviews, data={split: str(odd)})], capsys,
                   r"odd.jsonl:1: label 'neutral' is not in the training data \(known labels: negative, positive\)",
                   odd, reviews)
+
+
+def test_a_label_column_of_free_text_warns(tmp_path, bert_dir, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": f"review {i}", "label": f"words {i}"} for i in range(40)])
+    assert main(["train", str(write_config(tmp_path, bert_dir, data))]) == 0
+    assert "d.jsonl: 32 classes for 32 training examples (most classes have one example): is data.label_column the " \
+           "label and not free text?" in " ".join(capsys.readouterr().out.split())
 
 
 def test_data_with_bom_unicode_and_huge_lines_trains(tmp_path, bert_dir, capsys):
