@@ -42,11 +42,12 @@ def cli_run(*args: str) -> tuple[int, str]:
     from deltatune import cli
 
     buffer = io.StringIO()
-    saved, cli.console = cli.console, Console(file=buffer, width=100_000, highlight=False)
+    saved = cli.console, cli.errors
+    cli.console = cli.errors = Console(file=buffer, width=100_000, highlight=False)  # stdout and stderr in order
     try:
         return cli.main(list(args)), buffer.getvalue()
     finally:
-        cli.console = saved
+        cli.console, cli.errors = saved
 
 
 def torchrun(*args: str) -> list[str]:
