@@ -204,6 +204,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     methods = " + ".join(d.method for d in config.delta)
     data = config.data.train if config.tasks is None else "tasks " + ", ".join(t.name for t in config.tasks)
     console.print(f"model [cyan]{config.model.path}[/]  data [cyan]{data}[/]  method [cyan]{methods}[/]")
+    if (galore := config.train.optimizer.galore) is not None:
+        eight_bit = "yes" if config.train.optimizer.name == "galore_adamw8bit" else "no"
+        console.print(f"optimizer [cyan]{config.train.optimizer.name}[/]: GaLore rank {galore.rank}, projection "
+                      f"updated every {galore.update_proj_gap} steps, scale {galore.scale}, proj_type "
+                      f"{galore.proj_type}, 8-bit moments {eight_bit}, per-layer updates "
+                      f"{'yes' if galore.per_layer else 'no'}, targets {', '.join(galore.targets)}")
     with _TrainProgress() as progress:
         session, result = run_training(config, resume=args.resume, on_event=progress.on_event)
     _print_results(result, config.task)

@@ -17,6 +17,7 @@ from deltatune.assets import DATA_CARDS, MODEL_CARDS, PACKAGED_DATASETS, PACKAGE
 from deltatune.cli import main
 from deltatune.config import RunConfig, validate_config
 from deltatune.registry import methods
+from tests.test_cli import reviews, tiny_bert_dir, write_config  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers", "datasets", "pandas", "numpy")
@@ -117,3 +118,14 @@ def test_help_imports_no_heavy_library():
     assert done.returncode == 0, done.stderr
     assert "train" in done.stdout and "config" in done.stdout  # the help was printed
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_train_prints_the_galore_settings(tmp_path, tiny_bert_dir, reviews, capsys):  # noqa: F811
+    config = write_config(tmp_path, tiny_bert_dir, reviews, delta=[{"method": "head"}, {"method": "full"}],
+                          train={"max_steps": 1, "batch_size": 8, "eval_baseline": False,
+                                 "optimizer": {"name": "galore_adamw8bit", "lr": 1e-3,
+                                               "galore": {"rank": 4, "update_proj_gap": 50}}})
+    assert main(["train", str(config)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert ("optimizer galore_adamw8bit: GaLore rank 4, projection updated every 50 steps, scale 0.25, proj_type std, "
+            "8-bit moments yes, per-layer updates no, targets all-linear") in out
