@@ -3,8 +3,6 @@ and with transformers' GGUF loader (the reverse direction, assets.convert_gguf).
 
 from __future__ import annotations
 
-import copy
-
 import gguf
 import numpy as np
 import pytest
