@@ -143,9 +143,12 @@ class IA3Spec(Spec):
     peft_type, methods = "IA3", ("ia3",)
 
     def config(self, delta: Delta) -> dict[str, Any]:
-        modules = wrapped_modules(delta)
+        modules, fields = wrapped_modules(delta), tuner_fields(delta)
         feedforward = [n for n, w in modules.items() if w.is_feedforward]
-        return {**tuner_fields(delta), "feedforward_modules": compact_names(feedforward, list(modules))}
+        short = compact_names(feedforward, list(modules))
+        if not set(short) <= set(fields["target_modules"]):  # PEFT wants feedforward within target_modules
+            return {**fields, "target_modules": sorted(modules), "feedforward_modules": sorted(feedforward)}
+        return {**fields, "feedforward_modules": short}
 
     def delta_config(self, peft: dict[str, Any]) -> DeltaConfig:
         return IA3(targets=patterns(peft["target_modules"]),
