@@ -24,7 +24,7 @@ from deltatune.run import open_session
 from tests.test_interop import perturb, run_dir  # noqa: F401  (fixture)
 from tests.test_cli import reviews, tiny_bert_dir  # noqa: F401  (fixtures)
 from tests.tiny import biased_tiny_model
-from tests.tiny_lm import CORPUS, save_tiny_lm
+from tests.tiny_lm import CHATML, CORPUS, save_tiny_lm
 
 peft = pytest.importorskip("peft")
 
@@ -113,6 +113,14 @@ def test_export_dtype_errors(run_dir, tmp_path, capsys):  # noqa: F811
     out = " ".join(capsys.readouterr().out.split())
     assert "GGUF export supports LlamaForCausalLM, MistralForCausalLM models, not BertForSequenceClassification" in out
     assert not (tmp_path / "m").exists() and not (tmp_path / "p").exists() and not (tmp_path / "x.gguf").exists()
+
+
+def test_peft_export_carries_the_chat_template(lm_run, tmp_path, capsys):
+    assert main(["export", "--format", "peft", str(lm_run), str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "chat_template.jinja").read_text() == CHATML
+    config = json.loads((tmp_path / "a" / CONFIG_FILE).read_text())
+    assert config["base_model_name_or_path"] == "tiny-llama"
+    assert config["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
 
 
 def test_gguf_exports_of_a_run_on_the_command_line(lm_run, tmp_path, capsys):
