@@ -146,4 +146,8 @@ def test_gguf_lora_refuses_what_llama_cpp_cannot_apply(tmp_path):
     model = tiny_llama(tiny_tokenizer())
     with pytest.raises(ConfigError, match="DoRA and rsLoRA have no GGUF adapter form"):
         export_gguf_lora(deltatune.attach(model, LoRA(r=2, targets=["q_proj"], dora=True)), tmp_path / "a.gguf")
+    model = tiny_llama(tiny_tokenizer())
+    with pytest.raises(ConfigError, match="LoRA on model.embed_tokens: llama.cpp adapters hold LoRAs of the "
+                                          "attention and MLP projections only"):
+        export_gguf_lora(deltatune.attach(model, LoRA(r=2, targets=["embed_tokens"])), tmp_path / "a.gguf")
     assert not (tmp_path / "a.gguf").exists()

@@ -84,7 +84,8 @@ def export_gguf_lora(delta: DeltaBase, out: str | Path, *, dtype: str = "fp32", 
     table = gguf.get_tensor_name_map(arch, delta.model.config.num_hidden_layers)
     for module_name, wrapper in _lora_modules(delta).items():
         weight = table.get_name(f"{module_name}.weight", try_suffixes=(".weight",))
-        if weight is None or not isinstance(wrapper.base_layer, nn.Linear) or weight == "token_embd.weight":
+        tied_head = weight == "output.weight" and delta.model.config.tie_word_embeddings  # no such tensor in GGUF
+        if weight is None or not isinstance(wrapper.base_layer, nn.Linear) or tied_head:
             raise ConfigError(f"LoRA on {module_name}: llama.cpp adapters hold LoRAs of the attention and MLP "
                               "projections only. Export the merged model instead (--format gguf)")
         a, b = wrapper.lora_A.weight.detach(), wrapper.lora_B.weight.detach()
