@@ -54,7 +54,8 @@ class TrainConfig(Schema):
     section = "train"
 
     epochs: int = Field(3, ge=1, description="passes over the training data")
-    max_steps: int | None = Field(None, ge=1, description="stop after N optimizer steps (wins over epochs)")
+    max_steps: int | None = Field(None, ge=1, description="stop after N optimizer steps at most (or after "
+                                                          "`epochs`, whichever comes first)")
     batch_size: int = Field(16, ge=1, description="examples per batch (the global batch under torchrun)")
     eval_batch_size: int | None = Field(None, ge=1, description="batch size of evaluation; unset: batch_size")
     grad_accum: int = Field(1, ge=1, description="batches per optimizer step")
