@@ -50,7 +50,7 @@ class DataConfig(Schema):
     max_length: int = Field(256, gt=0, description="lowered to the model's maximum when that is smaller")
     truncation: Literal["warn", "error", "silent"] = Field("warn",
                                                            description="what longer records do (see truncation.py)")
-    limit: int | None = Field(None, gt=0, description="use the first N records of the train file only")
+    limit: int | None = Field(None, gt=0, description="read only the first N records of each data file")
     columns: Columns = Field(default_factory=Columns, description="column names of SFT records")
     roles: dict[str, Literal["system", "user", "assistant"]] = Field(
         {}, description="role names in the data -> chat roles")
