@@ -65,7 +65,7 @@ def test_config_show_comments_give_descriptions_allowed_values_and_bounds(capsys
 
 def test_config_show_unknown_method_is_one_error(capsys):
     assert main(["config", "show", "lorra"]) == 1
-    assert "unknown method 'lorra'. Did you mean 'lora'?" in capsys.readouterr().out
+    assert "unknown method 'lorra'. Did you mean 'lora'?" in capsys.readouterr().err
 
 
 def test_config_schema_validates_every_example_and_catches_mistakes(capsys):

@@ -106,11 +106,11 @@ def test_merge_dtype(run_dir, tmp_path, capsys, dtype, torch_dtype):  # noqa: F8
 
 def test_export_dtype_errors(run_dir, tmp_path, capsys):  # noqa: F811
     assert main(["merge", str(run_dir), str(tmp_path / "m"), "--dtype", "q8_0"]) == 1
-    assert "--dtype q8_0 is a GGUF quantization: use it with --format gguf" in capsys.readouterr().out
+    assert "--dtype q8_0 is a GGUF quantization: use it with --format gguf" in capsys.readouterr().err
     assert main(["export", "--format", "peft", str(run_dir), str(tmp_path / "p"), "--dtype", "bf16"]) == 1
-    assert "--dtype does not apply to --format peft" in capsys.readouterr().out
+    assert "--dtype does not apply to --format peft" in capsys.readouterr().err
     assert main(["export", "--format", "gguf", str(run_dir), str(tmp_path / "x.gguf")]) == 1
-    out = " ".join(capsys.readouterr().out.split())
+    out = " ".join(capsys.readouterr().err.split())
     assert "GGUF export supports LlamaForCausalLM, MistralForCausalLM models, not BertForSequenceClassification" in out
     assert not (tmp_path / "m").exists() and not (tmp_path / "p").exists() and not (tmp_path / "x.gguf").exists()
 
@@ -134,9 +134,9 @@ def test_gguf_exports_of_a_run_on_the_command_line(lm_run, tmp_path, capsys):
     lora = gguf.GGUFReader(tmp_path / "lora.gguf")
     assert len(lora.tensors) == 2 * 4 * 2  # lora_a and lora_b of 4 projections in 2 layers
     assert main(["export", "--format", "gguf-lora", str(lm_run), str(tmp_path / "lora.gguf")]) == 1
-    assert "lora.gguf already exists; choose a new file name" in capsys.readouterr().out
+    assert "lora.gguf already exists; choose a new file name" in capsys.readouterr().err
     assert main(["export", "--format", "gguf", str(lm_run), str(tmp_path / "model")]) == 1
-    assert "give a new path ending in .gguf" in capsys.readouterr().out
+    assert "give a new path ending in .gguf" in capsys.readouterr().err
 
 
 def test_gguf_lora_refuses_what_llama_cpp_cannot_apply(tmp_path):
