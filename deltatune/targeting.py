@@ -29,6 +29,26 @@ class DeltaModule(nn.Module):
     owner_method: str = "delta"
 
 
+def _wrapped(attribute: str) -> property:
+    return property(lambda self: getattr(self.base_layer, attribute), doc=f"the wrapped layer's `{attribute}`")
+
+
+class WrapperModule(DeltaModule):
+    """A DeltaModule around one `base_layer`. Model code reads attributes of the layer it calls (T5's FFN casts to
+    `wo.weight.dtype`): these answer as the wrapped layer would. Only these are exposed, never a blanket proxy."""
+
+    base_layer: nn.Module
+    weight = _wrapped("weight")
+    bias = _wrapped("bias")
+    in_features = _wrapped("in_features")
+    out_features = _wrapped("out_features")
+    nf = _wrapped("nf")  # transformers' Conv1D output size
+    in_channels = _wrapped("in_channels")
+    out_channels = _wrapped("out_channels")
+    num_embeddings = _wrapped("num_embeddings")
+    embedding_dim = _wrapped("embedding_dim")
+
+
 def find_modules(
     model: nn.Module,
     targets: Sequence[str],

@@ -27,7 +27,7 @@ from deltatune.arch import describe
 from deltatune.delta import Delta, DeltaConfig
 from deltatune.errors import TargetError
 from deltatune.registry import register
-from deltatune.targeting import DeltaModule, find_modules
+from deltatune.targeting import WrapperModule, find_modules
 
 PLACEMENTS: dict[str, tuple[str, ...]] = {"houlsby": ("attention_output", "ffn_output"), "pfeiffer": ("ffn_output",)}
 NONLINEARITIES: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU,
@@ -95,7 +95,7 @@ def on_output(out: torch.Tensor | tuple, fn: Callable[[torch.Tensor], torch.Tens
     return (fn(out[0]), *out[1:]) if isinstance(out, tuple) else fn(out)
 
 
-class AdapterModule(DeltaModule):
+class AdapterModule(WrapperModule):
     """A frozen `base_layer` whose output h becomes h + adapter(h)."""
 
     owner_method = "adapter"

@@ -37,7 +37,7 @@ from deltatune.errors import CheckpointError, ConfigError, TargetError
 from deltatune.io import load_tensors, sha256
 from deltatune.methods.adapter import Adapter, Bottleneck, like, on_output, output_size
 from deltatune.registry import register
-from deltatune.targeting import DeltaModule, find_modules
+from deltatune.targeting import WrapperModule, find_modules
 
 BRANCH = ".adapter."  # tensor names of a saved adapter: "<site>.adapter.<down|up|norm>.<weight|bias>"
 
@@ -161,7 +161,7 @@ class FusionAttention(nn.Module):
         return (weights.unsqueeze(-1) * self.value(z)).sum(dim=-2), weights
 
 
-class FusionModule(DeltaModule):
+class FusionModule(WrapperModule):
     """A frozen `base_layer`, N frozen `adapters` on its output h, and the trainable `fusion` mixing them."""
 
     owner_method = "fusion"

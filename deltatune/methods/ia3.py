@@ -24,7 +24,7 @@ from deltatune.arch import short_name
 from deltatune.delta import Delta, DeltaConfig
 from deltatune.errors import TargetError
 from deltatune.registry import register
-from deltatune.targeting import DeltaModule, find_modules, plain_modules
+from deltatune.targeting import DeltaModule, WrapperModule, find_modules, plain_modules
 
 TYPES = (nn.Linear, Conv1D)
 
@@ -60,7 +60,7 @@ class IA3(DeltaConfig):
         return [value] if isinstance(value, str) else value
 
 
-class IA3Module(DeltaModule):
+class IA3Module(WrapperModule):
     """A frozen `base_layer` whose output (or, for feed-forward modules, input) is scaled by the vector `ia3_l`."""
 
     owner_method = "ia3"

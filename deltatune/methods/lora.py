@@ -25,7 +25,7 @@ from transformers.pytorch_utils import Conv1D
 from deltatune.delta import Delta, DeltaConfig
 from deltatune.errors import TargetError
 from deltatune.registry import register
-from deltatune.targeting import DeltaModule, find_modules
+from deltatune.targeting import WrapperModule, find_modules
 
 
 class LoRA(DeltaConfig):
@@ -207,7 +207,7 @@ class DoRA:
 VARIANTS: dict[bool, type] = {False: Plain, True: DoRA}  # keyed by LoRA.dora
 
 
-class LoRAModule(DeltaModule):
+class LoRAModule(WrapperModule):
     """A frozen `base_layer` plus a low-rank update (`lora_A`, `lora_B`), applied per its kind and variant."""
 
     owner_method = "lora"

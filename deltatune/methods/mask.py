@@ -29,7 +29,7 @@ from deltatune import io
 from deltatune.delta import Delta, DeltaConfig
 from deltatune.errors import CheckpointError, ConfigError
 from deltatune.registry import register
-from deltatune.targeting import DeltaModule, find_modules
+from deltatune.targeting import WrapperModule, find_modules
 
 MASK_FORMAT = "deltatune-mask"
 
@@ -78,7 +78,7 @@ def binarize(scores: torch.Tensor, threshold: float, dtype: torch.dtype) -> torc
     return hard + (scores - scores.detach()).to(dtype)
 
 
-class MaskModule(DeltaModule):
+class MaskModule(WrapperModule):
     """A frozen `base_layer` whose weight is multiplied by the binarised `mask_scores`."""
 
     owner_method = "mask"
