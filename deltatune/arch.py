@@ -22,6 +22,7 @@ from transformers.pytorch_utils import Conv1D
 
 HEAD_NAMES = ("lm_head", "score", "classifier", "qa_outputs", "cls")  # heads of models without `base_model`
 LINEAR = (nn.Linear, Conv1D)
+KEY_VALUE = re.compile(r"(^|_)(k|v|key|value)(_|$)")  # key/value projections by their usual names (k_proj, value)
 
 
 @dataclass
@@ -31,7 +32,7 @@ class Arch:
     layer_lists: list[str]
     layers: list[str] = field(default_factory=list)
     heads: list[str] = field(default_factory=list)
-    roles: dict[str, list[str]] = field(default_factory=dict)  # role -> one module name per layer that has it
+    roles: dict[str, list[str]] = field(default_factory=dict)  # role -> module names, in layer order
 
     def layer_index(self, name: str) -> int | None:
         """Index in the layer stack of the layer containing module/parameter `name`, or None."""
@@ -41,7 +42,7 @@ class Arch:
         return None
 
     def layer_role(self, role: str) -> list[str]:
-        """Full names of the `attention_output` / `ffn_output` module of every layer (empty if not found)."""
+        """Full names of the `attention_output`, `ffn_output` or `key_value` modules of every layer (empty if none)."""
         return self.roles.get(role, [])
 
 
@@ -50,10 +51,10 @@ def describe(model: nn.Module) -> Arch:
     names = dict(model.named_modules())
     lists = _layer_lists(model, names)
     layers = [f"{lst}.{i}" for lst in lists for i in range(len(names[lst]))]
-    roles: dict[str, list[str]] = {"attention_output": [], "ffn_output": []}
+    roles: dict[str, list[str]] = {}
     for layer in layers:
-        for role, name in _layer_roles(names[layer]).items():
-            roles[role].append(f"{layer}.{name}")
+        for role, found in _layer_roles(names[layer]).items():
+            roles.setdefault(role, []).extend(f"{layer}.{name}" for name in found)
     return Arch(layer_lists=lists, layers=layers, heads=_heads(model, names), roles=roles)
 
 
@@ -88,8 +89,8 @@ def _heads(model: nn.Module, names: dict[str, nn.Module]) -> list[str]:
     return [n for n in names if n in found]
 
 
-def _layer_roles(layer: nn.Module) -> dict[str, str]:
-    """Names (relative to `layer`) of its attention output and FFN output linears, where found."""
+def _layer_roles(layer: nn.Module) -> dict[str, list[str]]:
+    """Names (relative to `layer`) of its attention output, key/value and FFN output linears, where found."""
     attention: list[str] = []  # outermost attention modules, in order
     inside: dict[str, list[tuple[str, nn.Module]]] = {}  # attention module -> its linears
     ffn: list[tuple[str, nn.Module]] = []
@@ -102,8 +103,15 @@ def _layer_roles(layer: nn.Module) -> dict[str, str]:
     if not ffn:
         return {}
     width = _out_features(ffn[-1][1])
-    writers = [n for n, m in inside.get(attention[0], []) if _out_features(m) == width] if attention else []
-    return {"ffn_output": ffn[-1][0], **({"attention_output": writers[-1]} if writers else {})}
+    attn = inside.get(attention[0], []) if attention else []
+    writers = [n for n, m in attn if _out_features(m) == width]
+    roles = {"ffn_output": [ffn[-1][0]]}
+    if writers:
+        readers = [n for n, _ in attn if n != writers[-1]]
+        fused = readers if len(readers) == 1 else []
+        key_value = [n for n in readers if KEY_VALUE.search(n.rsplit(".", 1)[-1])] or fused
+        roles |= {"attention_output": [writers[-1]], "key_value": key_value}
+    return {role: names for role, names in roles.items() if names}
 
 
 def _unwrapped_modules(root: nn.Module) -> list[tuple[str, nn.Module]]:

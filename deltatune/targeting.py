@@ -84,6 +84,11 @@ def find_modules(
     return dict(sorted(chosen.items(), key=lambda kv: list(candidates).index(kv[0])))
 
 
+def exact_pattern(names: Iterable[str]) -> str:
+    """A target pattern matching exactly these module names."""
+    return "re:" + "|".join(map(re.escape, names))
+
+
 def plain_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Named modules, skipping anything inside a DeltaModule (those belong to an attached delta)."""
     out, inside = {}, []

@@ -14,7 +14,6 @@ modules explicitly instead, for architectures `deltatune.arch` does not know. No
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Literal
 
@@ -27,7 +26,7 @@ from deltatune.arch import describe
 from deltatune.delta import Delta, DeltaConfig
 from deltatune.errors import TargetError
 from deltatune.registry import register
-from deltatune.targeting import WrapperModule, find_modules
+from deltatune.targeting import WrapperModule, exact_pattern, find_modules
 
 PLACEMENTS: dict[str, tuple[str, ...]] = {"houlsby": ("attention_output", "ffn_output"), "pfeiffer": ("ffn_output",)}
 NONLINEARITIES: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU,
@@ -120,7 +119,7 @@ def adapter_sites(model: nn.Module, cfg: Adapter) -> dict[str, nn.Module]:
         raise TargetError(f"adapter does not know where the attention and feed-forward outputs of "
                           f"{type(model).__name__} (model type {kind!r}) are; name the modules to wrap with "
                           "`modules: [...]`, e.g. the output projection of each block")
-    return find_modules(model, ["re:" + "|".join(map(re.escape, names))], layers=cfg.layers)
+    return find_modules(model, [exact_pattern(names)], layers=cfg.layers)
 
 
 def output_size(name: str, module: nn.Module) -> int:

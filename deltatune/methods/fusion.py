@@ -22,7 +22,6 @@ Not output-preserving (`preserves_output = False`): attaching adds the mean of t
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from deltatune.errors import CheckpointError, ConfigError, TargetError
 from deltatune.io import load_tensors, sha256
 from deltatune.methods.adapter import Adapter, Bottleneck, like, on_output, output_size
 from deltatune.registry import register
-from deltatune.targeting import WrapperModule, find_modules
+from deltatune.targeting import WrapperModule, exact_pattern, find_modules
 
 BRANCH = ".adapter."  # tensor names of a saved adapter: "<site>.adapter.<down|up|norm>.<weight|bias>"
 
@@ -201,7 +200,7 @@ class FusionDelta(Delta):
         sites = saved[0].sites
         if not sites:
             raise CheckpointError(f"adapter {saved[0].path} holds no adapter tensors")
-        modules = find_modules(self.model, ["re:" + "|".join(map(re.escape, sites))])
+        modules = find_modules(self.model, [exact_pattern(sites)])
         if missing := sorted(set(sites) - set(modules)):
             raise TargetError(f"the adapters' modules {missing[:3]} are not in {type(self.model).__name__}; "
                               "fuse adapters trained on this model")
