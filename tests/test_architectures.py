@@ -59,7 +59,7 @@ ARCHS = [*ARCHITECTURES, "cnn"]
 METHODS = sorted(methods())
 
 # Pairs refused by design: (method, arch) -> (error class, what the message must say).
-NOT_TOKENS = "takes token ids"
+NOT_TOKENS = "needs a model that takes token ids"
 REFUSED: dict[tuple[str, str], tuple[type[Exception], str]] = {
     **{(m, "cnn"): (deltatune.TargetError, NOT_TOKENS) for m in ("prompt", "ptuning", "prefix", "ptuning_v2")},
 }

@@ -103,13 +103,13 @@ class PrefixDelta(Delta):
 
     def build(self) -> list[nn.Parameter]:
         cfg: Prefix = self.config  # type: ignore[assignment]
+        name, embeddings = input_embeddings(self.model, self.method)
         self.shape = shape = Shape(self.model)
         attention = attention_modules(self.model)
         if sorted(attention) != list(range(shape.layers)):
             raise ConfigError(f"{self.method}: found self-attention modules taking past_key_values for layers "
                               f"{sorted(attention)}, expected 0..{shape.layers - 1}: this architecture has no "
                               "cache interface prefix-tuning can use")
-        name, embeddings = input_embeddings(self.model, self.method)
         weight = embeddings.weight
         like = dict(device=weight.device, dtype=weight.dtype)
         n = self.extra_positions = cfg.n_tokens  # real tokens take positions after the prefix

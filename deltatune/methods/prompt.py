@@ -53,7 +53,12 @@ class Carrier(DeltaModule):
 
 def input_embeddings(model: nn.Module, method: str) -> tuple[str, nn.Module]:
     """(name, module) of the input embeddings, which must not carry another delta's tokens or prefixes yet."""
-    embeddings = model.get_input_embeddings()
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    embeddings = get_embeddings() if callable(get_embeddings) and hasattr(model, "config") else None
+    if not isinstance(embeddings, nn.Module) or getattr(embeddings, "weight", None) is None:
+        raise TargetError(f"{method} adds virtual tokens to the input, so it needs a model that takes token ids (a "
+                          f"transformers model with a config and get_input_embeddings()); {type(model).__name__} "
+                          "has neither: use lora, full, bitfit or head on it instead")
     if isinstance(embeddings, Carrier):
         raise TargetError(f"{method}: the input embeddings already carry a {embeddings.owner_method} delta; "
                           f"{method} and {embeddings.owner_method} both extend the input and cannot be combined")
