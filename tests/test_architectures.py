@@ -62,6 +62,13 @@ METHODS = sorted(methods())
 NOT_TOKENS = "needs a model that takes token ids"
 REFUSED: dict[tuple[str, str], tuple[type[Exception], str]] = {
     **{(m, "cnn"): (deltatune.TargetError, NOT_TOKENS) for m in ("prompt", "ptuning", "prefix", "ptuning_v2")},
+    **{(m, "cnn"): (deltatune.TargetError, "adapter places .* no transformer layers") for m in ("adapter", "fusion")},
+    ("ia3", "cnn"): (deltatune.TargetError, "ia3 found no attention layers"),
+    ("side", "cnn"): (deltatune.TargetError, "TinyCNN has no layer stack"),
+    **{(m, "distilbert"): (deltatune.ConfigError, "attention layers of DistilBert.* take no cache.*use prompt")
+       for m in ("prefix", "ptuning_v2")},
+    ("task_heads", "bart"): (deltatune.TargetError, "adds 'final_logits_bias' .* load the model for sequence "
+                                                    "classification"),
 }
 
 

@@ -115,10 +115,9 @@ def adapter_sites(model: nn.Module, cfg: Adapter) -> dict[str, nn.Module]:
     arch = describe(model)
     names = [name for role in PLACEMENTS[cfg.placement] for name in arch.layer_role(role)]
     if not names:
-        kind = getattr(getattr(model, "config", None), "model_type", None)
-        raise TargetError(f"adapter does not know where the attention and feed-forward outputs of "
-                          f"{type(model).__name__} (model type {kind!r}) are; name the modules to wrap with "
-                          "`modules: [...]`, e.g. the output projection of each block")
+        raise TargetError(f"adapter places bottlenecks after the attention and feed-forward outputs of each layer, and "
+                          f"{type(model).__name__} has no transformer layers with those that deltatune can find; name "
+                          "the modules to wrap with `modules: [...]` (e.g. each block's output Linear), or use lora")
     return find_modules(model, [exact_pattern(names)], layers=cfg.layers)
 
 
