@@ -62,7 +62,7 @@ def _layer_lists(model: nn.Module, names: dict[str, nn.Module]) -> list[str]:
     """ModuleLists of the model's layer classes (transformers' `_no_split_modules`), else the largest uniform one."""
     layer_classes = set(getattr(model, "_no_split_modules", None) or ())
     lists = [n for n, m in names.items() if isinstance(m, nn.ModuleList) and len(m)
-             and all(type(c).__name__ in layer_classes for c in m)]
+             and all(_kind(c).__name__ in layer_classes for c in m)]
     return lists or _largest_uniform_list(names)
 
 
@@ -70,9 +70,14 @@ def _largest_uniform_list(names: dict[str, nn.Module]) -> list[str]:
     """Generic fallback: the largest ModuleList whose children all share one class."""
     best, size = [], 0
     for name, module in names.items():
-        if isinstance(module, nn.ModuleList) and len(module) > size and len({type(c) for c in module}) == 1:
+        if isinstance(module, nn.ModuleList) and len(module) > size and len({_kind(c) for c in module}) == 1:
             best, size = [name], len(module)
     return best
+
+
+def _kind(layer: nn.Module) -> type:
+    """The class of a layer, or of the layer a delta's wrapper holds (side-tuning wraps the last one)."""
+    return type(getattr(layer, "base_layer", layer))
 
 
 def _heads(model: nn.Module, names: dict[str, nn.Module]) -> list[str]:
