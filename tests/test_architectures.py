@@ -192,3 +192,31 @@ def test_method_on_architecture(method, arch, adapter_root, tmp_path):
     delta.detach()
     assert module_tree(model) == tree
     assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+
+
+def greedy_by_full_forwards(model: nn.Module, batch: dict, steps: int) -> torch.Tensor:
+    """Greedy decoding of an encoder-decoder without cache or generate(): one full forward per new token."""
+    start = torch.full((len(batch["input_ids"]), 1), model.config.decoder_start_token_id)
+    out = start
+    for _ in range(steps):
+        with torch.no_grad():
+            scores = model(**batch, decoder_input_ids=out, use_cache=False).logits[:, -1]
+        out = torch.cat([out, scores.argmax(-1, keepdim=True)], 1)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+@pytest.mark.parametrize("method", ["prompt", "ptuning", "prefix", "ptuning_v2", "lora", "side"])
+def test_generate_on_encoder_decoders_matches_full_forwards(method, arch, adapter_root):
+    """generate() (which runs the encoder on its own, then decodes with the cache) sees the same delta."""
+    model, batch = build(arch), batch_for(arch)
+    model.generation_config.eos_token_id = model.generation_config.forced_eos_token_id = None  # 4 tokens always
+    base = logits(model, batch)
+    del batch["decoder_input_ids"]
+    delta = deltatune.attach(model, method_config(method, arch, adapter_root))
+    with torch.no_grad():
+        for p in delta.trainable_parameters().values():
+            p.add_(0.5 * torch.randn_like(p))
+    generated = model.generate(**batch, max_new_tokens=4, do_sample=False)
+    assert torch.equal(generated, greedy_by_full_forwards(model, batch, 4))
+    assert not torch.equal(logits(model, batch_for(arch)), base)  # the delta is used
