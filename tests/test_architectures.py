@@ -20,6 +20,7 @@ import transformers as T
 from torch import nn
 
 import deltatune
+from deltatune.arch import describe, short_name
 from deltatune.registry import methods
 from deltatune.targeting import DeltaModule
 from tests.saved_adapters import save_adapter
@@ -220,3 +221,31 @@ def test_generate_on_encoder_decoders_matches_full_forwards(method, arch, adapte
     generated = model.generate(**batch, max_new_tokens=4, do_sample=False)
     assert torch.equal(generated, greedy_by_full_forwards(model, batch, 4))
     assert not torch.equal(logits(model, batch_for(arch)), base)  # the delta is used
+
+
+@pytest.mark.parametrize("arch, heads, attention_output, key_value, ffn_output", [
+    ("gpt_neox", ["lm_head"], "attention.dense", ["attention.query_key_value"], "mlp.dense_4h_to_h"),
+    ("phi3", ["lm_head"], "self_attn.o_proj", ["self_attn.qkv_proj"], "mlp.down_proj"),  # o_proj registered first
+    ("opt", ["lm_head"], "self_attn.out_proj", ["self_attn.k_proj", "self_attn.v_proj"], "fc2"),
+    ("gpt2", ["lm_head"], "attn.c_proj", ["attn.c_attn"], "mlp.c_proj"),
+    ("distilbert", ["pre_classifier", "classifier"], "attention.out_lin", ["attention.k_lin", "attention.v_lin"],
+     "ffn.lin2"),
+    ("bert", ["classifier"], "attention.output.dense", ["attention.self.key", "attention.self.value"],
+     "output.dense"),
+])
+def test_architecture_facts_are_read_off_the_model(arch, heads, attention_output, key_value, ffn_output):
+    facts = describe(build(arch))
+    assert facts.heads == heads
+    assert len(facts.layers) == 2
+    assert [short_name(n) for n in facts.layer_role("attention_output")] == [attention_output] * 2
+    assert [short_name(n) for n in facts.layer_role("key_value")] == key_value * 2
+    assert [short_name(n) for n in facts.layer_role("ffn_output")] == [ffn_output] * 2
+
+
+def test_encoder_decoder_layers_are_both_stacks_and_roles_are_per_block():
+    facts = describe(build("t5"))
+    assert facts.layer_lists == ["encoder.block", "decoder.block"]
+    assert facts.layer_role("ffn_output") == [f"encoder.block.{i}.layer.1.DenseReluDense.wo" for i in (0, 1)] + \
+        [f"decoder.block.{i}.layer.2.DenseReluDense.wo" for i in (0, 1)]  # after the decoder's cross-attention
+    assert facts.layer_role("attention_output")[-1] == "decoder.block.1.layer.0.SelfAttention.o"
+    assert describe(TinyCNN()).heads == ["classifier"] and describe(TinyCNN()).layers == []
