@@ -34,10 +34,10 @@ from torch import nn
 from deltatune.delta import Delta, DeltaConfig
 from deltatune.errors import ConfigError, TargetError
 from deltatune.registry import register
-from deltatune.targeting import DeltaModule
+from deltatune.targeting import WrapperModule
 
 
-class Carrier(DeltaModule):
+class Carrier(WrapperModule):
     """Wraps the input embeddings unchanged and carries a delta's modules (virtual tokens, prefixes)."""
 
     def __init__(self, base: nn.Module, owner: str, **parts: nn.Module):
@@ -55,7 +55,7 @@ def input_embeddings(model: nn.Module, method: str) -> tuple[str, nn.Module]:
     """(name, module) of the input embeddings, which must not carry another delta's tokens or prefixes yet."""
     get_embeddings = getattr(model, "get_input_embeddings", None)
     embeddings = get_embeddings() if callable(get_embeddings) and hasattr(model, "config") else None
-    if not isinstance(embeddings, nn.Module) or getattr(embeddings, "weight", None) is None:
+    if not isinstance(embeddings, nn.Module) or getattr(embeddings, "weight", None) is None:  # a Carrier has one
         raise TargetError(f"{method} adds virtual tokens to the input, so it needs a model that takes token ids (a "
                           f"transformers model with a config and get_input_embeddings()); {type(model).__name__} "
                           "has neither: use lora, full, bitfit or head on it instead")
