@@ -10,6 +10,7 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedTokenizerBase,
@@ -56,14 +57,23 @@ def load_model(path: str, task: str, num_labels: int | None = None, *, dtype: st
     elif task == "regression":
         kwargs |= {"num_labels": num_labels or 1, "problem_type": "regression"}
 
+    auto = TASKS[task]
+    if task == "causal_lm" and is_encoder_decoder(path, trust_remote_code=trust_remote_code):
+        auto = AutoModelForSeq2SeqLM  # text generation by an encoder-decoder (T5, BART): prompt in, response out
     try:
-        model, info = TASKS[task].from_pretrained(folder, output_loading_info=True, **kwargs)
+        model, info = auto.from_pretrained(folder, output_loading_info=True, **kwargs)
     except (OSError, ValueError, SafetensorError) as e:
         raise DeltaTuneError(f"cannot load model from {str(folder)!r} for task {task!r}: {e}") from e
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     model.deltatune_new_weights = sorted(set(info["missing_keys"]) | {k[0] for k in info["mismatched_keys"]})
     _ensure_pad_token(model, tokenizer)
     return model, tokenizer
+
+
+def is_encoder_decoder(path: str, *, trust_remote_code: bool = False) -> bool:
+    """Whether the model saved at `path` is an encoder-decoder (its config says so)."""
+    config = AutoConfig.from_pretrained(resolve_model_path(path), trust_remote_code=trust_remote_code)
+    return bool(getattr(config, "is_encoder_decoder", False))
 
 
 def saved_num_labels(path: str, *, trust_remote_code: bool = False) -> int:
