@@ -60,6 +60,9 @@ def _check_encoder_decoder(config: RunConfig, data_format: str | None) -> None:
     if _packs(config):
         raise ConfigError("data.packing: packed rows are for decoder-only models; an encoder-decoder pads each "
                           "prompt and response instead: set packing: false")
+    if config.tasks is None and config.data.train_on_prompt:
+        raise ConfigError("data.train_on_prompt: an encoder-decoder reads the prompt with its encoder, so the loss "
+                          "can only be on the response: set train_on_prompt: false")
 
 
 def _packs(config: RunConfig) -> bool:

@@ -75,6 +75,7 @@ def test_train_and_generate_with_an_encoder_decoder_through_the_cli(arch, tmp_pa
 @pytest.mark.parametrize("data, message", [
     ({"format": "text", "text_column": "output"}, "data.format: text has no prompt/response split"),
     ({"packing": True}, "data.packing: packed rows are for decoder-only models"),
+    ({"train_on_prompt": True}, "data.train_on_prompt: an encoder-decoder reads the prompt with its encoder"),
 ])
 def test_encoder_decoder_refuses_data_without_a_prompt_or_packed(data, message, tmp_path, capsys):
     assert main(["train", str(write_run_inputs(tmp_path, "t5", **data))]) == 1
