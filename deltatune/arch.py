@@ -88,7 +88,8 @@ def _heads(model: nn.Module, names: dict[str, nn.Module]) -> list[str]:
     found = {ids[id(output)]} if id(output) in ids else set()
     base = getattr(model, "base_model", model)
     if base is not model:
-        found |= {n for n, child in model.named_children() if child is not base and next(child.parameters(), None) is not None}
+        found |= {n for n, child in model.named_children()
+                  if child is not base and next(child.parameters(), None) is not None}
     elif not hasattr(model, "base_model"):
         found |= {n for n in names if n in HEAD_NAMES}
     return [n for n in names if n in found]
