@@ -132,8 +132,8 @@ class BitFitDelta(Delta):
         """`what` plus the way out that applies (add_missing, include_head, another delta owning the biases)."""
         hints = []
         if not self._add:
-            hints.append("set add_missing: true (or leave it 'auto') to give its Linear layers zero-initialised biases (bias-free "
-                         "architectures such as Llama), or use ia3 / lora instead")
+            hints.append("set add_missing: true (or leave it 'auto') to give its Linear layers zero-initialised "
+                         "biases (bias-free architectures such as Llama), or use ia3 / lora instead")
         if self._heads and any(is_bias(n.rsplit(".", 1)[-1]) for h in self._heads
                                for n, _ in self.model.get_submodule(h).named_parameters()):
             hints.append("the task head's bias is left out: set include_head: true to train it")

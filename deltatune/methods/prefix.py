@@ -127,8 +127,8 @@ class PrefixDelta(Delta):
         self.shape = shape = Shape(self.model)
         attention = attention_modules(self.model)
         if sorted(attention) != list(range(shape.layers)):
-            raise ConfigError(f"{self.method} fills each attention layer's key/value cache, but the attention layers of "
-                              f"{type(self.model).__name__} take no cache (found one for layers {sorted(attention)} of "
+            raise ConfigError(f"{self.method} fills each attention layer's key/value cache, but the attention "
+                              f"layers of {type(self.model).__name__} take no cache (found one for layers {sorted(attention)} of "
                               f"0..{shape.layers - 1}); use prompt or ptuning (virtual tokens in the input) or lora")
         weight = embeddings.weight
         like = dict(device=weight.device, dtype=weight.dtype)

@@ -181,7 +181,8 @@ class SideDelta(Delta):
         arch = describe(self.model)
         if not arch.layers:
             raise TargetError(f"side-tuning blends at the output of the last layer of the layer stack, and "
-                              f"{type(self.model).__name__} has no layer stack that deltatune recognises; use lora, full or head")
+                              f"{type(self.model).__name__} has no layer stack that deltatune recognises; use lora, "
+                              "full or head")
         embedding = _side_input(self.model)
         if not isinstance(embedding, nn.Module) or getattr(embedding, "weight", None) is None:
             raise TargetError(f"side-tuning reads the input embeddings, and {type(self.model).__name__} has no "
