@@ -128,8 +128,9 @@ class PrefixDelta(Delta):
         attention = attention_modules(self.model)
         if sorted(attention) != list(range(shape.layers)):
             raise ConfigError(f"{self.method} fills each attention layer's key/value cache, but the attention "
-                              f"layers of {type(self.model).__name__} take no cache (found one for layers {sorted(attention)} of "
-                              f"0..{shape.layers - 1}); use prompt or ptuning (virtual tokens in the input) or lora")
+                              f"layers of {type(self.model).__name__} take no cache (found one for layers "
+                              f"{sorted(attention)} of 0..{shape.layers - 1}); use prompt or ptuning (virtual tokens "
+                              "in the input) or lora")
         weight = embeddings.weight
         like = dict(device=weight.device, dtype=weight.dtype)
         n = self.extra_positions = cfg.n_tokens  # real tokens take positions after the prefix
