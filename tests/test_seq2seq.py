@@ -14,7 +14,7 @@ import yaml
 from deltatune.cli import main
 from deltatune.data import Collator
 from deltatune.generate import Sampling
-from deltatune.inference import open_generator
+from deltatune.inference import Conversation, open_generator
 from deltatune.prompts import PromptRecord
 from tests.tiny import VOCAB, tiny_chat_tokenizer
 
@@ -70,6 +70,9 @@ def test_train_and_generate_with_an_encoder_decoder_through_the_cli(arch, tmp_pa
     prompts = [PromptRecord(where="test", text=f"add {i} and {i + 1}") for i in (3, 6)]
     answers = generator.complete(prompts, Sampling(max_new_tokens=12))
     assert all(re.fullmatch(r"it is \d+", answer) for answer in answers), answers  # the responses' form, learnt
+    chat = Conversation(generator, Sampling(max_new_tokens=12))
+    replies = [chat.reply("add 3 and 4"), chat.reply("add 6 and 7")]  # the second turn sees the first
+    assert all(re.fullmatch(r"it is \d+", reply) for reply in replies), replies
 
 
 @pytest.mark.parametrize("data, message", [
