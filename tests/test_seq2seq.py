@@ -82,4 +82,4 @@ def test_train_and_generate_with_an_encoder_decoder_through_the_cli(arch, tmp_pa
 ])
 def test_encoder_decoder_refuses_data_without_a_prompt_or_packed(data, message, tmp_path, capsys):
     assert main(["train", str(write_run_inputs(tmp_path, "t5", **data))]) == 1
-    assert message in " ".join(capsys.readouterr().out.split())
+    assert message in " ".join(capsys.readouterr().err.split())
