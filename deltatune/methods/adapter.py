@@ -14,7 +14,6 @@ modules explicitly instead, for architectures `deltatune.arch` does not know. No
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Literal
 
@@ -28,7 +27,7 @@ from deltatune.delta import Delta, DeltaConfig
 from deltatune.errors import TargetError
 from deltatune.registry import register
 from deltatune.schema import one_or_many
-from deltatune.targeting import DeltaModule, find_modules
+from deltatune.targeting import WrapperModule, exact_pattern, find_modules
 
 PLACEMENTS: dict[str, tuple[str, ...]] = {"houlsby": ("attention_output", "ffn_output"), "pfeiffer": ("ffn_output",)}
 NONLINEARITIES: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU,
@@ -94,7 +93,7 @@ def on_output(out: torch.Tensor | tuple, fn: Callable[[torch.Tensor], torch.Tens
     return (fn(out[0]), *out[1:]) if isinstance(out, tuple) else fn(out)
 
 
-class AdapterModule(DeltaModule):
+class AdapterModule(WrapperModule):
     """A frozen `base_layer` whose output h becomes h + adapter(h)."""
 
     owner_method = "adapter"
@@ -115,11 +114,10 @@ def adapter_sites(model: nn.Module, cfg: Adapter) -> dict[str, nn.Module]:
     arch = describe(model)
     names = [name for role in PLACEMENTS[cfg.placement] for name in arch.layer_role(role)]
     if not names:
-        kind = getattr(getattr(model, "config", None), "model_type", None)
-        raise TargetError(f"adapter does not know where the attention and feed-forward outputs of "
-                          f"{type(model).__name__} (model type {kind!r}) are; name the modules to wrap with "
-                          "`modules: [...]`, e.g. the output projection of each block")
-    return find_modules(model, ["re:" + "|".join(map(re.escape, names))], layers=cfg.layers)
+        raise TargetError(f"adapter places bottlenecks after the attention and feed-forward outputs of each layer, and "
+                          f"{type(model).__name__} has no transformer layers with those that deltatune can find; name "
+                          "the modules to wrap with `modules: [...]` (e.g. each block's output Linear), or use lora")
+    return find_modules(model, [exact_pattern(names)], layers=cfg.layers)
 
 
 def output_size(name: str, module: nn.Module) -> int:

@@ -107,6 +107,13 @@ class TaskHeadSwitch(DeltaModule):
         return self.heads[task](hidden)
 
 
+def _added_to_logits(model: nn.Module, head: nn.Linear) -> str | None:
+    """Name of a vocabulary-sized vector the model itself (not a submodule) holds next to its LM head, which it adds
+    to the logits (BART's `final_logits_bias`), or None."""
+    tensors = (*model.named_parameters(recurse=False), *model.named_buffers(recurse=False))
+    return next((n for n, t in tensors if t.dim() and t.numel() == head.out_features), None)
+
+
 def last_token(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """The hidden state of each row's last real token (left or right padding); the last position without a mask."""
     if mask is None:
@@ -139,6 +146,10 @@ class TaskHeadsDelta(Delta):
         if not pool and (text := [t.name for t in cfg.tasks if t.kind == "text"]):
             raise TargetError(f"text tasks ({', '.join(text)}) need a causal LM, but {name!r} of "
                               f"{type(self.model).__name__} is not its LM head; load the model for causal LM")
+        if pool and any(t.kind != "text" for t in cfg.tasks) and (added := _added_to_logits(self.model, head)):
+            raise TargetError(f"{type(self.model).__name__} adds {added!r} (one value per vocabulary entry) to the "
+                              f"output of its LM head {name!r}, so a classification or regression head cannot take "
+                              "its place; load the model for sequence classification, or use only text tasks")
         switch = TaskHeadSwitch(head, cfg.tasks, pool, cfg.uncertainty)
         self.swap(name, switch)
         switch.router = routing.join(self.model, [t.name for t in cfg.tasks])  # last: nothing after this fails
