@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-
 import torch
 from pydantic import Field
 from torch import nn
