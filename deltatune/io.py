@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from deltatune.errors import ConfigError, DeltaTuneError
+from deltatune.errors import CheckpointError, ConfigError, DeltaTuneError
+from deltatune.safety import check_safetensors_header
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -96,7 +98,16 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
+    """The tensors of a safetensors file; its header size is checked before parsing, and a damaged or hostile
+    file is one CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found")
+    check_safetensors_header(path)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path} is not a valid safetensors file ({exc}); restore or re-save it") from None
 
 
 def sha256(path: str | Path) -> str:

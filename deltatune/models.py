@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,11 +13,13 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedTokenizerBase,
 )
 
 from deltatune.assets import resolve_model_path
 from deltatune.errors import ConfigError, DeltaTuneError
+from deltatune.safety import check_model_folder
 
 TASKS = {"classification": AutoModelForSequenceClassification, "regression": AutoModelForSequenceClassification,
          "causal_lm": AutoModelForCausalLM, "base": AutoModel}
@@ -43,7 +46,7 @@ def load_model(path: str, task: str, num_labels: int | None = None, *, dtype: st
         raise DeltaTuneError(f"cannot load model from {str(folder)!r}: expected a folder with config.json "
                              "(a Hugging Face save_pretrained folder) or a packaged alias")
 
-    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype]}
     if task == "classification":
         if id2label is not None:
             if num_labels is not None and num_labels != len(id2label):
@@ -56,19 +59,39 @@ def load_model(path: str, task: str, num_labels: int | None = None, *, dtype: st
     elif task == "regression":
         kwargs |= {"num_labels": num_labels or 1, "problem_type": "regression"}
 
-    try:
-        model, info = TASKS[task].from_pretrained(folder, output_loading_info=True, **kwargs)
-    except (OSError, ValueError, SafetensorError) as e:
-        raise DeltaTuneError(f"cannot load model from {str(folder)!r} for task {task!r}: {e}") from e
+    model, info = load_weights(TASKS[task], folder, trust_remote_code, f" for task {task!r}",
+                               output_loading_info=True, **kwargs)
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     model.deltatune_new_weights = sorted(set(info["missing_keys"]) | {k[0] for k in info["mismatched_keys"]})
     _ensure_pad_token(model, tokenizer)
     return model, tokenizer
 
 
+def load_weights(model_class: Any, folder: Path, trust_remote_code: bool = False, purpose: str = "",
+                 **kwargs: Any) -> Any:
+    """`model_class.from_pretrained(folder)` for an untrusted folder: refused if it would run code (unless
+    `trust_remote_code`), safetensors only (never unpickles), transformers' errors as one DeltaTuneError."""
+    check_model_folder(folder, trust_remote_code=trust_remote_code)
+    try:
+        return model_class.from_pretrained(folder, use_safetensors=True, trust_remote_code=trust_remote_code,
+                                           **kwargs)
+    except (OSError, ValueError, SafetensorError) as e:
+        raise DeltaTuneError(f"cannot load model from {str(folder)!r}{purpose}: {e}") from e
+
+
+def load_model_config(path: str, *, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The config.json of a model folder (or packaged alias), checked like the weights (see `load_weights`)."""
+    folder = resolve_model_path(path)
+    check_model_folder(folder, trust_remote_code=trust_remote_code)
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise DeltaTuneError(f"cannot read the model config in {str(folder)!r}: {e}") from e
+
+
 def saved_num_labels(path: str, *, trust_remote_code: bool = False) -> int:
     """The size of the classification head saved with a model (its config's num_labels; 2 when it has none)."""
-    return AutoConfig.from_pretrained(resolve_model_path(path), trust_remote_code=trust_remote_code).num_labels
+    return load_model_config(path, trust_remote_code=trust_remote_code).num_labels
 
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -77,6 +100,7 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> PreTrainedT
     if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise DeltaTuneError(f"no tokenizer in {str(folder)!r} (none of {', '.join(TOKENIZER_FILES)}); save it next "
                              "to the model with tokenizer.save_pretrained(folder)")
+    check_model_folder(folder, trust_remote_code=trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -91,7 +115,7 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> PreTrainedT
 
 def model_max_length(path: str, tokenizer: PreTrainedTokenizerBase, *, trust_remote_code: bool = False) -> int | None:
     """The longest sequence the model takes: its position embeddings or the tokenizer's limit (the smaller)."""
-    config = AutoConfig.from_pretrained(resolve_model_path(path), trust_remote_code=trust_remote_code)
+    config = load_model_config(path, trust_remote_code=trust_remote_code)
     limits = [getattr(config, "max_position_embeddings", None), tokenizer.model_max_length]
     known = [n for n in limits if isinstance(n, int) and 0 < n < UNLIMITED]
     return min(known) if known else None

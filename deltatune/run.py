@@ -104,12 +104,13 @@ def _save_chat_template(session: Session, folder: Path) -> None:
         write_text(folder / TEMPLATE_FILE, session.data.chat_template)
 
 
-def load_run(run_dir: str | Path, overrides: list[str] = ()) -> Session:
-    """Reopen a finished run: its config, the base model and the best saved delta."""
+def load_run(run_dir: str | Path, overrides: list[str] = (), *, trust_remote_code: bool = False) -> Session:
+    """Reopen a finished run: its config, the base model and the best saved delta. The run's config.yaml cannot
+    switch on remote code: only the `trust_remote_code` argument (--trust-remote-code) can."""
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_NAME).is_file():
         raise ConfigError(f"{run_dir} is not a run folder: {CONFIG_NAME} not found (train one with `deltatune train`)")
-    config = load_config(run_dir / CONFIG_NAME, overrides)
+    config = load_config(run_dir / CONFIG_NAME, overrides, trust_remote_code=trust_remote_code)
     best = run_dir / "best"
     if not best.is_dir():
         raise ConfigError(f"{run_dir} has no trained delta yet ({best} missing): finish or resume the run first")

@@ -11,10 +11,12 @@ with zero bias, so training starts from exactly the mean of the adapters' output
 `value_regularization · ||V - I||²` (0.01, as in the adapter-transformers reference) keeps V near identity.
 
 Saving: the fusion delta's tensors are Q, K, V only (the trainable set; the contract saves exactly that). The
-adapters are referenced by folder, and their tensor files' SHA-256 are recorded in the saved config on attach
-(`adapter_sha256`), so `deltatune.load` rebuilds the exact same fusion or refuses adapters that changed. Paths
-are kept as given (relative ones resolve from the current directory). Other deltas saved in an adapter's folder
-(e.g. its task head) are ignored: attach a new head after the fusion.
+config names the adapters by folder (relative ones resolve from the current directory), and their tensor files'
+SHA-256 are recorded on attach (`adapter_sha256`). A saved fusion holds copies of its adapters
+(`adapters/0`, `adapters/1`, ... next to delta.json) and names them relative to its own folder, so it is
+self-contained, and `deltatune.load` reads no folder outside it; it rebuilds the exact same fusion or refuses
+adapters whose checksums changed. Other deltas saved in an adapter's folder (e.g. its task head) are ignored:
+attach a new head after the fusion.
 
 Not output-preserving (`preserves_output = False`): attaching adds the mean of trained adapters to the bare model.
 `FusionDelta.fusion_weights()` returns the last attention weights of every site (they sum to 1 over adapters).
@@ -23,6 +25,7 @@ Not output-preserving (`preserves_output = False`): attaching adds the mean of t
 from __future__ import annotations
 
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +35,9 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from deltatune.arch import describe
-from deltatune.delta import TENSOR_FILE, Delta, DeltaConfig, read_delta_config
+from deltatune.delta import CONFIG_FILE, TENSOR_FILE, Delta, DeltaConfig, read_delta_config
 from deltatune.errors import CheckpointError, ConfigError, TargetError
-from deltatune.io import load_tensors, sha256
+from deltatune.io import atomic_path, load_tensors, sha256
 from deltatune.methods.adapter import Adapter, Bottleneck, like, on_output, output_size
 from deltatune.registry import register
 from deltatune.targeting import DeltaModule, find_modules
@@ -44,6 +47,8 @@ BRANCH = ".adapter."  # tensor names of a saved adapter: "<site>.adapter.<down|u
 
 class Fusion(DeltaConfig):
     """AdapterFusion settings: the saved adapters to fuse, and the value-matrix regularisation."""
+
+    folder_fields = ("adapters",)
 
     adapters: list[str] = Field(description="folders of at least 2 saved adapter deltas (e.g. runs/a/best)")
     value_regularization: float = Field(0.01, ge=0, description="weight of ||V - I||² added to the loss")
@@ -215,6 +220,18 @@ class FusionDelta(Delta):
             self.wrappers[site] = wrapper
         self.config = cfg.model_copy(update={"adapter_sha256": [s.sha256 for s in saved]})  # pinned in delta.json
         return [p for w in wrappers.values() for p in w.fusion.parameters()]
+
+    def saved_config(self, directory: Path) -> Fusion:
+        """Copy the fused adapters into `directory/adapters/<i>` and name those copies (relative to `directory`)."""
+        names = []
+        for i, folder in enumerate(self.config.adapters):  # type: ignore[attr-defined]
+            name, source = f"adapters/{i}", Path(folder)
+            if source.resolve() != (directory / name).resolve():
+                for file in (CONFIG_FILE, TENSOR_FILE):
+                    with atomic_path(directory / name / file) as tmp:
+                        shutil.copyfile(source / file, tmp)
+            names.append(name)
+        return self.config.model_copy(update={"adapters": names})
 
     def fusion_weights(self) -> dict[str, torch.Tensor]:
         """Attention weights over the adapters from the last forward pass, by module: (..., N), summing to 1."""
