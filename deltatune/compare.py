@@ -35,7 +35,7 @@ from pydantic import Field
 from deltatune import io
 from deltatune.config import RunConfig, read_config, validate_config
 from deltatune.delta import TENSOR_FILE
-from deltatune.errors import ConfigError, DeltaTuneError
+from deltatune.errors import CheckpointError, ConfigError, DeltaTuneError
 from deltatune.methods.head import Head
 from deltatune.registry import get_method
 from deltatune.safety import REMOTE_CODE_FLAG, read_yaml_file
@@ -183,7 +183,16 @@ def train_one(config: RunConfig, *, resume: bool, isolate: bool) -> None:
 
 
 def table_row(name: str, run_dir: Path, config: RunConfig) -> Row:
-    res = io.read_json(run_dir / RESULTS)
+    """The table row of a finished run, from its results.json (CheckpointError if that is not one)."""
+    file = run_dir / RESULTS
+    try:
+        return _row(name, io.read_json(file), run_dir, config)
+    except (ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError, OSError) as exc:
+        raise CheckpointError(f"{file} is not the results of a finished run ({type(exc).__name__}: {exc}); "
+                              "re-train that method with --force") from None
+
+
+def _row(name: str, res: dict[str, Any], run_dir: Path, config: RunConfig) -> Row:
     metric = res["metric"]
     return Row(method=name, deltas=" + ".join(d.method for d in config.delta), metric=metric,
                test=(res.get("test") or {}).get(metric),

@@ -325,7 +325,7 @@ def attach(model: nn.Module, config: DeltaConfig | Sequence[DeltaConfig]) -> Del
 def read_delta_config(path: str | Path) -> dict[str, Any]:
     """Read and check `delta.json` of a saved delta folder."""
     path = Path(path)
-    file = path / CONFIG_FILE
+    file = inside(path, CONFIG_FILE, str(path))
     if not file.is_file():
         hint = " (it looks like a Hugging Face PEFT adapter)" if (path / "adapter_config.json").exists() else ""
         raise CheckpointError(f"{path} is not a saved deltatune delta: {CONFIG_FILE} not found{hint}")
@@ -351,7 +351,7 @@ def load(model: nn.Module, path: str | Path) -> Delta | DeltaGroup:
     meta = read_delta_config(path)
     base = _BASE_FINGERPRINT.get(model) if _ATTACHED.get(model) else fingerprint(model)
     check_same_base(meta["base"], base)
-    tensor_file = path / TENSOR_FILE
+    tensor_file = inside(path, TENSOR_FILE, str(path / CONFIG_FILE))
     if not tensor_file.is_file() or io.sha256(tensor_file) != meta.get("sha256"):
         raise CheckpointError(f"{tensor_file} is missing or corrupted (checksum differs from {CONFIG_FILE})")
     where = str(path / CONFIG_FILE)

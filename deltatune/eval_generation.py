@@ -18,7 +18,7 @@ from deltatune.generate import Sampling
 from deltatune.inference import Generator
 from deltatune.io import write_json, write_jsonl
 from deltatune.prompts import PromptRecord, output_rows, read_prompts, saved_template
-from deltatune.schema import Schema
+from deltatune.schema import MAX_BATCH, MAX_COUNT, MAX_LENGTH, Schema
 
 if TYPE_CHECKING:
     from deltatune.run import Session
@@ -34,11 +34,12 @@ class GenerationEval(Schema):
     section = "eval_generation"
 
     file: str  # .jsonl/.json/.csv/.parquet: prompt + reference, or messages ending with the assistant's answer
-    skip: int = Field(0, ge=0)  # records to pass over first (e.g. those the training data took from the same file)
-    limit: int | None = Field(None, gt=0)  # then N records at most
-    max_new_tokens: int = Field(64, ge=1)
+    # records to pass over first (e.g. those the training data took from the same file)
+    skip: int = Field(0, ge=0, le=MAX_COUNT)
+    limit: int | None = Field(None, gt=0, le=MAX_COUNT)  # then N records at most
+    max_new_tokens: int = Field(64, ge=1, le=MAX_LENGTH)
     stop: list[str] = []
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH)
     system: str | None = None  # system prompt for records without one
 
     def sampling(self) -> Sampling:

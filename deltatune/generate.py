@@ -15,7 +15,7 @@ from torch import nn
 from transformers.generation.streamers import BaseStreamer
 
 from deltatune.errors import ConfigError
-from deltatune.schema import Schema
+from deltatune.schema import MAX_COUNT, MAX_LENGTH, MAX_SCALE, MAX_SEED, Schema
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -26,12 +26,13 @@ class Sampling(Schema):
 
     section = "sampling"
 
-    max_new_tokens: int = Field(64, ge=1)
-    temperature: float = Field(0.0, ge=0)
+    max_new_tokens: int = Field(64, ge=1, le=MAX_LENGTH)
+    temperature: float = Field(0.0, ge=0, le=MAX_SCALE)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)  # 0 = no top-k cut
-    repetition_penalty: float = Field(1.0, gt=0)  # > 1 discourages tokens already in the text
-    seed: int | None = None  # sampling reproducible across calls; the global RNG is left untouched
+    top_k: int = Field(0, ge=0, le=MAX_COUNT)  # 0 = no top-k cut
+    repetition_penalty: float = Field(1.0, gt=0, le=MAX_SCALE)  # > 1 discourages tokens already in the text
+    # sampling reproducible across calls; the global RNG is left untouched
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stop: list[str] = []  # each output ends before the first of these strings
 
     def generate_kwargs(self) -> dict:

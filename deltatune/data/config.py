@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from deltatune.schema import Schema
+from deltatune.schema import MAX_COUNT, MAX_LENGTH, Schema
 
 LM_FORMATS = ("auto", "text", "alpaca", "sharegpt", "messages")  # causal language modelling (task "text")
 CHAT_FORMATS = ("alpaca", "sharegpt", "messages")  # rendered with a chat template
@@ -45,9 +45,9 @@ class DataConfig(Schema):
     text_pair_column: str | None = None
     label_column: str = "label"
     labels: list[str] | None = None
-    max_length: int = Field(256, gt=0)  # lowered to the model's maximum when that is smaller
+    max_length: int = Field(256, gt=0, le=MAX_LENGTH)  # lowered to the model's maximum when that is smaller
     truncation: Literal["warn", "error", "silent"] = "warn"  # what longer records do (see truncation.py)
-    limit: int | None = Field(None, gt=0)
+    limit: int | None = Field(None, gt=0, le=MAX_COUNT)
     columns: Columns = Field(default_factory=Columns)
     roles: dict[str, Literal["system", "user", "assistant"]] = {}  # role names in the data -> chat roles
     chat_template: str | None = None  # a name (chatml, llama3, alpaca) or inline jinja; unset: the tokenizer's own

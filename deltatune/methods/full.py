@@ -25,6 +25,7 @@ from deltatune.delta import Delta, DeltaConfig, owned_tensors
 from deltatune.errors import TargetError
 from deltatune.optim.groups import stack_depths
 from deltatune.registry import register
+from deltatune.schema import MAX_WIDTH
 from deltatune.targeting import no_match_error, plain_modules
 
 
@@ -34,9 +35,11 @@ class Full(DeltaConfig):
     freeze: list[str] = Field(default_factory=list,
                               description="module or parameter patterns to keep frozen (name, dot-suffix, 're:...', "
                                           "'type:...'); each must match something")
-    freeze_first: int = Field(0, ge=0, description="freeze the embeddings and the first k layers of the stack")
-    train_last: int | None = Field(None, ge=0, description="train only the last k layers and everything after "
-                                                           "the stack (final norm, head)")
+    freeze_first: int = Field(0, ge=0, le=MAX_WIDTH,
+                              description="freeze the embeddings and the first k layers of the stack")
+    train_last: int | None = Field(None, ge=0, le=MAX_WIDTH,
+                                   description="train only the last k layers and everything after "
+                                               "the stack (final norm, head)")
     freeze_embeddings: bool = Field(False, description="freeze everything before the layer stack")
 
     @field_validator("freeze", mode="before")

@@ -40,6 +40,8 @@ from deltatune.errors import CheckpointError, ConfigError, TargetError
 from deltatune.io import atomic_path, load_tensors, sha256
 from deltatune.methods.adapter import Adapter, Bottleneck, like, on_output, output_size
 from deltatune.registry import register
+from deltatune.safety import inside
+from deltatune.schema import MAX_SCALE
 from deltatune.targeting import DeltaModule, find_modules
 
 BRANCH = ".adapter."  # tensor names of a saved adapter: "<site>.adapter.<down|up|norm>.<weight|bias>"
@@ -51,7 +53,7 @@ class Fusion(DeltaConfig):
     folder_fields = ("adapters",)
 
     adapters: list[str] = Field(description="folders of at least 2 saved adapter deltas (e.g. runs/a/best)")
-    value_regularization: float = Field(0.01, ge=0, description="weight of ||V - I||² added to the loss")
+    value_regularization: float = Field(0.01, ge=0, le=MAX_SCALE, description="weight of ||V - I||² added to the loss")
     adapter_sha256: list[str] | None = Field(None, description="checksums of the adapters' tensor files; "
                                              "recorded on attach, checked on load (leave unset)")
 
@@ -101,7 +103,7 @@ class SavedAdapter:
             found = [d["config"].get("method") for d in meta["deltas"]]
             raise ConfigError(f"{path} holds deltas {found}; AdapterFusion needs folders with exactly one "
                               "`adapter` delta each (train them with method: adapter first)")
-        file = path / TENSOR_FILE
+        file = inside(path, TENSOR_FILE, str(path / CONFIG_FILE))
         digest = sha256(file) if file.is_file() else None
         if digest != meta.get("sha256"):
             raise CheckpointError(f"{file} is missing or corrupted (checksum differs from its delta.json)")

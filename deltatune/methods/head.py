@@ -23,6 +23,7 @@ from deltatune.arch import describe
 from deltatune.delta import Delta, DeltaConfig, owned_tensors
 from deltatune.errors import ConfigError, TargetError
 from deltatune.registry import register
+from deltatune.schema import MAX_LABELS
 from deltatune.targeting import DeltaModule, check_not_taken, find_modules
 
 CONFIG_KEYS = ("id2label", "label2id", "problem_type")
@@ -32,8 +33,9 @@ class Head(DeltaConfig):
     """Task head settings: task, output size, which module, fresh or kept weights."""
 
     task: Literal["classification", "regression", "token_classification"] = "classification"
-    num_labels: int | None = Field(None, ge=1, description="outputs of the head; None keeps the current size "
-                                                            "(regression: 1)")
+    num_labels: int | None = Field(None, ge=1, le=MAX_LABELS,
+                                   description="outputs of the head; None keeps the current size "
+                                               "(regression: 1)")
     labels: list[str] | None = Field(None, min_length=1, description="label names, written to model.config.id2label")
     module: str | None = Field(None, description="the head module to replace (name, dot-suffix or 're:...'); "
                                                  "default: the model's known head (classifier, score, ...)")

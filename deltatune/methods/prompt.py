@@ -34,6 +34,7 @@ from torch import nn
 from deltatune.delta import Delta, DeltaConfig
 from deltatune.errors import ConfigError, TargetError
 from deltatune.registry import register
+from deltatune.schema import MAX_WIDTH
 from deltatune.targeting import DeltaModule
 
 
@@ -115,7 +116,7 @@ POSITION_HELP = "where the first virtual tokens go: auto = after [CLS] for encod
 class Prompt(DeltaConfig):
     """Prompt tuning settings: number of virtual tokens, their initialisation and position."""
 
-    n_tokens: int = Field(20, gt=0, description="number of virtual tokens")
+    n_tokens: int = Field(20, gt=0, le=MAX_WIDTH, description="number of virtual tokens")
     init: Literal["random", "vocab", "text"] = Field("vocab", description="random normal, embeddings of random "
                                                      "vocabulary tokens, or the embeddings of `init_text`")
     init_text: str | None = Field(None, description="text for init=text, e.g. 'Classify the sentiment:' "
@@ -151,7 +152,7 @@ class PTuning(DeltaConfig):
     template: str = Field("[P][P][P][P][P][P][P][P][P][P] {text}",
                           description="[P] virtual tokens, literal words and {mask} around one {text}")
     encoder: Literal["lstm", "mlp", "none"] = Field("lstm", description="prompt encoder (reparameterisation)")
-    hidden_size: int = Field(128, gt=0, description="prompt-encoder hidden size")
+    hidden_size: int = Field(128, gt=0, le=MAX_WIDTH, description="prompt-encoder hidden size")
     position: Position = Field("auto", description=POSITION_HELP)
     literal_token_ids: list[list[int]] | None = Field(
         None, description="token ids of the template's words and {mask}, in order (set from the tokenizer)")

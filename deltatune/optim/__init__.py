@@ -12,12 +12,12 @@ GaLore (full fine-tuning with low-rank optimizer states; see galore.py):
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from deltatune.optim.galore import GaLoreConfig
-from deltatune.schema import Schema, nested
+from deltatune.schema import MAX_COUNT, MAX_LR, MAX_SCALE, Schema, nested
 
 GALORE_NAMES = ("galore_adamw", "galore_adamw8bit")
 
@@ -28,21 +28,21 @@ class OptimizerConfig(Schema):
     section = "optimizer"
 
     name: Literal["adamw", "sgd", "galore_adamw", "galore_adamw8bit"] = "adamw"
-    lr: float = Field(5e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    lr: float = Field(5e-4, gt=0, le=MAX_LR)
+    weight_decay: float = Field(0.0, ge=0, le=MAX_SCALE)
     betas: tuple[float, float] = (0.9, 0.999)  # adamw only
-    eps: float = Field(1e-8, gt=0)  # adamw only
+    eps: float = Field(1e-8, gt=0, le=1)  # adamw only
     momentum: float = Field(0.0, ge=0, lt=1)  # sgd only
     # Geometric layer-wise LR decay from the head down: layer i of L gets lr * decay**(L - i), the embeddings
     # (everything before the layer stack) lr * decay**(L + 1), everything after the stack (final norm, head) lr.
     layer_decay: float | None = Field(None, gt=0, le=1)
-    head_lr: float | None = Field(None, gt=0)  # LR of deltas with role "head" (new task heads)
+    head_lr: float | None = Field(None, gt=0, le=MAX_LR)  # LR of deltas with role "head" (new task heads)
     # Parameter-name regex (re.search) -> LR; the first matching pattern wins, and it wins over head_lr/layer_decay.
-    lr_groups: dict[str, float] = {}
+    lr_groups: dict[str, Annotated[float, Field(gt=0, le=MAX_LR)]] = {}
     no_decay: list[str] = ["bias", "LayerNorm.weight", "norm.weight", "ln_"]  # name substrings without weight decay
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    warmup_steps: int | None = Field(None, ge=0)  # overrides warmup_ratio
+    warmup_steps: int | None = Field(None, ge=0, le=MAX_COUNT)  # overrides warmup_ratio
     galore: GaLoreConfig | None = None  # galore_adamw / galore_adamw8bit only; their default when left out
 
     _galore_schema = nested("galore", GaLoreConfig)

@@ -29,7 +29,7 @@ from deltatune.data.batching import real_tokens
 from deltatune.delta import TENSOR_FILE, DeltaBase
 from deltatune.errors import CheckpointError, ConfigError, DataError, DeltaTuneError
 from deltatune.optim import OptimizerConfig, build_optimizer, build_scheduler, check_train_settings
-from deltatune.schema import Schema
+from deltatune.schema import MAX_BATCH, MAX_COUNT, MAX_SCALE, MAX_SEED, MAX_THREADS, Schema
 from deltatune.train import checkpoint, distributed, speed
 from deltatune.train.metrics import (
     MetricsLog,
@@ -53,21 +53,23 @@ class TrainConfig(Schema):
 
     section = "train"
 
-    epochs: int = Field(3, ge=1)
-    max_steps: int | None = Field(None, ge=1)
-    batch_size: int = Field(16, ge=1)
-    eval_batch_size: int | None = Field(None, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    max_grad_norm: float | None = Field(1.0, gt=0)
+    epochs: int = Field(3, ge=1, le=MAX_COUNT)
+    max_steps: int | None = Field(None, ge=1, le=MAX_COUNT)
+    batch_size: int = Field(16, ge=1, le=MAX_BATCH)
+    eval_batch_size: int | None = Field(None, ge=1, le=MAX_BATCH)
+    grad_accum: int = Field(1, ge=1, le=MAX_BATCH)
+    max_grad_norm: float | None = Field(1.0, gt=0, le=MAX_SCALE)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    seed: int = 0
-    eval_every: int | None = Field(None, ge=1)  # validation also runs at every epoch end and at the last step
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    # validation also runs at every epoch end and at the last step
+    eval_every: int | None = Field(None, ge=1, le=MAX_COUNT)
     metric: str | None = None  # early stopping / best delta; default accuracy (classification) or loss
-    patience: int | None = Field(None, ge=1)  # evaluations without improvement before stopping
-    checkpoint_every: int | None = Field(None, ge=1)  # checkpoints also at every epoch end and at the last step
-    keep_checkpoints: int = Field(2, ge=1)
-    log_every: int = Field(1, ge=1)  # train rows in metrics.jsonl/csv (and TensorBoard): every step
-    num_threads: int | None = Field(None, ge=1)
+    patience: int | None = Field(None, ge=1, le=MAX_COUNT)  # evaluations without improvement before stopping
+    # checkpoints also at every epoch end and at the last step
+    checkpoint_every: int | None = Field(None, ge=1, le=MAX_COUNT)
+    keep_checkpoints: int = Field(2, ge=1, le=MAX_COUNT)
+    log_every: int = Field(1, ge=1, le=MAX_COUNT)  # train rows in metrics.jsonl/csv (and TensorBoard): every step
+    num_threads: int | None = Field(None, ge=1, le=MAX_THREADS)
     length_grouping: bool = False  # batches of similar lengths (less padding), still a seeded random order
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun (see distributed.py); fsdp: full fine-tuning
     eval_baseline: bool = True  # evaluate the untrained model first (validation + test)
