@@ -2,16 +2,20 @@
 
 Batches are left-padded (what decoder generation needs); greedy decoding at temperature 0, otherwise sampling
 with temperature, top-p and top-k, reproducible with a seed. `generate_ids` works on token ids (no tokenizer),
-`generate` on text; `on_text` streams one prompt's output as it is generated.
+`generate` on text; `on_text` streams one prompt's output as it is generated. Only the token ids of a model
+folder's `generation_config.json` take part: beam search, extra sequences, decoding modes fetched from the hub,
+cache kinds or watermarks in that file never change what `Sampling` asks for.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 from pydantic import Field
 from torch import nn
+from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
 from deltatune.errors import ConfigError
@@ -19,6 +23,8 @@ from deltatune.schema import MAX_COUNT, MAX_LENGTH, MAX_SCALE, MAX_SEED, Schema
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+GENERATION_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 
 
 class Sampling(Schema):
@@ -72,7 +78,8 @@ def generate_ids(model: nn.Module, prompts: Sequence[Sequence[int]], sampling: S
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[], enabled=sampling.seed is not None):
+        with torch.no_grad(), torch.random.fork_rng(devices=[], enabled=sampling.seed is not None), \
+                _token_ids_only(model):
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
             out = model.generate(input_ids=ids, attention_mask=mask, pad_token_id=pad_token_id,
@@ -80,6 +87,21 @@ def generate_ids(model: nn.Module, prompts: Sequence[Sequence[int]], sampling: S
     finally:
         model.train(was_training)
     return [until_eos(row, eos_token_id) for row in out[:, width:].tolist()]
+
+
+@contextmanager
+def _token_ids_only(model: nn.Module) -> Iterator[None]:
+    """While generating, the model's generation config holds only its token ids (transformers would otherwise fill
+    every setting `Sampling` leaves unset from the model folder's generation_config.json)."""
+    saved = getattr(model, "generation_config", None)
+    if saved is None:
+        yield
+        return
+    model.generation_config = GenerationConfig(**{k: getattr(saved, k, None) for k in GENERATION_TOKEN_KEYS})
+    try:
+        yield
+    finally:
+        model.generation_config = saved
 
 
 def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str],

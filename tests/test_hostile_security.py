@@ -472,6 +472,27 @@ def test_a_run_chat_template_renders_sandboxed(lm_run, tmp_path, template, messa
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("settings", [
+    {"num_return_sequences": 3, "num_beams": 3},  # was: 3 answers per prompt, zipped with the wrong prompts
+    {"dola_layers": "low"},  # was: a decoding mode that fetches code from the hub (ValueError traceback)
+    {"no_repeat_ngram_size": 1, "min_new_tokens": 5, "bad_words_ids": [[5]]},
+])
+def test_a_model_generation_config_cannot_change_generation(lm_run, tmp_path, settings):
+    from deltatune.generate import Sampling, generate
+
+    lm = Path(yaml.safe_load((lm_run / "config.yaml").read_text())["model"]["path"])
+    model, tokenizer = load_model(str(lm), "causal_lm")
+    expected = generate(model, tokenizer, ["hello world", "the quick"], Sampling(max_new_tokens=5))
+    folder = Path(shutil.copytree(lm, tmp_path / "lm"))
+    edit_json(folder / "generation_config.json", **settings)
+    model, tokenizer = load_model(str(folder), "causal_lm")
+    before = snapshot(tmp_path)
+    assert generate(model, tokenizer, ["hello world", "the quick"], Sampling(max_new_tokens=5)) == expected
+    key, value = next(iter(settings.items()))
+    assert getattr(model.generation_config, key) == value  # the model keeps its config (export saves it as it was)
+    assert snapshot(tmp_path) == before
+
+
 def test_a_huge_chat_template_is_refused(lm_run, tmp_path):
     run = Path(shutil.copytree(lm_run, tmp_path / "run"))
     (run / "chat_template.jinja").write_text("x" * (2 << 20))
