@@ -6,6 +6,7 @@
 - `inside`: a file name read from a JSON file must stay inside that JSON file's folder.
 - `load_yaml`: YAML without duplicate keys and with bounded alias expansion (no billion-laughs).
 - `check_safetensors_header`: a safetensors header of a sane size before safetensors parses it.
+- `fullmatch`: regular expressions from configs and saved deltas cannot hang (catastrophic backtracking).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import regex
 import yaml
 
 from deltatune.errors import CheckpointError, ConfigError
@@ -34,6 +36,7 @@ MODEL_JSON_FILES = ("config.json", "tokenizer_config.json", "generation_config.j
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 MAX_JSON_BYTES = 64 << 20  # a model folder's config JSON is kilobytes; this keeps a hostile one from filling memory
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit for the JSON header
+PATTERN_SECONDS = 1.0  # one name against one pattern takes microseconds; only catastrophic backtracking takes this long
 MAX_YAML_BYTES = 10 << 20
 MAX_YAML_NODES = 100_000  # values in a YAML file with its aliases expanded; real configs have hundreds
 
@@ -129,6 +132,18 @@ def inside(folder: Path, name: Any, where: str) -> Path:
 def _contained(folder: Path, path: Path) -> bool:
     root = folder.resolve()
     return path.resolve().is_relative_to(root)
+
+
+def fullmatch(pattern: str, text: str) -> bool:
+    """`re.fullmatch(pattern, text)` that cannot hang: patterns come from configs and saved deltas (untrusted), and a
+    nested repetition such as `(.*)*x` backtracks exponentially; that is a ConfigError after PATTERN_SECONDS."""
+    try:
+        return regex.fullmatch(pattern, text, timeout=PATTERN_SECONDS) is not None
+    except TimeoutError:
+        raise ConfigError(f"pattern {pattern!r} took over {PATTERN_SECONDS:g}s to match {text!r} (nested "
+                          "repetition such as (a+)+ backtracks exponentially); simplify it") from None
+    except regex.error as exc:
+        raise ConfigError(f"pattern {pattern!r} is not a valid regular expression: {exc}") from None
 
 
 def check_safetensors_header(path: Path) -> None:

@@ -416,6 +416,28 @@ def test_absurd_sampling_and_evaluation_sizes_are_config_errors():
         GenerationEval(file="x.jsonl", batch_size=10**10)
 
 
+@pytest.mark.parametrize("config", [
+    {"method": "lora", "targets": ["re:([a-z._0-9]+)+x"]},  # Python's re: ~10 s for 24 characters, doubling per one
+    {"method": "full", "freeze": ["re:(.*)*x"]},
+])
+def test_a_saved_delta_with_a_backtracking_pattern_does_not_hang(lm_run, tmp_path, config):
+    """delta.json is untrusted: its target patterns run on every module name, with a linear-time engine."""
+    run = Path(shutil.copytree(lm_run, tmp_path / "run"))
+    meta = json.loads((run / "best" / CONFIG_FILE).read_text())
+    meta["deltas"][0]["config"] = {**meta["deltas"][0]["config"], **config} if config["method"] == "lora" else config
+    (run / "best" / CONFIG_FILE).write_text(json.dumps(meta))
+    model, _ = load_model(yaml.safe_load((run / "config.yaml").read_text())["model"]["path"], "causal_lm")
+    with refused(deltatune.TargetError, r"matches? (no|nothing)", tmp_path):
+        deltatune.load(model, run / "best")
+
+
+def test_an_invalid_pattern_is_a_config_error():
+    from deltatune.safety import fullmatch
+
+    with pytest.raises(ConfigError, match=r"pattern '\(' is not a valid regular expression: missing \)"):
+        fullmatch("(", "x")
+
+
 # ---- 5. pickle-only weights ----------------------------------------------------------------------------------------
 class Exploit:
     def __init__(self, marker: Path):

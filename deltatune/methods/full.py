@@ -14,7 +14,6 @@ counted and saved once (under its first name, `transformer.wte.weight`), and fro
 
 from __future__ import annotations
 
-import re
 
 import torch
 from pydantic import Field, field_validator
@@ -25,6 +24,7 @@ from deltatune.delta import Delta, DeltaConfig, owned_tensors
 from deltatune.errors import TargetError
 from deltatune.optim.groups import stack_depths
 from deltatune.registry import register
+from deltatune.safety import fullmatch
 from deltatune.schema import MAX_WIDTH
 from deltatune.targeting import no_match_error, plain_modules
 
@@ -119,7 +119,7 @@ class FullDelta(Delta):
 def _matches(pattern: str, name: str, module: nn.Module | None) -> bool:
     """Targeting's pattern forms for a module (module given) or a parameter name (module None)."""
     if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
+        return fullmatch(pattern[3:], name)
     if pattern.startswith("type:"):
         return module is not None and type(module).__name__ == pattern[5:]
     return name == pattern or name.endswith("." + pattern)
