@@ -14,6 +14,7 @@ from deltatune.delta import DeltaBase
 from deltatune.errors import ConfigError
 from deltatune.generate import Sampling, context_length, generate
 from deltatune.prompts import PromptRecord, chat_messages, chat_template, render_chat, saved_template
+from deltatune.safety import inside
 
 if TYPE_CHECKING:
     from deltatune.config import ModelConfig
@@ -99,7 +100,7 @@ def open_generator(*, run: str | Path | None = None, model: str | None = None, d
             raise ConfigError("--delta goes with --model; a --run already has its delta (best/)")
         run = Path(run)
         trained = _causal_lm_run(run, trust_remote_code)
-        model, delta = trained.path, run / "best"
+        model, delta = trained.path, inside(run, "best", str(run))
         options = dict(dtype=trained.dtype, trust_remote_code=trained.trust_remote_code)
         saved = saved_template(delta, run)
     else:

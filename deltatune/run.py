@@ -20,6 +20,7 @@ from deltatune.data.packing import prepare_model
 from deltatune.delta import DeltaBase, attach, load
 from deltatune.errors import ConfigError
 from deltatune.io import write_text
+from deltatune.safety import inside
 from deltatune.models import load_model, load_tokenizer, model_max_length, saved_num_labels
 from deltatune.train import TrainResult, train
 from deltatune.train.distributed import is_main_process
@@ -111,7 +112,7 @@ def load_run(run_dir: str | Path, overrides: list[str] = (), *, trust_remote_cod
     if not (run_dir / CONFIG_NAME).is_file():
         raise ConfigError(f"{run_dir} is not a run folder: {CONFIG_NAME} not found (train one with `deltatune train`)")
     config = load_config(run_dir / CONFIG_NAME, overrides, trust_remote_code=trust_remote_code)
-    best = run_dir / "best"
+    best = inside(run_dir, "best", str(run_dir))
     if not best.is_dir():
         raise ConfigError(f"{run_dir} has no trained delta yet ({best} missing): finish or resume the run first")
     return open_session(config, delta_dir=best)

@@ -44,6 +44,7 @@ MAX_YAML_NODES = 100_000  # values in a YAML file with its aliases expanded; rea
 def check_model_folder(folder: Path, *, trust_remote_code: bool = False) -> None:
     """Refuse a model folder whose files would make transformers run or download code (unless the caller allowed
     remote code) or unpickle weights (always)."""
+    check_regular_files(folder)
     check_weights(folder)
     if trust_remote_code:
         return
@@ -54,6 +55,16 @@ def check_model_folder(folder: Path, *, trust_remote_code: bool = False) -> None
         if file.is_file():
             for key_path, value in _code_settings(_read_json_or_none(file)):
                 _refuse(file, key_path, repr(value)[:120])
+
+
+def check_regular_files(folder: Path) -> None:
+    """Every entry of a model folder must be a file or folder (symlinks to them are fine, as in the Hugging Face
+    cache); a device or pipe (e.g. a config.json linked to /dev/zero) would make a reader hang."""
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        if entry.exists() and not (entry.is_file() or entry.is_dir()):
+            raise ConfigError(f"{entry} is not a regular file (a device, pipe or socket); a model folder holds files")
 
 
 def check_weights(folder: Path) -> None:

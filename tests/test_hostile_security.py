@@ -277,6 +277,29 @@ def test_a_chat_template_linked_from_outside_the_run_is_refused(lm_run, tmp_path
         open_generator(run=run)
 
 
+def test_a_best_folder_linked_from_outside_the_run_is_refused(lm_run, tmp_path, capsys):
+    run = Path(shutil.copytree(lm_run, tmp_path / "run"))
+    shutil.move(run / "best", tmp_path / "elsewhere")
+    (run / "best").symlink_to(tmp_path / "elsewhere")
+    with refused(CheckpointError, r"run: entry 'best' points outside its folder", tmp_path):
+        open_generator(run=run)
+    cli_refuses(["eval", run], r"run: entry 'best' points outside its folder", capsys, tmp_path)
+
+
+def test_a_model_file_linked_to_a_device_is_refused(bert_dir, tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for file in bert_dir.iterdir():  # a folder of symlinks, as in the Hugging Face cache: fine
+        (folder / file.name).symlink_to(file)
+    load_model(str(folder), "classification", 2)
+    (folder / "tokenizer.json").unlink()
+    (folder / "tokenizer.json").symlink_to("/dev/zero")  # the tokenizer would read it forever
+    with refused(ConfigError, r"model/tokenizer.json is not a regular file \(a device, pipe or socket\)", tmp_path):
+        load_model(str(folder), "classification", 2)
+    with refused(ConfigError, r"model/tokenizer.json is not a regular file", tmp_path):
+        load_tokenizer(str(folder))
+
+
 # ---- 3. model folders that would run or fetch code -----------------------------------------------------------------
 @pytest.mark.parametrize("file, changes, key", [
     ("config.json", {"auto_map": {"AutoConfig": "evil.EvilConfig"}}, "auto_map"),
