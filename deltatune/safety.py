@@ -34,7 +34,7 @@ CODE_KEYS = {"auto_map": None, "attn_implementation": BUILTIN_ATTENTION,
 MODEL_JSON_FILES = ("config.json", "tokenizer_config.json", "generation_config.json", "processor_config.json",
                     "preprocessor_config.json", "feature_extractor_config.json", "special_tokens_map.json")
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
-MAX_JSON_BYTES = 64 << 20  # a model folder's config JSON is kilobytes; this keeps a hostile one from filling memory
+MAX_JSON_BYTES = 64 << 20  # JSON files in a folder (configs, checksums, results) are kilobytes; a hostile one is not
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit for the JSON header
 PATTERN_SECONDS = 1.0  # one name against one pattern takes microseconds; only catastrophic backtracking takes this long
 MAX_YAML_BYTES = 10 << 20
