@@ -419,6 +419,10 @@ def test_a_delta_with_a_huge_header_and_a_matching_checksum_is_refused(lm_run, t
     ("delta=[{method: adapter, bottleneck_size: 2000000000}]", r"delta.0.bottleneck_size: Input should be less"),
     ("delta=[{method: head, num_labels: 2000000000}]", r"delta.0.num_labels: Input should be less than or equal"),
     ("delta=[{method: side, num_layers: 100000}]", r"delta.0.num_layers: Input should be less than or equal to 1024"),
+    ("delta=[{method: prompt, init: text, init_token_ids: [100000000000]}]",
+     r"delta.0.init_token_ids.0: Input should be less than or equal to 1000000000"),
+    ("delta=[{method: ptuning, template: '" + "[P]" * 30000 + " {text}'}]",
+     r"delta.0.template: String should have at most 65536 characters"),
     ("train.optimizer={name: galore_adamw, galore: {rank: 100000000}}",
      r"train.optimizer.galore.rank: Input should be less than or equal to 65536"),
 ])
