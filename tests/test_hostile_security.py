@@ -169,6 +169,10 @@ def test_remote_code_needs_the_flag_of_this_command(hostile_run, monkeypatch):
     generator = open_generator(run=hostile_run, trust_remote_code=True)
     assert generator.delta is not None and seen == [(True, True)]
     seen.clear()
+    assert main(["generate", "--run", str(hostile_run), "--prompt", "hi", "--max-new-tokens", "2",
+                 "--trust-remote-code"]) == 0
+    assert seen == [(True, True)]
+    seen.clear()
     config = yaml.safe_load((hostile_run / "config.yaml").read_text())
     config["model"]["trust_remote_code"] = False
     (hostile_run / "config.yaml").write_text(yaml.safe_dump(config))
@@ -195,7 +199,7 @@ def test_a_training_config_asking_for_remote_code_needs_the_flag(lm_run, tmp_pat
 
 # ---- 2. JSON files name only files inside their own folder ---------------------------------------------------------
 @pytest.fixture
-def checkpoint_dir(tmp_path) -> Path:
+def checkpoint_dir(tmp_path) -> tuple[Path, dict[str, str]]:
     folder = tmp_path / "run" / "checkpoints" / "step-00000001"
     folder.mkdir(parents=True)
     required = [TENSOR_FILE, "optimizer.safetensors", "optimizer.json", "scheduler.json", "rng.safetensors",
