@@ -30,6 +30,7 @@ from deltatune.config import load_config, validate_config
 from deltatune.delta import CONFIG_FILE, TENSOR_FILE
 from deltatune.errors import CheckpointError, ConfigError
 from deltatune.inference import open_generator
+from deltatune.interop import export
 from deltatune.methods.fusion import Fusion
 from deltatune.models import load_model, load_tokenizer
 from deltatune.prompts import PromptRecord, saved_template
@@ -153,7 +154,7 @@ def test_library_calls_on_a_run_folder_keep_remote_code_off(hostile_run, tmp_pat
     with refused(ConfigError, NO_SWITCH, tmp_path):
         open_generator(run=hostile_run)
     with refused(ConfigError, NO_SWITCH, tmp_path):
-        deltatune.interop.export(hostile_run, tmp_path / "out", "peft")
+        export(hostile_run, tmp_path / "out", "peft")
 
 
 def test_remote_code_needs_the_flag_of_this_command(hostile_run, monkeypatch):
@@ -261,6 +262,19 @@ def test_delta_files_that_are_symlinks_out_of_the_folder_are_refused(saved_fusio
     (saved_fusion / TENSOR_FILE).symlink_to(outside)
     with refused(CheckpointError, r"entry 'delta.safetensors' points outside its folder", tmp_path):
         deltatune.load(tiny_model("bert"), saved_fusion)
+
+
+@pytest.mark.parametrize("class_name", ["pipeline", "AutoConfig", "os"])
+def test_a_delta_json_names_only_a_transformers_model_class(lm_run, tmp_path, class_name):
+    """export of a delta folder builds the base model class named in delta.json: only a model class is accepted."""
+    delta = Path(shutil.copytree(lm_run / "best", tmp_path / "delta"))
+    meta = json.loads((delta / CONFIG_FILE).read_text())
+    meta["base"]["class"] = class_name
+    (delta / CONFIG_FILE).write_text(json.dumps(meta))
+    with refused(CheckpointError, rf"the delta was trained on a '{class_name}', which is not a transformers model "
+                                  r"class", tmp_path):
+        export(delta, tmp_path / "out", "peft",
+                                 model_path=yaml.safe_load((lm_run / "config.yaml").read_text())["model"]["path"])
 
 
 def test_a_shard_index_names_only_files_in_the_model_folder(bert_dir, tmp_path):
