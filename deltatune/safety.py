@@ -36,6 +36,8 @@ MODEL_JSON_FILES = ("config.json", "tokenizer_config.json", "generation_config.j
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 MAX_JSON_BYTES = 64 << 20  # JSON files in a folder (configs, checksums, results) are kilobytes; a hostile one is not
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit for the JSON header
+MAX_PARAMS_PER_BYTE = 8  # parameters a model may have per byte of its weight files (see check_declared_size)
+NEW_PARAMS_ALLOWED = 50_000_000  # parameters a folder may lack (a new task head, untied embeddings of a small model)
 PATTERN_SECONDS = 1.0  # one name against one pattern takes microseconds; only catastrophic backtracking takes this long
 MAX_YAML_BYTES = 10 << 20
 MAX_YAML_NODES = 100_000  # values in a YAML file with its aliases expanded; real configs have hundreds
@@ -81,6 +83,7 @@ def check_weights(folder: Path) -> None:
     for file in tensors:
         check_safetensors_header(file)
     if tensors:
+        check_declared_size(folder / "config.json", sum(f.stat().st_size for f in tensors))
         return
     pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in folder.glob(pattern))
     if pickles:
@@ -88,6 +91,31 @@ def check_weights(folder: Path) -> None:
             f"{folder}: the weights are pickle files only ({', '.join(pickles[:3])}); deltatune loads safetensors "
             "only, because unpickling runs code. Convert them once where you trust the file: "
             "AutoModel.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)")
+
+
+def check_declared_size(config_file: Path, stored: int) -> None:
+    """The model a config.json describes must not be far larger than its `stored` weight bytes: transformers
+    allocates what the config says (a vocab_size of 10**10 is 100s of GB) before it reads a single weight. The
+    estimate is a lower bound (embeddings, and per layer two hidden x hidden and two hidden x intermediate
+    matrices); up to 8 parameters per stored byte pass (1-byte weights, a new head, untied embeddings)."""
+    data = _read_json_or_none(config_file) if config_file.is_file() else None
+    configs = [data, *[v for v in data.values() if isinstance(v, dict)]] if isinstance(data, dict) else []
+    params = max((_lower_bound_params(c) for c in configs), default=0)
+    if params > MAX_PARAMS_PER_BYTE * stored + NEW_PARAMS_ALLOWED:
+        raise ConfigError(f"{config_file} describes a model of at least {params:,} parameters, but its weight files "
+                          f"hold only {stored:,} bytes; loading would allocate memory for weights that do not exist "
+                          "(were vocab_size, hidden_size or the layer count changed?); use the config.json the "
+                          "weights were saved with")
+
+
+def _lower_bound_params(config: dict) -> int:
+    def size(*keys: str) -> int:
+        value = next((config[k] for k in keys if k in config), 0)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+    hidden, inner = size("hidden_size", "n_embd", "d_model", "dim"), size("intermediate_size", "n_inner", "d_ff")
+    layers = size("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+    return size("vocab_size") * hidden + layers * (2 * hidden * hidden + 2 * hidden * inner)
 
 
 def _read_json_or_none(file: Path) -> Any:

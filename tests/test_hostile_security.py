@@ -483,6 +483,18 @@ def test_an_invalid_pattern_is_a_config_error():
         fullmatch("(", "x")
 
 
+@pytest.mark.parametrize("changes", [{"vocab_size": 10**10}, {"num_hidden_layers": 10**6},
+                                     {"hidden_size": 2**20, "intermediate_size": 2**20}])
+def test_a_model_config_far_larger_than_its_weights_is_refused_before_allocation(bert_dir, tmp_path, changes):
+    """transformers would allocate what config.json says (here 100s of GB) before reading any weight."""
+    folder = Path(shutil.copytree(bert_dir, tmp_path / "model"))
+    edit_json(folder / "config.json", **changes)
+    with refused(ConfigError, r"model/config.json describes a model of at least [\d,]+ parameters, but its weight files hold "
+                              r"only [\d,]+ bytes; loading would allocate memory for weights that do not exist",
+                 tmp_path):
+        load_model(str(folder), "classification", 2)
+
+
 # ---- 5. pickle-only weights ----------------------------------------------------------------------------------------
 class Exploit:
     def __init__(self, marker: Path):
