@@ -206,11 +206,13 @@ class _StrictLoader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges; its keys may be overridden
                 continue
             key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # SafeLoader itself reports unhashable keys
             line = key_node.start_mark.line + 1
-            if isinstance(key, (str, int, float, bool)) and key in seen:
+            if key in seen:
                 raise ConfigError(f"line {line}: duplicate key {key!r} (first on line {seen[key]}); "
                                   "a key may appear once per section: remove one of them")
-            seen.setdefault(key, line)
+            seen[key] = line
         return super().construct_mapping(node, deep=deep)
 
 

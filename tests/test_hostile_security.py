@@ -371,11 +371,12 @@ def billion_laughs(levels: int = 9) -> str:
     ("model: {path: minilm}\ntrain: {epochs: 1}\ntrain: {epochs: 5}\n",
      r"line 3: duplicate key 'train' \(first on line 2\)"),
     ("model:\n  path: minilm\n  path: /elsewhere\n", r"line 3: duplicate key 'path' \(first on line 2\)"),
+    ("? [a, b]\n: 1\n", r"is not valid YAML: while constructing a mapping[\s\S]*found unhashable key"),
 ])
 def test_hostile_yaml_is_one_config_error(tmp_path, text, message):
     file = tmp_path / "config.yaml"
     file.write_text(text)
-    with refused(ConfigError, rf"config.yaml: {message}", tmp_path):
+    with refused(ConfigError, rf"config.yaml:? {message}", tmp_path):
         load_config(file)
 
 
