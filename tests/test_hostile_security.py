@@ -490,8 +490,9 @@ def test_a_model_config_far_larger_than_its_weights_is_refused_before_allocation
     """transformers would allocate what config.json says (here 100s of GB) before reading any weight."""
     folder = Path(shutil.copytree(bert_dir, tmp_path / "model"))
     edit_json(folder / "config.json", **changes)
-    with refused(ConfigError, r"model/config.json describes a model of at least [\d,]+ parameters, but its weight files hold "
-                              r"only [\d,]+ bytes; loading would allocate memory for weights that do not exist",
+    with refused(ConfigError, r"model/config.json describes a model of at least [\d,]+ parameters, but its weight "
+                              r"files hold only [\d,]+ bytes; loading would allocate memory for weights that do not "
+                              r"exist",
                  tmp_path):
         load_model(str(folder), "classification", 2)
 
