@@ -224,7 +224,8 @@ def read_yaml_file(path: Path) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path} is not a UTF-8 text file ({exc}); save the config as UTF-8") from None
+        raise ConfigError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start}); give a YAML "
+                          "config") from None
     return load_yaml(text, where=str(path))
 
 

@@ -59,12 +59,12 @@ def _load_base(folder: str, class_name: str, trust_remote_code: bool) -> tuple[t
     import transformers
 
     from deltatune.errors import DeltaTuneError
-    from deltatune.models import load_tokenizer, load_weights
+    from deltatune.models import load_tokenizer, load_weights, model_folder
 
     model_class = getattr(transformers, class_name, None)
     if not (isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)):
         raise CheckpointError(f"the delta was trained on a {class_name!r}, which is not a transformers model class")
-    model = load_weights(model_class, Path(folder), trust_remote_code).eval()
+    model = load_weights(model_class, model_folder(folder, trust_remote_code), trust_remote_code).eval()
     try:
         tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
     except DeltaTuneError:
