@@ -100,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace the run in output_dir: its files are first "
                                                             "moved to a new folder <output_dir>.old-<time>")
+    _add_remote_code(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a trained run on a split")
@@ -117,6 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="system prompt for records without one")
     p.add_argument("--batch-size", type=int, default=8, help="with --generate: prompts generated together")
     p.add_argument("--output", type=Path, help="with --generate: write every answer to this .jsonl file")
+    _add_remote_code(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("merge", help="merge a run's delta into the base and save a standalone model "
@@ -125,6 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path, help="new output folder")
     p.add_argument("--model", help="base model folder of a delta folder (default: the one it was trained from)")
     _add_dtype(p)
+    _add_remote_code(p)
     p.set_defaults(func=cmd_export, format="hf", base_name=None)
 
     p = sub.add_parser("export", help="write a run's delta as a Hugging Face PEFT adapter or a llama.cpp GGUF "
@@ -140,6 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--base-name", help="peft: base_model_name_or_path to write, e.g. a Hugging Face hub id "
                                        "(default: the packaged model's hub id, else the model folder's name)")
     _add_dtype(p)
+    _add_remote_code(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("compare", help="train one task with several methods (same data, seed, budget) and "
@@ -152,6 +156,7 @@ def _parser() -> argparse.ArgumentParser:
                                                              "peak memory is then this process's peak so far)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value for every method, e.g. --set data.limit=600 (repeatable)")
+    _add_remote_code(p)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("generate", help="generate text with a trained run, or a model and an optional delta")
@@ -167,12 +172,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
     p.add_argument("--output", type=Path, help="write the generations to this .jsonl file")
     _add_sampling(p)
+    _add_remote_code(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="chat in the terminal with a trained run, or a model and an optional delta")
     _add_model_source(p)
     p.add_argument("--system", help="system prompt")
     _add_sampling(p)
+    _add_remote_code(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("convert", help="convert a GGUF model file into a safetensors model folder")
@@ -205,7 +212,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from deltatune.run import run_training
     from deltatune.train.interrupt import TrainingInterrupted
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, args.overrides, trust_remote_code=args.trust_remote_code)
     console.print(f"[bold]deltatune train[/] {args.config} → {config.output_dir}")
     methods = " + ".join(d.method for d in config.delta)
     data = config.data.train if config.tasks is None else "tasks " + ", ".join(t.name for t in config.tasks)
@@ -271,7 +278,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.generate is not None:
         return _eval_generation(args)
-    session = load_run(args.run, args.overrides)
+    session = load_run(args.run, args.overrides, trust_remote_code=args.trust_remote_code)
     dataset = getattr(session.data, args.split)
     batch_size = session.config.train.eval_batch_size or session.config.train.batch_size
     metrics = objective(session.data, session.delta).evaluate(session.model, dataset, session.collator(), batch_size)
@@ -296,7 +303,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.format in ("peft", "gguf-lora") and getattr(args, "merge", False):
         raise DeltaTuneError(f"--merge goes with --format hf or gguf: a {args.format} adapter keeps the delta "
                              "separate")
-    out = export(args.run, args.out, args.format, model_path=args.model, dtype=args.dtype, base_name=args.base_name)
+    out = export(args.run, args.out, args.format, model_path=args.model, dtype=args.dtype, base_name=args.base_name,
+                 trust_remote_code=args.trust_remote_code)
     what, how = EXPORTED[args.format]
     console.print(f"{what} written to [cyan]{out}[/] ({how})")
     return 0
@@ -312,7 +320,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         console.print(f"[{info['index']}/{info['total']}] [cyan]{info['method']}[/]: {what} → {info['run_dir']}")
 
     out, rows = run_compare(args.config, methods, args.overrides, force=args.force, isolate=not args.in_process,
-                            on_event=on_event)
+                            on_event=on_event, trust_remote_code=args.trust_remote_code)
     table = Table(title=f"deltatune compare · test {rows[0].metric}")
     for column in ("method", "deltas", f"test {rows[0].metric}", "trainable", "trainable %", "delta file",
                    "wall time", "tokens/s", "peak memory"):
@@ -337,7 +345,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise DeltaTuneError("nothing to generate: give --prompt TEXT or --prompts-file FILE")
     sampling = _sampling(args)
     generator = open_generator(run=args.run, model=args.model, delta=args.delta, template=args.template,
-                               attach=False)
+                               attach=False, trust_remote_code=args.trust_remote_code)
     chat = generator.use_chat(args.chat, records)
     options = dict(chat=chat, system=args.system, batch_size=args.batch_size)
     base = generator.complete(records, sampling, **options) if args.compare_base else None
@@ -359,7 +367,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from deltatune.inference import Conversation, open_generator
 
     generator = open_generator(run=args.run, model=args.model, delta=args.delta, template=args.template,
-                               merge=args.merge)
+                               merge=args.merge, trust_remote_code=args.trust_remote_code)
     conversation = Conversation(generator, _sampling(args), system=args.system)
     console.print("[dim]chat: /reset starts a new conversation, /exit (or Ctrl-D) quits[/]")
     while True:
@@ -418,7 +426,7 @@ def _eval_generation(args: argparse.Namespace) -> int:
     _check_new_output(args.output)
     records = reference_records(args.generate, args.limit, args.skip)
     sampling = Sampling(max_new_tokens=args.max_new_tokens, stop=args.stop)
-    generator = open_generator(run=args.run, attach=False)
+    generator = open_generator(run=args.run, attach=False, trust_remote_code=args.trust_remote_code)
     options = dict(system=args.system, batch_size=args.batch_size)
     base, base_outputs = evaluate_generation(generator, records, sampling, **options) if args.compare_base \
         else ({}, None)
@@ -455,6 +463,12 @@ def _write_outputs(path: Path, records: list, outputs: list[str], base: list[str
 
     write_jsonl(path, output_rows(records, outputs, base))
     console.print(f"wrote {len(outputs)} outputs to [cyan]{path}[/]")
+
+
+def _add_remote_code(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the model folder's own Python code (auto_map) and hub kernels; only for models you "
+                        "trust. Needed on every command: a config or run folder cannot switch it on")
 
 
 def _add_model_source(p: argparse.ArgumentParser) -> None:

@@ -34,10 +34,11 @@ from pydantic import Field
 from deltatune import io, runfolder
 from deltatune.config import RunConfig, read_config, validate_config
 from deltatune.delta import TENSOR_FILE
-from deltatune.errors import ConfigError, DeltaTuneError
+from deltatune.errors import CheckpointError, ConfigError, DeltaTuneError
 from deltatune.methods.head import Head
 from deltatune.registry import get_method
 from deltatune.runfolder import flatten
+from deltatune.safety import REMOTE_CODE_FLAG, read_yaml_file
 from deltatune.schema import Schema
 
 RESULTS = "results.json"
@@ -87,9 +88,11 @@ class Row:
 
 def run_compare(path: str | Path, methods: list[str] | None = None, overrides: list[str] = (), *,
                 force: bool = False, isolate: bool = True,
-                on_event: Callable[[str, dict[str, Any]], None] | None = None) -> tuple[Path, list[Row]]:
+                on_event: Callable[[str, dict[str, Any]], None] | None = None,
+                trust_remote_code: bool = False) -> tuple[Path, list[Row]]:
     """Train every method of the comparison (or reuse its finished run) and write compare.json/.csv/.png/.html
-    into the config's output_dir. Returns (that folder, the table rows)."""
+    into the config's output_dir. Returns (that folder, the table rows). `trust_remote_code` allows code from
+    the model folder (the config file cannot)."""
     emit = on_event or (lambda kind, info: None)
     raw = read_config(path, overrides)
     compare = CompareConfig(**(raw.pop("compare", None) or {}))
@@ -99,7 +102,8 @@ def run_compare(path: str | Path, methods: list[str] | None = None, overrides: l
                           "compare.methods")
     if len(set(names)) != len(names):
         raise ConfigError(f"methods to compare are listed twice: {', '.join(names)}")
-    configs = {name: method_config(raw, name, compare.settings.get(name), where=str(path)) for name in names}
+    configs = {name: method_config(raw, name, compare.settings.get(name), where=str(path),
+                                   trust_remote_code=trust_remote_code) for name in names}
     out = compare_folder(raw, path)
     for i, (name, config) in enumerate(configs.items()):
         run_dir = runfolder.output_folder(config.output_dir)
@@ -129,7 +133,8 @@ def compare_folder(raw: dict[str, Any], path: str | Path) -> Path:
     return out
 
 
-def method_config(raw: dict[str, Any], name: str, settings: MethodSettings | None, where: str) -> RunConfig:
+def method_config(raw: dict[str, Any], name: str, settings: MethodSettings | None, where: str, *,
+                  trust_remote_code: bool = False) -> RunConfig:
     """The run config of one compared method: the shared sections, its delta list, its train overrides."""
     settings = settings or MethodSettings()
     delta = {"method": name, **settings.delta}
@@ -138,7 +143,7 @@ def method_config(raw: dict[str, Any], name: str, settings: MethodSettings | Non
     run["delta"] = [delta]
     run["train"] = deep_merge(run.get("train") or {}, settings.train)
     run["output_dir"] = str(Path(run.get("output_dir", RunConfig.model_fields["output_dir"].default)) / name)
-    config = validate_config(run, where=f"{where} (compare: {name})")
+    config = validate_config(run, where=f"{where} (compare: {name})", trust_remote_code=trust_remote_code)
     head = settings.head if settings.head is not None else delta["method"] != "head" and config.task in HEAD_TASKS
     return config.model_copy(update={"delta": [Head(), *config.delta]}) if head else config
 
@@ -153,7 +158,7 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 def check_same_config(run_dir: Path, config: RunConfig) -> None:
     """A finished run is reused only if it was trained with the config asked for now."""
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    saved = read_yaml_file(run_dir / "config.yaml")
     wanted = yaml.safe_load(yaml.safe_dump(config.to_dict(), sort_keys=False))
     saved, wanted = flatten(saved), flatten(wanted)
     if changed := sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k)):
@@ -177,7 +182,8 @@ def train_one(config: RunConfig, *, resume: bool, overwrite: bool, isolate: bool
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]),
                                                                       os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "deltatune", "train", str(config_file),
-               "--resume" if resume else "--overwrite"]
+               "--resume" if resume else "--overwrite",
+               *([REMOTE_CODE_FLAG] * config.model.trust_remote_code)]
     try:
         with open(log, "w") as f:
             done = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env={**env, "COLUMNS": "120"},
@@ -190,7 +196,16 @@ def train_one(config: RunConfig, *, resume: bool, overwrite: bool, isolate: bool
 
 
 def table_row(name: str, run_dir: Path, config: RunConfig) -> Row:
-    res = io.read_json(run_dir / RESULTS)
+    """The table row of a finished run, from its results.json (CheckpointError if that is not one)."""
+    file = run_dir / RESULTS
+    try:
+        return _row(name, io.read_json(file), run_dir, config)
+    except (ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError, OSError) as exc:
+        raise CheckpointError(f"{file} is not the results of a finished run ({type(exc).__name__}: {exc}); "
+                              "re-train that method with --force") from None
+
+
+def _row(name: str, res: dict[str, Any], run_dir: Path, config: RunConfig) -> Row:
     metric = res["metric"]
     return Row(method=name, deltas=" + ".join(d.method for d in config.delta), metric=metric,
                test=(res.get("test") or {}).get(metric),

@@ -14,7 +14,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from deltatune.data import DataConfig
@@ -22,6 +21,7 @@ from deltatune.delta import DeltaConfig
 from deltatune.errors import ConfigError
 from deltatune.eval_generation import GenerationEval
 from deltatune.registry import parse_delta_config
+from deltatune.safety import REMOTE_CODE_FLAG, load_yaml, read_yaml_file
 from deltatune.schema import Schema, nested
 from deltatune.train import TrainConfig
 from deltatune.train.tasks import MultiTaskConfig, TaskConfig, check_run_tasks, parse_task_configs
@@ -38,8 +38,8 @@ class ModelConfig(Schema):
     path: str = Field(description="a local Hugging Face model folder or a packaged alias (`deltatune models`)",
                       examples=["minilm"])
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype the base weights are loaded in")
-    trust_remote_code: bool = Field(False, description="run the model folder's own Python code (only for folders "
-                                                       "you trust)")
+    trust_remote_code: bool = Field(False, description="run the model folder's own Python code: only together with "
+                                                       "--trust-remote-code on the command line")
 
 
 class RunConfig(Schema):
@@ -112,9 +112,11 @@ class RunConfig(Schema):
                 **optional}
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML config, apply `key.sub=value` overrides, and validate it (one ConfigError if anything is off)."""
-    return validate_config(read_config(path, overrides), where=str(path))
+def load_config(path: str | Path, overrides: list[str] = (), *, trust_remote_code: bool = False) -> RunConfig:
+    """Read a YAML config, apply `key.sub=value` overrides, and validate it (one ConfigError if anything is off).
+    `trust_remote_code` is the caller's explicit permission to run code from the model folder (see
+    `allow_remote_code`); a config file alone never grants it."""
+    return validate_config(read_config(path, overrides), where=str(path), trust_remote_code=trust_remote_code)
 
 
 def read_config(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
@@ -122,13 +124,7 @@ def read_config(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start}); give a YAML "
-                          "config") from None
+    raw = read_yaml_file(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with keys model, data, delta, train; got {type(raw).__name__}")
     for item in overrides:
@@ -136,7 +132,8 @@ def read_config(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
     return raw
 
 
-def validate_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
+def validate_config(raw: dict[str, Any], where: str = "config", *, trust_remote_code: bool = False) -> RunConfig:
+    """The RunConfig of plain data; `trust_remote_code` as in `load_config`."""
     if bad := non_string_keys(raw):
         raise ConfigError(f"{where}: keys must be names; {', '.join(bad)} is not (quote it, or fix the indentation)")
     try:
@@ -145,7 +142,18 @@ def validate_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
         raise ConfigError(f"{where}: {exc}") from None
     _check_paths(config)
     _check_generation_eval(config)
-    return config
+    return allow_remote_code(config, trust_remote_code, where)
+
+
+def allow_remote_code(config: RunConfig, allowed: bool, where: str) -> RunConfig:
+    """`config` with model.trust_remote_code set to `allowed`, the permission given on this command's line (or by
+    the library caller). A file asking for remote code without that permission is refused: a config or run folder
+    someone shared is data and must not be able to run code."""
+    if config.model.trust_remote_code and not allowed:
+        raise ConfigError(f"{where}: model.trust_remote_code is true, but a config file cannot switch on code "
+                          f"from the model folder; pass {REMOTE_CODE_FLAG} on the command line (library: "
+                          "the trust_remote_code argument) if you trust that model, or remove the setting")
+    return config.model_copy(update={"model": config.model.model_copy(update={"trust_remote_code": allowed})})
 
 
 def non_string_keys(node: Any, path: str = "") -> list[str]:
@@ -172,10 +180,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
             node = node.setdefault(part, {})
             if not isinstance(node, (dict, list)):
                 raise ConfigError(f"--set {key}: {part!r} is a value, not a section")
-    try:
-        value = yaml.safe_load(text) if text else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {key}: the value is not valid YAML: {exc}") from None
+    value = load_yaml(text, where=f"--set {key}: the value") if text else ""
     if isinstance(node, list):
         node[_index(last, node, key)] = value
     else:

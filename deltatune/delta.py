@@ -21,6 +21,7 @@ from torch import nn
 from deltatune import io
 from deltatune.errors import CheckpointError, ConfigError, TargetError
 from deltatune.fingerprint import Fingerprint, check_finite, check_same_base, fingerprint
+from deltatune.safety import inside
 from deltatune.schema import Schema
 from deltatune.targeting import check_not_taken
 
@@ -53,6 +54,9 @@ class DeltaConfig(Schema):
     """Base of every method's config. Unknown keys are rejected; `method` is set by `@register`."""
 
     method: ClassVar[str] = ""
+    # Fields listing folders the delta reads (e.g. fusion's adapters): a saved delta holds copies of them and names
+    # them relative to its own folder, and loading accepts only folders inside it.
+    folder_fields: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def schema_name(cls) -> str:
@@ -138,7 +142,8 @@ class DeltaBase:
             "format": FORMAT,
             "version": FORMAT_VERSION,
             "deltatune_version": __version__,
-            "deltas": [{"config": part.config.to_dict(), "tensors": sorted(part._params)} for part in self.parts()],
+            "deltas": [{"config": part.saved_config(directory).to_dict(), "tensors": sorted(part._params)}
+                       for part in self.parts()],
             "base": _BASE_FINGERPRINT[self.model],
             "sha256": io.sha256(directory / TENSOR_FILE),
         }
@@ -188,6 +193,11 @@ class Delta(DeltaBase, ABC):
 
     def for_inference(self) -> None:
         """Replace training-only structure by what it computes (outputs unchanged); most methods have none."""
+
+    def saved_config(self, directory: Path) -> DeltaConfig:
+        """The config to record when saving into `directory`; methods with `folder_fields` copy those folders into
+        `directory` here and name the copies relative to it."""
+        return self.config
 
     # ---- helpers for methods ---------------------------------------------------------------------------
     def collapse_to(self, param: nn.Parameter, **config_update) -> None:
@@ -358,7 +368,7 @@ def attach(model: nn.Module, config: DeltaConfig | Sequence[DeltaConfig]) -> Del
 def read_delta_config(path: str | Path) -> dict[str, Any]:
     """Read and check `delta.json` of a saved delta folder."""
     path = Path(path)
-    file = path / CONFIG_FILE
+    file = inside(path, CONFIG_FILE, str(path))
     if not file.is_file():
         hint = " (it looks like a Hugging Face PEFT adapter)" if (path / "adapter_config.json").exists() else ""
         raise CheckpointError(f"{path} is not a saved deltatune delta: {CONFIG_FILE} not found{hint}")
@@ -392,10 +402,11 @@ def load(model: nn.Module, path: str | Path) -> Delta | DeltaGroup:
         return load_peft(model, path)
     meta = read_delta_config(path)
     check_same_base(meta["base"], base_fingerprint(model))
-    tensor_file = path / TENSOR_FILE
+    tensor_file = inside(path, TENSOR_FILE, str(path / CONFIG_FILE))
     if not tensor_file.is_file() or io.sha256(tensor_file) != meta.get("sha256"):
         raise CheckpointError(f"{tensor_file} is missing or corrupted (checksum differs from {CONFIG_FILE})")
-    configs = [parse_delta_config(d["config"], where=f"{path / CONFIG_FILE}") for d in meta["deltas"]]
+    where = str(path / CONFIG_FILE)
+    configs = [parse_delta_config(_in_folder(d["config"], path, where), where=where) for d in meta["deltas"]]
     tensors = io.load_tensors(tensor_file)
     check_finite(tensors, str(tensor_file))
     delta = attach(model, configs)
@@ -405,6 +416,16 @@ def load(model: nn.Module, path: str | Path) -> Delta | DeltaGroup:
         delta.detach()
         raise
     return delta
+
+
+def _in_folder(raw: Any, folder: Path, where: str) -> Any:
+    """A saved method config with its `folder_fields` resolved inside `folder` (CheckpointError if one leaves it)."""
+    from deltatune.registry import methods
+
+    method = methods().get(raw.get("method")) if isinstance(raw, dict) else None
+    fields = method.config_class.folder_fields if method else ()
+    return {**raw, **{f: [str(inside(folder, name, f"{where}: {f}")) for name in raw[f]]
+                      for f in fields if isinstance(raw.get(f), list)}}
 
 
 def base_fingerprint(model: nn.Module) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from deltatune.generate import Sampling
 from deltatune.inference import Generator
 from deltatune.io import write_json, write_jsonl
 from deltatune.prompts import PromptRecord, output_rows, read_prompts, saved_template
-from deltatune.schema import Schema
+from deltatune.schema import MAX_BATCH, MAX_COUNT, MAX_LENGTH, Schema
 
 if TYPE_CHECKING:
     from deltatune.run import Session
@@ -35,12 +35,13 @@ class GenerationEval(Schema):
 
     file: str = Field(description=".jsonl/.json/.csv/.parquet (or a packaged alias): prompt + reference, or "
                                   "messages ending with the assistant's answer", examples=["held_out.jsonl"])
-    skip: int = Field(0, ge=0, description="records to pass over first (e.g. those the training data took from "
-                                           "the same file)")
-    limit: int | None = Field(None, gt=0, description="then N records at most")
-    max_new_tokens: int = Field(64, ge=1, description="longest answer, in tokens (greedy decoding)")
+    skip: int = Field(0, ge=0, le=MAX_COUNT,
+                      description="records to pass over first (e.g. those the training data took from "
+                                  "the same file)")
+    limit: int | None = Field(None, gt=0, le=MAX_COUNT, description="then N records at most")
+    max_new_tokens: int = Field(64, ge=1, le=MAX_LENGTH, description="longest answer, in tokens (greedy decoding)")
     stop: list[str] = Field([], description="cut each answer at the first of these strings")
-    batch_size: int = Field(8, ge=1, description="prompts generated together")
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH, description="prompts generated together")
     system: str | None = Field(None, description="system prompt for records without one")
 
     def sampling(self) -> Sampling:

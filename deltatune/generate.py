@@ -2,23 +2,29 @@
 
 Batches are left-padded (what decoder generation needs); greedy decoding at temperature 0, otherwise sampling
 with temperature, top-p and top-k, reproducible with a seed. `generate_ids` works on token ids (no tokenizer),
-`generate` on text; `on_text` streams one prompt's output as it is generated.
+`generate` on text; `on_text` streams one prompt's output as it is generated. Only the token ids of a model
+folder's `generation_config.json` take part: beam search, extra sequences, decoding modes fetched from the hub,
+cache kinds or watermarks in that file never change what `Sampling` asks for.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 from pydantic import Field
 from torch import nn
+from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
 from deltatune.errors import ConfigError
-from deltatune.schema import Schema
+from deltatune.schema import MAX_COUNT, MAX_LENGTH, MAX_SCALE, MAX_SEED, Schema
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+GENERATION_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 
 
 class Sampling(Schema):
@@ -26,12 +32,13 @@ class Sampling(Schema):
 
     section = "sampling"
 
-    max_new_tokens: int = Field(64, ge=1)
-    temperature: float = Field(0.0, ge=0)
+    max_new_tokens: int = Field(64, ge=1, le=MAX_LENGTH)
+    temperature: float = Field(0.0, ge=0, le=MAX_SCALE)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)  # 0 = no top-k cut
-    repetition_penalty: float = Field(1.0, gt=0)  # > 1 discourages tokens already in the text
-    seed: int | None = None  # sampling reproducible across calls; the global RNG is left untouched
+    top_k: int = Field(0, ge=0, le=MAX_COUNT)  # 0 = no top-k cut
+    repetition_penalty: float = Field(1.0, gt=0, le=MAX_SCALE)  # > 1 discourages tokens already in the text
+    # sampling reproducible across calls; the global RNG is left untouched
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stop: list[str] = []  # each output ends before the first of these strings
 
     def generate_kwargs(self) -> dict:
@@ -79,7 +86,8 @@ def generate_ids(model: nn.Module, prompts: Sequence[Sequence[int]], sampling: S
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[], enabled=sampling.seed is not None):
+        with torch.no_grad(), torch.random.fork_rng(devices=[], enabled=sampling.seed is not None), \
+                _token_ids_only(model):
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
             out = model.generate(input_ids=ids, attention_mask=mask, pad_token_id=pad_token_id,
@@ -87,6 +95,21 @@ def generate_ids(model: nn.Module, prompts: Sequence[Sequence[int]], sampling: S
     finally:
         model.train(was_training)
     return [until_eos(row, eos_token_id) for row in out[:, 1 if encoder_decoder else width:].tolist()]
+
+
+@contextmanager
+def _token_ids_only(model: nn.Module) -> Iterator[None]:
+    """While generating, the model's generation config holds only its token ids (transformers would otherwise fill
+    every setting `Sampling` leaves unset from the model folder's generation_config.json)."""
+    saved = getattr(model, "generation_config", None)
+    if saved is None:
+        yield
+        return
+    model.generation_config = GenerationConfig(**{k: getattr(saved, k, None) for k in GENERATION_TOKEN_KEYS})
+    try:
+        yield
+    finally:
+        model.generation_config = saved
 
 
 def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str],

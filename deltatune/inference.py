@@ -8,13 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-import yaml
 from torch import nn
 
 from deltatune.delta import DeltaBase
 from deltatune.errors import ConfigError
 from deltatune.generate import Sampling, context_length, generate
 from deltatune.prompts import PromptRecord, chat_messages, chat_template, render_chat, saved_template
+from deltatune.safety import inside
 
 if TYPE_CHECKING:
     from deltatune.config import ModelConfig
@@ -83,11 +83,13 @@ class Generator:
 
 
 def open_generator(*, run: str | Path | None = None, model: str | None = None, delta: str | Path | None = None,
-                   template: str | None = None, attach: bool = True, merge: bool = False) -> Generator:
+                   template: str | None = None, attach: bool = True, merge: bool = False,
+                   trust_remote_code: bool = False) -> Generator:
     """Load a run's base model and best delta, or `model` (folder or alias) and an optional `delta` folder.
 
     `template` (a shipped name, a .jinja file or inline jinja) replaces the saved chat template. `attach=False`
     leaves the delta unloaded (call `attach_delta` later, e.g. after generating with the base).
+    `trust_remote_code` allows code from the model folder (a run's config.yaml cannot).
     """
     from deltatune.models import load_model
 
@@ -97,12 +99,13 @@ def open_generator(*, run: str | Path | None = None, model: str | None = None, d
         if delta is not None:
             raise ConfigError("--delta goes with --model; a --run already has its delta (best/)")
         run = Path(run)
-        trained = _causal_lm_run(run)
-        model, delta = trained.path, run / "best"
+        trained = _causal_lm_run(run, trust_remote_code)
+        model, delta = trained.path, inside(run, "best", str(run))
         options = dict(dtype=trained.dtype, trust_remote_code=trained.trust_remote_code)
         saved = saved_template(delta, run)
     else:
-        options, saved = {}, saved_template(Path(delta)) if delta is not None else None
+        options = dict(trust_remote_code=trust_remote_code)
+        saved = saved_template(Path(delta)) if delta is not None else None
     base, tokenizer = load_model(model, "causal_lm", **options)
     if template is not None:
         saved = _template_option(tokenizer, template)
@@ -123,17 +126,23 @@ def _template_option(tokenizer: Any, template: str) -> str:
     return resolve_template(tokenizer, template, option="--template")
 
 
-def _causal_lm_run(run: Path) -> ModelConfig:
+def _causal_lm_run(run: Path, trust_remote_code: bool) -> ModelConfig:
     """The model settings of a finished causal-LM run; a clear error for anything else."""
-    from deltatune.config import RunConfig
+    from deltatune.config import RunConfig, allow_remote_code
     from deltatune.run import CONFIG_NAME
+    from deltatune.safety import read_yaml_file
 
-    if not (run / CONFIG_NAME).is_file():
+    file = run / CONFIG_NAME
+    if not file.is_file():
         raise ConfigError(f"{run} is not a run folder: {CONFIG_NAME} not found (train one with `deltatune train`)")
+    raw = read_yaml_file(file)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: expected a mapping with keys model, data, delta, train; got {type(raw).__name__}")
     try:
-        config = RunConfig(**yaml.safe_load((run / CONFIG_NAME).read_text(encoding="utf-8")))
+        config = RunConfig(**raw)
     except ConfigError as e:
-        raise ConfigError(f"{run / CONFIG_NAME}: {e}") from None
+        raise ConfigError(f"{file}: {e}") from None
+    config = allow_remote_code(config, trust_remote_code, str(file))
     if config.task != "causal_lm":
         formats = ", ".join(d.format for d in config.data_configs().values())
         raise ConfigError(f"{run} is a {config.task} run (data.format: {formats}); generating text needs "

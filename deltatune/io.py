@@ -19,7 +19,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from deltatune.errors import ConfigError, DeltaTuneError
+from deltatune.errors import CheckpointError, ConfigError, DeltaTuneError
+from deltatune.safety import MAX_JSON_BYTES, check_safetensors_header
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -122,7 +123,12 @@ def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
 
 
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """The data of a small JSON file (configs, checksums, results); one too large to be one is a CheckpointError."""
+    path = Path(path)
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise CheckpointError(f"{path} is {path.stat().st_size:,} bytes, too large for a deltatune JSON file "
+                              f"(at most {MAX_JSON_BYTES:,}); the folder is damaged or hostile")
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -139,7 +145,16 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
+    """The tensors of a safetensors file; its header size is checked before parsing, and a damaged or hostile
+    file is one CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found")
+    check_safetensors_header(path)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path} is not a valid safetensors file ({exc}); restore or re-save it") from None
 
 
 def sha256(path: str | Path) -> str:

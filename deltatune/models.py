@@ -24,6 +24,7 @@ from transformers import (
 from deltatune.arch import describe
 from deltatune.assets import resolve_model_path
 from deltatune.errors import CheckpointError, ConfigError, DeltaTuneError
+from deltatune.safety import check_model_folder
 
 TASKS = {"classification": AutoModelForSequenceClassification, "regression": AutoModelForSequenceClassification,
          "causal_lm": AutoModelForCausalLM, "base": AutoModel}
@@ -48,7 +49,7 @@ def load_model(path: str, task: str, num_labels: int | None = None, *, dtype: st
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
     folder = model_folder(path, trust_remote_code)
-    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype]}
     if task == "classification":
         if id2label is not None:
             if num_labels is not None and num_labels != len(id2label):
@@ -64,10 +65,9 @@ def load_model(path: str, task: str, num_labels: int | None = None, *, dtype: st
     auto = TASKS[task]
     if task == "causal_lm" and is_encoder_decoder(path, trust_remote_code=trust_remote_code):
         auto = AutoModelForSeq2SeqLM  # text generation by an encoder-decoder (T5, BART): prompt in, response out
-    try:  # a task head of another size than the saved one is re-initialised; mismatches elsewhere are errors
-        model, info = auto.from_pretrained(folder, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
-    except LOAD_ERRORS as e:
-        raise DeltaTuneError(f"cannot load model from {str(folder)!r} for task {task!r}: {e}") from e
+    # a task head of another size than the saved one is re-initialised; mismatches elsewhere are errors
+    model, info = load_weights(auto, folder, trust_remote_code, f" for task {task!r}",
+                               output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     model.deltatune_new_weights = _new_weights(model, info, folder)
     _check_tokenizer_fits(model, tokenizer, folder)
@@ -82,6 +82,17 @@ def is_encoder_decoder(path: str, *, trust_remote_code: bool = False) -> bool:
     return bool(getattr(_auto_config(path, trust_remote_code), "is_encoder_decoder", False))
 
 
+def load_weights(model_class: Any, folder: Path, trust_remote_code: bool = False, purpose: str = "",
+                 **kwargs: Any) -> Any:
+    """`model_class.from_pretrained(folder)` for a folder `model_folder` checked: safetensors only (a pickle is
+    never opened), remote code only if allowed, transformers' errors as one DeltaTuneError."""
+    try:
+        return model_class.from_pretrained(folder, use_safetensors=True, trust_remote_code=trust_remote_code,
+                                           **kwargs)
+    except LOAD_ERRORS as e:
+        raise DeltaTuneError(f"cannot load model from {str(folder)!r}{purpose}: {e}") from e
+
+
 def saved_num_labels(path: str, *, trust_remote_code: bool = False) -> int:
     """The size of the classification head saved with a model (its config's num_labels; 2 when it has none)."""
     return _auto_config(path, trust_remote_code).num_labels
@@ -90,12 +101,14 @@ def saved_num_labels(path: str, *, trust_remote_code: bool = False) -> int:
 def model_folder(path: str, trust_remote_code: bool = False, *, config: bool = True) -> Path:
     """The folder of model `path` (or packaged alias), its config.json checked: a JSON object whose model_type
     transformers knows (custom types need remote code, which the command line must allow). With `config=False`
-    (a tokenizer folder) config.json may be absent."""
+    (a tokenizer folder) config.json may be absent. Folders that would run or fetch code (unless
+    `trust_remote_code`), hold only pickled weights, or are otherwise hostile are refused (safety.py)."""
     folder = resolve_model_path(path)
     file = folder / "config.json"
     if not folder.is_dir():
         raise CheckpointError(f"model path {str(folder)!r} is a file: give the folder that holds config.json and the "
                               "weights (a Hugging Face save_pretrained folder) or a packaged alias")
+    check_model_folder(folder, trust_remote_code=trust_remote_code)
     if not config and not file.exists():
         return folder
     if not file.is_file():

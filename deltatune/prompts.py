@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deltatune.data.chat import TEMPLATE_FILE
-from deltatune.errors import ConfigError, DataError
+
+MAX_TEMPLATE_BYTES = 1 << 20  # real chat templates are a few kilobytes
+from deltatune.errors import CheckpointError, ConfigError, DataError
+from deltatune.safety import inside
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -58,10 +61,18 @@ def output_rows(records: list[PromptRecord], outputs: list[str], base: list[str]
 
 
 def saved_template(*folders: Path | None) -> str | None:
-    """The chat template saved in the first of `folders` that has one (see TEMPLATE_FILE)."""
+    """The chat template saved in the first of `folders` that has one (see TEMPLATE_FILE). It must be a file inside
+    that folder, of a template's size, in UTF-8 (else CheckpointError); it is rendered sandboxed, as in training."""
     for folder in folders:
         if folder is not None and (folder / TEMPLATE_FILE).is_file():
-            return (folder / TEMPLATE_FILE).read_text(encoding="utf-8")
+            file = inside(folder, TEMPLATE_FILE, str(folder))
+            if file.stat().st_size > MAX_TEMPLATE_BYTES:
+                raise CheckpointError(f"{file} is {file.stat().st_size:,} bytes, too large for a chat template "
+                                      f"(at most {MAX_TEMPLATE_BYTES:,}); restore it or pass --template")
+            try:
+                return file.read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:
+                raise CheckpointError(f"{file} is not UTF-8 text ({exc}); restore it or pass --template") from None
     return None
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from deltatune.errors import CheckpointError
 from deltatune.io import write_text
 
 STYLE = ("body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;color:#222}"
@@ -84,8 +85,10 @@ def _curves_png(curves: dict[str, list[dict[str, Any]]], metric: str) -> bytes:
     """PNG: train loss (and, for one run, validation loss) and the validation metric against step, per run."""
     fig, (ax_loss, ax_metric) = _pyplot().subplots(1, 2, figsize=(10, 3.6))
     for name, rows in curves.items():
-        train = [r for r in rows if r.get("kind") == "train" and r.get("loss") is not None]
-        evals = [r for r in rows if r.get("kind") in ("baseline", "eval") and r.get("split") == "validation"]
+        rows = [r for r in rows if _is_number(r.get("step"))]
+        train = [r for r in rows if r.get("kind") == "train" and _is_number(r.get("loss"))]
+        evals = [r for r in rows if r.get("kind") in ("baseline", "eval") and r.get("split") == "validation"
+                 and _is_number(r.get("loss")) and (r.get(metric) is None or _is_number(r.get(metric)))]
         ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1, label=f"{name} train".strip())
         if evals and len(curves) == 1:
             ax_loss.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="validation")
@@ -99,9 +102,20 @@ def _curves_png(curves: dict[str, list[dict[str, Any]]], metric: str) -> bytes:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a .jsonl log (metrics, generations); a line that is not a JSON object is a CheckpointError
+    naming file:line."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        try:
+            row = json.loads(line) if line.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{path}:{n}: not a JSON row ({exc}); the log is damaged") from None
+        if not isinstance(row, dict):
+            raise CheckpointError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}; the log is damaged")
+        rows += [row] if row else []
+    return rows
 
 
 def _results_table(res: dict[str, Any]) -> str:
@@ -132,6 +146,10 @@ def _generation_section(res: dict[str, Any], out_dir: Path, samples: int = 5) ->
                for r in rows]
     return (f"<h2>Generation ({html.escape(str(gen['file']))}, {gen['examples']} examples, greedy)</h2>{scores}"
             f"<h3>Sample answers</h3>{_table(['prompt', 'reference', 'base', 'fine-tuned'], answers)}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _curves_img(rows: list[dict[str, Any]], metric: str) -> str:

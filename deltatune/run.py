@@ -24,6 +24,7 @@ from deltatune.delta import DeltaBase, attach, load
 from deltatune.errors import ConfigError
 from deltatune.io import write_text
 from deltatune.models import is_encoder_decoder, load_model, load_tokenizer, model_max_length, saved_num_labels
+from deltatune.safety import inside, read_yaml_file
 from deltatune.train import TrainResult, train
 from deltatune.train.checkpoint import Checkpoint, load_latest, save_delta
 from deltatune.train.distributed import is_main_process
@@ -139,8 +140,7 @@ def _check_resume(out: Path, record: dict) -> Checkpoint:
     ck = load_latest(out / "checkpoints")
     saved = ck.state.get("run")
     if saved is None:  # a checkpoint of an older deltatune: its train section, and config.yaml for the rest
-        saved_config = yaml.safe_load((out / CONFIG_NAME).read_text(encoding="utf-8")) \
-            if (out / CONFIG_NAME).is_file() else {}
+        saved_config = read_yaml_file(out / CONFIG_NAME) if (out / CONFIG_NAME).is_file() else {}
         saved = {"config": {**(saved_config if isinstance(saved_config, dict) else {}),
                             "train": ck.state["config"]}, "data": {}}
     runfolder.check_resume(out, saved, record)
@@ -153,13 +153,14 @@ def _save_chat_template(session: Session, folder: Path) -> None:
         write_text(folder / TEMPLATE_FILE, session.data.chat_template)
 
 
-def load_run(run_dir: str | Path, overrides: list[str] = ()) -> Session:
-    """Reopen a finished run: its config, the base model and the best saved delta."""
+def load_run(run_dir: str | Path, overrides: list[str] = (), *, trust_remote_code: bool = False) -> Session:
+    """Reopen a finished run: its config, the base model and the best saved delta. The run's config.yaml cannot
+    switch on remote code: only the `trust_remote_code` argument (--trust-remote-code) can."""
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_NAME).is_file():
         raise ConfigError(f"{run_dir} is not a run folder: {CONFIG_NAME} not found (train one with `deltatune train`)")
-    config = load_config(run_dir / CONFIG_NAME, overrides)
-    best = run_dir / "best"
+    config = load_config(run_dir / CONFIG_NAME, overrides, trust_remote_code=trust_remote_code)
+    best = inside(run_dir, "best", str(run_dir))
     if not best.is_dir():
         raise ConfigError(f"{run_dir} has no trained delta yet ({best} missing): finish or resume the run first")
     return open_session(config, delta_dir=best)

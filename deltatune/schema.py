@@ -9,9 +9,22 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from deltatune.errors import config_error
 
+# Upper bounds of config numbers: far above any real use, low enough that a typo or a hostile config (r: 1e8,
+# num_threads: 1e5) is a ConfigError before anything is allocated.
+MAX_WIDTH = 65_536  # ranks, hidden sizes, bottlenecks, virtual tokens, layers to freeze
+MAX_LABELS = 100_000  # outputs of a classification head
+MAX_BATCH = 65_536  # examples per batch, gradient accumulation
+MAX_LENGTH = 1_048_576  # tokens in a sequence, new tokens to generate
+MAX_COUNT = 1_000_000_000  # step counts, intervals, epochs, records, top-k
+MAX_DEPTH = 1024  # layers of a small network a method adds
+MAX_SEED = 2**32 - 1  # numpy's limit (torch and random take it too)
+MAX_THREADS = 1024
+MAX_SCALE = 1e6  # multipliers, loss weights, norms
+MAX_LR = 10.0
+
 
 class Schema(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     section: ClassVar[str] = ""  # its key in the run config, used to name errors when built on its own
 
     def __init__(self, **values: Any) -> None:

@@ -20,6 +20,7 @@ from torch import nn
 
 from deltatune.arch import LINEAR, describe, short_name
 from deltatune.errors import TargetError
+from deltatune.safety import fullmatch
 
 LayerSpec = Union[str, Sequence[int], None]
 ALL_LINEAR = "all-linear"
@@ -122,7 +123,7 @@ def _matches(pattern: str, name: str, module: nn.Module, heads: set[str], types:
     if not _is_type(module, types) and not isinstance(module, DeltaModule):
         return False
     if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
+        return fullmatch(pattern[3:], name)
     if pattern.startswith("type:"):
         return type(module).__name__ == pattern[5:]
     return name == pattern or name.endswith("." + pattern)

@@ -188,7 +188,8 @@ def test_invalid_config_files_and_overrides(tmp_path, text, overrides, message):
 @pytest.mark.parametrize("damage, message", [
     ("config.json", r"expected a folder with config.json \(a Hugging Face save_pretrained folder\)"),
     ("config.json=", r"config.json is not valid JSON \(Expecting property name .*\); restore the model's config.json"),
-    ("model.safetensors=", r"cannot load model from .*: Error while deserializing header"),
+    ("model.safetensors=", r"model.safetensors is not a valid safetensors file: it states a header of "
+                           r"7,527,520,986,630,856,827 bytes in a 23-byte file"),
     ("tokenizer.json tokenizer_config.json", r"no tokenizer in .* \(none of tokenizer.json, .*\); save it next to the"),
     ("config.json=[1]", r"config.json holds a JSON list, not a model config \(a JSON object with model_type"),
     ('config.json={"model_type": "bertx"}', r"config.json: unknown model_type 'bertx': transformers .* knows no such"),

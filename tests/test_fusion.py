@@ -111,14 +111,15 @@ def test_save_load_round_trip_pins_the_adapters(two, tmp_path):
     delta.save(tmp_path / "fusion")
     assert set(load_tensors(tmp_path / "fusion" / TENSOR_FILE)) == set(delta.trainable_parameters())
     saved = json.loads((tmp_path / "fusion" / CONFIG_FILE).read_text())["deltas"][0]["config"]
-    assert saved["adapters"] == two and len(saved["adapter_sha256"]) == 2
+    assert saved["adapters"] == ["adapters/0", "adapters/1"] and len(saved["adapter_sha256"]) == 2  # own copies
 
+    save_adapter(model(), tmp_path / "a1", seed=99, std=0.3, layer_norm=True)  # retrain adapter a1 in place
     fresh = model()
-    loaded = deltatune.load(fresh, tmp_path / "fusion")
+    loaded = deltatune.load(fresh, tmp_path / "fusion")  # the saved fusion uses its copies: still the same
     torch.testing.assert_close(logits(fresh, batch), expected, rtol=0, atol=0)
     loaded.detach()
 
-    save_adapter(model(), tmp_path / "a1", seed=99, std=0.3, layer_norm=True)  # retrain adapter a1 in place
+    save_adapter(model(), tmp_path / "fusion" / "adapters" / "0", seed=99, std=0.3, layer_norm=True)  # changed copy
     with pytest.raises(CheckpointError, match=r"changed since this fusion was trained"):
         deltatune.load(fresh, tmp_path / "fusion")
     assert not fusion_of(fresh)

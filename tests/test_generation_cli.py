@@ -171,7 +171,7 @@ def test_a_run_that_saved_its_chat_template_generates_with_it_by_default(run, tm
 
 
 def test_a_run_loads_its_base_model_with_the_run_settings(run, tmp_path, monkeypatch):
-    """dtype and trust_remote_code come from the run's config, as in training."""
+    """dtype comes from the run's config, as in training; remote code only from the caller's explicit argument."""
     from deltatune import models
 
     trusted = tmp_path / "trusted"
@@ -181,9 +181,13 @@ def test_a_run_loads_its_base_model_with_the_run_settings(run, tmp_path, monkeyp
     (trusted / "config.yaml").write_text(yaml.safe_dump(config))
     seen, original = [], models.load_model
     monkeypatch.setattr(models, "load_model", lambda *args, **kwargs: seen.append(kwargs) or original(*args, **kwargs))
-    open_generator(run=trusted, attach=False)
+    with pytest.raises(ConfigError, match="a config file cannot switch on code from the model folder"):
+        open_generator(run=trusted, attach=False)
+    open_generator(run=trusted, attach=False, trust_remote_code=True)
+    open_generator(run=run, attach=False)
     open_generator(model=config["model"]["path"], attach=False)
-    assert seen == [{"dtype": "float32", "trust_remote_code": True}, {}]
+    assert seen == [{"dtype": "float32", "trust_remote_code": True}, {"dtype": "float32", "trust_remote_code": False},
+                    {"trust_remote_code": False}]
 
 
 def test_batch_size_below_one_is_an_error(lm_dir):

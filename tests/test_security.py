@@ -66,9 +66,9 @@ def run_dirs(tmp_path_factory) -> tuple[Path, Path]:
     return save_tiny_model_dir(tmp / "model"), data
 
 
-@pytest.mark.parametrize("setting, expected", [({}, False), ({"trust_remote_code": True}, True)])
-def test_trust_remote_code_is_off_unless_the_config_sets_it(run_dirs, monkeypatch, setting, expected):
-    """Every transformers loader the run calls gets the configured value (False unless set)."""
+@pytest.mark.parametrize("allowed", [False, True])
+def test_trust_remote_code_is_only_the_callers_explicit_argument(run_dirs, monkeypatch, allowed):
+    """Every transformers loader the run calls gets the caller's permission (False unless given)."""
     seen: dict[str, list[bool]] = {}
     for loader in (models.AutoConfig, models.AutoTokenizer, models.AutoModelForSequenceClassification):
         def spy(*args, original=loader.from_pretrained, name=loader.__name__, **kwargs):
@@ -77,12 +77,22 @@ def test_trust_remote_code_is_off_unless_the_config_sets_it(run_dirs, monkeypatc
 
         monkeypatch.setattr(loader, "from_pretrained", spy)
     model, data = run_dirs
-    config = validate_config({"model": {"path": str(model), **setting}, "data": {"train": str(data)},
-                              "delta": [{"method": "head"}]})
-    assert config.model.trust_remote_code is expected
+    config = validate_config({"model": {"path": str(model)}, "data": {"train": str(data)},
+                              "delta": [{"method": "head"}]}, trust_remote_code=allowed)
+    assert config.model.trust_remote_code is allowed
     open_session(config)
     assert set(seen) == {"AutoConfig", "AutoTokenizer", "AutoModelForSequenceClassification"}
-    assert all(flags == [expected] * len(flags) for flags in seen.values()), seen
+    assert all(flags == [allowed] * len(flags) for flags in seen.values()), seen
+
+
+def test_a_config_file_cannot_switch_on_remote_code(run_dirs):
+    model, data = run_dirs
+    raw = {"model": {"path": str(model), "trust_remote_code": True}, "data": {"train": str(data)},
+           "delta": [{"method": "head"}]}
+    with pytest.raises(ConfigError, match=r"cfg.yaml: model.trust_remote_code is true, but a config file cannot "
+                                          r"switch on code from the model folder; pass --trust-remote-code"):
+        validate_config(raw, where="cfg.yaml")
+    assert validate_config(raw, trust_remote_code=True).model.trust_remote_code is True
 
 
 # ---- fuzzing: only our own errors ----------------------------------------------------------------------------------

@@ -154,6 +154,7 @@ def _render(messages: list[Message], template: str, tokenizer: PreTrainedTokeniz
         texts, indices = render_jinja_template(conversations=[messages], chat_template=template,
                                                add_generation_prompt=add_generation_prompt,
                                                return_assistant_tokens_mask=spans, **kwargs)
-    except jinja2.TemplateError as e:
+    except (jinja2.TemplateError, ArithmeticError, LookupError, TypeError, ValueError, RecursionError) as e:
+        # the template is untrusted input, rendered in jinja's sandbox: whatever it raises is its failure
         raise RecordError(f"the chat template failed on the conversation: {type(e).__name__}: {e}") from None
     return texts[0], [tuple(span) for span in indices[0]] if spans else []

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from deltatune.schema import Schema
+from deltatune.schema import MAX_COUNT, MAX_LENGTH, Schema
 
 LM_FORMATS = ("auto", "text", "alpaca", "sharegpt", "messages")  # causal language modelling (task "text")
 CHAT_FORMATS = ("alpaca", "sharegpt", "messages")  # rendered with a chat template
@@ -47,10 +47,10 @@ class DataConfig(Schema):
     text_pair_column: str | None = Field(None, description="a second text column (sentence pairs)")
     label_column: str = Field("label", description="the label (classification) or target (regression) column")
     labels: list[str] | None = Field(None, description="the class names in order; unset: sorted from the data")
-    max_length: int = Field(256, gt=0, description="lowered to the model's maximum when that is smaller")
+    max_length: int = Field(256, gt=0, le=MAX_LENGTH, description="lowered to the model's maximum when that is smaller")
     truncation: Literal["warn", "error", "silent"] = Field("warn",
                                                            description="what longer records do (see truncation.py)")
-    limit: int | None = Field(None, gt=0, description="read only the first N records of each data file")
+    limit: int | None = Field(None, gt=0, le=MAX_COUNT, description="read only the first N records of each data file")
     columns: Columns = Field(default_factory=Columns, description="column names of SFT records")
     roles: dict[str, Literal["system", "user", "assistant"]] = Field(
         {}, description="role names in the data -> chat roles")

@@ -29,9 +29,10 @@ class Source:
     name: str
 
 
-def open_source(path: str | Path, model_path: str | None = None) -> Source:
+def open_source(path: str | Path, model_path: str | None = None, *, trust_remote_code: bool = False) -> Source:
     """A run folder (its config and best/ delta), or a saved delta folder on `model_path` (default: the folder
-    the delta was trained from, as recorded in its delta.json)."""
+    the delta was trained from, as recorded in its delta.json). Code from the model folder runs only with
+    `trust_remote_code` (never because a file asks for it)."""
     from deltatune.assets import portable_model_name
     from deltatune.run import CONFIG_NAME, load_run
 
@@ -39,7 +40,7 @@ def open_source(path: str | Path, model_path: str | None = None) -> Source:
     if (path / CONFIG_NAME).is_file():
         if model_path is not None:
             raise ConfigError("--model goes with a delta folder; a run folder names its model in config.yaml")
-        session = load_run(path)
+        session = load_run(path, trust_remote_code=trust_remote_code)
         return Source(session.model, session.delta, _with_template(session.tokenizer, path / "best", path),
                       portable_model_name(session.config.model.path))
     base = read_delta_config(path)["base"]
@@ -47,7 +48,7 @@ def open_source(path: str | Path, model_path: str | None = None) -> Source:
     if not Path(model_path).is_dir():
         raise ConfigError(f"{path} is a delta folder whose base model {model_path!r} is not a folder here: "
                           "pass the base model folder with --model")
-    model, tokenizer = _load_base(model_path, base["class"])
+    model, tokenizer = _load_base(model_path, base["class"], trust_remote_code)
     return Source(model, load(model, path), _with_template(tokenizer, path), portable_model_name(model_path))
 
 
@@ -60,31 +61,31 @@ def _with_template(tokenizer: Any, *folders: Path) -> Any:
     return tokenizer
 
 
-def _load_base(folder: str, class_name: str) -> tuple[torch.nn.Module, Any]:
+def _load_base(folder: str, class_name: str, trust_remote_code: bool) -> tuple[torch.nn.Module, Any]:
     import transformers
 
     from deltatune.errors import DeltaTuneError
-    from deltatune.models import load_tokenizer
+    from deltatune.models import load_tokenizer, load_weights, model_folder
 
     model_class = getattr(transformers, class_name, None)
-    if model_class is None:
-        raise CheckpointError(f"the delta was trained on a {class_name}, which transformers does not provide")
-    model = model_class.from_pretrained(folder).eval()
+    if not (isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)):
+        raise CheckpointError(f"the delta was trained on a {class_name!r}, which is not a transformers model class")
+    model = load_weights(model_class, model_folder(folder, trust_remote_code), trust_remote_code).eval()
     try:
-        tokenizer = load_tokenizer(folder)
+        tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
     except DeltaTuneError:
         tokenizer = None
     return model, tokenizer
 
 
 def export(source: str | Path, out: str | Path, format: str, *, model_path: str | None = None,
-           dtype: str | None = None, base_name: str | None = None) -> Path:
+           dtype: str | None = None, base_name: str | None = None, trust_remote_code: bool = False) -> Path:
     """Write the delta of `source` (run or delta folder) to `out`: a PEFT adapter folder ("peft"), a merged model
     folder ("hf"), a merged llama.cpp model file ("gguf") or a llama.cpp LoRA adapter file ("gguf-lora").
 
     `dtype` (fp32, bf16, fp16; q8_0 for GGUF files) is the weights' type; default: the base's dtype (hf), fp16 or
     bf16 (gguf), fp32 (gguf-lora). `base_name` is the base model's name written into adapters (default: its
-    portable name)."""
+    portable name). `trust_remote_code` as in `open_source`."""
     if format not in FORMATS:
         raise ConfigError(f"unknown export format {format!r}; choose one of: {', '.join(FORMATS)}")
     _check_dtype(format, dtype)
@@ -94,7 +95,7 @@ def export(source: str | Path, out: str | Path, format: str, *, model_path: str 
         check_new_file(out)
     else:
         check_new_folder(Path(out))
-    src = open_source(source, model_path)
+    src = open_source(source, model_path, trust_remote_code=trust_remote_code)
     name = base_name or src.name
     if format == "peft":
         from deltatune.interop.peft import export_peft

@@ -26,7 +26,7 @@ from deltatune.arch import describe
 from deltatune.delta import Delta, DeltaConfig
 from deltatune.errors import TargetError
 from deltatune.registry import register
-from deltatune.schema import one_or_many
+from deltatune.schema import MAX_WIDTH, one_or_many
 from deltatune.targeting import WrapperModule, exact_pattern, find_modules
 
 PLACEMENTS: dict[str, tuple[str, ...]] = {"houlsby": ("attention_output", "ffn_output"), "pfeiffer": ("ffn_output",)}
@@ -40,9 +40,10 @@ class Adapter(DeltaConfig):
 
     placement: Literal[tuple(PLACEMENTS)] = Field(  # type: ignore[valid-type]
         "pfeiffer", description="houlsby: after attention and FFN outputs; pfeiffer: after the FFN output only")
-    reduction_factor: int | None = Field(None, ge=1, description="bottleneck size = hidden size // "
+    reduction_factor: int | None = Field(None, ge=1, le=MAX_WIDTH, description="bottleneck size = hidden size // "
                                          "reduction_factor (16 when neither this nor bottleneck_size is given)")
-    bottleneck_size: int | None = Field(None, gt=0, description="explicit bottleneck size (instead of the factor)")
+    bottleneck_size: int | None = Field(None, gt=0, le=MAX_WIDTH,
+                                        description="explicit bottleneck size (instead of the factor)")
     nonlinearity: Literal[tuple(NONLINEARITIES)] = Field(  # type: ignore[valid-type]
         "relu", description="activation between the down and up projections")
     layer_norm: bool = Field(False, description="a LayerNorm on the adapter input, before the down-projection "

@@ -14,7 +14,6 @@ counted and saved once (under its first name, `transformer.wte.weight`), and fro
 
 from __future__ import annotations
 
-import re
 
 import torch
 from pydantic import Field
@@ -25,7 +24,8 @@ from deltatune.delta import Delta, DeltaConfig, owned_tensors
 from deltatune.errors import TargetError
 from deltatune.optim.groups import stack_depths
 from deltatune.registry import register
-from deltatune.schema import one_or_many
+from deltatune.safety import fullmatch
+from deltatune.schema import MAX_WIDTH, one_or_many
 from deltatune.targeting import no_match_error, plain_modules
 
 
@@ -35,9 +35,11 @@ class Full(DeltaConfig):
     freeze: list[str] = Field(default_factory=list,
                               description="module or parameter patterns to keep frozen (name, dot-suffix, 're:...', "
                                           "'type:...'); each must match something")
-    freeze_first: int = Field(0, ge=0, description="freeze the embeddings and the first k layers of the stack")
-    train_last: int | None = Field(None, ge=0, description="train only the last k layers and everything after "
-                                                           "the stack (final norm, head)")
+    freeze_first: int = Field(0, ge=0, le=MAX_WIDTH,
+                              description="freeze the embeddings and the first k layers of the stack")
+    train_last: int | None = Field(None, ge=0, le=MAX_WIDTH,
+                                   description="train only the last k layers and everything after "
+                                               "the stack (final norm, head)")
     freeze_embeddings: bool = Field(False, description="freeze everything before the layer stack")
 
     _one_pattern = one_or_many("freeze")
@@ -114,7 +116,7 @@ class FullDelta(Delta):
 def _matches(pattern: str, name: str, module: nn.Module | None) -> bool:
     """Targeting's pattern forms for a module (module given) or a parameter name (module None)."""
     if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
+        return fullmatch(pattern[3:], name)
     if pattern.startswith("type:"):
         return module is not None and type(module).__name__ == pattern[5:]
     return name == pattern or name.endswith("." + pattern)

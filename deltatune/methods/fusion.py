@@ -11,10 +11,12 @@ with zero bias, so training starts from exactly the mean of the adapters' output
 `value_regularization · ||V - I||²` (0.01, as in the adapter-transformers reference) keeps V near identity.
 
 Saving: the fusion delta's tensors are Q, K, V only (the trainable set; the contract saves exactly that). The
-adapters are referenced by folder, and their tensor files' SHA-256 are recorded in the saved config on attach
-(`adapter_sha256`), so `deltatune.load` rebuilds the exact same fusion or refuses adapters that changed. Paths
-are kept as given (relative ones resolve from the current directory). Other deltas saved in an adapter's folder
-(e.g. its task head) are ignored: attach a new head after the fusion.
+config names the adapters by folder (relative ones resolve from the current directory), and their tensor files'
+SHA-256 are recorded on attach (`adapter_sha256`). A saved fusion holds copies of its adapters
+(`adapters/0`, `adapters/1`, ... next to delta.json) and names them relative to its own folder, so it is
+self-contained, and `deltatune.load` reads no folder outside it; it rebuilds the exact same fusion or refuses
+adapters whose checksums changed. Other deltas saved in an adapter's folder (e.g. its task head) are ignored:
+attach a new head after the fusion.
 
 Not output-preserving (`preserves_output = False`): attaching adds the mean of trained adapters to the bare model.
 `FusionDelta.fusion_weights()` returns the last attention weights of every site (they sum to 1 over adapters).
@@ -22,6 +24,7 @@ Not output-preserving (`preserves_output = False`): attaching adds the mean of t
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,12 +34,14 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from deltatune.arch import describe
-from deltatune.delta import TENSOR_FILE, Delta, DeltaConfig, base_fingerprint, read_delta_config
+from deltatune.delta import CONFIG_FILE, TENSOR_FILE, Delta, DeltaConfig, base_fingerprint, read_delta_config
 from deltatune.errors import CheckpointError, ConfigError, TargetError
 from deltatune.fingerprint import check_finite, check_same_base
-from deltatune.io import load_tensors, sha256
+from deltatune.io import atomic_path, load_tensors, sha256
 from deltatune.methods.adapter import Adapter, Bottleneck, like, on_output, output_size
 from deltatune.registry import register
+from deltatune.safety import inside
+from deltatune.schema import MAX_SCALE
 from deltatune.targeting import WrapperModule, exact_pattern, find_modules
 
 BRANCH = ".adapter."  # tensor names of a saved adapter: "<site>.adapter.<down|up|norm>.<weight|bias>"
@@ -47,7 +52,7 @@ class Fusion(DeltaConfig):
 
     adapters: list[str] = Field(description="folders of at least 2 saved adapter deltas (e.g. runs/a/best)",
                                 examples=[["runs/adapter-a/best", "runs/adapter-b/best"]])
-    value_regularization: float = Field(0.01, ge=0, description="weight of ||V - I||² added to the loss")
+    value_regularization: float = Field(0.01, ge=0, le=MAX_SCALE, description="weight of ||V - I||² added to the loss")
     adapter_sha256: list[str] | None = Field(None, description="checksums of the adapters' tensor files; "
                                              "recorded on attach, checked on load (leave unset)")
 
@@ -97,7 +102,7 @@ class SavedAdapter:
             found = [d["config"].get("method") for d in meta["deltas"]]
             raise ConfigError(f"{path} holds deltas {found}; AdapterFusion needs folders with exactly one "
                               "`adapter` delta each (train them with method: adapter first)")
-        file = path / TENSOR_FILE
+        file = inside(path, TENSOR_FILE, str(path / CONFIG_FILE))
         digest = sha256(file) if file.is_file() else None
         if digest != meta.get("sha256"):
             raise CheckpointError(f"{file} is missing or corrupted (checksum differs from its delta.json)")
@@ -223,6 +228,18 @@ class FusionDelta(Delta):
             self.wrappers[site] = wrapper
         self.config = cfg.model_copy(update={"adapter_sha256": [s.sha256 for s in saved]})  # pinned in delta.json
         return [p for w in wrappers.values() for p in w.fusion.parameters()]
+
+    def saved_config(self, directory: Path) -> Fusion:
+        """Copy the fused adapters into `directory/adapters/<i>` and name those copies (relative to `directory`)."""
+        names = []
+        for i, folder in enumerate(self.config.adapters):  # type: ignore[attr-defined]
+            name, source = f"adapters/{i}", Path(folder)
+            if source.resolve() != (directory / name).resolve():
+                for file in (CONFIG_FILE, TENSOR_FILE):
+                    with atomic_path(directory / name / file) as tmp:
+                        shutil.copyfile(source / file, tmp)
+            names.append(name)
+        return self.config.model_copy(update={"adapters": names})
 
     def fusion_weights(self) -> dict[str, torch.Tensor]:
         """Attention weights over the adapters from the last forward pass, by module: (..., N), summing to 1."""

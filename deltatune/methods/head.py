@@ -23,7 +23,7 @@ from deltatune.arch import describe
 from deltatune.delta import Delta, DeltaConfig, owned_tensors
 from deltatune.errors import ConfigError, TargetError
 from deltatune.registry import register
-from deltatune.schema import one_or_many
+from deltatune.schema import MAX_LABELS, one_or_many
 from deltatune.targeting import DeltaModule, check_not_taken, find_modules
 
 CONFIG_KEYS = ("id2label", "label2id", "problem_type")
@@ -34,8 +34,9 @@ class Head(DeltaConfig):
 
     task: Literal["classification", "regression", "token_classification"] = Field(
         "classification", description="what the head predicts")
-    num_labels: int | None = Field(None, ge=1, description="outputs of the head; None keeps the current size "
-                                                            "(regression: 1)")
+    num_labels: int | None = Field(None, ge=1, le=MAX_LABELS,
+                                   description="outputs of the head; None keeps the current size "
+                                               "(regression: 1)")
     labels: list[str] | None = Field(None, min_length=1, description="label names, written to model.config.id2label")
     module: str | None = Field(None, description="the head module to replace (name, dot-suffix or 're:...'); "
                                                  "default: the model's known head (classifier, score, ...)")

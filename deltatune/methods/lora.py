@@ -25,15 +25,16 @@ from transformers.pytorch_utils import Conv1D
 from deltatune.delta import Delta, DeltaConfig
 from deltatune.errors import TargetError
 from deltatune.registry import register
-from deltatune.schema import one_or_many
+from deltatune.schema import MAX_SCALE, MAX_WIDTH, one_or_many
 from deltatune.targeting import WrapperModule, find_modules
 
 
 class LoRA(DeltaConfig):
     """LoRA settings: rank, scaling, which modules, and the rsLoRA / DoRA variants."""
 
-    r: int = Field(8, gt=0, description="rank of the update B·A")
-    alpha: float = Field(16.0, gt=0, description="scale numerator: s = alpha/r (or alpha/sqrt(r) with rslora)")
+    r: int = Field(8, gt=0, le=MAX_WIDTH, description="rank of the update B·A")
+    alpha: float = Field(16.0, gt=0, le=MAX_SCALE,
+                         description="scale numerator: s = alpha/r (or alpha/sqrt(r) with rslora)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA branch input")
     targets: list[str] = Field(default_factory=lambda: ["all-linear"], min_length=1,
                                description="module patterns (name, dot-suffix, 're:...', 'type:...', 'all-linear')")

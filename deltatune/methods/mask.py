@@ -29,7 +29,7 @@ from deltatune import io
 from deltatune.delta import Delta, DeltaConfig
 from deltatune.errors import CheckpointError, ConfigError
 from deltatune.registry import register
-from deltatune.schema import one_or_many
+from deltatune.schema import MAX_SCALE, one_or_many
 from deltatune.targeting import WrapperModule, find_modules
 
 MASK_FORMAT = "deltatune-mask"
@@ -39,8 +39,9 @@ class Mask(DeltaConfig):
     """Mask tuning settings: threshold, initial score, which modules."""
 
     threshold: float = Field(5e-3, gt=0.0, lt=1.0, description="a weight is kept while its score >= threshold")
-    init_score: float = Field(1e-2, description="starting value of every score; above threshold, so the mask "
-                                                "starts all ones")
+    init_score: float = Field(1e-2, ge=-MAX_SCALE, le=MAX_SCALE,
+                              description="starting value of every score; above threshold, so the mask "
+                                          "starts all ones")
     targets: list[str] = Field(default_factory=lambda: ["all-linear"], min_length=1,
                                description="module patterns (name, dot-suffix, 're:...', 'type:...', 'all-linear')")
     layers: str | list[int] | None = Field(None, description="restrict to these layer indices, e.g. '0-3' or [0, -1]")

@@ -34,6 +34,7 @@ from deltatune.delta import Delta, DeltaConfig
 from deltatune.errors import ConfigError
 from deltatune.methods.prompt import Carrier, input_embeddings, positions, takes
 from deltatune.registry import register
+from deltatune.schema import MAX_SCALE, MAX_WIDTH
 
 
 # (token ids, embeddings, mask) keywords of the tokens the prefix precedes: the decoder's in an encoder-decoder
@@ -44,11 +45,11 @@ DECODER_INPUTS = ("decoder_input_ids", "decoder_inputs_embeds", "decoder_attenti
 class Prefix(DeltaConfig):
     """Prefix-tuning settings: prefix length, MLP reparameterisation and its hidden size."""
 
-    n_tokens: int = Field(10, gt=0, description="prefix length (virtual key/value positions per layer)")
+    n_tokens: int = Field(10, gt=0, le=MAX_WIDTH, description="prefix length (virtual key/value positions per layer)")
     reparam: Literal["mlp", "none"] = Field("mlp", description="train an embedding through an MLP (prefix-tuning) "
                                             "or the prefix tensors directly (P-tuning v2)")
-    hidden_size: int = Field(512, gt=0, description="hidden size of the reparameterisation MLP")
-    init_std: float = Field(0.02, gt=0, description="std of the normal init of the trained tensors")
+    hidden_size: int = Field(512, gt=0, le=MAX_WIDTH, description="hidden size of the reparameterisation MLP")
+    init_std: float = Field(0.02, gt=0, le=MAX_SCALE, description="std of the normal init of the trained tensors")
 
 
 class PTuningV2(Prefix):

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -34,6 +34,7 @@ from torch import nn
 from deltatune.delta import Delta, DeltaConfig
 from deltatune.errors import ConfigError, TargetError
 from deltatune.registry import register
+from deltatune.schema import MAX_COUNT, MAX_WIDTH
 from deltatune.targeting import WrapperModule
 
 
@@ -117,15 +118,19 @@ Position = Literal["auto", "start", "after_first"]
 POSITION_HELP = "where the first virtual tokens go: auto = after [CLS] for encoders, at the start for decoders"
 
 
+TokenId = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+
+
 class Prompt(DeltaConfig):
     """Prompt tuning settings: number of virtual tokens, their initialisation and position."""
 
-    n_tokens: int = Field(20, gt=0, description="number of virtual tokens")
+    n_tokens: int = Field(20, gt=0, le=MAX_WIDTH, description="number of virtual tokens")
     init: Literal["random", "vocab", "text"] = Field("vocab", description="random normal, embeddings of random "
                                                      "vocabulary tokens, or the embeddings of `init_text`")
     init_text: str | None = Field(None, description="text for init=text, e.g. 'Classify the sentiment:' "
                                   "(tokenised with the model's own tokenizer; repeated to n_tokens)")
-    init_token_ids: list[int] | None = Field(None, description="token ids for init=text (set from init_text)")
+    init_token_ids: list[TokenId] | None = Field(None, max_length=MAX_WIDTH,
+                                                 description="token ids for init=text (set from init_text)")
     position: Position = Field("auto", description=POSITION_HELP)
 
     @model_validator(mode="after")
@@ -153,12 +158,12 @@ def template_pieces(template: str) -> tuple[list[Piece], list[Piece]]:
 class PTuning(DeltaConfig):
     """P-tuning v1 settings: template of [P] tokens, words and {mask} around the text; prompt encoder."""
 
-    template: str = Field("[P][P][P][P][P][P][P][P][P][P] {text}",
+    template: str = Field("[P][P][P][P][P][P][P][P][P][P] {text}", max_length=MAX_WIDTH,
                           description="[P] virtual tokens, literal words and {mask} around one {text}")
     encoder: Literal["lstm", "mlp", "none"] = Field("lstm", description="prompt encoder (reparameterisation)")
-    hidden_size: int = Field(128, gt=0, description="prompt-encoder hidden size")
+    hidden_size: int = Field(128, gt=0, le=MAX_WIDTH, description="prompt-encoder hidden size")
     position: Position = Field("auto", description=POSITION_HELP)
-    literal_token_ids: list[list[int]] | None = Field(
+    literal_token_ids: list[list[TokenId]] | None = Field(
         None, description="token ids of the template's words and {mask}, in order (set from the tokenizer)")
 
     @model_validator(mode="after")

@@ -39,21 +39,23 @@ from deltatune.arch import describe
 from deltatune.delta import Delta, DeltaConfig
 from deltatune.errors import ConfigError, DeltaTuneError, TargetError
 from deltatune.registry import register
+from deltatune.schema import MAX_COUNT, MAX_DEPTH, MAX_WIDTH
 from deltatune.targeting import DeltaModule
 
 
 class Side(DeltaConfig):
     """Side-tuning settings: side network size, alpha start and curriculum, sequence context."""
 
-    hidden_size: int = Field(64, gt=0, description="width of the side network")
-    num_layers: int = Field(2, ge=1, description="hidden layers of the side MLP (Linear + GELU each), "
+    hidden_size: int = Field(64, gt=0, le=MAX_WIDTH, description="width of the side network")
+    num_layers: int = Field(2, ge=1, le=MAX_DEPTH, description="hidden layers of the side MLP (Linear + GELU each), "
                                                  "followed by the output Linear")
     alpha_init: float = Field(0.9, gt=0.0, lt=1.0, description="starting weight of the frozen model in "
                                                                "alpha·base + (1 - alpha)·side")
     alpha_schedule: Literal["none", "linear"] = Field(
         "none", description="'linear': a floor under alpha decays from 1 to 0 over schedule_steps training forward "
                             "passes (curriculum); 'none': alpha is only learned")
-    schedule_steps: int = Field(1000, gt=0, description="length of the linear alpha curriculum, in forward passes")
+    schedule_steps: int = Field(1000, gt=0, le=MAX_COUNT,
+                                description="length of the linear alpha curriculum, in forward passes")
     context: Literal["auto", "none", "mean"] = Field(
         "auto", description="what each token's side input adds from the sequence: 'mean' = masked mean of all "
                             "embeddings (sees later tokens: not for generative models), 'none' = nothing; "

@@ -25,7 +25,7 @@ from deltatune.delta import Delta, DeltaConfig
 from deltatune.errors import TargetError
 from deltatune.methods.head import head_module_name
 from deltatune.registry import register
-from deltatune.schema import Schema
+from deltatune.schema import MAX_LABELS, Schema
 from deltatune.targeting import DeltaModule, check_not_taken
 
 
@@ -36,7 +36,7 @@ class TaskHead(Schema):
 
     name: str = Field(description="task name (letters, digits, _ and -)")
     kind: Literal["classification", "regression", "text"] = Field("classification", description="the task's head")
-    num_labels: int | None = Field(None, ge=1, description="classes (classification; or give labels)")
+    num_labels: int | None = Field(None, ge=1, le=MAX_LABELS, description="classes (classification; or give labels)")
     labels: list[str] | None = Field(None, min_length=1, description="class names (classification)")
 
     _plain_name = field_validator("name")(routing.check_task_name)

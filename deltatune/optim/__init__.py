@@ -12,12 +12,12 @@ GaLore (full fine-tuning with low-rank optimizer states; see galore.py):
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from deltatune.optim.galore import GaLoreConfig
-from deltatune.schema import Schema, nested
+from deltatune.schema import MAX_COUNT, MAX_LR, MAX_SCALE, Schema, nested
 
 GALORE_NAMES = ("galore_adamw", "galore_adamw8bit")
 
@@ -29,22 +29,23 @@ class OptimizerConfig(Schema):
 
     name: Literal["adamw", "sgd", "galore_adamw", "galore_adamw8bit"] = Field(
         "adamw", description="galore_*: GaLore low-rank gradient projection for full fine-tuning (8bit: 8-bit moments)")
-    lr: float = Field(5e-4, gt=0, description="peak learning rate")
-    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay (not on `no_decay` names)")
+    lr: float = Field(5e-4, gt=0, le=MAX_LR, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0, le=MAX_SCALE, description="decoupled weight decay (not on `no_decay` names)")
     betas: tuple[float, float] = Field((0.9, 0.999), description="adamw only")
-    eps: float = Field(1e-8, gt=0, description="adamw only")
+    eps: float = Field(1e-8, gt=0, le=1, description="adamw only")
     momentum: float = Field(0.0, ge=0, lt=1, description="sgd only")
     # Geometric layer-wise LR decay from the head down: layer i of L gets lr * decay**(L - i), the embeddings
     # (everything before the layer stack) lr * decay**(L + 1), everything after the stack (final norm, head) lr.
     layer_decay: float | None = Field(None, gt=0, le=1, description="layer-wise LR decay from the head down")
-    head_lr: float | None = Field(None, gt=0, description="LR of deltas with role 'head' (new task heads)")
+    head_lr: float | None = Field(None, gt=0, le=MAX_LR, description="LR of deltas with role 'head' (new task heads)")
     # Parameter-name regex (re.search) -> LR; the first matching pattern wins, and it wins over head_lr/layer_decay.
-    lr_groups: dict[str, float] = Field({}, description="parameter-name regex -> learning rate")
+    lr_groups: dict[str, Annotated[float, Field(gt=0, le=MAX_LR)]] = Field(
+        {}, description="parameter-name regex -> learning rate")
     no_decay: list[str] = Field(["bias", "LayerNorm.weight", "norm.weight", "ln_"],
                                 description="name substrings without weight decay")
     schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="LR decay after warmup")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of the steps with a rising LR")
-    warmup_steps: int | None = Field(None, ge=0, description="overrides warmup_ratio")
+    warmup_steps: int | None = Field(None, ge=0, le=MAX_COUNT, description="overrides warmup_ratio")
     galore: GaLoreConfig | None = Field(
         None, description="galore_adamw / galore_adamw8bit only; their default when left out")
 

@@ -39,7 +39,7 @@ from transformers.pytorch_utils import Conv1D
 
 from deltatune.errors import ConfigError
 from deltatune.optim import quant
-from deltatune.schema import Schema
+from deltatune.schema import MAX_COUNT, MAX_SCALE, MAX_WIDTH, Schema
 from deltatune.targeting import find_modules
 
 if TYPE_CHECKING:
@@ -56,9 +56,11 @@ class GaLoreConfig(Schema):
 
     section = "optimizer.galore"
 
-    rank: int = Field(128, gt=0, description="rank of the projection (clipped to the smaller side of a matrix)")
-    update_proj_gap: int = Field(200, gt=0, description="recompute the projection from the gradient every N steps")
-    scale: float = Field(0.25, gt=0, description="multiplier of the projected-back update")
+    rank: int = Field(128, gt=0, le=MAX_WIDTH,
+                      description="rank of the projection (clipped to the smaller side of a matrix)")
+    update_proj_gap: int = Field(200, gt=0, le=MAX_COUNT,
+                                 description="recompute the projection from the gradient every N steps")
+    scale: float = Field(0.25, gt=0, le=MAX_SCALE, description="multiplier of the projected-back update")
     proj_type: Literal["std", "left", "right"] = Field("std", description="std: project the smaller side")
     targets: list[str] = Field(["all-linear"], min_length=1,
                                description="weights to project (targeting patterns; 'all-linear' skips the head; "

@@ -28,6 +28,7 @@ from deltatune import io
 from deltatune.delta import TENSOR_FILE, DeltaBase, read_delta_config
 from deltatune.fingerprint import check_finite
 from deltatune.errors import CheckpointError, DeltaTuneError
+from deltatune.safety import inside
 
 NAME = re.compile(r"^step-(\d{8})$")
 CHECKSUMS = "checksums.json"
@@ -124,12 +125,14 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     try:
         sums = io.read_json(path / CHECKSUMS)
+        if not isinstance(sums, dict):
+            raise CheckpointError(f"{path / CHECKSUMS}: expected an object of file name -> SHA-256")
         required = {TENSOR_FILE, "optimizer.safetensors", "optimizer.json", "scheduler.json", "rng.safetensors",
                     "rng.json", "state.json"}
         if missing := sorted(required - set(sums)):
             raise CheckpointError(f"{path.name} lacks {', '.join(missing)}")
         for name, digest in sums.items():
-            if not (path / name).is_file() or io.sha256(path / name) != digest:
+            if not inside(path, name, str(path / CHECKSUMS)).is_file() or io.sha256(path / name) != digest:
                 raise CheckpointError(f"{path / name} is missing or corrupted (checksum mismatch)")
         optimizer = decode(io.read_json(path / "optimizer.json"), io.load_tensors(path / "optimizer.safetensors"))
         state = io.read_json(path / "state.json")

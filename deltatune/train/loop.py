@@ -30,7 +30,7 @@ from deltatune.data.batching import real_tokens
 from deltatune.delta import TENSOR_FILE, DeltaBase
 from deltatune.errors import CheckpointError, ConfigError, DataError, DeltaTuneError
 from deltatune.optim import OptimizerConfig, build_optimizer, build_scheduler, check_train_settings
-from deltatune.schema import Schema
+from deltatune.schema import MAX_BATCH, MAX_COUNT, MAX_SCALE, MAX_SEED, MAX_THREADS, Schema
 from deltatune.train import checkpoint, distributed, speed
 from deltatune.train.interrupt import StopRequests, TrainingInterrupted
 from deltatune.train.metrics import (
@@ -55,26 +55,33 @@ class TrainConfig(Schema):
 
     section = "train"
 
-    epochs: int = Field(3, ge=1, description="passes over the training data")
-    max_steps: int | None = Field(None, ge=1, description="stop after N optimizer steps at most (or after "
-                                                          "`epochs`, whichever comes first)")
-    batch_size: int = Field(16, ge=1, description="examples per batch (the global batch under torchrun)")
-    eval_batch_size: int | None = Field(None, ge=1, description="batch size of evaluation; unset: batch_size")
-    grad_accum: int = Field(1, ge=1, description="batches per optimizer step")
-    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm; null: no clipping")
+    epochs: int = Field(3, ge=1, le=MAX_COUNT, description="passes over the training data")
+    max_steps: int | None = Field(None, ge=1, le=MAX_COUNT,
+                                  description="stop after N optimizer steps at most (or after "
+                                              "`epochs`, whichever comes first)")
+    batch_size: int = Field(16, ge=1, le=MAX_BATCH, description="examples per batch (the global batch under torchrun)")
+    eval_batch_size: int | None = Field(None, ge=1, le=MAX_BATCH,
+                                        description="batch size of evaluation; unset: batch_size")
+    grad_accum: int = Field(1, ge=1, le=MAX_BATCH, description="batches per optimizer step")
+    max_grad_norm: float | None = Field(1.0, gt=0, le=MAX_SCALE,
+                                        description="clip the gradient norm; null: no clipping")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description="optimizer and LR schedule")
-    seed: int = Field(0, description="seeds the split, data order, dropout and new weights")
-    eval_every: int | None = Field(None, ge=1, description="also validate every N steps (validation always runs "
-                                                           "at every epoch end and at the last step)")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seeds the split, data order, dropout and new weights")
+    eval_every: int | None = Field(None, ge=1, le=MAX_COUNT,
+                                   description="also validate every N steps (validation always runs "
+                                               "at every epoch end and at the last step)")
     metric: str | None = Field(None, description="validation metric that picks the best delta and drives "
                                                  "patience; default accuracy (classification) or loss")
-    patience: int | None = Field(None, ge=1, description="early stopping: stop after N validations without "
-                                                         "improvement of `metric`; null: never stop early")
-    checkpoint_every: int | None = Field(None, ge=1, description="also checkpoint every N steps (checkpoints are "
-                                                                 "always written at every epoch end and the last step)")
-    keep_checkpoints: int = Field(2, ge=1, description="the newest N checkpoints are kept")
-    log_every: int = Field(1, ge=1, description="train rows in metrics.jsonl/csv (and TensorBoard): every step")
-    num_threads: int | None = Field(None, ge=1, description="torch threads; unset: torch's default")
+    patience: int | None = Field(None, ge=1, le=MAX_COUNT,
+                                 description="early stopping: stop after N validations without "
+                                             "improvement of `metric`; null: never stop early")
+    checkpoint_every: int | None = Field(None, ge=1, le=MAX_COUNT,
+                                         description="also checkpoint every N steps (checkpoints are "
+                                                     "always written at every epoch end and the last step)")
+    keep_checkpoints: int = Field(2, ge=1, le=MAX_COUNT, description="the newest N checkpoints are kept")
+    log_every: int = Field(1, ge=1, le=MAX_COUNT,
+                           description="train rows in metrics.jsonl/csv (and TensorBoard): every step")
+    num_threads: int | None = Field(None, ge=1, le=MAX_THREADS, description="torch threads; unset: torch's default")
     length_grouping: bool = Field(False,
                                   description="batches of similar lengths (less padding), still a seeded random order")
     parallel: Literal["ddp", "fsdp"] = Field("ddp",

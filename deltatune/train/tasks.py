@@ -30,7 +30,7 @@ from deltatune.data import DataConfig, TaskData, prepare_data
 from deltatune.data.formats import FORMATS
 from deltatune.data.multitask import MixedSplit, MultiTaskData, TaskSpec
 from deltatune.errors import ConfigError, problems_error
-from deltatune.schema import Schema
+from deltatune.schema import MAX_SCALE, Schema
 from deltatune.train.distributed import rank_and_world
 from deltatune.train.metrics import METRICS, check_metric, check_task, default_metric, loss_sum, units
 
@@ -54,7 +54,7 @@ class TaskConfig(Schema):
                                          "kind of its head (classification, regression, text)")
     metric: str | None = Field(None, description="the task's metric in the macro average; default accuracy "
                                                  "(classification) or loss")
-    weight: float = Field(1.0, gt=0, description="loss weight (weighting: fixed)")
+    weight: float = Field(1.0, gt=0, le=MAX_SCALE, description="loss weight (weighting: fixed)")
 
     _plain_name = field_validator("name")(routing.check_task_name)
 
@@ -76,7 +76,7 @@ class MultiTaskConfig(Schema):
 
     sampling: Literal["proportional", "temperature", "uniform", "round_robin"] = Field(
         "proportional", description="which task each batch comes from (see data/multitask.py)")
-    temperature: float = Field(2.0, gt=0, description="T of temperature sampling: shares ~ size^(1/T)")
+    temperature: float = Field(2.0, gt=0, le=MAX_SCALE, description="T of temperature sampling: shares ~ size^(1/T)")
     weighting: Literal["fixed", "uncertainty"] = Field(
         "fixed", description="fixed: the tasks' `weight`; uncertainty: learned log-variances (Kendall et al. 2018)")
 
