@@ -50,6 +50,8 @@ BRANCH = ".adapter."  # tensor names of a saved adapter: "<site>.adapter.<down|u
 class Fusion(DeltaConfig):
     """AdapterFusion settings: the saved adapters to fuse, and the value-matrix regularisation."""
 
+    folder_fields = ("adapters",)
+
     adapters: list[str] = Field(description="folders of at least 2 saved adapter deltas (e.g. runs/a/best)",
                                 examples=[["runs/adapter-a/best", "runs/adapter-b/best"]])
     value_regularization: float = Field(0.01, ge=0, le=MAX_SCALE, description="weight of ||V - I||² added to the loss")
