@@ -56,7 +56,7 @@ def test_config_show_comments_give_descriptions_allowed_values_and_bounds(capsys
     lines = run_cli(capsys, "config", "show").splitlines()  # default method: lora
     line = {ln.split(":")[0].strip(): ln for ln in lines if not ln.lstrip().startswith("#")}
     assert line["patience"].split("#", 1)[1].strip() == ("early stopping: stop after N validations without "
-                                                         "improvement of `metric`; null: never stop early; >= 1")
+                                                         "improvement of `metric`; null: never stop early; >= 1, <= 1000000000")
     assert "allowed: standard | rslora" in line["scaling"] and line["scaling"].startswith("    scaling: standard")
     assert "required" in line["path"] and line["path"].startswith("  path: minilm")
     assert any(ln.startswith("# eval_generation:") for ln in lines)  # optional sections: commented out
