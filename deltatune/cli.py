@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from rich.console import Console
 from rich.markup import escape
@@ -22,6 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 from deltatune.errors import ConfigError, DeltaTuneError
+from deltatune.progress import GenerationLines, TrainLines, eval_line, start_line
 
 console = Console(stderr=False, highlight=False)
 
@@ -69,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=1 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
+    p.add_argument("--progress-every", type=int, metavar="N",
+                   help="when the output is not a terminal (a log, CI, nohup): a progress line every N steps "
+                        "(default: about 20 lines in a run)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a trained run on a split")
@@ -85,7 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], help="cut each answer at this string (repeatable)")
     p.add_argument("--system", help="system prompt for records without one")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--output", type=Path, help="with --generate: write every answer to this .jsonl file")
+    p.add_argument("--output", type=Path, help="write every prediction (text, label, predicted, probabilities) to "
+                                               "this .jsonl file; with --generate: every answer")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("merge", help="merge a run's delta into the base and save a standalone model "
@@ -109,6 +115,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("config", type=Path)
     p.add_argument("--methods", help="comma-separated methods or compare.settings variants, e.g. full,lora,prefix "
                                      "(default: compare.methods of the config)")
+    p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2: train every method once per seed and report "
+                                   "the mean ± standard deviation (default: the config's train.seed)")
     p.add_argument("--force", action="store_true", help="re-train methods whose run has finished already")
     p.add_argument("--in-process", action="store_true", help="train every method in this process (starts faster; "
                                                              "peak memory is then this process's peak so far)")
@@ -157,7 +165,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     methods = " + ".join(d.method for d in config.delta)
     data = config.data.train if config.tasks is None else "tasks " + ", ".join(t.name for t in config.tasks)
     console.print(f"model [cyan]{config.model.path}[/]  data [cyan]{data}[/]  method [cyan]{methods}[/]")
-    with _TrainProgress() as progress:
+    with _train_progress(args.progress_every) as progress:
         session, result = run_training(config, resume=args.resume, on_event=progress.on_event)
     _print_results(result, config.task)
     if result.generation:
@@ -180,6 +188,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     session = load_run(args.run, args.overrides)
     dataset = getattr(session.data, args.split)
     batch_size = session.config.train.eval_batch_size or session.config.train.batch_size
+    if args.output is not None:
+        _write_predictions(session, dataset, args.output, batch_size)
     metrics = objective(session.data, session.delta).evaluate(session.model, dataset, session.collator(), batch_size)
     table = Table(title=f"{args.run} · {args.split} ({len(dataset)} examples)")
     table.add_column("metric")
@@ -188,6 +198,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
         table.add_row(name, _fmt(value))
     console.print(table)
     return 0
+
+
+def _write_predictions(session: Any, dataset: Any, path: Path, batch_size: int) -> None:
+    from deltatune.data.multitask import MultiTaskData
+    from deltatune.diagnostics import predict
+    from deltatune.io import write_jsonl
+
+    if isinstance(session.data, MultiTaskData):
+        raise DeltaTuneError("--output writes the predictions of a single-task run; this run has several tasks")
+    rows = predict(session.model, dataset, session.collator(), session.tokenizer, session.data.task,
+                   session.data.label_names, batch_size)
+    write_jsonl(path, rows)
+    console.print(f"wrote {len(rows)} predictions to [cyan]{escape(str(path))}[/]")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -205,25 +228,57 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from deltatune.compare import run_compare
 
+    from deltatune.report import compare_note
+
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    seeds = _int_list(args.seeds, "--seeds") if args.seeds else None
+    lines = TrainLines(lambda line: console.out(f"    {line}", highlight=False))
 
     def on_event(kind: str, info: dict) -> None:
-        what = "finished earlier, kept (--force re-trains)" if kind == "skip" else "training"
-        console.print(f"[{info['index']}/{info['total']}] [cyan]{info['method']}[/]: {what} → {info['run_dir']}")
+        if kind == "line":  # the method's own process: its progress and evaluation lines
+            console.out(f"    {info['line']}", highlight=False)
+        elif kind == "progress":  # --in-process: the training loop's events
+            lines.on_event(info["kind"], info["event"])
+        else:
+            what = "finished earlier, kept (--force re-trains)" if kind == "skip" else "training"
+            seed = f" seed {info['seed']}" if info.get("seed") is not None else ""
+            console.print(f"[{info['index']}/{info['total']}] [cyan]{info['method']}[/]{seed}: {what} → "
+                          f"{info['run_dir']}")
 
-    out, rows = run_compare(args.config, methods, args.overrides, force=args.force, isolate=not args.in_process,
-                            on_event=on_event)
+    out, rows = run_compare(args.config, methods, args.overrides, seeds=seeds, force=args.force,
+                            isolate=not args.in_process, on_event=on_event)
+    spread = len(rows[0].seeds) > 1
+    test_column = f"test {rows[0].metric}" + (" (mean ± sd)" if spread else "")
     table = Table(title=f"deltatune compare · test {rows[0].metric}")
-    for column in ("method", "deltas", f"test {rows[0].metric}", "trainable", "trainable %", "delta file",
+    for column in ("method", "deltas", test_column, "test n", "base", "trainable", "trainable %", "delta file",
                    "wall time", "tokens/s", "peak memory"):
         table.add_column(column, justify="left" if column in ("method", "deltas") else "right")
     for r in rows:
-        table.add_row(r.method, r.deltas, _fmt(r.test), f"{r.trainable_params:,}", f"{r.trainable_pct:.3f}%",
-                      f"{r.delta_bytes / 1e6:.2f} MB", f"{r.wall_time_s:.1f} s", f"{r.tokens_per_s:,.0f}",
-                      f"{r.peak_rss_mb:,.0f} MB")
-    console.print(table)
+        test = f"{_fmt(r.test)} ± {r.test_std:.4f}" if spread and r.test_std is not None else _fmt(r.test)
+        table.add_row(r.method, r.deltas, test, _fmt(r.test_n), _fmt(r.base), f"{r.trainable_params:,}",
+                      f"{r.trainable_pct:.3f}%", f"{r.delta_bytes / 1e6:.2f} MB", f"{r.wall_time_s:.1f} s",
+                      f"{r.tokens_per_s:,.0f}", f"{r.peak_rss_mb:,.0f} MB")
+    _print_whole(table)
+    console.print(compare_note(rows), highlight=False, markup=False)
     console.print(f"written to [cyan]{out}[/]: compare.json, compare.csv, compare.png, compare.html")
     return 0
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise DeltaTuneError(f"{option} takes comma-separated whole numbers, e.g. {option} 0,1,2 (got {text!r})") \
+            from None
+
+
+def _print_whole(table: Table) -> None:
+    """Print `table` at its natural width: off a terminal (a log, a pipe) rich would cut it to 80 columns."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    width = console.measure(table, options=console.options.update_width(1000)).maximum
+    Console(file=console.file, width=max(width, console.width), highlight=False).print(table)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -239,9 +294,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                attach=False)
     chat = generator.use_chat(args.chat, records)
     options = dict(chat=chat, system=args.system, batch_size=args.batch_size)
-    base = generator.complete(records, sampling, **options) if args.compare_base else None
+    if args.compare_base:
+        with _generation_progress("base") as on_batch:
+            base = generator.complete(records, sampling, **options, on_batch=on_batch)
+    else:
+        base = None
     generator.attach_delta(args.merge)
-    outputs = generator.complete(records, sampling, **options)
+    with _generation_progress("fine-tuned" if generator.delta is not None else "model") as on_batch:
+        outputs = generator.complete(records, sampling, **options, on_batch=on_batch)
     if args.output is not None:
         _write_outputs(args.output, records, outputs, base)
     elif base is not None:
@@ -318,14 +378,31 @@ def _eval_generation(args: argparse.Namespace) -> int:
     sampling = Sampling(max_new_tokens=args.max_new_tokens, stop=args.stop)
     generator = open_generator(run=args.run, attach=False)
     options = dict(system=args.system, batch_size=args.batch_size)
-    base, base_outputs = evaluate_generation(generator, records, sampling, **options) if args.compare_base \
-        else ({}, None)
+    base, base_outputs = {}, None
+    if args.compare_base:
+        with _generation_progress("base") as on_batch:
+            base, base_outputs = evaluate_generation(generator, records, sampling, **options, on_batch=on_batch)
     generator.attach_delta()
-    tuned, outputs = evaluate_generation(generator, records, sampling, **options)
+    with _generation_progress("fine-tuned") as on_batch:
+        tuned, outputs = evaluate_generation(generator, records, sampling, **options, on_batch=on_batch)
     _print_generation_scores(base, tuned, f"{args.run} on {len(records)} prompts of {args.generate}, greedy")
     if args.output is not None:
         _write_outputs(args.output, records, outputs, base_outputs)
     return 0
+
+
+@contextlib.contextmanager
+def _generation_progress(model: str) -> Iterator[Callable[[int, int], None]]:
+    """An `on_batch(done, total)` for generation, on stderr (stdout may hold the answers): a bar that disappears
+    when done on a terminal, else a plain line per batch."""
+    err = Console(stderr=True, highlight=False)
+    if not err.is_terminal:
+        yield GenerationLines(lambda line: err.out(line, highlight=False), model)
+        return
+    with Progress(TextColumn(f"generating ({model})"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=err, transient=True) as bar:
+        task = bar.add_task("generate", total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 def _print_generation_scores(base: dict[str, float] | None, tuned: dict[str, float], note: str) -> None:
@@ -401,6 +478,13 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_progress(every: int | None) -> Any:
+    """The training progress: a rich bar on a terminal, else plain lines every `every` steps."""
+    if console.is_terminal:
+        return _TrainProgress()
+    return contextlib.nullcontext(TrainLines(lambda line: console.out(line, highlight=False), every))
+
+
 class _TrainProgress:
     """Renders the training loop's events: a progress bar, one line per evaluation."""
 
@@ -410,6 +494,7 @@ class _TrainProgress:
                                  console=console, transient=False)
         self.task: Any = None
         self.epochs = 1
+        self.generation: dict[str, Any] = {}  # eval_generation: one bar per model
 
     def __enter__(self) -> _TrainProgress:
         self.progress.__enter__()
@@ -424,9 +509,8 @@ class _TrainProgress:
             handler(info)
 
     def _on_start(self, info: dict) -> None:
-        trainable, total = info["trainable"], info["total"]
         self.epochs = info["epochs"]
-        console.print(f"trainable parameters: [bold]{trainable:,}[/] of {total:,} ({100 * trainable / total:.3f}%)")
+        console.print(start_line(info), highlight=False)
         self.task = self.progress.add_task("train", total=info["total_steps"], epoch=1, loss="-",
                                            completed=info.get("resumed_from_step") or 0)
 
@@ -435,9 +519,13 @@ class _TrainProgress:
         self.progress.update(self.task, completed=info["step"], epoch=epoch, loss=f"{info['loss']:.4f}")
 
     def _on_eval(self, info: dict) -> None:
-        shown = "  ".join(f"{k} {_fmt(v)}" for k, v in info["metrics"].items())
-        when = "before training" if info.get("baseline") else f"epoch {info['epoch']:.1f} step {info['step']}"
-        self.progress.console.print(f"  {info['split']:<10} {when}: {shown}")
+        self.progress.console.print(eval_line(info), highlight=False, markup=False)
+
+    def _on_generation(self, info: dict) -> None:
+        if info["model"] not in self.generation:
+            self.generation[info["model"]] = self.progress.add_task("generate", total=info["total"], epoch="-",
+                                                                    loss=f"(generating: {info['model']})")
+        self.progress.update(self.generation[info["model"]], completed=info["done"])
 
     def _on_early_stop(self, info: dict) -> None:
         self.progress.console.print(f"[yellow]early stop[/]: no improvement in {info.get('patience')} evaluations")

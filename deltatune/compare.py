@@ -14,7 +14,11 @@ lora, r: 16}}`, compared like any method.
         lora: {delta: {r: 8, targets: [query, value]}}
 
 Finished runs (results.json) are kept unless `force`; interrupted ones resume. By default every method trains in
-its own process, so its peak memory is its own.
+its own process, so its peak memory is its own; its output lines (progress, evaluations) reach `on_event` as
+"line" events and its `train.log` (in-process: the loop's events, as "progress" events).
+
+`seeds=[0, 1, 2]` trains every method once per seed (run folders `<output_dir>/<method>/seed-<s>`, `train.seed`
+set); a row then holds the mean and standard deviation of the test metric over the seeds, and every seed's value.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import copy
 import csv
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -72,23 +77,29 @@ class Row:
     method: str
     deltas: str
     metric: str
-    test: float | None
+    test: float | None  # mean over the seeds
+    test_std: float | None  # sample standard deviation over the seeds (None: one seed)
+    tests: list[float]  # one per seed
+    seeds: list[int]
+    test_n: int | None  # test examples
+    majority: float | None  # accuracy of always predicting the test split's most frequent class
     base: float | None
     trainable_params: int
     total_params: int
     trainable_pct: float
     delta_bytes: int
-    wall_time_s: float  # the whole run: training and evaluations
+    wall_time_s: float  # the whole run: training and evaluations (mean over the seeds)
     tokens_per_s: float
-    peak_rss_mb: float
+    peak_rss_mb: float  # the largest of the seeds
     steps: int
 
 
 def run_compare(path: str | Path, methods: list[str] | None = None, overrides: list[str] = (), *,
-                force: bool = False, isolate: bool = True,
+                seeds: list[int] | None = None, force: bool = False, isolate: bool = True,
                 on_event: Callable[[str, dict[str, Any]], None] | None = None) -> tuple[Path, list[Row]]:
-    """Train every method of the comparison (or reuse its finished run) and write compare.json/.csv/.png/.html
-    into the config's output_dir. Returns (that folder, the table rows)."""
+    """Train every method of the comparison (per seed of `seeds`; default: the config's one seed, no seed
+    folders), or reuse its finished run, and write compare.json/.csv/.png/.html into the config's output_dir.
+    Returns (that folder, the table rows)."""
     emit = on_event or (lambda kind, info: None)
     raw = read_config(path, overrides)
     compare = CompareConfig(**(raw.pop("compare", None) or {}))
@@ -98,26 +109,35 @@ def run_compare(path: str | Path, methods: list[str] | None = None, overrides: l
                           "compare.methods")
     if len(set(names)) != len(names):
         raise ConfigError(f"methods to compare are listed twice: {', '.join(names)}")
-    configs = {name: method_config(raw, name, compare.settings.get(name), where=str(path)) for name in names}
+    if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):
+        raise ConfigError(f"seeds must be distinct and at least one, e.g. --seeds 0,1,2 (got {seeds})")
+    runs = {name: [method_config(raw, name, compare.settings.get(name), where=str(path), seed=seed)
+                   for seed in seeds or [None]] for name in names}
     out = Path(raw.get("output_dir", RunConfig.model_fields["output_dir"].default))
-    for i, (name, config) in enumerate(configs.items()):
+    todo = [(name, config) for name, configs in runs.items() for config in configs]
+    for i, (name, config) in enumerate(todo):
         run_dir = Path(config.output_dir)
         if force and run_dir.exists():
             shutil.rmtree(run_dir)
-        info = {"method": name, "index": i + 1, "total": len(configs), "run_dir": str(run_dir)}
+        info = {"method": name, "seed": config.train.seed if seeds else None, "index": i + 1, "total": len(todo),
+                "run_dir": str(run_dir)}
         if (run_dir / RESULTS).is_file():
             check_same_config(run_dir, config)
             emit("skip", info)
             continue
         emit("train", info)
-        train_one(config, resume=(run_dir / "checkpoints").is_dir(), isolate=isolate)
-    rows = [table_row(name, Path(config.output_dir), config) for name, config in configs.items()]
-    write_outputs(out, rows, configs, isolated=isolate)
+        train_one(config, resume=(run_dir / "checkpoints").is_dir(), isolate=isolate,
+                  on_line=lambda line, info=info: emit("line", {**info, "line": line}),
+                  on_event=lambda kind, event, info=info: emit("progress", {**info, "kind": kind, "event": event}))
+    rows = [table_row(name, configs) for name, configs in runs.items()]
+    write_outputs(out, rows, {name: configs[0] for name, configs in runs.items()}, isolated=isolate)
     return out, rows
 
 
-def method_config(raw: dict[str, Any], name: str, settings: MethodSettings | None, where: str) -> RunConfig:
-    """The run config of one compared method: the shared sections, its delta list, its train overrides."""
+def method_config(raw: dict[str, Any], name: str, settings: MethodSettings | None, where: str,
+                  seed: int | None = None) -> RunConfig:
+    """The run config of one compared method: the shared sections, its delta list, its train overrides (and
+    with `seed`, that train.seed in the folder seed-<seed>)."""
     settings = settings or MethodSettings()
     delta = {"method": name, **settings.delta}
     get_method(str(delta["method"]))  # an unknown name is an error listing the registered methods
@@ -125,6 +145,9 @@ def method_config(raw: dict[str, Any], name: str, settings: MethodSettings | Non
     run["delta"] = [delta]
     run["train"] = deep_merge(run.get("train") or {}, settings.train)
     run["output_dir"] = str(Path(run.get("output_dir", RunConfig.model_fields["output_dir"].default)) / name)
+    if seed is not None:
+        run["train"]["seed"] = seed
+        run["output_dir"] = str(Path(run["output_dir"]) / f"seed-{seed}")
     config = validate_config(run, where=f"{where} (compare: {name})")
     head = settings.head if settings.head is not None else delta["method"] != "head" and config.task in HEAD_TASKS
     return config.model_copy(update={"delta": [Head(), *config.delta]}) if head else config
@@ -156,36 +179,51 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): tree}
 
 
-def train_one(config: RunConfig, *, resume: bool, isolate: bool) -> None:
-    """Train one method: in a fresh `python -m deltatune train` (its own peak memory), or in this process."""
+def train_one(config: RunConfig, *, resume: bool, isolate: bool, on_line: Callable[[str], None] | None = None,
+              on_event: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+    """Train one method: in a fresh `python -m deltatune train` (its own peak memory; every output line goes to
+    train.log and `on_line`), or in this process (the training loop's events go to `on_event`)."""
     run_dir = Path(config.output_dir)
     if not isolate:
         from deltatune.run import run_training
 
-        run_training(config, resume=resume)
+        run_training(config, resume=resume, on_event=on_event)
         return
     io.write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     log = run_dir / "train.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]),
                                                                       os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "deltatune", "train", str(run_dir / "config.yaml"), *(["--resume"] * resume)]
-    with open(log, "w") as f:
-        done = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env={**env, "COLUMNS": "120"}, check=False)
-    if done.returncode != 0:
+    with open(log, "w") as f, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                              env={**env, "COLUMNS": "120"}, bufsize=1) as child:
+        for line in child.stdout:  # type: ignore[union-attr]
+            f.write(line)
+            f.flush()
+            if on_line is not None:
+                on_line(line.rstrip("\n"))
+    if child.returncode != 0:
         tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
-        raise DeltaTuneError(f"training {run_dir.name} failed (exit code {done.returncode}): {tail} (log: {log})")
+        raise DeltaTuneError(f"training {run_dir.name} failed (exit code {child.returncode}): {tail} (log: {log})")
 
 
-def table_row(name: str, run_dir: Path, config: RunConfig) -> Row:
-    res = io.read_json(run_dir / RESULTS)
-    metric = res["metric"]
-    return Row(method=name, deltas=" + ".join(d.method for d in config.delta), metric=metric,
-               test=(res.get("test") or {}).get(metric),
-               base=((res.get("baseline") or {}).get("test") or {}).get(metric),
-               trainable_params=res["trainable_params"], total_params=res["total_params"],
-               trainable_pct=100 * res["trainable_params"] / res["total_params"],
-               delta_bytes=(run_dir / "best" / TENSOR_FILE).stat().st_size, wall_time_s=res["wall_time_s"],
-               tokens_per_s=res["train_tokens_per_s"], peak_rss_mb=res["peak_rss_mb"], steps=res["steps"])
+def table_row(name: str, configs: list[RunConfig]) -> Row:
+    """One method's row: its run's results, or the mean (and spread) of its runs over several seeds."""
+    results = [io.read_json(Path(c.output_dir) / RESULTS) for c in configs]
+    first, metric = results[0], results[0]["metric"]
+    tests = [v for res in results if (v := (res.get("test") or {}).get(metric)) is not None]
+    examples, predictions = first.get("examples") or {}, first.get("predictions") or {}
+    return Row(method=name, deltas=" + ".join(d.method for d in configs[0].delta), metric=metric,
+               test=statistics.fmean(tests) if tests else None,
+               test_std=statistics.stdev(tests) if len(tests) > 1 else None, tests=tests,
+               seeds=[c.train.seed for c in configs], test_n=examples.get("test"),
+               majority=predictions.get("majority_accuracy") if predictions.get("split") == "test" else None,
+               base=((first.get("baseline") or {}).get("test") or {}).get(metric),
+               trainable_params=first["trainable_params"], total_params=first["total_params"],
+               trainable_pct=100 * first["trainable_params"] / first["total_params"],
+               delta_bytes=(Path(configs[0].output_dir) / "best" / TENSOR_FILE).stat().st_size,
+               wall_time_s=statistics.fmean(r["wall_time_s"] for r in results),
+               tokens_per_s=statistics.fmean(r["train_tokens_per_s"] for r in results),
+               peak_rss_mb=max(r["peak_rss_mb"] for r in results), steps=first["steps"])
 
 
 def write_outputs(out: Path, rows: list[Row], configs: dict[str, RunConfig], *, isolated: bool) -> None:
@@ -196,7 +234,8 @@ def write_outputs(out: Path, rows: list[Row], configs: dict[str, RunConfig], *, 
     with io.atomic_path(out / "compare.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, list(asdict(rows[0])))
         writer.writeheader()
-        writer.writerows(asdict(r) for r in rows)
+        writer.writerows({**asdict(r), "tests": " ".join(map(str, r.tests)), "seeds": " ".join(map(str, r.seeds))}
+                         for r in rows)
     with io.atomic_path(out / "compare.png") as tmp:
         tmp.write_bytes(compare_chart(rows))
     write_compare_report(out, rows, configs, isolated=isolated)

@@ -18,20 +18,24 @@ import yaml
 
 from deltatune.io import write_text
 
-STYLE = ("body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;color:#222}"
-         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
-         "th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}pre{background:#f7f7f7;padding:1em}")
+STYLE = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right;"
+         "vertical-align:top}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
+         "table.text td{text-align:left;white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:85%;"
+         "max-width:30em;overflow-wrap:anywhere}pre{background:#f7f7f7;padding:1em}.note{color:#555}")
 
 
 def write_report(out_dir: str | Path, config: Any, result: Any) -> Path:
-    """Write `out_dir/report.html` from the run's config, its TrainResult and `metrics.jsonl`."""
+    """Write `out_dir/report.html` from the run's config, its TrainResult, `metrics.jsonl` and (classification)
+    `predictions.jsonl`."""
     out_dir = Path(out_dir)
     rows = read_metrics(out_dir / "metrics.jsonl")
     res = asdict(result)
     sections = [
         f"<h1>deltatune run: {html.escape(str(out_dir))}</h1>",
-        "<h2>Results (test set)</h2>", _results_table(res),
+        *_results_section(res),
         _summary_table(res),
+        _diagnostics_section(res, out_dir, config),
         _generation_section(res, out_dir),
         "<h2>Training curves</h2>", _curves_img(rows, res["metric"]),
         "<h2>Config</h2>", _config_pre(config),
@@ -45,16 +49,19 @@ def write_report(out_dir: str | Path, config: Any, result: Any) -> Path:
 def write_compare_report(out_dir: str | Path, rows: list[Any], configs: dict[str, Any], *, isolated: bool) -> Path:
     """Write `out_dir/compare.html`: the table, metric vs trainable % chart, every method's curves, configs."""
     out_dir = Path(out_dir)
-    table = [[r.method, r.deltas, _fmt(r.test), _fmt(r.base), f"{r.trainable_params:,}", f"{r.trainable_pct:.3f}%",
-              _size(r.delta_bytes), f"{r.wall_time_s:.1f} s", f"{r.tokens_per_s:,.0f}", f"{r.peak_rss_mb:,.0f} MB"]
-             for r in rows]
-    header = ["method", "deltas", f"test {rows[0].metric}", "base", "trainable", "trainable %", "delta file",
-              "wall time", "tokens/s", "peak memory"]
+    seeds = rows[0].seeds
+    table = [[r.method, r.deltas, _fmt_spread(r.test, r.test_std), ", ".join(map(_fmt, r.tests)), _fmt(r.base),
+              _fmt(r.test_n), f"{r.trainable_params:,}", f"{r.trainable_pct:.3f}%", _size(r.delta_bytes),
+              f"{r.wall_time_s:.1f} s", f"{r.tokens_per_s:,.0f}", f"{r.peak_rss_mb:,.0f} MB"] for r in rows]
+    header = ["method", "deltas", f"test {rows[0].metric}" + (" (mean ± sd)" if len(seeds) > 1 else ""),
+              "per seed", "base", "test n", "trainable", "trainable %", "delta file", "wall time", "tokens/s",
+              "peak memory"]
     memory = "each method in its own process" if isolated else "all methods in one process: the peak so far"
     curves = {name: read_metrics(Path(config.output_dir) / "metrics.jsonl") for name, config in configs.items()}
     sections = [
         f"<h1>deltatune compare: {html.escape(str(out_dir))}</h1>",
-        "<h2>Results (test set)</h2>", _table(header, table), f"<p>Peak memory: {memory}.</p>",
+        "<h2>Results (test set)</h2>", _table(header, table),
+        f"<p class='note'>{html.escape(compare_note(rows))} Peak memory: {memory}.</p>",
         _img(compare_chart(rows), f"test {rows[0].metric} vs trainable parameters"),
         "<h2>Training curves</h2>", _img(_curves_png(curves, rows[0].metric), "training curves of every method"),
         "<h2>Configs</h2>", *[f"<h3>{html.escape(name)}</h3>{_config_pre(c)}" for name, c in configs.items()],
@@ -65,37 +72,96 @@ def write_compare_report(out_dir: str | Path, rows: list[Any], configs: dict[str
     return path
 
 
+def compare_note(rows: list[Any]) -> str:
+    """How far apart two methods must be to mean anything: one test example's worth, and the seeds' spread."""
+    r = rows[0]
+    parts = [f"Seeds: {', '.join(map(str, r.seeds))}"
+             + ("; ± is the standard deviation over the seeds." if len(r.seeds) > 1 else
+                " (one seed: run with --seeds 0,1,2 to see the spread).")]
+    if r.test_n:
+        parts.append(f"{r.test_n} test examples: one example is {100 / r.test_n:.2g} points of accuracy, so "
+                     "differences of a few examples are noise.")
+    if r.majority is not None:
+        parts.append(f"Always predicting the majority class scores {r.majority:.4f}.")
+    return " ".join(parts)
+
+
 def compare_chart(rows: list[Any]) -> bytes:
-    """PNG: test metric against the trainable share of parameters (log scale), one labelled point per method."""
+    """PNG of `compare_figure`."""
+    return _png(compare_figure(rows))
+
+
+def compare_figure(rows: list[Any]) -> Any:
+    """Matplotlib figure: test metric (mean and spread over seeds) against the trainable share of parameters (log scale), one
+    labelled point per method, with the base model and the majority class as horizontal lines. The y axis
+    starts at 0, so small differences look small."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for r in (r for r in rows if r.test is not None):
-        ax.scatter(r.trainable_pct, r.test, s=40)
-        ax.annotate(r.method, (r.trainable_pct, r.test), textcoords="offset points", xytext=(5, 5))
+        ax.errorbar(r.trainable_pct, r.test, yerr=r.test_std or 0, fmt="o", capsize=4, ms=6)
+        ax.annotate(r.method, (r.trainable_pct, r.test), textcoords="offset points", xytext=(6, 6))
+    bases = sorted({round(r.base, 6) for r in rows if r.base is not None})
+    for value, label, style in ((rows[0].majority, "majority class", ":"),
+                                (bases[0] if len(bases) == 1 else None, "base model (before training)", "--")):
+        if value is not None:
+            ax.axhline(value, color="gray", ls=style, lw=1.2, label=f"{label}: {value:.3f}")
+    if len(bases) > 1:  # e.g. an untrained prefix already changes the outputs: one base point per method
+        ax.scatter([r.trainable_pct for r in rows], [r.base for r in rows], marker="x", color="gray",
+                   label="base model (before training)")
+    values = [v for r in rows for v in (*r.tests, r.base, r.majority) if v is not None]
+    ax.set_ylim(0, max(1.0, max(values, default=0) * 1.1) if rows[0].metric in BOUNDED else
+                max(values, default=1) * 1.15)
     ax.set_xscale("log")
-    ax.margins(x=0.2, y=0.15)  # room for the labels
+    ax.margins(x=0.25)  # room for the labels
     ax.set_xlabel("trainable parameters (% of the model, log scale)")
-    ax.set_ylabel(f"test {rows[0].metric}")
+    seeds = len(rows[0].seeds)
+    ax.set_ylabel(f"test {rows[0].metric}" + (f" (mean ± sd, {seeds} seeds)" if seeds > 1 else ""))
     ax.grid(True, which="both", alpha=0.3)
-    return _png(fig)
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend(fontsize="small", loc="lower right")
+    return fig
+
+
+BOUNDED = ("accuracy", "macro_f1", "exact_match", "rougeL")  # metrics in [0, 1]
 
 
 def _curves_png(curves: dict[str, list[dict[str, Any]]], metric: str) -> bytes:
-    """PNG: train loss (and, for one run, validation loss) and the validation metric against step, per run."""
-    fig, (ax_loss, ax_metric) = _pyplot().subplots(1, 2, figsize=(10, 3.6))
+    """PNG: train loss (one line per task in a multi-task run; for one run also the validation loss) and the
+    validation metric against step, per run; for one run also the learning rate and the gradient norm."""
+    single = len(curves) == 1
+    fig, axes = _pyplot().subplots(2 if single else 1, 2, figsize=(10, 7.2 if single else 3.6), squeeze=False)
+    ax_loss, ax_metric = axes[0]
     for name, rows in curves.items():
-        train = [r for r in rows if r.get("kind") == "train" and r.get("loss") is not None]
+        train = [r for r in rows if r.get("kind") == "train"]
         evals = [r for r in rows if r.get("kind") in ("baseline", "eval") and r.get("split") == "validation"]
-        ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1, label=f"{name} train".strip())
-        if evals and len(curves) == 1:
+        for key, label in _loss_series(train, name):
+            points = [r for r in train if r.get(key) is not None]
+            ax_loss.plot([r["step"] for r in points], [r[key] for r in points], lw=1, label=label)
+        if evals and single:
             ax_loss.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="validation")
         ax_metric.plot([r["step"] for r in evals], [r.get(metric) for r in evals], "o-", label=name or None)
-    for ax, title in ((ax_loss, "loss"), (ax_metric, f"validation {metric}")):
+    titles = [(ax_loss, "loss"), (ax_metric, f"validation {metric}")]
+    if single:
+        train = [r for r in next(iter(curves.values())) if r.get("kind") == "train"]
+        for ax, key in zip(axes[1], ("lr", "grad_norm")):
+            points = [r for r in train if r.get(key) is not None]
+            ax.plot([r["step"] for r in points], [r[key] for r in points], lw=1)
+        titles += [(axes[1][0], "learning rate"), (axes[1][1], "gradient norm (before clipping)")]
+    for ax, title in titles:
         ax.set_xlabel("step")
         ax.set_title(title)
         if ax.get_legend_handles_labels()[1]:
             ax.legend(fontsize="small")
     return _png(fig)
+
+
+def _loss_series(train: list[dict[str, Any]], run: str) -> list[tuple[str, str]]:
+    """(row key, label) of the train-loss lines: `<task>/loss` per task when the rows have them (multi-task),
+    else `loss`."""
+    tasks = sorted({k for r in train for k in r if k.endswith("/loss")})
+    if tasks:
+        return [(key, f"{run} {key.removesuffix('/loss')} train".strip()) for key in tasks]
+    return [("loss", f"{run} train".strip())]
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -104,10 +170,21 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _results_table(res: dict[str, Any]) -> str:
-    base = (res.get("baseline") or {}).get("test", {})
-    tuned = res.get("test") or {}
-    return _table(["metric", "base", "fine-tuned"], [[k, _fmt(base.get(k)), _fmt(v)] for k, v in tuned.items()])
+def _results_section(res: dict[str, Any]) -> list[str]:
+    """Base vs fine-tuned metrics on the test split; without one, on validation (the best evaluation)."""
+    sizes = res.get("examples") or {}
+    if res.get("test"):
+        split, tuned, note = "test", res["test"], ""
+    elif res.get("best_validation"):
+        split, tuned = "validation", res["best_validation"]
+        note = (f"<p class='note'>No test split: these are the validation scores of the best delta (step "
+                f"{res.get('best_step')}), the same data that chose it, so they are optimistic.</p>")
+    else:
+        return ["<h2>Results</h2>", "<p class='note'>No validation or test split: nothing was evaluated.</p>"]
+    base = (res.get("baseline") or {}).get(split, {})
+    n = f", {sizes[split]:,} examples" if sizes.get(split) else ""
+    table = _table(["metric", "base", "fine-tuned"], [[k, _fmt(base.get(k)), _fmt(v)] for k, v in tuned.items()])
+    return [f"<h2>Results ({split} set{n})</h2>", table, note]
 
 
 def _summary_table(res: dict[str, Any]) -> str:
@@ -117,7 +194,35 @@ def _summary_table(res: dict[str, Any]) -> str:
              ("best step", res.get("best_step")), ("stopped early", res.get("stopped_early")),
              ("wall time", f"{res['wall_time_s']:.1f} s"), ("train tokens/s", f"{res['train_tokens_per_s']:,.0f}"),
              ("peak memory", f"{res['peak_rss_mb']:,.0f} MB")]
-    return _table(["", ""], [[k, _fmt(v)] for k, v in items])
+    return "<h2>Run</h2>" + _table(None, [[k, _fmt(v)] for k, v in items])
+
+
+def _diagnostics_section(res: dict[str, Any], out_dir: Path, config: Any, shown: int = 20) -> str:
+    """Classification: confusion matrix, per-class precision/recall/F1 and the most confident mistakes, from
+    predictions.jsonl (the best delta on the test split, else validation)."""
+    from deltatune.diagnostics import classification_summary, misclassified
+
+    info = res.get("predictions")
+    if not info or config.task != "classification" or not (out_dir / info["file"]).is_file():
+        return ""
+    rows = read_metrics(out_dir / info["file"])
+    labels = list(dict.fromkeys([*rows[0]["probabilities"], *(r["label"] for r in rows)])) if rows else []
+    summary = classification_summary(rows, labels)
+    confusion = _table(["true \\ predicted", *labels], [[name, *counts] for name, counts in
+                                                        zip(labels, summary["confusion"])])
+    per_class = _table(["class", "precision", "recall", "F1", "support"],
+                       [[c["label"], _fmt(c["precision"]), _fmt(c["recall"]), _fmt(c["f1"]), c["support"]]
+                        for c in summary["per_class"]])
+    wrong = misclassified(rows, shown)
+    mistakes = _table(["#", "text", "true", "predicted", "probability"],
+                      [[r["index"], r["text"], r["label"], r["predicted"], f"{r['probability']:.3f}"] for r in wrong],
+                      css="text")
+    total_wrong = sum(r["label"] != r["predicted"] for r in rows)
+    return (f"<h2>Classification diagnostics ({info['split']} set, {summary['n']:,} examples)</h2>"
+            f"<p class='note'>Always predicting the majority class ({html.escape(str(summary['majority_label']))}) "
+            f"scores {summary['majority_accuracy']:.4f}. Every prediction: {html.escape(info['file'])}.</p>"
+            f"<h3>Confusion matrix</h3>{confusion}<h3>Per class</h3>{per_class}"
+            f"<h3>Misclassified ({len(wrong)} of {total_wrong}, most confident first)</h3>{mistakes}")
 
 
 def _generation_section(res: dict[str, Any], out_dir: Path, samples: int = 5) -> str:
@@ -131,7 +236,7 @@ def _generation_section(res: dict[str, Any], out_dir: Path, samples: int = 5) ->
     answers = [[r.get("prompt") or r["messages"][-1]["content"], r.get("reference"), r.get("base", "-"), r["output"]]
                for r in rows]
     return (f"<h2>Generation ({html.escape(str(gen['file']))}, {gen['examples']} examples, greedy)</h2>{scores}"
-            f"<h3>Sample answers</h3>{_table(['prompt', 'reference', 'base', 'fine-tuned'], answers)}")
+            f"<h3>Sample answers</h3>{_table(['prompt', 'reference', 'base', 'fine-tuned'], answers, css='text')}")
 
 
 def _curves_img(rows: list[dict[str, Any]], metric: str) -> str:
@@ -196,10 +301,15 @@ def _size(n: int) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+def _table(header: list[str] | None, rows: list[list[Any]], css: str = "") -> str:
+    """An HTML table of escaped cells; `header` None: no header row."""
+    head = "<tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header) + "</tr>" if header else ""
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<table{f' class={css!r}' if css else ''}>{head}{body}</table>"
+
+
+def _fmt_spread(mean: float | None, sd: float | None) -> str:
+    return _fmt(mean) if sd is None or mean is None else f"{mean:.4f} ± {sd:.4f}"
 
 
 def _fmt(value: Any) -> str:
