@@ -13,7 +13,8 @@ LINES_PER_RUN = 20  # default interval: about this many step lines per run
 def eval_line(info: dict[str, Any]) -> str:
     """One evaluation event: `  validation epoch 1.0 step 20: loss 0.6931  accuracy 0.5000`."""
     shown = "  ".join(f"{k} {_number(v)}" for k, v in info["metrics"].items())
-    when = "before training" if info.get("baseline") else f"epoch {info['epoch']:.1f} step {info['step']}"
+    when = ("before training" if info.get("baseline") else "after training (best delta)" if info.get("final")
+            else f"epoch {info['epoch']:.1f} step {info['step']}")
     return f"  {info['split']:<10} {when}: {shown}"
 
 

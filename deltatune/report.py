@@ -92,9 +92,9 @@ def compare_chart(rows: list[Any]) -> bytes:
 
 
 def compare_figure(rows: list[Any]) -> Any:
-    """Matplotlib figure: test metric (mean and spread over seeds) against the trainable share of parameters (log scale), one
-    labelled point per method, with the base model and the majority class as horizontal lines. The y axis
-    starts at 0, so small differences look small."""
+    """Matplotlib figure: test metric (mean and spread over seeds) against the trainable share of parameters (log
+    scale), one labelled point per method, with the base model and the majority class as horizontal lines. The
+    y axis starts at 0, so small differences look small."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for r in (r for r in rows if r.test is not None):
@@ -126,42 +126,52 @@ BOUNDED = ("accuracy", "macro_f1", "exact_match", "rougeL")  # metrics in [0, 1]
 
 
 def _curves_png(curves: dict[str, list[dict[str, Any]]], metric: str) -> bytes:
-    """PNG: train loss (one line per task in a multi-task run; for one run also the validation loss) and the
-    validation metric against step, per run; for one run also the learning rate and the gradient norm."""
+    return _png(curves_figure(curves, metric))
+
+
+def curves_figure(curves: dict[str, list[dict[str, Any]]], metric: str) -> Any:
+    """Matplotlib figure: train loss and the validation metric against step, per run. For one run also the
+    validation loss, the learning rate and the gradient norm; a multi-task run gets one line per task."""
     single = len(curves) == 1
     fig, axes = _pyplot().subplots(2 if single else 1, 2, figsize=(10, 7.2 if single else 3.6), squeeze=False)
     ax_loss, ax_metric = axes[0]
     for name, rows in curves.items():
         train = [r for r in rows if r.get("kind") == "train"]
         evals = [r for r in rows if r.get("kind") in ("baseline", "eval") and r.get("split") == "validation"]
-        for key, label in _loss_series(train, name):
-            points = [r for r in train if r.get(key) is not None]
-            ax_loss.plot([r["step"] for r in points], [r[key] for r in points], lw=1, label=label)
-        if evals and single:
-            ax_loss.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="validation")
-        ax_metric.plot([r["step"] for r in evals], [r.get(metric) for r in evals], "o-", label=name or None)
+        _plot_series(ax_loss, train, _task_keys(train, "loss"), f"{name} train".strip(), "-")
+        if single:
+            _plot_series(ax_loss, evals, _task_keys(evals, "loss"), "validation", "o--")
+            _plot_series(ax_metric, evals, _task_keys(evals, metric.rpartition("/")[2]) if "/" in metric else
+                         [metric], "", "o-")
+        else:
+            _plot_series(ax_metric, evals, [metric], name, "o-")
     titles = [(ax_loss, "loss"), (ax_metric, f"validation {metric}")]
     if single:
         train = [r for r in next(iter(curves.values())) if r.get("kind") == "train"]
-        for ax, key in zip(axes[1], ("lr", "grad_norm")):
-            points = [r for r in train if r.get(key) is not None]
-            ax.plot([r["step"] for r in points], [r[key] for r in points], lw=1)
+        _plot_series(axes[1][0], train, ["lr"], "", "-")
+        _plot_series(axes[1][1], train, ["grad_norm"], "", "-")
         titles += [(axes[1][0], "learning rate"), (axes[1][1], "gradient norm (before clipping)")]
     for ax, title in titles:
         ax.set_xlabel("step")
         ax.set_title(title)
         if ax.get_legend_handles_labels()[1]:
             ax.legend(fontsize="small")
-    return _png(fig)
+    return fig
 
 
-def _loss_series(train: list[dict[str, Any]], run: str) -> list[tuple[str, str]]:
-    """(row key, label) of the train-loss lines: `<task>/loss` per task when the rows have them (multi-task),
-    else `loss`."""
-    tasks = sorted({k for r in train for k in r if k.endswith("/loss")})
-    if tasks:
-        return [(key, f"{run} {key.removesuffix('/loss')} train".strip()) for key in tasks]
-    return [("loss", f"{run} train".strip())]
+def _task_keys(rows: list[dict[str, Any]], metric: str) -> list[str]:
+    """`<task>/<metric>` of every task when the rows have them (a multi-task run), else just `metric`."""
+    tasks = sorted({k for r in rows for k in r if k.endswith(f"/{metric}") and not k.startswith("macro/")})
+    return tasks or [metric]
+
+
+def _plot_series(ax: Any, rows: list[dict[str, Any]], keys: list[str], label: str, style: str) -> None:
+    """One line per key over the rows that have it, labelled `label` and (several keys) the key's task."""
+    for key in keys:
+        points = [r for r in rows if r.get(key) is not None]
+        name = " ".join(filter(None, [label, key.rpartition("/")[0]])) if len(keys) > 1 else label
+        if points:
+            ax.plot([r["step"] for r in points], [r[key] for r in points], style, lw=1, ms=4, label=name or None)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

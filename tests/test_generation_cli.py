@@ -95,6 +95,10 @@ def test_train_with_eval_generation_scores_base_and_fine_tuned(run, lm_dir, held
     printed = (run.parent / "train_output.txt").read_text()
     assert f"3 prompts of {held_out}, greedy; the answers are in generations.jsonl" in printed
     assert f"{generation['fine_tuned']['rougeL']:.4f}" in printed
+    # the output is not a terminal: plain progress lines, for training and for the generation afterwards
+    assert "step 15/15 (100%)" in printed and "ETA" in printed
+    assert "  test       after training (best delta): loss" in printed
+    assert "generating (fine-tuned): 3/3 prompts" in printed and "generating (base): 3/3 prompts" in printed
     report = (run / "report.html").read_text()
     assert "Generation (" in report and "Sample answers" in report and html.escape(rows[2]["output"]) in report
 
@@ -117,7 +121,9 @@ def test_eval_generate_reproduces_the_answers_of_training_and_scores_them(run, h
                  "--output", str(out)]) == 0
     rows = read_jsonl(run / "generations.jsonl")
     assert read_jsonl(out) == rows  # the same answers as at the end of training
-    capsys.readouterr()
+    progress = capsys.readouterr().err.splitlines()  # on stderr: stdout may hold the answers
+    assert [line.split("  ")[0] for line in progress] == ["generating (base): 3/3 prompts",
+                                                          "generating (fine-tuned): 3/3 prompts"]
 
     # references built from those answers, so that base and fine-tuned get known, different scores
     scored = tmp_path / "scored.jsonl"

@@ -262,7 +262,8 @@ def train(model: nn.Module, delta: DeltaBase, data: TaskData | MultiTaskData, cf
     if test is not None:
         log.write({"kind": "final", "split": "test", "step": step, "epoch": step / steps_per_epoch, **test,
                    "elapsed": time.perf_counter() - clock})
-        emit("eval", {"split": "test", "step": step, "epoch": step / steps_per_epoch, "metrics": test})
+        emit("eval", {"split": "test", "step": step, "epoch": step / steps_per_epoch, "metrics": test,
+                      "final": True})
     result = TrainResult(
         metric=metric, baseline=st["baseline"], best_validation=st["best_metrics"], best_step=st["best_step"],
         test=test, steps=step, epochs=round(step / steps_per_epoch, 4), stopped_early=st["stopped_early"],
