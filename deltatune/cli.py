@@ -489,8 +489,8 @@ class _TrainProgress:
     """Renders the training loop's events: a progress bar, one line per evaluation."""
 
     def __init__(self) -> None:
-        self.progress = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                                  console=console, transient=False)
         self.task: Any = None
         self.epochs = 1
@@ -511,20 +511,21 @@ class _TrainProgress:
     def _on_start(self, info: dict) -> None:
         self.epochs = info["epochs"]
         console.print(start_line(info), highlight=False)
-        self.task = self.progress.add_task("train", total=info["total_steps"], epoch=1, loss="-",
+        self.task = self.progress.add_task("epoch 1", total=info["total_steps"], loss="loss -",
                                            completed=info.get("resumed_from_step") or 0)
 
     def _on_step(self, info: dict) -> None:
         epoch = min(int(info["epoch"]) + 1, self.epochs)
-        self.progress.update(self.task, completed=info["step"], epoch=epoch, loss=f"{info['loss']:.4f}")
+        self.progress.update(self.task, completed=info["step"], description=f"epoch {epoch}",
+                             loss=f"loss {info['loss']:.4f}")
 
     def _on_eval(self, info: dict) -> None:
         self.progress.console.print(eval_line(info), highlight=False, markup=False)
 
     def _on_generation(self, info: dict) -> None:
         if info["model"] not in self.generation:
-            self.generation[info["model"]] = self.progress.add_task("generate", total=info["total"], epoch="-",
-                                                                    loss=f"(generating: {info['model']})")
+            self.generation[info["model"]] = self.progress.add_task(f"generating ({info['model']})",
+                                                                    total=info["total"], loss="prompts")
         self.progress.update(self.generation[info["model"]], completed=info["done"])
 
     def _on_early_stop(self, info: dict) -> None:

@@ -100,3 +100,23 @@ def test_generation_lines_and_durations():
     GenerationLines(lines.append, "fine-tuned")(8, 24)
     assert lines[0].startswith("generating (fine-tuned): 8/24 prompts  elapsed 0s  ETA ")
     assert [duration(s) for s in (5, 65, 3725)] == ["5s", "1:05", "1:02:05"]
+
+
+def test_on_a_terminal_the_progress_is_a_bar_with_evaluations_and_generation(monkeypatch, capsys):
+    from deltatune import cli
+
+    monkeypatch.setattr(cli.console, "_force_terminal", True)
+    with cli._train_progress(None) as progress:
+        assert isinstance(progress, cli._TrainProgress)
+        progress.on_event("start", {"total_steps": 2, "epochs": 1, "trainable": 10, "total": 1000})
+        progress.on_event("step", {"step": 2, "epoch": 1.0, "loss": 0.25, "lr": 1e-3, "tokens": 10, "seconds": 1})
+        progress.on_event("eval", {"split": "test", "step": 2, "epoch": 1.0, "metrics": {"loss": 0.5},
+                                   "final": True})
+        progress.on_event("generation", {"model": "base", "done": 3, "total": 3, "elapsed": 1.0})
+    out = capsys.readouterr().out
+    for seen in ("trainable parameters: 10 of 1,000", "epoch 1", "2/2", "loss 0.2500",
+                 "test       after training (best delta): loss 0.5000", "generating (base)", "3/3 prompts"):
+        assert seen in out, seen
+    monkeypatch.setattr(cli.console, "_force_terminal", False)
+    with cli._train_progress(7) as progress:  # a log file, CI, nohup: plain lines
+        assert isinstance(progress, TrainLines) and progress.every == 7
