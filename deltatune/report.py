@@ -21,8 +21,9 @@ from deltatune.io import write_text
 STYLE = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
          "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right;"
          "vertical-align:top}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
-         "table.text td{text-align:left;white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:85%;"
-         "max-width:30em;overflow-wrap:anywhere}pre{background:#f7f7f7;padding:1em}.note{color:#555}")
+         "table.text td,table.text th{text-align:left}table.text td{white-space:pre-wrap;max-width:34em;"
+         "overflow-wrap:anywhere}table.code td{font-family:ui-monospace,monospace;font-size:85%}"
+         "pre{background:#f7f7f7;padding:1em}.note{color:#555}.warn{color:#a40000;font-weight:bold}")
 
 
 def write_report(out_dir: str | Path, config: Any, result: Any) -> Path:
@@ -228,9 +229,12 @@ def _diagnostics_section(res: dict[str, Any], out_dir: Path, config: Any, shown:
                       [[r["index"], r["text"], r["label"], r["predicted"], f"{r['probability']:.3f}"] for r in wrong],
                       css="text")
     total_wrong = sum(r["label"] != r["predicted"] for r in rows)
+    accuracy = 1 - total_wrong / max(len(rows), 1)
+    warning = (f"<p class='warn'>The fine-tuned model ({accuracy:.4f}) does not beat always predicting the majority "
+               "class.</p>" if rows and accuracy <= summary["majority_accuracy"] else "")
     return (f"<h2>Classification diagnostics ({info['split']} set, {summary['n']:,} examples)</h2>"
             f"<p class='note'>Always predicting the majority class ({html.escape(str(summary['majority_label']))}) "
-            f"scores {summary['majority_accuracy']:.4f}. Every prediction: {html.escape(info['file'])}.</p>"
+            f"scores {summary['majority_accuracy']:.4f}. Every prediction: {html.escape(info['file'])}.</p>{warning}"
             f"<h3>Confusion matrix</h3>{confusion}<h3>Per class</h3>{per_class}"
             f"<h3>Misclassified ({len(wrong)} of {total_wrong}, most confident first)</h3>{mistakes}")
 
@@ -246,7 +250,7 @@ def _generation_section(res: dict[str, Any], out_dir: Path, samples: int = 5) ->
     answers = [[r.get("prompt") or r["messages"][-1]["content"], r.get("reference"), r.get("base", "-"), r["output"]]
                for r in rows]
     return (f"<h2>Generation ({html.escape(str(gen['file']))}, {gen['examples']} examples, greedy)</h2>{scores}"
-            f"<h3>Sample answers</h3>{_table(['prompt', 'reference', 'base', 'fine-tuned'], answers, css='text')}")
+            f"<h3>Sample answers</h3>{_table(['prompt', 'reference', 'base', 'fine-tuned'], answers, css='text code')}")
 
 
 def _curves_img(rows: list[dict[str, Any]], metric: str) -> str:

@@ -58,9 +58,10 @@ def test_sample_answers_keep_their_lines_escaped_and_left_aligned(tmp_path):
                              "fine_tuned": {"rougeL": 1.0}})
     page = write_report(tmp_path, FakeConfig("text"), res).read_text()
     answers = page.split("<h3>Sample answers</h3>")[1].split("</table>")[0]
-    assert answers.startswith("<table class='text'>")
+    assert answers.startswith("<table class='text code'>")
     assert html.escape(code) in answers and "\n    return" in answers  # newlines and indentation kept, escaped
-    assert "table.text td{text-align:left;white-space:pre-wrap;font-family:ui-monospace" in page
+    assert "table.text td,table.text th{text-align:left}table.text td{white-space:pre-wrap;" in page
+    assert "table.code td{font-family:ui-monospace" in page
 
 
 def test_curves_show_learning_rate_grad_norm_and_one_loss_line_per_task(tmp_path):
@@ -98,6 +99,7 @@ def test_classification_diagnostics_section(tmp_path):
     assert "<h2>Results (test set, 5 examples)</h2>" in page
     assert "<h2>Classification diagnostics (test set, 5 examples)</h2>" in page
     assert "majority class (pos) scores 0.6000" in page
+    assert "does not beat always predicting the majority class" in page  # 3 of 5 right = always "pos"
     assert ("<tr><th>true \\ predicted</th><th>neg</th><th>pos</th></tr><tr><td>neg</td><td>1</td><td>1</td></tr>"
             "<tr><td>pos</td><td>1</td><td>2</td></tr>") in page
     assert "<tr><td>pos</td><td>0.6667</td><td>0.6667</td><td>0.6667</td><td>3</td></tr>" in page
