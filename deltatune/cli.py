@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rank, world = rank_and_world()
     console.quiet = rank != 0  # under torchrun, rank 0 prints for the run
+    console.soft_wrap = not console.is_terminal  # a log file, CI: long lines stay whole, not wrapped at 80 columns
     if not hasattr(args, "func"):
         parser.print_help()
         return 2

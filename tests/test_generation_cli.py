@@ -278,6 +278,9 @@ def test_chat_streams_the_same_replies_as_non_streamed_generation(run, monkeypat
     (["chat", "--run", "CLASSIFIER"], "is a classification run (data.format: classification); generating text "
                                       "needs a run trained on text or chat data"),
     (["generate", "--model", "MODEL", "--prompts-file", "EMPTY"], "empty.txt: no prompts; write one prompt per line"),
+    (["eval", "RUN", "--output", "EMPTY"], "per-example predictions are for classification and regression runs, not "
+                                           "'text'; for a text run score generated answers: deltatune eval RUN "
+                                           "--generate FILE --output OUT"),
 ])
 def test_errors_are_one_clear_line(run, lm_dir, tmp_path, capsys, args, message):
     classifier = tmp_path / "classifier"
