@@ -34,10 +34,13 @@ def test_confusion_matrix_and_per_class_scores_hand_computed():
 
 
 @pytest.mark.slow  # a tiny training run
-def test_a_run_writes_its_predictions_and_eval_output_writes_any_split(tmp_path, tiny_bert_dir, reviews, capsys):
+def test_a_run_writes_its_predictions_and_eval_output_writes_any_split(tmp_path, tiny_bert_dir, reviews, capsys,
+                                                                       monkeypatch):
     config = write_config(tmp_path, tiny_bert_dir, reviews)
+    monkeypatch.delenv("COLUMNS")  # a log file: rich would wrap long lines at 80 columns
     assert main(["train", str(config), "--progress-every", "4"]) == 0
     printed = capsys.readouterr().out
+    assert any(line.startswith("trainable ") and line.endswith(" MB") for line in printed.splitlines())  # one line
     run = tmp_path / "run"
     results = json.loads((run / "results.json").read_text())
     predictions = [json.loads(line) for line in (run / "predictions.jsonl").open()]
