@@ -228,7 +228,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from deltatune.compare import run_compare
-
     from deltatune.report import compare_note
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
@@ -248,21 +247,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     out, rows = run_compare(args.config, methods, args.overrides, seeds=seeds, force=args.force,
                             isolate=not args.in_process, on_event=on_event)
-    spread = len(rows[0].seeds) > 1
-    test_column = f"test {rows[0].metric}" + (" (mean ± sd)" if spread else "")
-    table = Table(title=f"deltatune compare · test {rows[0].metric}")
-    for column in ("method", "deltas", test_column, "test n", "base", "trainable", "trainable %", "delta file",
-                   "wall time", "tokens/s", "peak memory"):
-        table.add_column(column, justify="left" if column in ("method", "deltas") else "right")
-    for r in rows:
-        test = f"{_fmt(r.test)} ± {r.test_std:.4f}" if spread and r.test_std is not None else _fmt(r.test)
-        table.add_row(r.method, r.deltas, test, _fmt(r.test_n), _fmt(r.base), f"{r.trainable_params:,}",
-                      f"{r.trainable_pct:.3f}%", f"{r.delta_bytes / 1e6:.2f} MB", f"{r.wall_time_s:.1f} s",
-                      f"{r.tokens_per_s:,.0f}", f"{r.peak_rss_mb:,.0f} MB")
-    _print_whole(table)
+    _print_whole(_compare_table(rows))
     console.print(compare_note(rows), highlight=False, markup=False)
     console.print(f"written to [cyan]{out}[/]: compare.json, compare.csv, compare.png, compare.html")
     return 0
+
+
+def _compare_table(rows: list) -> Table:
+    from deltatune.report import fmt_spread
+
+    spread = len(rows[0].seeds) > 1
+    table = Table(title=f"deltatune compare · test {rows[0].metric}")
+    for column in ("method", "deltas", f"test {rows[0].metric}" + (" (mean ± sd)" if spread else ""), "test n",
+                   "base", "trainable", "trainable %", "delta file", "wall time", "tokens/s", "peak memory"):
+        table.add_column(column, justify="left" if column in ("method", "deltas") else "right")
+    for r in rows:
+        table.add_row(r.method, r.deltas, fmt_spread(r.test, r.test_std), _fmt(r.test_n), _fmt(r.base),
+                      f"{r.trainable_params:,}", f"{r.trainable_pct:.3f}%", f"{r.delta_bytes / 1e6:.2f} MB",
+                      f"{r.wall_time_s:.1f} s", f"{r.tokens_per_s:,.0f}", f"{r.peak_rss_mb:,.0f} MB")
+    return table
 
 
 def _int_list(text: str, option: str) -> list[int]:

@@ -51,7 +51,7 @@ def write_compare_report(out_dir: str | Path, rows: list[Any], configs: dict[str
     """Write `out_dir/compare.html`: the table, metric vs trainable % chart, every method's curves, configs."""
     out_dir = Path(out_dir)
     seeds = rows[0].seeds
-    table = [[r.method, r.deltas, _fmt_spread(r.test, r.test_std), ", ".join(map(_fmt, r.tests)), _fmt(r.base),
+    table = [[r.method, r.deltas, fmt_spread(r.test, r.test_std), ", ".join(map(_fmt, r.tests)), _fmt(r.base),
               _fmt(r.test_n), f"{r.trainable_params:,}", f"{r.trainable_pct:.3f}%", _size(r.delta_bytes),
               f"{r.wall_time_s:.1f} s", f"{r.tokens_per_s:,.0f}", f"{r.peak_rss_mb:,.0f} MB"] for r in rows]
     header = ["method", "deltas", f"test {rows[0].metric}" + (" (mean ± sd)" if len(seeds) > 1 else ""),
@@ -322,7 +322,7 @@ def _table(header: list[str] | None, rows: list[list[Any]], css: str = "") -> st
     return f"<table{f' class={css!r}' if css else ''}>{head}{body}</table>"
 
 
-def _fmt_spread(mean: float | None, sd: float | None) -> str:
+def fmt_spread(mean: float | None, sd: float | None) -> str:
     return _fmt(mean) if sd is None or mean is None else f"{mean:.4f} ± {sd:.4f}"
 
 
