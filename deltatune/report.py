@@ -139,11 +139,13 @@ def curves_figure(curves: dict[str, list[dict[str, Any]]], metric: str) -> Any:
     for name, rows in curves.items():
         train = [r for r in rows if r.get("kind") == "train"]
         evals = [r for r in rows if r.get("kind") in ("baseline", "eval") and r.get("split") == "validation"]
-        _plot_series(ax_loss, train, _task_keys(train, "loss"), f"{name} train".strip(), "-")
+        tasks = sorted({k.rpartition("/")[0] for r in rows for k in r if "/" in k} - {"macro"})
+        colors = {task: f"C{i}" for i, task in enumerate(tasks)}  # a multi-task run: one colour per task
+        _plot_series(ax_loss, train, _task_keys(train, "loss"), f"{name} train".strip(), "-", colors)
         if single:
-            _plot_series(ax_loss, evals, _task_keys(evals, "loss"), "validation", "o--")
-            _plot_series(ax_metric, evals, _task_keys(evals, metric.rpartition("/")[2]) if "/" in metric else
-                         [metric], "", "o-")
+            _plot_series(ax_loss, evals, _task_keys(evals, "loss"), "validation", "o--", colors)
+            per_task = _task_keys(evals, metric.rpartition("/")[2]) if metric.startswith("macro/") else []
+            _plot_series(ax_metric, evals, [*per_task, metric] if per_task else [metric], "", "o-", colors)
         else:
             _plot_series(ax_metric, evals, [metric], name, "o-")
     titles = [(ax_loss, "loss"), (ax_metric, f"validation {metric}")]
@@ -166,13 +168,18 @@ def _task_keys(rows: list[dict[str, Any]], metric: str) -> list[str]:
     return tasks or [metric]
 
 
-def _plot_series(ax: Any, rows: list[dict[str, Any]], keys: list[str], label: str, style: str) -> None:
-    """One line per key over the rows that have it, labelled `label` and (several keys) the key's task."""
+def _plot_series(ax: Any, rows: list[dict[str, Any]], keys: list[str], label: str, style: str,
+                 colors: dict[str, str] | None = None) -> None:
+    """One line per key over the rows that have it, labelled `label` and (several keys) the key's task; a task
+    keeps its colour across panels and series (macro: black)."""
     for key in keys:
         points = [r for r in rows if r.get(key) is not None]
-        name = " ".join(filter(None, [label, key.rpartition("/")[0]])) if len(keys) > 1 else label
+        task = key.rpartition("/")[0]
+        name = " ".join(filter(None, [label, task])) if len(keys) > 1 else label
+        color = "black" if task == "macro" else (colors or {}).get(task)
         if points:
-            ax.plot([r["step"] for r in points], [r[key] for r in points], style, lw=1, ms=4, label=name or None)
+            ax.plot([r["step"] for r in points], [r[key] for r in points], style, lw=1, ms=4, label=name or None,
+                    color=color)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

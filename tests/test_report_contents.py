@@ -82,7 +82,9 @@ def test_curves_show_learning_rate_grad_norm_and_one_loss_line_per_task(tmp_path
     loss_lines = {line.get_label(): list(line.get_ydata()) for line in fig.axes[0].get_lines()}
     assert loss_lines == {"train nli": [2, 2, 2], "train sst": [0.5, 0.5, 0.5], "validation nli": [1.6],
                           "validation sst": [0.4]}
-    assert sorted(line.get_label() for line in fig.axes[1].get_lines()) == ["nli", "sst"]
+    colours = {line.get_label(): line.get_color() for line in fig.axes[0].get_lines()}
+    assert colours["train nli"] == colours["validation nli"] != colours["train sst"] == colours["validation sst"]
+    assert sorted(line.get_label() for line in fig.axes[1].get_lines()) == ["macro", "nli", "sst"]
 
 
 def test_classification_diagnostics_section(tmp_path):
