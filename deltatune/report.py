@@ -64,7 +64,8 @@ def write_compare_report(out_dir: str | Path, rows: list[Any], configs: dict[str
         "<h2>Results (test set)</h2>", _table(header, table),
         f"<p class='note'>{html.escape(compare_note(rows))} Peak memory: {memory}.</p>",
         _img(compare_chart(rows), f"test {rows[0].metric} vs trainable parameters"),
-        "<h2>Training curves</h2>", _img(_curves_png(curves, rows[0].metric), "training curves of every method"),
+        f"<h2>Training curves{f' (seed {seeds[0]})' if len(seeds) > 1 else ''}</h2>",
+        _img(_curves_png(curves, rows[0].metric), "training curves of every method"),
         "<h2>Configs</h2>", *[f"<h3>{html.escape(name)}</h3>{_config_pre(c)}" for name, c in configs.items()],
         "<h2>Environment</h2>", _table(["item", "value"], _environment()),
     ]

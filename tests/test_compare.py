@@ -152,6 +152,7 @@ def test_seeds_give_mean_and_spread_and_the_table_is_whole_off_a_terminal(config
     assert "step 6/6" in printed  # progress inside each method
     page = (out / "compare.html").read_text()
     assert "<th>per seed</th>" in page and "<th>test n</th>" in page and "± is the standard deviation" in page
+    assert "<h2>Training curves (seed 0)</h2>" in page
 
 
 def test_compare_chart_starts_at_zero_and_draws_the_baselines():
