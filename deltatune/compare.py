@@ -18,7 +18,8 @@ its own process, so its peak memory is its own; its output lines (progress, eval
 "line" events and its `train.log` (in-process: the loop's events, as "progress" events).
 
 `seeds=[0, 1, 2]` trains every method once per seed (run folders `<output_dir>/<method>/seed-<s>`, `train.seed`
-set); a row then holds the mean and standard deviation of the test metric over the seeds, and every seed's value.
+set; `data.split_seed` keeps the config's seed, so every run is tested on the same examples); a row then holds
+the mean and standard deviation of the test metric over the seeds, and every seed's value.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class Row:
     seeds: list[int]
     test_n: int | None  # test examples
     majority: float | None  # accuracy of always predicting the test split's most frequent class
-    base: float | None
+    base: float | None  # the model before training (mean over the seeds: a new head starts differently per seed)
     trainable_params: int
     total_params: int
     trainable_pct: float
@@ -145,7 +146,9 @@ def method_config(raw: dict[str, Any], name: str, settings: MethodSettings | Non
     run["delta"] = [delta]
     run["train"] = deep_merge(run.get("train") or {}, settings.train)
     run["output_dir"] = str(Path(run.get("output_dir", RunConfig.model_fields["output_dir"].default)) / name)
-    if seed is not None:
+    if seed is not None:  # the seed of training; the split (the test set) stays that of the config's seed
+        if isinstance(run.get("data"), dict):
+            run["data"].setdefault("split_seed", run["train"].get("seed", 0))
         run["train"]["seed"] = seed
         run["output_dir"] = str(Path(run["output_dir"]) / f"seed-{seed}")
     config = validate_config(run, where=f"{where} (compare: {name})")
@@ -210,20 +213,26 @@ def table_row(name: str, configs: list[RunConfig]) -> Row:
     """One method's row: its run's results, or the mean (and spread) of its runs over several seeds."""
     results = [io.read_json(Path(c.output_dir) / RESULTS) for c in configs]
     first, metric = results[0], results[0]["metric"]
-    tests = [v for res in results if (v := (res.get("test") or {}).get(metric)) is not None]
+    tests, bases = _test_scores(results, metric), _test_scores(results, metric, baseline=True)
     examples, predictions = first.get("examples") or {}, first.get("predictions") or {}
     return Row(method=name, deltas=" + ".join(d.method for d in configs[0].delta), metric=metric,
                test=statistics.fmean(tests) if tests else None,
                test_std=statistics.stdev(tests) if len(tests) > 1 else None, tests=tests,
                seeds=[c.train.seed for c in configs], test_n=examples.get("test"),
                majority=predictions.get("majority_accuracy") if predictions.get("split") == "test" else None,
-               base=((first.get("baseline") or {}).get("test") or {}).get(metric),
+               base=statistics.fmean(bases) if bases else None,
                trainable_params=first["trainable_params"], total_params=first["total_params"],
                trainable_pct=100 * first["trainable_params"] / first["total_params"],
                delta_bytes=(Path(configs[0].output_dir) / "best" / TENSOR_FILE).stat().st_size,
                wall_time_s=statistics.fmean(r["wall_time_s"] for r in results),
                tokens_per_s=statistics.fmean(r["train_tokens_per_s"] for r in results),
                peak_rss_mb=max(r["peak_rss_mb"] for r in results), steps=first["steps"])
+
+
+def _test_scores(results: list[dict[str, Any]], metric: str, baseline: bool = False) -> list[float]:
+    """The test metric of each seed's run (of its model before training, with `baseline`)."""
+    scores = [((r.get("baseline") or {}).get("test") if baseline else r.get("test")) or {} for r in results]
+    return [s[metric] for s in scores if s.get(metric) is not None]
 
 
 def write_outputs(out: Path, rows: list[Row], configs: dict[str, RunConfig], *, isolated: bool) -> None:

@@ -143,7 +143,11 @@ def test_seeds_give_mean_and_spread_and_the_table_is_whole_off_a_terminal(config
         assert row["test"] == pytest.approx(statistics.fmean(tests))
         assert row["test_std"] == pytest.approx(statistics.stdev(tests))
         assert row["test_n"] == results[0]["examples"]["test"] == 12
-        labels = [json.loads(line)["label"] for line in (out / method / "seed-0" / "predictions.jsonl").open()]
+        configs = [yaml.safe_load((out / method / f"seed-{s}" / "config.yaml").read_text()) for s in (0, 1)]
+        assert [c["data"]["split_seed"] for c in configs] == [0, 0]  # the same test set for every seed
+        labels, other = ([json.loads(line)["label"] for line in (out / method / f"seed-{s}" / "predictions.jsonl")
+                          .open()] for s in (0, 1))
+        assert labels == other
         assert row["majority"] == max(map(labels.count, set(labels))) / 12
     printed = capsys.readouterr().out
     header = next(line for line in printed.splitlines() if "peak memory" in line)

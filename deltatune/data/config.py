@@ -39,6 +39,7 @@ class DataConfig(Schema):
     validation: str | None = None
     test: str | None = None
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    split_seed: int | None = None  # seed of the split permutation; default: train.seed
     format: Literal["classification", "regression", "auto", "text", "alpaca", "sharegpt", "messages"] = \
         "classification"  # "auto": detect text / alpaca / sharegpt / messages from the training file
     text_column: str = "text"
