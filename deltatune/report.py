@@ -18,12 +18,12 @@ import yaml
 
 from deltatune.io import write_text
 
-STYLE = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+STYLE = ("body{font-family:system-ui,sans-serif;max-width:1180px;margin:2em auto;color:#222}"
          "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right;"
          "vertical-align:top}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
          "table.text td,table.text th{text-align:left}table.text td{white-space:pre-wrap;max-width:34em;"
          "overflow-wrap:anywhere}table.code td{font-family:ui-monospace,monospace;font-size:85%}"
-         "pre{background:#f7f7f7;padding:1em}.note{color:#555}.warn{color:#a40000;font-weight:bold}")
+         "table.wide{font-size:85%}table.wide td,table.wide th{white-space:nowrap;padding:4px 6px}.scroll{overflow-x:auto}pre{background:#f7f7f7;padding:1em}.note{color:#555}.warn{color:#a40000;font-weight:bold}")
 
 
 def write_report(out_dir: str | Path, config: Any, result: Any) -> Path:
@@ -54,14 +54,14 @@ def write_compare_report(out_dir: str | Path, rows: list[Any], configs: dict[str
     table = [[r.method, r.deltas, fmt_spread(r.test, r.test_std), ", ".join(map(_fmt, r.tests)), _fmt(r.base),
               _fmt(r.test_n), f"{r.trainable_params:,}", f"{r.trainable_pct:.3f}%", _size(r.delta_bytes),
               f"{r.wall_time_s:.1f} s", f"{r.tokens_per_s:,.0f}", f"{r.peak_rss_mb:,.0f} MB"] for r in rows]
-    header = ["method", "deltas", f"test {rows[0].metric}" + (" (mean ± sd)" if len(seeds) > 1 else ""),
+    header = ["method", "deltas", f"test {rows[0].metric}" + (" ± sd" if len(seeds) > 1 else ""),
               "per seed", "base", "test n", "trainable", "trainable %", "delta file", "wall time", "tokens/s",
               "peak memory"]
     memory = "each method in its own process" if isolated else "all methods in one process: the peak so far"
     curves = {name: read_metrics(Path(config.output_dir) / "metrics.jsonl") for name, config in configs.items()}
     sections = [
         f"<h1>deltatune compare: {html.escape(str(out_dir))}</h1>",
-        "<h2>Results (test set)</h2>", _table(header, table),
+        "<h2>Results (test set)</h2>", f"<div class='scroll'>{_table(header, table, css='wide')}</div>",
         f"<p class='note'>{html.escape(compare_note(rows))} Peak memory: {memory}.</p>",
         _img(compare_chart(rows), f"test {rows[0].metric} vs trainable parameters"),
         f"<h2>Training curves{f' (seed {seeds[0]})' if len(seeds) > 1 else ''}</h2>",
@@ -81,10 +81,14 @@ def compare_note(rows: list[Any]) -> str:
              + ("; ± is the standard deviation over the seeds." if len(r.seeds) > 1 else
                 " (one seed: run with --seeds 0,1,2 to see the spread).")]
     if r.test_n:
-        parts.append(f"{r.test_n} test examples: one example is {100 / r.test_n:.2g} points of accuracy, so "
-                     "differences of a few examples are noise.")
+        points = f"{100 / r.test_n:.2g} point{'' if r.test_n == 100 else 's'}"
+        parts.append(f"{r.test_n} test examples: one example is {points} of accuracy, so differences of a few "
+                     "examples are noise.")
     if r.majority is not None:
         parts.append(f"Always predicting the majority class scores {r.majority:.4f}.")
+        if r.metric == "accuracy" and (below := [x.method for x in rows if x.test is not None and
+                                                 x.test <= r.majority]):
+            parts.append(f"Not above it: {', '.join(below)}.")
     return " ".join(parts)
 
 

@@ -153,6 +153,8 @@ def test_seeds_give_mean_and_spread_and_the_table_is_whole_off_a_terminal(config
     header = next(line for line in printed.splitlines() if "peak memory" in line)
     assert "test accuracy (mean ± sd)" in header and "test n" in header and "…" not in printed  # not cut to 80
     assert "one example is 8.3 points" in printed and "Seeds: 0, 1" in printed
+    below = [m for m, r in rows.items() if r["test"] <= r["majority"]]
+    assert (f"Not above it: {', '.join(below)}." in printed) == bool(below)
     assert "step 6/6" in printed  # progress inside each method
     page = (out / "compare.html").read_text()
     assert "<th>per seed</th>" in page and "<th>test n</th>" in page and "± is the standard deviation" in page
@@ -161,7 +163,7 @@ def test_seeds_give_mean_and_spread_and_the_table_is_whole_off_a_terminal(config
 
 def test_compare_chart_starts_at_zero_and_draws_the_baselines():
     from deltatune.compare import Row
-    from deltatune.report import compare_figure
+    from deltatune.report import compare_figure, compare_note
 
     def row(method, tests, base):
         return Row(method=method, deltas=method, metric="accuracy", test=statistics.fmean(tests),
@@ -174,6 +176,10 @@ def test_compare_chart_starts_at_zero_and_draws_the_baselines():
     assert ax.get_ylim() == (0.0, 1.0)
     assert ax.get_legend_handles_labels()[1] == ["majority class: 0.630", "base model (before training): 0.380"]
     assert len(ax.containers) == 2  # one error bar (mean ± sd over the seeds) per method
+    note = compare_note([row("lora", [0.78, 0.79, 0.80], 0.38), row("prefix", [0.63, 0.63, 0.62], 0.38)])
+    assert note == ("Seeds: 0, 1, 2; ± is the standard deviation over the seeds. 100 test examples: one example is 1 "
+                    "point of accuracy, so differences of a few examples are noise. Always predicting the majority "
+                    "class scores 0.6300. Not above it: prefix.")
 
 
 @pytest.mark.parametrize("seeds, message", [("0,x", "--seeds takes comma-separated whole numbers"),
