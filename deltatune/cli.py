@@ -26,6 +26,7 @@ from deltatune.errors import ConfigError, DeltaTuneError
 from deltatune.progress import GenerationLines, TrainLines, eval_line, start_line
 
 console = Console(stderr=False, highlight=False)
+errors = Console(stderr=True, highlight=False)  # a failed command says why on stderr (stdout may be piped data)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = _show_warning
             return args.func(args) or 0
     except DeltaTuneError as exc:
-        console.quiet = False
-        console.print(f"[bold red]error{f' (rank {rank})' if world > 1 else ''}:[/] {exc}")
+        errors.print(f"[bold red]error{f' (rank {rank})' if world > 1 else ''}:[/] {escape(str(exc))}", soft_wrap=True)
         return 1
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: the last checkpoint is kept; continue with --resume")

@@ -292,7 +292,7 @@ def test_errors_are_one_clear_line(run, lm_dir, tmp_path, capsys, args, message)
     names = {"MODEL": str(lm_dir), "RUN": str(run), "CLASSIFIER": str(classifier), "EMPTY": str(tmp_path / "empty.txt")}
     args = [a.replace(a.split("/")[0], names[a.split("/")[0]]) if a.split("/")[0] in names else a for a in args]
     assert main(args) == 1
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err
     assert message in " ".join(printed.split()) and "Traceback" not in printed
 
 

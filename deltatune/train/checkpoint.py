@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from deltatune import io
-from deltatune.delta import TENSOR_FILE, DeltaBase
+from deltatune.delta import TENSOR_FILE, DeltaBase, read_delta_config
+from deltatune.fingerprint import check_finite
 from deltatune.errors import CheckpointError, DeltaTuneError
 
 NAME = re.compile(r"^step-(\d{8})$")
@@ -43,6 +44,7 @@ class Checkpoint:
     scheduler: dict[str, Any]
     rng: dict[str, Any]
     state: dict[str, Any]
+    base: dict[str, Any]  # fingerprint of the base model the delta was trained on
 
 
 def checkpoint_dirs(root: str | Path) -> list[Path]:
@@ -129,7 +131,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
                 raise CheckpointError(f"{path / name} is missing or corrupted (checksum mismatch)")
         optimizer = decode(io.read_json(path / "optimizer.json"), io.load_tensors(path / "optimizer.safetensors"))
         state = io.read_json(path / "state.json")
-        return Checkpoint(path=path, step=int(state["step"]), delta=io.load_tensors(path / TENSOR_FILE),
+        delta = io.load_tensors(path / TENSOR_FILE)
+        check_finite(delta, str(path / TENSOR_FILE))
+        return Checkpoint(path=path, step=int(state["step"]), delta=delta, base=read_delta_config(path)["base"],
                           optimizer=optimizer, scheduler=decode(io.read_json(path / "scheduler.json"), {}),
                           rng={"tensors": io.load_tensors(path / "rng.safetensors"),
                                **io.read_json(path / "rng.json")}, state=state)
