@@ -399,7 +399,7 @@ def _eval_generation(args: argparse.Namespace) -> int:
 def _generation_progress(model: str) -> Iterator[Callable[[int, int], None]]:
     """An `on_batch(done, total)` for generation, on stderr (stdout may hold the answers): a bar that disappears
     when done on a terminal, else a plain line per batch."""
-    err = Console(stderr=True, highlight=False)
+    err = errors
     if not err.is_terminal:
         yield GenerationLines(lambda line: err.out(line, highlight=False), model)
         return

@@ -186,4 +186,4 @@ def test_compare_chart_starts_at_zero_and_draws_the_baselines():
                                             ("1,1", "seeds must be distinct")])
 def test_bad_seeds(config_file, capsys, seeds, message):
     assert main(["compare", str(config_file), "--seeds", seeds, "--in-process"]) == 1
-    assert message in " ".join(capsys.readouterr().out.split())
+    assert message in " ".join(capsys.readouterr().err.split())
