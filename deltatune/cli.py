@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import sys
+import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -30,19 +33,13 @@ errors = Console(stderr=True, highlight=False)  # a failed command says why on s
 
 
 def main(argv: list[str] | None = None) -> int:
-    import datasets
-
-    datasets.disable_progress_bars()  # our own progress bar is the only one (datasets is imported already)
+    parser = _parser()
+    args = parser.parse_args(argv)  # before any heavy import: `--help` and `--version` start fast
     if argv is None:  # a real `deltatune` process (console script or python -m), not a call from Python code
         from deltatune.train.speed import tune_allocator
 
         tune_allocator()  # before any training memory is allocated
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()  # the weight-loading report is noise next to our own summary
-    hf_logging.disable_progress_bar()
-    parser = _parser()
-    args = parser.parse_args(argv)
+    _quiet_libraries()
     from deltatune.train.distributed import rank_and_world
 
     rank, world = rank_and_world()
@@ -59,27 +56,61 @@ def main(argv: list[str] | None = None) -> int:
         errors.print(f"[bold red]error{f' (rank {rank})' if world > 1 else ''}:[/] {escape(str(exc))}", soft_wrap=True)
         return 1
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: the last checkpoint is kept; continue with --resume")
+        console.print("[yellow]interrupted[/]")
         return 130
 
 
+def _quiet_libraries() -> None:
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets.disable_progress_bars()  # our own progress bar is the only one
+    hf_logging.set_verbosity_error()  # the weight-loading report is noise next to our own summary
+    hf_logging.disable_progress_bar()
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Help text that ends with the option's default, when it has one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, [], argparse.SUPPRESS) and "%(default)" not in text \
+                and (action.option_strings or action.nargs in ("?", "*")):
+            text += " (default: %(default)s)"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser (and sub-command parsers) whose help shows defaults."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, formatter_class=_Help, **kwargs)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deltatune", description="Fine-tune pretrained models with small deltas.")
+    from deltatune import __version__
+
+    parser = _Parser(prog="deltatune", description="Fine-tune pretrained models with small deltas.",
+                     epilog="`deltatune COMMAND --help` describes a command. Start with `deltatune config show`\n"
+                            "(a full commented config) and `deltatune models` / `deltatune data`.")
+    parser.add_argument("--version", action="version", version=f"deltatune {__version__}")
     sub = parser.add_subparsers(metavar="COMMAND")
 
     p = sub.add_parser("train", help="fine-tune as a YAML config says")
-    p.add_argument("config", type=Path)
+    p.add_argument("config", type=Path, help="YAML run config (`deltatune config show` prints one with every key)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=1 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
     p.add_argument("--progress-every", type=int, metavar="N",
                    help="when the output is not a terminal (a log, CI, nohup): a progress line every N steps "
                         "(default: about 20 lines in a run)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in output_dir: its files are first "
+                                                            "moved to a new folder <output_dir>.old-<time>")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a trained run on a split")
     p.add_argument("run", type=Path, help="run folder written by `deltatune train`")
-    p.add_argument("--split", choices=["train", "validation", "test"], default="test")
+    p.add_argument("--split", choices=["train", "validation", "test"], default="test", help="the split to evaluate")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override the run's config, e.g. --set data.test=other.jsonl")
     p.add_argument("--generate", type=Path, metavar="FILE",
@@ -87,33 +118,40 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-base", action="store_true", help="with --generate: also score the base model")
     p.add_argument("--skip", type=int, default=0, help="with --generate: pass over the first N records")
     p.add_argument("--limit", type=int, help="with --generate: N records at most")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="with --generate: longest answer, in tokens")
     p.add_argument("--stop", action="append", default=[], help="cut each answer at this string (repeatable)")
     p.add_argument("--system", help="system prompt for records without one")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="with --generate: prompts generated together")
     p.add_argument("--output", type=Path, help="write every prediction (text, label, predicted, probabilities) to "
                                                "this .jsonl file; with --generate: every answer")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("merge", help="merge a run's delta into the base and save a standalone model "
                                      "(= export --format hf)")
-    p.add_argument("run", type=Path)
-    p.add_argument("out", type=Path)
-    p.set_defaults(func=cmd_export, format="hf", model=None)
-
-    p = sub.add_parser("export", help="write a run's delta as a Hugging Face PEFT adapter, or merged into a "
-                                      "standalone transformers model")
     p.add_argument("run", type=Path, metavar="RUN_OR_DELTA", help="run folder, or a saved delta folder")
     p.add_argument("out", type=Path, help="new output folder")
-    p.add_argument("--format", choices=["peft", "hf"], required=True,
-                   help="peft: adapter_config.json + adapter_model.safetensors; hf: merged model (save_pretrained)")
+    p.add_argument("--model", help="base model folder of a delta folder (default: the one it was trained from)")
+    _add_dtype(p)
+    p.set_defaults(func=cmd_export, format="hf", base_name=None)
+
+    p = sub.add_parser("export", help="write a run's delta as a Hugging Face PEFT adapter or a llama.cpp GGUF "
+                                      "LoRA, or merged into a standalone transformers or GGUF model")
+    p.add_argument("run", type=Path, metavar="RUN_OR_DELTA", help="run folder, or a saved delta folder")
+    p.add_argument("out", type=Path, help="new output folder (gguf, gguf-lora: a new .gguf file)")
+    p.add_argument("--format", choices=["peft", "hf", "gguf", "gguf-lora"], required=True,
+                   help="peft: adapter_config.json + adapter_model.safetensors (+ tokenizer); hf: merged model "
+                        "(save_pretrained); gguf: merged model as one llama.cpp / Ollama file; gguf-lora: the LoRA "
+                        "adapter as a llama.cpp GGUF adapter (llama-cli --lora)")
     p.add_argument("--merge", action="store_true", help="merge into the base weights (what --format hf does)")
     p.add_argument("--model", help="base model folder of a delta folder (default: the one it was trained from)")
+    p.add_argument("--base-name", help="peft: base_model_name_or_path to write, e.g. a Hugging Face hub id "
+                                       "(default: the packaged model's hub id, else the model folder's name)")
+    _add_dtype(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("compare", help="train one task with several methods (same data, seed, budget) and "
                                        "compare them in one table and chart")
-    p.add_argument("config", type=Path)
+    p.add_argument("config", type=Path, help="YAML run config with a `compare:` section (examples/compare.yaml)")
     p.add_argument("--methods", help="comma-separated methods or compare.settings variants, e.g. full,lora,prefix "
                                      "(default: compare.methods of the config)")
     p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2: train every method once per seed and report "
@@ -135,7 +173,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="system prompt for chat prompts")
     p.add_argument("--compare-base", action="store_true",
                    help="also generate with the base model (no delta) and show both side by side")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
     p.add_argument("--output", type=Path, help="write the generations to this .jsonl file")
     _add_sampling(p)
     p.set_defaults(func=cmd_generate)
@@ -154,20 +192,46 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("methods", help="list the registered fine-tuning methods")
     p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("models", help="list the packaged model aliases (usable as model.path offline)")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("data", help="list the packaged data set aliases (usable as data.train offline)")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("config", help="show a full default config, or the JSON schema of config files")
+    what = p.add_subparsers(metavar="ACTION", required=True)
+    q = what.add_parser("show", help="print a complete run config: every key with its default and a comment")
+    q.add_argument("method", nargs="?", default="lora", help="the method in its delta section (`deltatune methods`)")
+    q.set_defaults(func=cmd_config_show)
+    q = what.add_parser("schema", help="print the JSON schema of run config files (for editors' YAML validation)")
+    q.set_defaults(func=cmd_config_schema)
     return parser
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from deltatune.config import load_config
     from deltatune.run import run_training
+    from deltatune.train.interrupt import TrainingInterrupted
 
     config = load_config(args.config, args.overrides)
     console.print(f"[bold]deltatune train[/] {args.config} → {config.output_dir}")
     methods = " + ".join(d.method for d in config.delta)
     data = config.data.train if config.tasks is None else "tasks " + ", ".join(t.name for t in config.tasks)
     console.print(f"model [cyan]{config.model.path}[/]  data [cyan]{data}[/]  method [cyan]{methods}[/]")
-    with _train_progress(args.progress_every) as progress:
-        session, result = run_training(config, resume=args.resume, on_event=progress.on_event)
+    if (galore := config.train.optimizer.galore) is not None:
+        eight_bit = "yes" if config.train.optimizer.name == "galore_adamw8bit" else "no"
+        console.print(f"optimizer [cyan]{config.train.optimizer.name}[/]: GaLore rank {galore.rank}, projection "
+                      f"updated every {galore.update_proj_gap} steps, scale {galore.scale}, proj_type "
+                      f"{galore.proj_type}, 8-bit moments {eight_bit}, per-layer updates "
+                      f"{'yes' if galore.per_layer else 'no'}, targets {', '.join(galore.targets)}")
+    try:
+        with _train_progress(args.progress_every) as progress, _sigterm_interrupts():
+            session, result = run_training(config, resume=args.resume, overwrite=args.overwrite,
+                                           config_path=args.config, on_event=progress.on_event)
+    except (TrainingInterrupted, KeyboardInterrupt) as exc:
+        _print_interrupted(args, Path(config.output_dir).expanduser(), exc)
+        return 130
     _print_results(result, config.task)
     if result.generation:
         gen = result.generation
@@ -178,6 +242,36 @@ def cmd_train(args: argparse.Namespace) -> int:
         console.print(f"[yellow]skipped {skipped} malformed records[/] (data.skip_bad_records), e.g. {escape(first)}")
     console.print(f"run folder: [cyan]{config.output_dir}[/] (best delta in best/, report.html)")
     return 0
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM outside the training loop acts like Ctrl-C: the lock and temporary files are cleaned up."""
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread receives signals
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _print_interrupted(args: argparse.Namespace, out: Path, exc: BaseException) -> None:
+    """Say what was saved and the command that continues from it (only if there is a checkpoint to resume)."""
+    from deltatune.train.checkpoint import checkpoint_dirs
+
+    console.quiet = False
+    what = str(exc) if isinstance(exc, DeltaTuneError) else "interrupted"
+    if checkpoint_dirs(out / "checkpoints"):
+        command = " ".join(["deltatune train", str(args.config), *(f"--set {o}" for o in args.overrides), "--resume"])
+        console.print(f"[yellow]{escape(what)}[/]\ncontinue with: {escape(command)}")
+    else:
+        console.print(f"[yellow]{escape(what)}[/]: nothing was saved in {out} (no checkpoint yet); start the run "
+                      "again (add --overwrite if the folder holds its config.yaml)")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -214,15 +308,21 @@ def _write_predictions(session: Any, dataset: Any, path: Path, batch_size: int) 
     console.print(f"wrote {len(rows)} predictions to [cyan]{escape(str(path))}[/]")
 
 
+EXPORTED = {"peft": ("PEFT adapter (with the tokenizer)", "load it with peft.PeftModel.from_pretrained"),
+            "hf": ("merged model", "load it with transformers' from_pretrained"),
+            "gguf": ("merged GGUF model", "run it with llama.cpp (llama-cli -m FILE) or Ollama (FROM ./FILE)"),
+            "gguf-lora": ("GGUF LoRA adapter", "run it with llama.cpp: llama-cli -m BASE.gguf --lora FILE")}
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from deltatune.interop import export
 
-    if args.format == "peft" and getattr(args, "merge", False):
-        raise DeltaTuneError("--merge goes with --format hf: a PEFT adapter keeps the delta separate")
-    out = export(args.run, args.out, args.format, model_path=args.model)
-    what, loader = (("PEFT adapter", "peft.PeftModel.from_pretrained") if args.format == "peft" else
-                    ("merged model", "transformers' from_pretrained"))
-    console.print(f"{what} written to [cyan]{out}[/] (load it with {loader})")
+    if args.format in ("peft", "gguf-lora") and getattr(args, "merge", False):
+        raise DeltaTuneError(f"--merge goes with --format hf or gguf: a {args.format} adapter keeps the delta "
+                             "separate")
+    out = export(args.run, args.out, args.format, model_path=args.model, dtype=args.dtype, base_name=args.base_name)
+    what, how = EXPORTED[args.format]
+    console.print(f"{what} written to [cyan]{out}[/] ({how})")
     return 0
 
 
@@ -289,6 +389,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from deltatune.inference import open_generator
     from deltatune.prompts import PromptRecord, read_prompts
 
+    _check_new_output(args.output)
     records = [PromptRecord(f"--prompt {i}", text=text) for i, text in enumerate(args.prompt, 1)]
     records += read_prompts(args.prompts_file) if args.prompts_file else []
     if not records:
@@ -378,6 +479,7 @@ def _eval_generation(args: argparse.Namespace) -> int:
 
     if args.overrides:
         raise DeltaTuneError("--set does not apply to --generate (it reads the run's model and delta only)")
+    _check_new_output(args.output)
     records = reference_records(args.generate, args.limit, args.skip)
     sampling = Sampling(max_new_tokens=args.max_new_tokens, stop=args.stop)
     generator = open_generator(run=args.run, attach=False)
@@ -421,6 +523,13 @@ def _print_generation_scores(base: dict[str, float] | None, tuned: dict[str, flo
     console.print(note)
 
 
+def _check_new_output(path: Path | None) -> None:
+    """--output names a new file: an existing one (maybe the data it was asked about) is never replaced."""
+    if path is not None and path.exists():
+        raise DeltaTuneError(f"--output {path} already exists: choose a new file name (nothing was generated or "
+                             "written)")
+
+
 def _write_outputs(path: Path, records: list, outputs: list[str], base: list[str] | None) -> None:
     from deltatune.io import write_jsonl
     from deltatune.prompts import output_rows
@@ -439,10 +548,18 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
                                       "(default: the one the run saved, else the tokenizer's own)")
 
 
+def _add_dtype(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "q8_0"],
+                   help="weights of a merged model: hf default the base's dtype; gguf default fp16 (bf16 for a "
+                        "bf16 base); q8_0 (8-bit blocks) is for gguf only. gguf-lora: the adapter's tensors "
+                        "(default fp32)")
+
+
 def _add_sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="longest output, in tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens "
+                                                            "with this total probability")
     p.add_argument("--top-k", type=int, default=0, help="0 = no top-k cut")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating tokens")
     p.add_argument("--seed", type=int, help="makes sampling reproducible")
@@ -487,6 +604,46 @@ def _train_progress(every: int | None) -> Any:
     if console.is_terminal:
         return _TrainProgress()
     return contextlib.nullcontext(TrainLines(lambda line: console.out(line, highlight=False), every))
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from deltatune.assets import MODEL_CARDS
+
+    _print_assets("packaged models (use the alias as model.path or --model)", MODEL_CARDS)
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from deltatune.assets import DATA_CARDS
+
+    _print_assets("packaged data sets (use the alias as data.train)", DATA_CARDS)
+    return 0
+
+
+def _print_assets(title: str, cards: dict) -> None:
+    table = Table(title=title)
+    for column in ("alias", "size", "description", "installed"):
+        table.add_column(column, style="cyan" if column == "alias" else None)
+    for alias, card in cards.items():
+        table.add_row(alias, card.size, card.description, "yes" if card.installed() else
+                      f"no: pip install --no-deps {card.pip}")
+    console.print(table)
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from deltatune.config_doc import default_config_yaml
+
+    sys.stdout.write(default_config_yaml(args.method))
+    return 0
+
+
+def cmd_config_schema(args: argparse.Namespace) -> int:
+    import json
+
+    from deltatune.config_doc import json_schema
+
+    sys.stdout.write(json.dumps(json_schema(), indent=2) + "\n")
+    return 0
 
 
 class _TrainProgress:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import csv
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -38,12 +37,13 @@ from typing import Any, Callable
 import yaml
 from pydantic import Field
 
-from deltatune import io
+from deltatune import io, runfolder
 from deltatune.config import RunConfig, read_config, validate_config
 from deltatune.delta import TENSOR_FILE
 from deltatune.errors import ConfigError, DeltaTuneError
 from deltatune.methods.head import Head
 from deltatune.registry import get_method
+from deltatune.runfolder import flatten
 from deltatune.schema import Schema
 
 RESULTS = "results.json"
@@ -67,8 +67,9 @@ class CompareConfig(Schema):
 
     section = "compare"
 
-    methods: list[str] = Field(default_factory=list)
-    settings: dict[str, MethodSettings] = Field(default_factory=dict)
+    methods: list[str] = Field(default_factory=list, description="methods compared by default (--methods)")
+    settings: dict[str, MethodSettings] = Field(default_factory=dict, description="per method or variant name: "
+                                                                                  "its delta and train settings")
 
 
 @dataclass
@@ -114,25 +115,37 @@ def run_compare(path: str | Path, methods: list[str] | None = None, overrides: l
         raise ConfigError(f"seeds must be distinct and at least one, e.g. --seeds 0,1,2 (got {seeds})")
     runs = {name: [method_config(raw, name, compare.settings.get(name), where=str(path), seed=seed)
                    for seed in seeds or [None]] for name in names}
-    out = Path(raw.get("output_dir", RunConfig.model_fields["output_dir"].default))
+    out = compare_folder(raw, path)
     todo = [(name, config) for name, configs in runs.items() for config in configs]
     for i, (name, config) in enumerate(todo):
-        run_dir = Path(config.output_dir)
-        if force and run_dir.exists():
-            shutil.rmtree(run_dir)
+        run_dir = runfolder.output_folder(config.output_dir)
         info = {"method": name, "seed": config.train.seed if seeds else None, "index": i + 1, "total": len(todo),
                 "run_dir": str(run_dir)}
-        if (run_dir / RESULTS).is_file():
+        if (run_dir / RESULTS).is_file() and not force:
             check_same_config(run_dir, config)
             emit("skip", info)
             continue
         emit("train", info)
-        train_one(config, resume=(run_dir / "checkpoints").is_dir(), isolate=isolate,
+        # an interrupted run resumes; a finished one (with force) or one that died before its first checkpoint
+        # is replaced: its files are moved aside, never deleted
+        resume = (run_dir / "checkpoints").is_dir() and not force
+        train_one(config, resume=resume, overwrite=not resume, isolate=isolate,
                   on_line=lambda line, info=info: emit("line", {**info, "line": line}),
                   on_event=lambda kind, event, info=info: emit("progress", {**info, "kind": kind, "event": event}))
     rows = [table_row(name, configs) for name, configs in runs.items()]
     write_outputs(out, rows, {name: configs[0] for name, configs in runs.items()}, isolated=isolate)
     return out, rows
+
+
+def compare_folder(raw: dict[str, Any], path: str | Path) -> Path:
+    """The comparison's own folder (compare.json, ..., one run folder per method): any folder a run could use,
+    except one that holds a single run."""
+    out = runfolder.output_folder(raw.get("output_dir", RunConfig.model_fields["output_dir"].default),
+                                  config_path=path)
+    if entries := runfolder.run_entries(out):
+        raise ConfigError(f"output_dir {out} holds a single training run ({', '.join(entries)}), not a comparison: "
+                          "give the comparison a folder of its own")
+    return out
 
 
 def method_config(raw: dict[str, Any], name: str, settings: MethodSettings | None, where: str,
@@ -168,42 +181,42 @@ def check_same_config(run_dir: Path, config: RunConfig) -> None:
     """A finished run is reused only if it was trained with the config asked for now."""
     saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
     wanted = yaml.safe_load(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    saved, wanted = _flat(saved), _flat(wanted)
+    saved, wanted = flatten(saved), flatten(wanted)
     if changed := sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k)):
         raise ConfigError(f"{run_dir} holds a finished run with a different config (changed: "
                           f"{', '.join(changed[:5])}); re-run it with --force, or choose another output_dir")
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
-    if isinstance(tree, list):
-        return {k: v for i, value in enumerate(tree) for k, v in _flat(value, f"{prefix}{i}.").items()}
-    return {prefix.rstrip("."): tree}
-
-
-def train_one(config: RunConfig, *, resume: bool, isolate: bool, on_line: Callable[[str], None] | None = None,
+def train_one(config: RunConfig, *, resume: bool, overwrite: bool, isolate: bool,
+              on_line: Callable[[str], None] | None = None,
               on_event: Callable[[str, dict[str, Any]], None] | None = None) -> None:
     """Train one method: in a fresh `python -m deltatune train` (its own peak memory; every output line goes to
     train.log and `on_line`), or in this process (the training loop's events go to `on_event`)."""
-    run_dir = Path(config.output_dir)
+    run_dir = Path(config.output_dir).expanduser()
     if not isolate:
         from deltatune.run import run_training
 
-        run_training(config, resume=resume, on_event=on_event)
+        run_training(config, resume=resume, overwrite=overwrite, on_event=on_event)
         return
-    io.write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+    # the method's config goes next to its run folder (a new run must start in a folder without config.yaml)
+    config_file = run_dir.with_name(f".{run_dir.name}.config.yaml")
+    io.write_text(config_file, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "train.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]),
                                                                       os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "deltatune", "train", str(run_dir / "config.yaml"), *(["--resume"] * resume)]
-    with open(log, "w") as f, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                              env={**env, "COLUMNS": "120"}, bufsize=1) as child:
-        for line in child.stdout:  # type: ignore[union-attr]
-            f.write(line)
-            f.flush()
-            if on_line is not None:
-                on_line(line.rstrip("\n"))
+    command = [sys.executable, "-m", "deltatune", "train", str(config_file),
+               "--resume" if resume else "--overwrite"]
+    try:
+        with open(log, "w") as f, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                  text=True, env={**env, "COLUMNS": "120"}, bufsize=1) as child:
+            for line in child.stdout:  # type: ignore[union-attr]
+                f.write(line)
+                f.flush()
+                if on_line is not None:
+                    on_line(line.rstrip("\n"))
+    finally:
+        config_file.unlink(missing_ok=True)
     if child.returncode != 0:
         tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
         raise DeltaTuneError(f"training {run_dir.name} failed (exit code {child.returncode}): {tail} (log: {log})")

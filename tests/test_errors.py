@@ -328,7 +328,8 @@ def test_resume_problems(tmp_path):
     train(model, delta, toy_data(), cfg, tmp_path, collate=Collator(0))
     with pytest.raises(CheckpointError, match=r"holds checkpoints of an earlier run: continue it with resume=True"):
         train(model, delta, toy_data(), cfg, tmp_path, collate=Collator(0))
-    with pytest.raises(ConfigError, match=r"cannot resume .* with different batch_size, seed than the run used"):
+    with pytest.raises(ConfigError, match=r"cannot resume .* with other settings than the run used: "
+                                         r"batch_size: 4 → 8; seed: 0 → 1$"):
         train(model, delta, toy_data(), cfg.model_copy(update={"batch_size": 8, "seed": 1}), tmp_path,
               collate=Collator(0), resume=True)
     for path in checkpoint_dirs(tmp_path / "checkpoints"):

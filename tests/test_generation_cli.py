@@ -243,6 +243,7 @@ def test_terminal_output_and_prompt_files(lm_dir, tmp_path, capsys):
     chat = tmp_path / "chat.jsonl"
     message = {"role": "user", "content": "hello"}
     chat.write_text(json.dumps({"messages": [message]}) + "\n", encoding="utf-8")
+    out = tmp_path / "chat-out.jsonl"  # --output is always a new file
     assert main(["generate", "--model", str(lm_dir), "--prompts-file", str(chat), "--max-new-tokens", "8",
                  "--output", str(out)]) == 0
     reply = Conversation(open_generator(model=str(lm_dir)), SAMPLING).reply("hello")

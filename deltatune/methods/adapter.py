@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -27,6 +27,7 @@ from deltatune.arch import describe
 from deltatune.delta import Delta, DeltaConfig
 from deltatune.errors import TargetError
 from deltatune.registry import register
+from deltatune.schema import one_or_many
 from deltatune.targeting import DeltaModule, find_modules
 
 PLACEMENTS: dict[str, tuple[str, ...]] = {"houlsby": ("attention_output", "ffn_output"), "pfeiffer": ("ffn_output",)}
@@ -43,17 +44,15 @@ class Adapter(DeltaConfig):
     reduction_factor: int | None = Field(None, ge=1, description="bottleneck size = hidden size // "
                                          "reduction_factor (16 when neither this nor bottleneck_size is given)")
     bottleneck_size: int | None = Field(None, gt=0, description="explicit bottleneck size (instead of the factor)")
-    nonlinearity: Literal[tuple(NONLINEARITIES)] = "relu"  # type: ignore[valid-type]
+    nonlinearity: Literal[tuple(NONLINEARITIES)] = Field(  # type: ignore[valid-type]
+        "relu", description="activation between the down and up projections")
     layer_norm: bool = Field(False, description="a LayerNorm on the adapter input, before the down-projection "
                              "(helps where sublayer outputs are small, e.g. randomly initialised models)")
     layers: str | list[int] | None = Field(None, description="restrict to these layer indices, e.g. '0-3' or [0, -1]")
     modules: list[str] | None = Field(None, min_length=1, description="wrap these modules (name, dot-suffix, "
                                       "'re:...') instead of the placement's arch roles; needed for unknown models")
 
-    @field_validator("modules", mode="before")
-    @classmethod
-    def _one_pattern(cls, value: object) -> object:
-        return [value] if isinstance(value, str) else value
+    _one_pattern = one_or_many("modules")
 
     @model_validator(mode="after")
     def _one_size(self) -> Adapter:

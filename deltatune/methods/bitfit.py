@@ -19,13 +19,14 @@ from __future__ import annotations
 import re
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import nn
 
 from deltatune.arch import describe, short_name
 from deltatune.delta import Delta, DeltaConfig, owned_tensors
 from deltatune.errors import TargetError
 from deltatune.registry import register
+from deltatune.schema import one_or_many
 from deltatune.targeting import DeltaModule, find_modules, plain_modules
 
 
@@ -42,10 +43,7 @@ class BitFit(DeltaConfig):
     add_missing: bool = Field(False, description="give targeted nn.Linear layers without a bias a zero-initialised "
                                                  "one (for bias-free models such as Llama)")
 
-    @field_validator("targets", "exclude", mode="before")
-    @classmethod
-    def _one_pattern(cls, value: object) -> object:
-        return [value] if isinstance(value, str) else value
+    _one_pattern = one_or_many("targets", "exclude")
 
 
 def is_bias(param_name: str) -> bool:

@@ -46,7 +46,8 @@ BRANCH = ".adapter."  # tensor names of a saved adapter: "<site>.adapter.<down|u
 class Fusion(DeltaConfig):
     """AdapterFusion settings: the saved adapters to fuse, and the value-matrix regularisation."""
 
-    adapters: list[str] = Field(description="folders of at least 2 saved adapter deltas (e.g. runs/a/best)")
+    adapters: list[str] = Field(description="folders of at least 2 saved adapter deltas (e.g. runs/a/best)",
+                                examples=[["runs/adapter-a/best", "runs/adapter-b/best"]])
     value_regularization: float = Field(0.01, ge=0, description="weight of ||V - I||² added to the loss")
     adapter_sha256: list[str] | None = Field(None, description="checksums of the adapters' tensor files; "
                                              "recorded on attach, checked on load (leave unset)")

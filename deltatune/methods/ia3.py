@@ -16,7 +16,7 @@ from __future__ import annotations
 
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -24,6 +24,7 @@ from deltatune.arch import short_name
 from deltatune.delta import Delta, DeltaConfig
 from deltatune.errors import TargetError
 from deltatune.registry import register
+from deltatune.schema import one_or_many
 from deltatune.targeting import DeltaModule, find_modules, plain_modules
 
 TYPES = (nn.Linear, Conv1D)
@@ -54,10 +55,7 @@ class IA3(DeltaConfig):
     layers: str | list[int] | None = Field(None, description="restrict to these layer indices, e.g. '0-3' or [0, -1]")
     exclude: list[str] = Field(default_factory=list, description="patterns of modules to leave alone")
 
-    @field_validator("targets", "feedforward", "exclude", mode="before")
-    @classmethod
-    def _one_pattern(cls, value: object) -> object:
-        return [value] if isinstance(value, str) else value
+    _one_pattern = one_or_many("targets", "feedforward", "exclude")
 
 
 class IA3Module(DeltaModule):

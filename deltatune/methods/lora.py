@@ -18,13 +18,14 @@ from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from deltatune.delta import Delta, DeltaConfig
 from deltatune.errors import TargetError
 from deltatune.registry import register
+from deltatune.schema import one_or_many
 from deltatune.targeting import DeltaModule, find_modules
 
 
@@ -38,14 +39,12 @@ class LoRA(DeltaConfig):
                                description="module patterns (name, dot-suffix, 're:...', 'type:...', 'all-linear')")
     layers: str | list[int] | None = Field(None, description="restrict to these layer indices, e.g. '0-3' or [0, -1]")
     exclude: list[str] = Field(default_factory=list, description="patterns of modules to leave alone")
-    scaling: Literal["standard", "rslora"] = "standard"
+    scaling: Literal["standard", "rslora"] = Field("standard", description="alpha / r (standard) or "
+                                                                           "alpha / sqrt(r) (rsLoRA)")
     dora: bool = Field(False, description="weight-decomposed LoRA (learned magnitude per output unit)")
     init: Literal["kaiming", "gaussian"] = Field("kaiming", description="init of A (B starts at zero either way)")
 
-    @field_validator("targets", "exclude", mode="before")
-    @classmethod
-    def _one_pattern(cls, value: object) -> object:
-        return [value] if isinstance(value, str) else value
+    _one_pattern = one_or_many("targets", "exclude")
 
 
 SCALINGS: dict[str, Callable[[float, int], float]] = {

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -29,6 +29,7 @@ from deltatune import io
 from deltatune.delta import Delta, DeltaConfig
 from deltatune.errors import CheckpointError, ConfigError
 from deltatune.registry import register
+from deltatune.schema import one_or_many
 from deltatune.targeting import DeltaModule, find_modules
 
 MASK_FORMAT = "deltatune-mask"
@@ -45,10 +46,7 @@ class Mask(DeltaConfig):
     layers: str | list[int] | None = Field(None, description="restrict to these layer indices, e.g. '0-3' or [0, -1]")
     exclude: list[str] = Field(default_factory=list, description="patterns of modules to leave alone")
 
-    @field_validator("targets", "exclude", mode="before")
-    @classmethod
-    def _one_pattern(cls, value: object) -> object:
-        return [value] if isinstance(value, str) else value
+    _one_pattern = one_or_many("targets", "exclude")
 
     @model_validator(mode="after")
     def _starts_all_ones(self) -> Mask:

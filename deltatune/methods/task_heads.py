@@ -35,7 +35,7 @@ class TaskHead(Schema):
     section = "task_heads.tasks"
 
     name: str = Field(description="task name (letters, digits, _ and -)")
-    kind: Literal["classification", "regression", "text"] = "classification"
+    kind: Literal["classification", "regression", "text"] = Field("classification", description="the task's head")
     num_labels: int | None = Field(None, ge=1, description="classes (classification; or give labels)")
     labels: list[str] | None = Field(None, min_length=1, description="class names (classification)")
 
@@ -61,7 +61,8 @@ class TaskHead(Schema):
 class TaskHeads(DeltaConfig):
     """Multi-task heads: the tasks, which head module to replace, and learnable loss log-variances."""
 
-    tasks: list[TaskHead] = Field(min_length=1, description="one head per task, in the order of task ids")
+    tasks: list[TaskHead] = Field(min_length=1, description="one head per task, in the order of task ids",
+                                  examples=[[{"name": "sentiment", "num_labels": 2}]])
     module: str | None = Field(None, description="the head module to replace; default: the model's known head")
     uncertainty: bool = Field(False, description="learn one loss log-variance per task (Kendall et al. 2018)")
 
