@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import threading
@@ -25,6 +26,7 @@ from rich.table import Table
 from rich.text import Text
 
 from deltatune.errors import ConfigError, DeltaTuneError
+from deltatune.progress import GenerationLines, TrainLines, eval_line, start_line
 
 console = Console(stderr=False, highlight=False)
 errors = Console(stderr=True, highlight=False)  # a failed command says why on stderr (stdout may be piped data)
@@ -42,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rank, world = rank_and_world()
     console.quiet = rank != 0  # under torchrun, rank 0 prints for the run
+    console.soft_wrap = not console.is_terminal  # a log file, CI: long lines stay whole, not wrapped at 80 columns
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
@@ -98,6 +101,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=1 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
+    p.add_argument("--progress-every", type=int, metavar="N",
+                   help="when the output is not a terminal (a log, CI, nohup): a progress line every N steps "
+                        "(default: about 20 lines in a run)")
     p.add_argument("--overwrite", action="store_true", help="replace the run in output_dir: its files are first "
                                                             "moved to a new folder <output_dir>.old-<time>")
     _add_remote_code(p)
@@ -117,7 +123,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], help="cut each answer at this string (repeatable)")
     p.add_argument("--system", help="system prompt for records without one")
     p.add_argument("--batch-size", type=int, default=8, help="with --generate: prompts generated together")
-    p.add_argument("--output", type=Path, help="with --generate: write every answer to this .jsonl file")
+    p.add_argument("--output", type=Path, help="write every prediction (text, label, predicted, probabilities) to "
+                                               "this .jsonl file; with --generate: every answer")
     _add_remote_code(p)
     p.set_defaults(func=cmd_eval)
 
@@ -151,6 +158,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("config", type=Path, help="YAML run config with a `compare:` section (examples/compare.yaml)")
     p.add_argument("--methods", help="comma-separated methods or compare.settings variants, e.g. full,lora,prefix "
                                      "(default: compare.methods of the config)")
+    p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2: train every method once per seed and report "
+                                   "the mean ± standard deviation (default: the config's train.seed)")
     p.add_argument("--force", action="store_true", help="re-train methods whose run has finished already")
     p.add_argument("--in-process", action="store_true", help="train every method in this process (starts faster; "
                                                              "peak memory is then this process's peak so far)")
@@ -224,7 +233,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                       f"{galore.proj_type}, 8-bit moments {eight_bit}, per-layer updates "
                       f"{'yes' if galore.per_layer else 'no'}, targets {', '.join(galore.targets)}")
     try:
-        with _TrainProgress() as progress, _sigterm_interrupts():
+        with _train_progress(args.progress_every) as progress, _sigterm_interrupts():
             session, result = run_training(config, resume=args.resume, overwrite=args.overwrite,
                                            config_path=args.config, on_event=progress.on_event)
     except (TrainingInterrupted, KeyboardInterrupt) as exc:
@@ -281,6 +290,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     session = load_run(args.run, args.overrides, trust_remote_code=args.trust_remote_code)
     dataset = getattr(session.data, args.split)
     batch_size = session.config.train.eval_batch_size or session.config.train.batch_size
+    if args.output is not None:
+        _write_predictions(session, dataset, args.output, batch_size)
     metrics = objective(session.data, session.delta).evaluate(session.model, dataset, session.collator(), batch_size)
     table = Table(title=f"{args.run} · {args.split} ({len(dataset)} examples)")
     table.add_column("metric")
@@ -289,6 +300,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
         table.add_row(name, _fmt(value))
     console.print(table)
     return 0
+
+
+def _write_predictions(session: Any, dataset: Any, path: Path, batch_size: int) -> None:
+    from deltatune.data.multitask import MultiTaskData
+    from deltatune.diagnostics import predict
+    from deltatune.io import write_jsonl
+
+    if isinstance(session.data, MultiTaskData):
+        raise DeltaTuneError("--output writes the predictions of a single-task run; this run has several tasks")
+    rows = predict(session.model, dataset, session.collator(), session.tokenizer, session.data.task,
+                   session.data.label_names, batch_size)
+    write_jsonl(path, rows)
+    console.print(f"wrote {len(rows)} predictions to [cyan]{escape(str(path))}[/]")
 
 
 EXPORTED = {"peft": ("PEFT adapter (with the tokenizer)", "load it with peft.PeftModel.from_pretrained"),
@@ -312,26 +336,62 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from deltatune.compare import run_compare
+    from deltatune.report import compare_note
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    seeds = _int_list(args.seeds, "--seeds") if args.seeds else None
+    lines = TrainLines(lambda line: console.out(f"    {line}", highlight=False))
 
     def on_event(kind: str, info: dict) -> None:
-        what = "finished earlier, kept (--force re-trains)" if kind == "skip" else "training"
-        console.print(f"[{info['index']}/{info['total']}] [cyan]{info['method']}[/]: {what} → {info['run_dir']}")
+        if kind == "line":  # the method's own process: its progress and evaluation lines
+            console.out(f"    {info['line']}", highlight=False)
+        elif kind == "progress":  # --in-process: the training loop's events
+            lines.on_event(info["kind"], info["event"])
+        else:
+            what = "finished earlier, kept (--force re-trains)" if kind == "skip" else "training"
+            seed = f" seed {info['seed']}" if info.get("seed") is not None else ""
+            console.print(f"[{info['index']}/{info['total']}] [cyan]{info['method']}[/]{seed}: {what} → "
+                          f"{info['run_dir']}")
 
-    out, rows = run_compare(args.config, methods, args.overrides, force=args.force, isolate=not args.in_process,
-                            on_event=on_event, trust_remote_code=args.trust_remote_code)
-    table = Table(title=f"deltatune compare · test {rows[0].metric}")
-    for column in ("method", "deltas", f"test {rows[0].metric}", "trainable", "trainable %", "delta file",
-                   "wall time", "tokens/s", "peak memory"):
-        table.add_column(column, justify="left" if column in ("method", "deltas") else "right")
-    for r in rows:
-        table.add_row(r.method, r.deltas, _fmt(r.test), f"{r.trainable_params:,}", f"{r.trainable_pct:.3f}%",
-                      f"{r.delta_bytes / 1e6:.2f} MB", f"{r.wall_time_s:.1f} s", f"{r.tokens_per_s:,.0f}",
-                      f"{r.peak_rss_mb:,.0f} MB")
-    console.print(table)
+    out, rows = run_compare(args.config, methods, args.overrides, seeds=seeds, force=args.force,
+                            isolate=not args.in_process, on_event=on_event,
+                            trust_remote_code=args.trust_remote_code)
+    _print_whole(_compare_table(rows))
+    console.print(compare_note(rows), highlight=False, markup=False)
     console.print(f"written to [cyan]{out}[/]: compare.json, compare.csv, compare.png, compare.html")
     return 0
+
+
+def _compare_table(rows: list) -> Table:
+    from deltatune.report import fmt_spread
+
+    spread = len(rows[0].seeds) > 1
+    table = Table(title=f"deltatune compare · test {rows[0].metric}")
+    for column in ("method", "deltas", f"test {rows[0].metric}" + (" (mean ± sd)" if spread else ""), "test n",
+                   "base", "trainable", "trainable %", "delta file", "wall time", "tokens/s", "peak memory"):
+        table.add_column(column, justify="left" if column in ("method", "deltas") else "right")
+    for r in rows:
+        table.add_row(r.method, r.deltas, fmt_spread(r.test, r.test_std), _fmt(r.test_n), _fmt(r.base),
+                      f"{r.trainable_params:,}", f"{r.trainable_pct:.3f}%", f"{r.delta_bytes / 1e6:.2f} MB",
+                      f"{r.wall_time_s:.1f} s", f"{r.tokens_per_s:,.0f}", f"{r.peak_rss_mb:,.0f} MB")
+    return table
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise DeltaTuneError(f"{option} takes comma-separated whole numbers, e.g. {option} 0,1,2 (got {text!r})") \
+            from None
+
+
+def _print_whole(table: Table) -> None:
+    """Print `table` at its natural width: off a terminal (a log, a pipe) rich would cut it to 80 columns."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    width = console.measure(table, options=console.options.update_width(1000)).maximum
+    Console(file=console.file, width=max(width, console.width), highlight=False).print(table)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -348,9 +408,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                attach=False, trust_remote_code=args.trust_remote_code)
     chat = generator.use_chat(args.chat, records)
     options = dict(chat=chat, system=args.system, batch_size=args.batch_size)
-    base = generator.complete(records, sampling, **options) if args.compare_base else None
+    if args.compare_base:
+        with _generation_progress("base") as on_batch:
+            base = generator.complete(records, sampling, **options, on_batch=on_batch)
+    else:
+        base = None
     generator.attach_delta(args.merge)
-    outputs = generator.complete(records, sampling, **options)
+    with _generation_progress("fine-tuned" if generator.delta is not None else "model") as on_batch:
+        outputs = generator.complete(records, sampling, **options, on_batch=on_batch)
     if args.output is not None:
         _write_outputs(args.output, records, outputs, base)
     elif base is not None:
@@ -428,14 +493,31 @@ def _eval_generation(args: argparse.Namespace) -> int:
     sampling = Sampling(max_new_tokens=args.max_new_tokens, stop=args.stop)
     generator = open_generator(run=args.run, attach=False, trust_remote_code=args.trust_remote_code)
     options = dict(system=args.system, batch_size=args.batch_size)
-    base, base_outputs = evaluate_generation(generator, records, sampling, **options) if args.compare_base \
-        else ({}, None)
+    base, base_outputs = {}, None
+    if args.compare_base:
+        with _generation_progress("base") as on_batch:
+            base, base_outputs = evaluate_generation(generator, records, sampling, **options, on_batch=on_batch)
     generator.attach_delta()
-    tuned, outputs = evaluate_generation(generator, records, sampling, **options)
+    with _generation_progress("fine-tuned") as on_batch:
+        tuned, outputs = evaluate_generation(generator, records, sampling, **options, on_batch=on_batch)
     _print_generation_scores(base, tuned, f"{args.run} on {len(records)} prompts of {args.generate}, greedy")
     if args.output is not None:
         _write_outputs(args.output, records, outputs, base_outputs)
     return 0
+
+
+@contextlib.contextmanager
+def _generation_progress(model: str) -> Iterator[Callable[[int, int], None]]:
+    """An `on_batch(done, total)` for generation, on stderr (stdout may hold the answers): a bar that disappears
+    when done on a terminal, else a plain line per batch."""
+    err = errors
+    if not err.is_terminal:
+        yield GenerationLines(lambda line: err.out(line, highlight=False), model)
+        return
+    with Progress(TextColumn(f"generating ({model})"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=err, transient=True) as bar:
+        task = bar.add_task("generate", total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 def _print_generation_scores(base: dict[str, float] | None, tuned: dict[str, float], note: str) -> None:
@@ -532,6 +614,13 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_progress(every: int | None) -> Any:
+    """The training progress: a rich bar on a terminal, else plain lines every `every` steps."""
+    if console.is_terminal:
+        return _TrainProgress()
+    return contextlib.nullcontext(TrainLines(lambda line: console.out(line, highlight=False), every))
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from deltatune.assets import MODEL_CARDS
 
@@ -576,11 +665,12 @@ class _TrainProgress:
     """Renders the training loop's events: a progress bar, one line per evaluation."""
 
     def __init__(self) -> None:
-        self.progress = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                                  console=console, transient=False)
         self.task: Any = None
         self.epochs = 1
+        self.generation: dict[str, Any] = {}  # eval_generation: one bar per model
 
     def __enter__(self) -> _TrainProgress:
         self.progress.__enter__()
@@ -595,20 +685,24 @@ class _TrainProgress:
             handler(info)
 
     def _on_start(self, info: dict) -> None:
-        trainable, total = info["trainable"], info["total"]
         self.epochs = info["epochs"]
-        console.print(f"trainable parameters: [bold]{trainable:,}[/] of {total:,} ({100 * trainable / total:.3f}%)")
-        self.task = self.progress.add_task("train", total=info["total_steps"], epoch=1, loss="-",
+        console.print(start_line(info), highlight=False)
+        self.task = self.progress.add_task("epoch 1", total=info["total_steps"], loss="loss -",
                                            completed=info.get("resumed_from_step") or 0)
 
     def _on_step(self, info: dict) -> None:
         epoch = min(int(info["epoch"]) + 1, self.epochs)
-        self.progress.update(self.task, completed=info["step"], epoch=epoch, loss=f"{info['loss']:.4f}")
+        self.progress.update(self.task, completed=info["step"], description=f"epoch {epoch}",
+                             loss=f"loss {info['loss']:.4f}")
 
     def _on_eval(self, info: dict) -> None:
-        shown = "  ".join(f"{k} {_fmt(v)}" for k, v in info["metrics"].items())
-        when = "before training" if info.get("baseline") else f"epoch {info['epoch']:.1f} step {info['step']}"
-        self.progress.console.print(f"  {info['split']:<10} {when}: {shown}")
+        self.progress.console.print(eval_line(info), highlight=False, markup=False)
+
+    def _on_generation(self, info: dict) -> None:
+        if info["model"] not in self.generation:
+            self.generation[info["model"]] = self.progress.add_task(f"generating ({info['model']})",
+                                                                    total=info["total"], loss="prompts")
+        self.progress.update(self.generation[info["model"]], completed=info["done"])
 
     def _on_early_stop(self, info: dict) -> None:
         self.progress.console.print(f"[yellow]early stop[/]: no improvement in {info.get('patience')} evaluations")

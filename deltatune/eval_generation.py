@@ -7,9 +7,10 @@ Available as `deltatune eval RUN --generate FILE` and as the `eval_generation:` 
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 from pydantic import Field
 
@@ -111,25 +112,35 @@ def _answer_as_reference(record: PromptRecord) -> PromptRecord:
 
 
 def evaluate_generation(generator: Generator, records: list[PromptRecord], sampling: Sampling, *,
-                        system: str | None = None, batch_size: int = 8) -> tuple[dict[str, float], list[str]]:
-    """(metrics, outputs) of the generator's current model on `records`."""
-    outputs = generator.complete(records, sampling, system=system, batch_size=batch_size)
+                        system: str | None = None, batch_size: int = 8,
+                        on_batch: Callable[[int, int], None] | None = None) -> tuple[dict[str, float], list[str]]:
+    """(metrics, outputs) of the generator's current model on `records` (`on_batch(done, total)` after each
+    batch)."""
+    outputs = generator.complete(records, sampling, system=system, batch_size=batch_size, on_batch=on_batch)
     return score(outputs, [r.reference or "" for r in records]), outputs
 
 
-def evaluate_after_training(session: Session, cfg: GenerationEval, out_dir: Path, result: TrainResult) -> None:
+def evaluate_after_training(session: Session, cfg: GenerationEval, out_dir: Path, result: TrainResult,
+                            on_event: Callable[[str, dict[str, Any]], None] | None = None) -> None:
     """The `eval_generation` switch: score the fine-tuned model and (when the run evaluates a baseline) the base
     model into `result.generation`, rewrite results.json, and write every answer to generations.jsonl.
-    The session keeps its delta attached."""
+    Progress goes to `on_event` as "generation" events (model, done, total). The session keeps its delta attached."""
     records = reference_records(cfg.file, cfg.limit, cfg.skip)
     best = out_dir / "best"
     generator = Generator(session.model, session.tokenizer, best, saved_template(best, out_dir), session.delta)
-    options = dict(system=cfg.system, batch_size=cfg.batch_size)
-    tuned, outputs = evaluate_generation(generator, records, cfg.sampling(), **options)
+    emit = on_event or (lambda kind, info: None)
+
+    def options(model: str) -> dict[str, Any]:
+        started = time.perf_counter()
+        return dict(system=cfg.system, batch_size=cfg.batch_size,
+                    on_batch=lambda done, total: emit("generation", {"model": model, "done": done, "total": total,
+                                                                     "elapsed": time.perf_counter() - started}))
+
+    tuned, outputs = evaluate_generation(generator, records, cfg.sampling(), **options("fine-tuned"))
     base, base_outputs = None, None
     if result.baseline is not None:
         generator.detach_delta()
-        base, base_outputs = evaluate_generation(generator, records, cfg.sampling(), **options)
+        base, base_outputs = evaluate_generation(generator, records, cfg.sampling(), **options("base"))
         generator.attach_delta()
         session.delta = generator.delta
     result.generation = {"file": cfg.file, "examples": len(records), "base": base, "fine_tuned": tuned}

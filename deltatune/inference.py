@@ -68,9 +68,10 @@ class Generator:
         return chat if chat is not None else self.template is not None or has_messages
 
     def complete(self, records: list[PromptRecord], sampling: Sampling, *, chat: bool | None = None,
-                 system: str | None = None, batch_size: int = 8,
-                 on_text: Callable[[str], None] | None = None) -> list[str]:
-        """Outputs for `records`, generated in batches of `batch_size` (`on_text` streams a single record)."""
+                 system: str | None = None, batch_size: int = 8, on_text: Callable[[str], None] | None = None,
+                 on_batch: Callable[[int, int], None] | None = None) -> list[str]:
+        """Outputs for `records`, generated in batches of `batch_size` (`on_text` streams a single record;
+        `on_batch(done, total)` is called after each batch)."""
         if batch_size < 1:
             raise ConfigError(f"batch size must be 1 or more, got {batch_size}")
         chat = self.use_chat(chat, records)
@@ -79,6 +80,8 @@ class Generator:
         for i in range(0, len(texts), batch_size):
             outputs += generate(self.model, self.tokenizer, texts[i:i + batch_size], sampling,
                                 add_special_tokens=not chat, on_text=on_text)
+            if on_batch is not None:
+                on_batch(len(outputs), len(texts))
         return outputs
 
 

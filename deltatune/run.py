@@ -7,7 +7,7 @@ A run folder holds `config.yaml` (resolved), `metrics.jsonl/csv`, `checkpoints/`
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,7 +22,7 @@ from deltatune.data.multitask import MultiTaskData, TaskCollator
 from deltatune.data.packing import prepare_model
 from deltatune.delta import DeltaBase, attach, load
 from deltatune.errors import ConfigError
-from deltatune.io import write_text
+from deltatune.io import write_json, write_jsonl, write_text
 from deltatune.models import is_encoder_decoder, load_model, load_tokenizer, model_max_length, saved_num_labels
 from deltatune.safety import inside, read_yaml_file
 from deltatune.train import TrainResult, train
@@ -125,14 +125,36 @@ def run_training(config: RunConfig, *, resume: bool = False, overwrite: bool = F
         if main:
             template = session.data.chat_template
             save_delta(session.delta, out / "best", {TEMPLATE_FILE: template} if template is not None else {})
+            _write_predictions(session, out, result)
             if config.eval_generation is not None:
                 from deltatune.eval_generation import evaluate_after_training
 
-                evaluate_after_training(session, config.eval_generation, out, result)
+                evaluate_after_training(session, config.eval_generation, out, result, on_event)
             from deltatune.report import write_report
 
             write_report(out, config, result)
     return session, result
+
+
+def _write_predictions(session: Session, out: Path, result: TrainResult) -> None:
+    """Classification and regression runs: every prediction of the best delta on the test split (else validation)
+    into predictions.jsonl, its size and majority-class baseline into results.json (the report's diagnostics)."""
+    from deltatune.diagnostics import (PREDICTED_TASKS, PREDICTIONS_FILE, class_names, classification_summary,
+                                       predict)
+
+    data = session.data
+    split = next((s for s in ("test", "validation") if len(getattr(data, s))), None)
+    if isinstance(data, MultiTaskData) or data.task not in PREDICTED_TASKS or split is None:
+        return
+    batch_size = session.config.train.eval_batch_size or session.config.train.batch_size
+    rows = predict(session.model, getattr(data, split), session.collator(), session.tokenizer, data.task,
+                   data.label_names, batch_size)
+    write_jsonl(out / PREDICTIONS_FILE, rows)
+    result.predictions = {"split": split, "examples": len(rows), "file": PREDICTIONS_FILE}
+    if data.task == "classification":
+        summary = classification_summary(rows, class_names(data.label_names, data.num_labels or 0))
+        result.predictions |= {k: summary[k] for k in ("majority_label", "majority_accuracy")}
+    write_json(out / "results.json", asdict(result))
 
 
 def _check_resume(out: Path, record: dict) -> Checkpoint:

@@ -26,7 +26,7 @@ CONFIG_NAME = "config.yaml"
 LOCK_NAME = ".deltatune.lock"
 # What a run writes into its folder: any of these means the folder holds a finished or started run.
 RUN_ENTRIES = ("config.yaml", "results.json", "best", "checkpoints", "metrics.jsonl", "metrics.csv", "report.html",
-               "tensorboard", "chat_template.jinja", "generations.jsonl")
+               "tensorboard", "chat_template.jinja", "generations.jsonl", "predictions.jsonl")
 # Keys a --resume may change: they do not change what the steps already taken mean. Epochs and max_steps extend
 # (or shorten, down to the step reached) the LR schedule; anything else changed is refused.
 RESUMABLE = ("output_dir", "eval_generation", "train.epochs", "train.max_steps", "train.eval_every",

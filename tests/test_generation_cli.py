@@ -95,6 +95,10 @@ def test_train_with_eval_generation_scores_base_and_fine_tuned(run, lm_dir, held
     printed = (run.parent / "train_output.txt").read_text()
     assert f"3 prompts of {held_out}, greedy; the answers are in generations.jsonl" in printed
     assert f"{generation['fine_tuned']['rougeL']:.4f}" in printed
+    # the output is not a terminal: plain progress lines, for training and for the generation afterwards
+    assert "step 15/15 (100%)" in printed and "ETA" in printed
+    assert "  test       after training (best delta): loss" in printed
+    assert "generating (fine-tuned): 3/3 prompts" in printed and "generating (base): 3/3 prompts" in printed
     report = (run / "report.html").read_text()
     assert "Generation (" in report and "Sample answers" in report and html.escape(rows[2]["output"]) in report
 
@@ -117,7 +121,9 @@ def test_eval_generate_reproduces_the_answers_of_training_and_scores_them(run, h
                  "--output", str(out)]) == 0
     rows = read_jsonl(run / "generations.jsonl")
     assert read_jsonl(out) == rows  # the same answers as at the end of training
-    capsys.readouterr()
+    progress = capsys.readouterr().err.splitlines()  # on stderr: stdout may hold the answers
+    assert [line.split("  ")[0] for line in progress] == ["generating (base): 3/3 prompts",
+                                                          "generating (fine-tuned): 3/3 prompts"]
 
     # references built from those answers, so that base and fine-tuned get known, different scores
     scored = tmp_path / "scored.jsonl"
@@ -277,6 +283,9 @@ def test_chat_streams_the_same_replies_as_non_streamed_generation(run, monkeypat
     (["chat", "--run", "CLASSIFIER"], "is a classification run (data.format: classification); generating text "
                                       "needs a run trained on text or chat data"),
     (["generate", "--model", "MODEL", "--prompts-file", "EMPTY"], "empty.txt: no prompts; write one prompt per line"),
+    (["eval", "RUN", "--output", "EMPTY"], "per-example predictions are for classification and regression runs, not "
+                                           "'text'; for a text run score generated answers: deltatune eval RUN "
+                                           "--generate FILE --output OUT"),
 ])
 def test_errors_are_one_clear_line(run, lm_dir, tmp_path, capsys, args, message):
     classifier = tmp_path / "classifier"

@@ -365,6 +365,19 @@ def test_full_fine_tuning_trains_the_shared_body_under_the_task_heads(tmp_path):
     assert not torch.equal(model.bert.encoder.layer[0].attention.self.query.weight, before)
 
 
+def test_train_rows_log_the_loss_of_the_task_each_step_drew(tmp_path):
+    """A step's `loss` is whichever task was drawn (a sawtooth when plotted); `<task>/loss` separates them."""
+    data = toy_tasks((32, 16))
+    model = tiny_model("bert", dropout=0.0)
+    delta = deltatune.attach(model, task_deltas([LoRA(r=2, targets=["query"])], data))
+    train(model, delta, data, TrainConfig(epochs=1, batch_size=8, eval_baseline=False), tmp_path, collate=COLLATE)
+    drawn = [task_of_batch(data, batch) for batch in data.epoch_batches(8, 0, 0)]
+    logged = rows(tmp_path, "train")
+    assert [[k for k in r if k.endswith("/loss")] for r in logged] == [[f"{('same', 'flip')[t]}/loss"] for t in drawn]
+    assert all(r[k] == pytest.approx(r["loss"]) for r in logged for k in r if k.endswith("/loss"))
+    assert set(drawn) == {0, 1}
+
+
 # ---- exact resume --------------------------------------------------------------------------------------------
 def resumable_run(out, at: int | None = None, resume: bool = False):
     data = toy_tasks((40, 24), "temperature", "uncertainty")

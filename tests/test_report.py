@@ -63,9 +63,11 @@ def test_reports_render_in_a_browser(compared, tmp_path):
     run_page = compared / "bitfit" / "report.html"
     seen = render(run_page, tmp_path)
     assert len(seen["images"]) == 1 and all(width > 0 for width in seen["images"])
-    assert seen["headings"] == ["Results (test set)", "Training curves", "Config", "Environment"]
-    results, summary, environment = seen["tables"]
-    assert results == 1 + 3 and summary == 1 + 7 and environment >= 9  # header + rows
+    assert seen["headings"] == ["Results (test set, 12 examples)", "Run", "Classification diagnostics (test set, "
+                                "12 examples)", "Training curves", "Config", "Environment"]
+    results, summary, confusion, per_class, mistakes, environment = seen["tables"]
+    assert results == 1 + 3 and summary == 7 and environment >= 9  # header + rows (the summary has no header)
+    assert confusion == per_class == 1 + 2 and mistakes >= 1  # two classes
     text = run_page.read_text()
     for fact in (f"<td>python</td><td>{platform.python_version()}</td>", f"<td>torch</td><td>{torch.__version__}</td>",
                  f"<td>transformers</td><td>{transformers.__version__}</td>", "<td>cpu</td>", "<td>torch threads</td>",
@@ -79,3 +81,4 @@ def test_reports_render_in_a_browser(compared, tmp_path):
     assert "<th>trainable %</th>" in (compared / "compare.html").read_text()
 
     assert render(run_page, tmp_path, BROKEN_IMAGE)["images"][-1] == 0  # the probe does see a broken image
+

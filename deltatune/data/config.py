@@ -41,6 +41,7 @@ class DataConfig(Schema):
     test: str | None = Field(None, description="test file; unset: cut from train by `split`")
     split: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train, validation, test fractions of "
                                                                             "the train file for missing splits")
+    split_seed: int | None = Field(None, description="seed of the split permutation; unset: train.seed")
     format: Literal["classification", "regression", "auto", "text", "alpaca", "sharegpt", "messages"] = Field(
         "classification", description="record format; auto: detect text / alpaca / sharegpt / messages")
     text_column: str = Field("text", description="the input text column")

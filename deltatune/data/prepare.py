@@ -58,7 +58,7 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int 
         for s, table in files.items():
             files[s], skipped[s] = _drop_bad_records(table, read, cfg.skip_bad_records)
     fractions = {s: f for s, f in zip(SPLITS, cfg.split) if s == "train" or s not in files}
-    tables = {**files, **split_table(files["train"], fractions, seed)}
+    tables = {**files, **split_table(files["train"], fractions, seed if cfg.split_seed is None else cfg.split_seed)}
     names = fmt.label_names(files["train"], cfg) if fmt.label_names else None
     empty = Dataset.from_dict({"input_ids": [], "attention_mask": [], "labels": []})  # a split of fraction 0
     data = {s: check_truncation(fmt.encode(tables[s], cfg, tokenizer, names), tables[s], cfg, origin)

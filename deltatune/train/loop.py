@@ -110,7 +110,9 @@ class TrainResult:
     peak_rss_mb: float
     trainable_params: int
     total_params: int
+    examples: dict[str, int] | None = None  # split -> number of examples (train, validation, test)
     generation: dict[str, Any] | None = None  # eval_generation: file, examples, base and fine_tuned metrics
+    predictions: dict[str, Any] | None = None  # predictions.jsonl: split, examples, majority-class baseline
 
 
 def train(model: nn.Module, delta: DeltaBase, data: TaskData | MultiTaskData, cfg: TrainConfig,
@@ -213,7 +215,7 @@ def _train(model: nn.Module, delta: DeltaBase, data: TaskData | MultiTaskData, c
             # Normalise by the units (examples or target tokens) of the whole step, over all ranks: accumulating
             # (or splitting the batch over ranks) equals one big batch.
             step_units = max(par.sum(sum(task.units(b) for b in group))[0], 1)
-            step_loss, tokens = 0.0, 0
+            step_loss, tokens, batch_losses = 0.0, 0, []
             for batch in group:
                 batch = _to_device(batch, params[0].device)
                 part = task.units(batch) / step_units
@@ -221,7 +223,8 @@ def _train(model: nn.Module, delta: DeltaBase, data: TaskData | MultiTaskData, c
                 if (extra := delta.extra_loss()) is not None:
                     loss = loss + extra * part
                 par.backward(loss)
-                step_loss += float(loss.detach())
+                batch_losses.append(float(loss.detach()))
+                step_loss += batch_losses[-1]
                 tokens += real_tokens(batch)
             step_loss, tokens = par.sum(step_loss, tokens)
             grad_norm = (optimizer.grad_norm() if per_layer  # the hooks consumed (and freed) the gradients
@@ -248,11 +251,13 @@ def _train(model: nn.Module, delta: DeltaBase, data: TaskData | MultiTaskData, c
             st["tokens"] += tokens
             st["train_time"] += seconds
             window_tokens, window_time = window_tokens + tokens, window_time + seconds
-            emit("step", {"step": step, "epoch": epoch_pos, "loss": step_loss, "lr": lr})
+            emit("step", {"step": step, "epoch": epoch_pos, "loss": step_loss, "lr": lr, "tokens": tokens,
+                          "seconds": seconds})
             if step % cfg.log_every == 0 or step == total_steps:
                 log.write({"kind": "train", "step": step, "epoch": epoch_pos, "loss": step_loss, "lr": lr,
                            "grad_norm": float(grad_norm), "tokens_per_s": window_tokens / max(window_time, 1e-9),
-                           "elapsed": time.perf_counter() - clock})
+                           "elapsed": time.perf_counter() - clock,
+                           **task.step_losses(group, [x * step_units for x in batch_losses])})
                 window_tokens, window_time = 0, 0.0
 
             last = step == total_steps
@@ -293,14 +298,16 @@ def _train(model: nn.Module, delta: DeltaBase, data: TaskData | MultiTaskData, c
     if test is not None:
         log.write({"kind": "final", "split": "test", "step": step, "epoch": step / steps_per_epoch, **test,
                    "elapsed": time.perf_counter() - clock})
-        emit("eval", {"split": "test", "step": step, "epoch": step / steps_per_epoch, "metrics": test})
+        emit("eval", {"split": "test", "step": step, "epoch": step / steps_per_epoch, "metrics": test,
+                      "final": True})
     result = TrainResult(
         metric=metric, baseline=st["baseline"], best_validation=st["best_metrics"], best_step=st["best_step"],
         test=test, steps=step, epochs=round(step / steps_per_epoch, 4), stopped_early=st["stopped_early"],
         wall_time_s=time.perf_counter() - clock,
         train_tokens_per_s=st["tokens"] / max(st["train_time"], 1e-9),
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        trainable_params=trainable, total_params=total)
+        trainable_params=trainable, total_params=total,
+        examples={split: len(getattr(data, split)) for split in ("train", "validation", "test")})
     if par.main:
         io.write_json(out_dir / "results.json", asdict(result))
     emit("end", asdict(result))

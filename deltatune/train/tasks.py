@@ -157,6 +157,10 @@ class SingleTask:
     def loss_sum(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return loss_sum(logits, batch["labels"], self.kind)
 
+    def step_losses(self, batches: list[dict[str, torch.Tensor]], losses: list[float]) -> dict[str, float]:
+        """Extra fields of a train row: none for one task (its `loss` is the step's)."""
+        return {}
+
     def evaluate(self, model: nn.Module, dataset: Sequence[dict[str, Any]], collate: Collate,
                  batch_size: int) -> dict[str, float]:
         from deltatune.train.loop import evaluate
@@ -202,6 +206,14 @@ class MultiTask:
             return self.tasks[t].weight * mean
         s = self.log_vars[t]
         return UNCERTAINTY_FACTOR[kind] * torch.exp(-s) * mean + s / 2
+
+    def step_losses(self, batches: list[dict[str, torch.Tensor]], losses: list[float]) -> dict[str, float]:
+        """`<task>/loss` of the tasks a step's batches came from: the mean of their (weighted) batch losses, so
+        that each task gets its own training curve (a step's `loss` mixes whichever tasks were drawn)."""
+        by_task: dict[str, list[float]] = {}
+        for batch, loss in zip(batches, losses):
+            by_task.setdefault(f"{self.tasks[int(batch['task'])].name}/loss", []).append(loss)
+        return {name: sum(values) / len(values) for name, values in by_task.items()}
 
     def evaluate(self, model: nn.Module, dataset: MixedSplit, collate: Collate, batch_size: int) -> dict[str, float]:
         from deltatune.train.loop import evaluate
