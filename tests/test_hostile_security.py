@@ -582,16 +582,16 @@ def test_a_huge_chat_template_is_refused(lm_run, tmp_path):
 
 
 @pytest.mark.parametrize("results, message", [
-    ("[1, 2]", r"results.json is not the results of a finished run \(TypeError: "),
-    ('{"metric": "accuracy"}', r"results.json is not the results of a finished run \(KeyError: 'trainable_params'\)"),
+    ("[1, 2]", r"results.json: not the results of finished runs \(TypeError: "),
+    ('{"metric": "accuracy"}', r"results.json: not the results of finished runs \(KeyError: 'trainable_params'\)"),
     ('{"metric": "accuracy", "trainable_params": 1, "total_params": 0}', r"ZeroDivisionError"),
 ])
 def test_compare_reads_a_hostile_results_json_as_one_error(lm_run, tmp_path, results, message):
     run = Path(shutil.copytree(lm_run, tmp_path / "run"))
     (run / "results.json").write_text(results)
-    config = load_config(run / "config.yaml")
+    config = load_config(run / "config.yaml").model_copy(update={"output_dir": str(run)})
     with refused(CheckpointError, message, tmp_path):
-        table_row("lora", run, config)
+        table_row("lora", [config])
 
 
 @pytest.mark.parametrize("lines, message", [
