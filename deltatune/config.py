@@ -20,6 +20,8 @@ from pydantic import ConfigDict, field_validator, model_validator
 from deltatune.data import DataConfig
 from deltatune.delta import DeltaConfig
 from deltatune.errors import ConfigError
+from deltatune.precision import BaseDtype
+from deltatune.quantize import Quantize
 from deltatune.eval_generation import GenerationEval
 from deltatune.registry import parse_delta_config
 from deltatune.schema import Schema, nested
@@ -36,7 +38,8 @@ class ModelConfig(Schema):
     section = "model"
 
     path: str
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: BaseDtype = "auto"  # the frozen base's dtype; auto = bf16 on CPUs with native bf16 matmuls (precision.py)
+    quantize: Quantize | None = None  # weight-only int8 / int4 frozen Linear layers (quantize.py, needs torchao)
     trust_remote_code: bool = False
 
 
@@ -82,7 +85,15 @@ class RunConfig(Schema):
         if self.tasks is not None:
             self.multitask = self.multitask or MultiTaskConfig()
             check_run_tasks(self.tasks, self.multitask, self.delta)
+        if self.model.quantize and (full := [d.method for d in self.delta if d.trains_base]):
+            raise ValueError(f"model.quantize: {full[0]} trains the base weights, which cannot be quantized; "
+                             "remove model.quantize or use a method that freezes the base (e.g. lora)")
         return self
+
+    @property
+    def trains_base(self) -> bool:
+        """Whether a delta trains the base model's own weights (then `model.dtype: auto` keeps fp32)."""
+        return any(d.trains_base for d in self.delta)
 
     @property
     def task(self) -> str:

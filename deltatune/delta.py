@@ -20,6 +20,7 @@ from torch import nn
 
 from deltatune import io
 from deltatune.errors import CheckpointError, ConfigError, TargetError
+from deltatune.quantize import quantized_layers
 from deltatune.schema import Schema
 from deltatune.targeting import check_not_taken
 
@@ -36,6 +37,7 @@ class DeltaConfig(Schema):
     """Base of every method's config. Unknown keys are rejected; `method` is set by `@register`."""
 
     method: ClassVar[str] = ""
+    trains_base: ClassVar[bool] = False  # the method trains the base model's own weights (full fine-tuning)
 
     @classmethod
     def schema_name(cls) -> str:
@@ -259,6 +261,10 @@ class Delta(DeltaBase, ABC):
             raise ConfigError(f"{self.method} cannot be merged into the base weights; keep it attached instead")
         if self.merged:
             raise ConfigError(f"this {self.method} delta is already merged")
+        if quantized := quantized_layers(self.model):
+            raise ConfigError(f"cannot merge {self.method} into a quantized base ({len(quantized)} int8/int4 layers, "
+                              f"e.g. {quantized[0]}): dequantize it explicitly first with "
+                              "deltatune.quantize.dequantize_base(model), or load the base without model.quantize")
         with torch.no_grad():
             self.merge_weights()
         self.merged = True

@@ -17,10 +17,11 @@ from transformers import (
 
 from deltatune.assets import resolve_model_path
 from deltatune.errors import ConfigError, DeltaTuneError
+from deltatune.precision import DTYPES, compute_in
+from deltatune.quantize import Quantize, quantize_base
 
 TASKS = {"classification": AutoModelForSequenceClassification, "regression": AutoModelForSequenceClassification,
          "causal_lm": AutoModelForCausalLM, "base": AutoModel}
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Without any of these, AutoTokenizer quietly builds an empty tokenizer that maps every word to [UNK].
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
                    "spiece.model", "sentencepiece.bpe.model")
@@ -28,10 +29,13 @@ UNLIMITED = 1_000_000  # tokenizers without a known maximum report a huge model_
 
 
 def load_model(path: str, task: str, num_labels: int | None = None, *, dtype: str = "float32",
-               trust_remote_code: bool = False,
+               quantize: Quantize | None = None, trust_remote_code: bool = False,
                id2label: dict[int, str] | None = None) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """Load `(model, tokenizer)` for `task`; the tokenizer always gets a pad token when it has eos or unk.
 
+    The weights are read from the memory-mapped safetensors files straight into `dtype` (no full fp32 copy); a
+    reduced-precision model computes under autocast (precision.compute_in); `quantize` makes its Linear layers
+    (the output head excepted) weight-only int8 / int4 (quantize.py).
     `model.deltatune_new_weights` lists the parameters that were freshly initialised (e.g. a new task head).
     """
     if task not in TASKS:
@@ -62,6 +66,9 @@ def load_model(path: str, task: str, num_labels: int | None = None, *, dtype: st
         raise DeltaTuneError(f"cannot load model from {str(folder)!r} for task {task!r}: {e}") from e
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     model.deltatune_new_weights = sorted(set(info["missing_keys"]) | {k[0] for k in info["mismatched_keys"]})
+    if quantize:
+        quantize_base(model, quantize)
+    compute_in(model, DTYPES[dtype])
     _ensure_pad_token(model, tokenizer)
     return model, tokenizer
 
