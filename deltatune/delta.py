@@ -263,8 +263,9 @@ class Delta(DeltaBase, ABC):
             raise ConfigError(f"this {self.method} delta is already merged")
         if quantized := quantized_layers(self.model):
             raise ConfigError(f"cannot merge {self.method} into a quantized base ({len(quantized)} int8/int4 layers, "
-                              f"e.g. {quantized[0]}): dequantize it explicitly first with "
-                              "deltatune.quantize.dequantize_base(model), or load the base without model.quantize")
+                              f"e.g. {quantized[0]}): save the delta, then load it onto a dequantized base (the model loaded without "
+                              "model.quantize, or deltatune.quantize.dequantize_base(model) before attaching) and "
+                              "merge there")
         with torch.no_grad():
             self.merge_weights()
         self.merged = True

@@ -8,7 +8,8 @@ The kernels are torchao's CPU paths (an optional dependency: `pip install 'delta
 A `QuantizedLinear` is an `nn.Linear` (so targeting, "all-linear" and LoRA/IA3/adapters see it as one) whose forward
 runs the quantized kernel; its backward gives the input gradient from a transient dequantized copy of one layer's
 weight (the kernels have no derivative), so deltas before it still train. The weight itself never trains.
-The output head stays unquantized (as in QLoRA). Merging a delta needs real weights: `dequantize_base` first.
+The output head stays unquantized (as in QLoRA). Merging a delta needs real weights: merging on a quantized base is
+an error; load the saved delta onto a dequantized base (`dequantize_base`, or the base loaded unquantized) instead.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.errors import ConfigError
+from deltatune.targeting import DeltaModule
 
 Quantize = Literal["int8", "int4"]
 INT4_GROUP_SIZES = (128, 64, 32)  # what the CPU int4 kernel supports; the largest that divides in_features
@@ -100,7 +102,10 @@ def quantize_base(model: nn.Module, mode: Quantize) -> int:
 
 def dequantize_base(model: nn.Module, dtype: torch.dtype | None = None) -> int:
     """Replace every QuantizedLinear by a plain nn.Linear holding its dequantized weight (in `dtype`, default the
-    compute dtype), e.g. before merging a delta. Returns how many layers were replaced."""
+    compute dtype): the base to load a delta onto for merging. Returns how many layers were replaced."""
+    if attached := [name for name, m in model.named_modules() if isinstance(m, DeltaModule)]:
+        raise ConfigError(f"dequantize_base: a delta is attached ({attached[0]}); dequantize the base before "
+                          "attaching or loading a delta (detach it, or save it and load it onto the dequantized base)")
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantizedLinear)]
     for name, layer in layers:
         weight = layer.dequantized_weight().to(dtype or layer.compute_dtype)
