@@ -47,7 +47,8 @@ def load_model(path: str, task: str, num_labels: int | None = None, *, dtype: st
         raise DeltaTuneError(f"cannot load model from {str(folder)!r}: expected a folder with config.json "
                              "(a Hugging Face save_pretrained folder) or a packaged alias")
 
-    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+    # quantized: read the weights as stored (memory-mapped, no copy), quantize / convert them layer by layer
+    kwargs: dict[str, Any] = {"dtype": "auto" if quantize else DTYPES[dtype], "trust_remote_code": trust_remote_code}
     if task == "classification":
         if id2label is not None:
             if num_labels is not None and num_labels != len(id2label):
@@ -67,7 +68,7 @@ def load_model(path: str, task: str, num_labels: int | None = None, *, dtype: st
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     model.deltatune_new_weights = sorted(set(info["missing_keys"]) | {k[0] for k in info["mismatched_keys"]})
     if quantize:
-        quantize_base(model, quantize)
+        quantize_base(model, quantize, DTYPES[dtype])
     compute_in(model, DTYPES[dtype])
     _ensure_pad_token(model, tokenizer)
     return model, tokenizer

@@ -14,8 +14,8 @@ an error; load the saved delta onto a dequantized base (`dequantize_base`, or th
 
 from __future__ import annotations
 
-import contextlib
-import io
+import ctypes
+import ctypes.util
 import logging
 from typing import Any, Literal
 
@@ -28,6 +28,12 @@ from deltatune.targeting import DeltaModule
 
 Quantize = Literal["int8", "int4"]
 INT4_GROUP_SIZES = (128, 64, 32)  # what the CPU int4 kernel supports; the largest that divides in_features
+# torchao (imported by transformers too, whenever it is installed) logs a warning per CUDA-only extension it cannot
+# load on a CPU build, and torch one per enum torchao registers: noise on every run here, not a problem.
+for _name in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
+_LIBC = _LIBC if hasattr(_LIBC, "malloc_trim") else None  # glibc only
 
 
 class QuantizedLinear(nn.Linear):
@@ -37,7 +43,7 @@ class QuantizedLinear(nn.Linear):
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.mode = mode
-        self.compute_dtype = linear.weight.dtype
+        self.compute_dtype = weight.dtype
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = linear.bias
 
@@ -50,8 +56,9 @@ class QuantizedLinear(nn.Linear):
         weight = self.weight.detach()
         if self.mode == "int8":
             return weight.dequantize().to(self.compute_dtype)
-        eye = torch.eye(self.in_features, dtype=self.compute_dtype)  # the int4 kernel has no dequantize: x = I
-        return F.linear(eye, weight).T.contiguous()
+        if _int4_layout_known() and self.out_features % INT4_BLOCK_N == 0:
+            return _unpack_int4(weight.qdata, weight.scale_and_zero, weight.block_size[1]).to(self.compute_dtype)
+        return _int4_by_matmul(weight, self.in_features, self.compute_dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.mode}"
@@ -79,9 +86,11 @@ class _QuantizedMatmul(torch.autograd.Function):
 
 
 
-def quantize_base(model: nn.Module, mode: Quantize) -> int:
-    """Replace every nn.Linear of `model` except the output head by a QuantizedLinear (in place); layers the
-    kernel cannot take (int4: in_features not a multiple of 32) stay as they are. Returns how many were quantized."""
+def quantize_base(model: nn.Module, mode: Quantize, dtype: torch.dtype | None = None) -> int:
+    """Replace every nn.Linear of `model` except the output head by a QuantizedLinear computing in `dtype` (default:
+    each layer's own), in place, one layer at a time; layers the kernel cannot take (int4: in_features not a
+    multiple of 32) stay as they are. The other floating-point tensors are converted to `dtype`.
+    Returns how many layers were quantized."""
     configs = _torchao_configs()
     head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
     targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear and m is not head]
@@ -90,14 +99,34 @@ def quantize_base(model: nn.Module, mode: Quantize) -> int:
                           "remove model.quantize")
     count = 0
     for name, linear in targets:
-        weight = _quantized_weight(linear.weight.detach(), mode, configs)
+        weight = _quantized_weight(linear.weight.detach().to(dtype or linear.weight.dtype), mode, configs)
         if weight is None:
             continue
         parent, _, attr = name.rpartition(".")
         layer = QuantizedLinear(linear, weight, mode)
         setattr(model.get_submodule(parent), attr, layer)
         count += 1
+        _give_back_free_memory()
+    if dtype is not None:
+        _convert_unquantized(model, dtype)
     return count
+
+
+def _give_back_free_memory() -> None:
+    """Quantizing a layer allocates fp32 temporaries several times its int8 result; freed between long-lived small
+    tensors they fragment glibc's heap (a 0.5B int8 load peaked at 2.8x its final weights): return free pages."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _convert_unquantized(model: nn.Module, dtype: torch.dtype) -> None:
+    """Every floating-point parameter and buffer outside the QuantizedLinear weights in `dtype`, one at a time."""
+    for module in model.modules():
+        tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        for name, t in tensors:
+            if t.is_floating_point() and t.dtype != dtype and not (isinstance(module, QuantizedLinear)
+                                                                   and name == "weight"):
+                t.data = t.data.to(dtype)
 
 
 def dequantize_base(model: nn.Module, dtype: torch.dtype | None = None) -> int:
@@ -117,6 +146,39 @@ def dequantize_base(model: nn.Module, dtype: torch.dtype | None = None) -> int:
     return len(layers)
 
 
+# torch's CPU int4 packing (aten._convert_weight_to_int4pack_for_cpu): (N, K/2) bytes, blocks of 32 output rows;
+# within a block byte k*16 + j holds rows j (low nibble) and 16 + j (high nibble) of input column k. Checked once
+# per process against the kernel itself (_int4_layout_known); elsewhere the slow exact fallback is used.
+INT4_BLOCK_N = 32
+
+
+def _unpack_int4(packed: torch.Tensor, scale_and_zero: torch.Tensor, group: int) -> torch.Tensor:
+    """The dense (N, K) weight of a CPU int4-packed one: (q - 8) * scale + zero per group (tinygemm's rule)."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    blocks = packed.reshape(n // INT4_BLOCK_N, k, INT4_BLOCK_N // 2)
+    q = torch.stack([blocks & 0xF, blocks >> 4], 1).permute(0, 1, 3, 2).reshape(n, k)  # (blocks, 2, 16, K) -> rows
+    scale, zero = scale_and_zero[..., 0].T, scale_and_zero[..., 1].T  # (N, K / group)
+    dense = (q.float() - 8).reshape(n, -1, group) * scale[..., None].float() + zero[..., None].float()
+    return dense.reshape(n, k)
+
+
+def _int4_by_matmul(weight: torch.Tensor, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight through the kernel itself (x = identity): exact for any layout, costs a K x K x N matmul."""
+    return F.linear(torch.eye(in_features, dtype=dtype), weight).T.contiguous()
+
+
+_LAYOUT_KNOWN: list[bool] = []
+
+
+def _int4_layout_known() -> bool:
+    """Whether _unpack_int4 reads this torch build's packing right (a small packed matrix, unpacked both ways)."""
+    if not _LAYOUT_KNOWN:
+        weight = _torchao_configs()["int4"].from_hp(torch.randn(64, 64), [1, 32])
+        unpacked = _unpack_int4(weight.qdata, weight.scale_and_zero, 32)
+        _LAYOUT_KNOWN.append(torch.allclose(unpacked, _int4_by_matmul(weight, 64, torch.float32), atol=1e-5))
+    return _LAYOUT_KNOWN[0]
+
+
 def quantized_layers(model: nn.Module) -> list[str]:
     """Names of the QuantizedLinear layers in `model`."""
     return [name for name, m in model.named_modules() if isinstance(m, QuantizedLinear)]
@@ -132,23 +194,10 @@ def _quantized_weight(weight: torch.Tensor, mode: Quantize, configs: dict[str, A
 def _torchao_configs() -> dict[str, Any]:
     """torchao's int8 / int4 CPU tensor classes; ConfigError when torchao is not installed."""
     try:
-        # torchao logs a warning per CUDA-only extension it cannot load on a CPU build; they do not matter here
-        with _quiet("torchao"), contextlib.redirect_stderr(io.StringIO()):
-            from torchao.prototype.quantization.int4 import Int4OpaqueTensor
-            from torchao.quantization import Int8Tensor
-            from torchao.quantization.granularity import PerRow
+        from torchao.prototype.quantization.int4 import Int4OpaqueTensor
+        from torchao.quantization import Int8Tensor
+        from torchao.quantization.granularity import PerRow
     except ImportError as e:
         raise ConfigError(f"model.quantize needs torchao ({e}): pip install 'deltatune[quantize]', "
                           "or remove model.quantize") from e
     return {"int8": Int8Tensor, "int4": Int4OpaqueTensor, "per_row": PerRow}
-
-
-@contextlib.contextmanager
-def _quiet(logger_name: str):
-    logger = logging.getLogger(logger_name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)

@@ -133,3 +133,14 @@ def test_quantize_without_torchao_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao.prototype.quantization.int4", None)
     with pytest.raises(ConfigError, match=r"model.quantize needs torchao .*pip install 'deltatune\[quantize\]'"):
         quantize_base(lm(), "int8")
+
+
+def test_int4_unpacking_reads_the_cpu_kernels_layout():
+    from deltatune.quantize import _int4_by_matmul, _int4_layout_known
+
+    model = nn.Sequential(nn.Linear(128, 96))
+    quantize_base(model, "int4")
+    assert _int4_layout_known()  # torch 2.13's CPU packing; other builds fall back to the exact slow path
+    layer = model[0]
+    torch.testing.assert_close(layer.dequantized_weight(), _int4_by_matmul(layer.weight, 128, torch.float32),
+                               atol=1e-5, rtol=1e-5)
