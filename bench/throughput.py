@@ -309,14 +309,14 @@ def matmul_peak(threads: int, size: int = 512, seconds: float = 2.0) -> dict[str
     return out
 
 
-def spawn(spec: dict) -> dict:
-    """Run one spec in a fresh process; its result is the last stdout line (JSON)."""
+def spawn(spec: dict, script: str = __file__) -> dict:
+    """Run one spec in a fresh process of `script`'s worker; its result is the last stdout line (JSON)."""
     from workloads import smollm2_dir
 
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false",
            "BENCH_SMOLLM2_DIR": str(smollm2_dir())}
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, script, "--worker", json.dumps(spec)], env=env, capture_output=True,
                           text=True)
     if proc.returncode:
         raise RuntimeError(f"worker {spec['side']} failed:\n{proc.stderr[-3000:]}")
