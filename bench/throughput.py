@@ -360,11 +360,13 @@ def summarise(name: str, runs: dict[str, list[dict]], flops: float, peak: dict[s
 
 
 def table(results: list[dict], peak: dict[str, float]) -> str:
-    """A markdown table; ratios are against the first side of each case."""
+    """A markdown table; ratios (tokens/s and peak RSS) are against the fastest reference side of each case
+    (REFERENCE_SIDES; the first side when none ran)."""
     lines = ["| case | side | tokens/s | × | peak RSS MB | × | first step s | held-out loss | steps | "
              "GFLOP/s | % of peak |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        ref = next(iter(r["sides"].values()))
+        refs = [s for side, s in r["sides"].items() if side in REFERENCE_SIDES] or [next(iter(r["sides"].values()))]
+        ref = max(refs, key=lambda s: s["tokens_per_s"])
         for side, s in r["sides"].items():
             lines.append(
                 f"| {r['case']} | {side} | {s['tokens_per_s']:.0f} | {s['tokens_per_s'] / ref['tokens_per_s']:.2f} | "
