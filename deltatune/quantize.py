@@ -123,13 +123,13 @@ def _give_back_free_memory() -> None:
 
 
 def _convert_unquantized(model: nn.Module, dtype: torch.dtype) -> None:
-    """Every floating-point parameter and buffer outside the QuantizedLinear weights in `dtype`, one at a time."""
+    """Every floating-point parameter and buffer outside the QuantizedLinear weights in `dtype`, one at a time, as
+    a copy: none may stay a view of the memory-mapped checkpoint, whose touched pages would stay resident with it."""
     for module in model.modules():
         tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
         for name, t in tensors:
-            if t.is_floating_point() and t.dtype != dtype and not (isinstance(module, QuantizedLinear)
-                                                                   and name == "weight"):
-                t.data = t.data.to(dtype)
+            if t.is_floating_point() and not (isinstance(module, QuantizedLinear) and name == "weight"):
+                t.data = t.data.to(dtype, copy=True)
 
 
 def dequantize_base(model: nn.Module, dtype: torch.dtype | None = None) -> int:
