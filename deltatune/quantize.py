@@ -161,7 +161,7 @@ def _unpack_int4(packed: torch.Tensor, scale_and_zero: torch.Tensor, group: int)
     blocks = packed.reshape(n // INT4_BLOCK_N, k, INT4_BLOCK_N // 2)
     q = torch.stack([blocks & 0xF, blocks >> 4], 1).permute(0, 1, 3, 2).reshape(n, k)  # (blocks, 2, 16, K) -> rows
     scale, zero = scale_and_zero[..., 0].T, scale_and_zero[..., 1].T  # (N, K / group)
-    dense = (q.float() - 8).reshape(n, -1, group) * scale[..., None].float() + zero[..., None].float()
+    dense = q.float().sub_(8).reshape(n, -1, group).mul_(scale[..., None]).add_(zero[..., None])  # one fp32 copy
     return dense.reshape(n, k)
 
 
