@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from rich.console import Console
 from rich.markup import escape
@@ -24,6 +27,7 @@ from rich.text import Text
 from deltatune.errors import ConfigError, DeltaTuneError
 
 console = Console(stderr=False, highlight=False)
+errors = Console(stderr=True, highlight=False)  # a failed command says why on stderr (stdout may be piped data)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,11 +56,10 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = _show_warning
             return args.func(args) or 0
     except DeltaTuneError as exc:
-        console.quiet = False
-        console.print(f"[bold red]error{f' (rank {rank})' if world > 1 else ''}:[/] {exc}")
+        errors.print(f"[bold red]error{f' (rank {rank})' if world > 1 else ''}:[/] {escape(str(exc))}", soft_wrap=True)
         return 1
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: the last checkpoint is kept; continue with --resume")
+        console.print("[yellow]interrupted[/]")
         return 130
 
 
@@ -69,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=1 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in output_dir: its files are first "
+                                                            "moved to a new folder <output_dir>.old-<time>")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a trained run on a split")
@@ -151,14 +156,20 @@ def _parser() -> argparse.ArgumentParser:
 def cmd_train(args: argparse.Namespace) -> int:
     from deltatune.config import load_config
     from deltatune.run import run_training
+    from deltatune.train.interrupt import TrainingInterrupted
 
     config = load_config(args.config, args.overrides)
     console.print(f"[bold]deltatune train[/] {args.config} → {config.output_dir}")
     methods = " + ".join(d.method for d in config.delta)
     data = config.data.train if config.tasks is None else "tasks " + ", ".join(t.name for t in config.tasks)
     console.print(f"model [cyan]{config.model.path}[/]  data [cyan]{data}[/]  method [cyan]{methods}[/]")
-    with _TrainProgress() as progress:
-        session, result = run_training(config, resume=args.resume, on_event=progress.on_event)
+    try:
+        with _TrainProgress() as progress, _sigterm_interrupts():
+            session, result = run_training(config, resume=args.resume, overwrite=args.overwrite,
+                                           config_path=args.config, on_event=progress.on_event)
+    except (TrainingInterrupted, KeyboardInterrupt) as exc:
+        _print_interrupted(args, Path(config.output_dir).expanduser(), exc)
+        return 130
     _print_results(result, config.task)
     if result.generation:
         gen = result.generation
@@ -169,6 +180,36 @@ def cmd_train(args: argparse.Namespace) -> int:
         console.print(f"[yellow]skipped {skipped} malformed records[/] (data.skip_bad_records), e.g. {escape(first)}")
     console.print(f"run folder: [cyan]{config.output_dir}[/] (best delta in best/, report.html)")
     return 0
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM outside the training loop acts like Ctrl-C: the lock and temporary files are cleaned up."""
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread receives signals
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _print_interrupted(args: argparse.Namespace, out: Path, exc: BaseException) -> None:
+    """Say what was saved and the command that continues from it (only if there is a checkpoint to resume)."""
+    from deltatune.train.checkpoint import checkpoint_dirs
+
+    console.quiet = False
+    what = str(exc) if isinstance(exc, DeltaTuneError) else "interrupted"
+    if checkpoint_dirs(out / "checkpoints"):
+        command = " ".join(["deltatune train", str(args.config), *(f"--set {o}" for o in args.overrides), "--resume"])
+        console.print(f"[yellow]{escape(what)}[/]\ncontinue with: {escape(command)}")
+    else:
+        console.print(f"[yellow]{escape(what)}[/]: nothing was saved in {out} (no checkpoint yet); start the run "
+                      "again (add --overwrite if the folder holds its config.yaml)")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -230,6 +271,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from deltatune.inference import open_generator
     from deltatune.prompts import PromptRecord, read_prompts
 
+    _check_new_output(args.output)
     records = [PromptRecord(f"--prompt {i}", text=text) for i, text in enumerate(args.prompt, 1)]
     records += read_prompts(args.prompts_file) if args.prompts_file else []
     if not records:
@@ -314,6 +356,7 @@ def _eval_generation(args: argparse.Namespace) -> int:
 
     if args.overrides:
         raise DeltaTuneError("--set does not apply to --generate (it reads the run's model and delta only)")
+    _check_new_output(args.output)
     records = reference_records(args.generate, args.limit, args.skip)
     sampling = Sampling(max_new_tokens=args.max_new_tokens, stop=args.stop)
     generator = open_generator(run=args.run, attach=False)
@@ -338,6 +381,13 @@ def _print_generation_scores(base: dict[str, float] | None, tuned: dict[str, flo
         table.add_row(name, *([_fmt(base[name])] if base else []), _fmt(value))
     console.print(table)
     console.print(note)
+
+
+def _check_new_output(path: Path | None) -> None:
+    """--output names a new file: an existing one (maybe the data it was asked about) is never replaced."""
+    if path is not None and path.exists():
+        raise DeltaTuneError(f"--output {path} already exists: choose a new file name (nothing was generated or "
+                             "written)")
 
 
 def _write_outputs(path: Path, records: list, outputs: list[str], base: list[str] | None) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import csv
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -32,12 +31,13 @@ from typing import Any, Callable
 import yaml
 from pydantic import Field
 
-from deltatune import io
+from deltatune import io, runfolder
 from deltatune.config import RunConfig, read_config, validate_config
 from deltatune.delta import TENSOR_FILE
 from deltatune.errors import ConfigError, DeltaTuneError
 from deltatune.methods.head import Head
 from deltatune.registry import get_method
+from deltatune.runfolder import flatten
 from deltatune.schema import Schema
 
 RESULTS = "results.json"
@@ -99,21 +99,33 @@ def run_compare(path: str | Path, methods: list[str] | None = None, overrides: l
     if len(set(names)) != len(names):
         raise ConfigError(f"methods to compare are listed twice: {', '.join(names)}")
     configs = {name: method_config(raw, name, compare.settings.get(name), where=str(path)) for name in names}
-    out = Path(raw.get("output_dir", RunConfig.model_fields["output_dir"].default))
+    out = compare_folder(raw, path)
     for i, (name, config) in enumerate(configs.items()):
-        run_dir = Path(config.output_dir)
-        if force and run_dir.exists():
-            shutil.rmtree(run_dir)
+        run_dir = runfolder.output_folder(config.output_dir)
         info = {"method": name, "index": i + 1, "total": len(configs), "run_dir": str(run_dir)}
-        if (run_dir / RESULTS).is_file():
+        if (run_dir / RESULTS).is_file() and not force:
             check_same_config(run_dir, config)
             emit("skip", info)
             continue
         emit("train", info)
-        train_one(config, resume=(run_dir / "checkpoints").is_dir(), isolate=isolate)
+        # an interrupted run resumes; a finished one (with force) or one that died before its first checkpoint
+        # is replaced: its files are moved aside, never deleted
+        resume = (run_dir / "checkpoints").is_dir() and not force
+        train_one(config, resume=resume, overwrite=not resume, isolate=isolate)
     rows = [table_row(name, Path(config.output_dir), config) for name, config in configs.items()]
     write_outputs(out, rows, configs, isolated=isolate)
     return out, rows
+
+
+def compare_folder(raw: dict[str, Any], path: str | Path) -> Path:
+    """The comparison's own folder (compare.json, ..., one run folder per method): any folder a run could use,
+    except one that holds a single run."""
+    out = runfolder.output_folder(raw.get("output_dir", RunConfig.model_fields["output_dir"].default),
+                                  config_path=path)
+    if entries := runfolder.run_entries(out):
+        raise ConfigError(f"output_dir {out} holds a single training run ({', '.join(entries)}), not a comparison: "
+                          "give the comparison a folder of its own")
+    return out
 
 
 def method_config(raw: dict[str, Any], name: str, settings: MethodSettings | None, where: str) -> RunConfig:
@@ -142,35 +154,35 @@ def check_same_config(run_dir: Path, config: RunConfig) -> None:
     """A finished run is reused only if it was trained with the config asked for now."""
     saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
     wanted = yaml.safe_load(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    saved, wanted = _flat(saved), _flat(wanted)
+    saved, wanted = flatten(saved), flatten(wanted)
     if changed := sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k)):
         raise ConfigError(f"{run_dir} holds a finished run with a different config (changed: "
                           f"{', '.join(changed[:5])}); re-run it with --force, or choose another output_dir")
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
-    if isinstance(tree, list):
-        return {k: v for i, value in enumerate(tree) for k, v in _flat(value, f"{prefix}{i}.").items()}
-    return {prefix.rstrip("."): tree}
-
-
-def train_one(config: RunConfig, *, resume: bool, isolate: bool) -> None:
+def train_one(config: RunConfig, *, resume: bool, overwrite: bool, isolate: bool) -> None:
     """Train one method: in a fresh `python -m deltatune train` (its own peak memory), or in this process."""
-    run_dir = Path(config.output_dir)
+    run_dir = Path(config.output_dir).expanduser()
     if not isolate:
         from deltatune.run import run_training
 
-        run_training(config, resume=resume)
+        run_training(config, resume=resume, overwrite=overwrite)
         return
-    io.write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+    # the method's config goes next to its run folder (a new run must start in a folder without config.yaml)
+    config_file = run_dir.with_name(f".{run_dir.name}.config.yaml")
+    io.write_text(config_file, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "train.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]),
                                                                       os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "deltatune", "train", str(run_dir / "config.yaml"), *(["--resume"] * resume)]
-    with open(log, "w") as f:
-        done = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env={**env, "COLUMNS": "120"}, check=False)
+    command = [sys.executable, "-m", "deltatune", "train", str(config_file),
+               "--resume" if resume else "--overwrite"]
+    try:
+        with open(log, "w") as f:
+            done = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env={**env, "COLUMNS": "120"},
+                                  check=False)
+    finally:
+        config_file.unlink(missing_ok=True)
     if done.returncode != 0:
         tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
         raise DeltaTuneError(f"training {run_dir.name} failed (exit code {done.returncode}): {tail} (log: {log})")

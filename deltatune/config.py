@@ -132,6 +132,9 @@ def read_config(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start}); give a YAML "
+                          "config") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with keys model, data, delta, train; got {type(raw).__name__}")
     for item in overrides:

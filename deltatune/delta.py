@@ -7,30 +7,47 @@ bit-for-bit, saving only the delta's tensors, loading with key/shape checks agai
 
 from __future__ import annotations
 
-import hashlib
 import json
 from abc import ABC, abstractmethod
 from collections import Counter
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Literal, Sequence
 from weakref import WeakKeyDictionary
 
 import torch
+from pydantic import BaseModel, ValidationError
 from torch import nn
 
 from deltatune import io
 from deltatune.errors import CheckpointError, ConfigError, TargetError
+from deltatune.fingerprint import Fingerprint, check_finite, check_same_base, fingerprint
 from deltatune.quantize import quantized_layers
 from deltatune.schema import Schema
 from deltatune.targeting import check_not_taken
 
 FORMAT = "deltatune-delta"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the base fingerprint holds sampled weights (version 1 files load, checked by shapes)
 CONFIG_FILE = "delta.json"
 TENSOR_FILE = "delta.safetensors"
 
 _ATTACHED: WeakKeyDictionary[nn.Module, list[Delta]] = WeakKeyDictionary()
 _BASE_FINGERPRINT: WeakKeyDictionary[nn.Module, dict[str, Any]] = WeakKeyDictionary()
+
+
+class SavedPart(BaseModel):
+    config: dict[str, Any]
+    tensors: list[str]
+
+
+class DeltaFile(BaseModel):
+    """The structure of delta.json; anything else is a CheckpointError naming the bad key."""
+
+    format: Literal["deltatune-delta"]
+    version: int
+    deltatune_version: str = ""
+    deltas: list[SavedPart]
+    base: Fingerprint
+    sha256: str
 
 
 class DeltaConfig(Schema):
@@ -330,8 +347,17 @@ def read_delta_config(path: str | Path) -> dict[str, Any]:
         meta = io.read_json(file)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{file} is corrupted: {exc}") from None
-    if meta.get("format") != FORMAT or meta.get("version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{file}: unsupported format {meta.get('format')!r} version {meta.get('version')!r}")
+    if isinstance(meta, dict) and meta.get("format") == FORMAT and isinstance(meta.get("version"), int) \
+            and meta["version"] > FORMAT_VERSION:
+        raise CheckpointError(f"{file}: format version {meta['version']} is newer than this deltatune reads "
+                              f"({FORMAT_VERSION}); upgrade deltatune")
+    try:
+        DeltaFile.model_validate(meta)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "top level"
+        raise CheckpointError(f"{file} is not a valid deltatune delta file: {where}: {err['msg']} "
+                              f"({len(exc.errors())} problem(s)); save the delta again with deltatune") from None
     return meta
 
 
@@ -346,41 +372,25 @@ def load(model: nn.Module, path: str | Path) -> Delta | DeltaGroup:
 
         return load_peft(model, path)
     meta = read_delta_config(path)
-    base = _BASE_FINGERPRINT.get(model) if _ATTACHED.get(model) else fingerprint(model)
-    check_same_base(meta["base"], base)
+    check_same_base(meta["base"], base_fingerprint(model))
     tensor_file = path / TENSOR_FILE
     if not tensor_file.is_file() or io.sha256(tensor_file) != meta.get("sha256"):
         raise CheckpointError(f"{tensor_file} is missing or corrupted (checksum differs from {CONFIG_FILE})")
     configs = [parse_delta_config(d["config"], where=f"{path / CONFIG_FILE}") for d in meta["deltas"]]
+    tensors = io.load_tensors(tensor_file)
+    check_finite(tensors, str(tensor_file))
     delta = attach(model, configs)
     try:
-        delta.load_state_dict(io.load_tensors(tensor_file))
+        delta.load_state_dict(tensors)
     except BaseException:
         delta.detach()
         raise
     return delta
 
 
-def fingerprint(model: nn.Module) -> dict[str, Any]:
-    """Identity of a base model: class, source path, and a hash of its parameter names and shapes."""
-    shapes = {name: list(p.shape) for name, p in model.named_parameters()}
-    digest = hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()
-    source = getattr(getattr(model, "config", None), "_name_or_path", None) or "an unknown source"
-    return {"class": type(model).__name__, "name_or_path": source, "sha256": digest, "shapes": shapes}
-
-
-def check_same_base(saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """Raise CheckpointError describing how `current` differs from the base a delta was saved for."""
-    if saved["sha256"] == current["sha256"]:
-        return
-    old, new = saved["shapes"], current["shapes"]
-    diffs = [f"{k} missing" for k in old if k not in new][:3]
-    diffs += [f"{k} unexpected" for k in new if k not in old][:3]
-    diffs += [f"{k}: saved {old[k]} vs model {new[k]}" for k in old if k in new and old[k] != new[k]][:3]
-    raise CheckpointError(
-        f"this delta was saved for another base model ({saved['class']} from {saved['name_or_path']}); "
-        f"the given model is {current['class']} from {current['name_or_path']}. Differences: {'; '.join(diffs)}. "
-        "Load the same base model the delta was trained on.")
+def base_fingerprint(model: nn.Module) -> dict[str, Any]:
+    """The fingerprint of `model` as it was before any delta changed it (weights trained in place included)."""
+    return _BASE_FINGERPRINT[model] if _ATTACHED.get(model) else fingerprint(model)
 
 
 def occupied_positions(model: nn.Module) -> int:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -13,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from deltatune.errors import ConfigError, DeltaTuneError
@@ -63,8 +67,42 @@ def new_folder(path: str | Path) -> Iterator[Path]:
 
 def check_new_folder(path: Path) -> None:
     """An output folder must not exist yet, or be empty: nothing of the user's is ever overwritten."""
+    check_not_special(path, "output folder")
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise ConfigError(f"output folder {path} already exists and is not empty; choose a new folder")
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    libc = _libc()
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    if ctypes.get_errno() in (errno.EINVAL, errno.ENOSYS, errno.EXDEV, errno.EPERM):
+        return False  # not supported here: the caller falls back to two renames
+    err = ctypes.get_errno()
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name, use_errno=True) if name else None
+
+
+def check_not_special(path: str | Path, what: str) -> None:
+    """ConfigError if `path` is empty, or the current, home or root folder: never a command's output folder."""
+    if not str(path).strip():
+        raise ConfigError(f"{what} is empty: give a new folder, e.g. runs/my-run")
+    where = Path(path).expanduser().resolve()
+    special = {Path.cwd().resolve(): "the current folder", Path.home().resolve(): "your home folder",
+               Path(where.anchor): "the file system root"}
+    if where in special:
+        raise ConfigError(f"{what} {path} is {special[where]}: give the output a new folder of its own, "
+                          "e.g. runs/my-run")
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -92,7 +130,12 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     plain = {k: v.detach().contiguous().clone() if _shares_storage(v, tensors) else v.detach().contiguous()
              for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(plain, str(tmp), metadata=metadata)
+        try:
+            save_file(plain, str(tmp), metadata=metadata)
+        except SafetensorError as exc:  # safetensors reports I/O errors as text: a full disk must read as one
+            if full := next((code for code in DISK_FULL if f"(os error {code})" in str(exc)), None):
+                raise OSError(full, os.strerror(full), str(tmp)) from exc
+            raise
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:

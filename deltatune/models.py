@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from safetensors import SafetensorError
 from transformers import (
+    CONFIG_MAPPING,
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
@@ -15,8 +20,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from deltatune.arch import describe
 from deltatune.assets import resolve_model_path
-from deltatune.errors import ConfigError, DeltaTuneError
+from deltatune.errors import CheckpointError, ConfigError, DeltaTuneError
 from deltatune.precision import DTYPES, compute_in
 from deltatune.quantize import Quantize, quantize_base
 
@@ -26,6 +32,8 @@ TASKS = {"classification": AutoModelForSequenceClassification, "regression": Aut
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
                    "spiece.model", "sentencepiece.bpe.model")
 UNLIMITED = 1_000_000  # tokenizers without a known maximum report a huge model_max_length
+# what a broken config.json or weights file makes transformers raise (besides OSError / ValueError)
+LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError, SafetensorError)
 
 
 def load_model(path: str, task: str, num_labels: int | None = None, *, dtype: str = "float32",
@@ -42,11 +50,7 @@ def load_model(path: str, task: str, num_labels: int | None = None, *, dtype: st
         raise ConfigError(f"unknown task {task!r}; allowed tasks: {', '.join(TASKS)}")
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
-    folder = resolve_model_path(path)
-    if not (folder / "config.json").is_file():
-        raise DeltaTuneError(f"cannot load model from {str(folder)!r}: expected a folder with config.json "
-                             "(a Hugging Face save_pretrained folder) or a packaged alias")
-
+    folder = model_folder(path, trust_remote_code)
     # quantized: read the weights as stored (memory-mapped, no copy), quantize / convert them layer by layer
     kwargs: dict[str, Any] = {"dtype": "auto" if quantize else DTYPES[dtype], "trust_remote_code": trust_remote_code}
     if task == "classification":
@@ -61,12 +65,16 @@ def load_model(path: str, task: str, num_labels: int | None = None, *, dtype: st
     elif task == "regression":
         kwargs |= {"num_labels": num_labels or 1, "problem_type": "regression"}
 
-    try:
-        model, info = TASKS[task].from_pretrained(folder, output_loading_info=True, **kwargs)
-    except (OSError, ValueError, SafetensorError) as e:
+    try:  # a task head of another size than the saved one is re-initialised; mismatches elsewhere are errors
+        model, info = TASKS[task].from_pretrained(folder, output_loading_info=True, ignore_mismatched_sizes=True,
+                                                  **kwargs)
+    except LOAD_ERRORS as e:
         raise DeltaTuneError(f"cannot load model from {str(folder)!r} for task {task!r}: {e}") from e
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-    model.deltatune_new_weights = sorted(set(info["missing_keys"]) | {k[0] for k in info["mismatched_keys"]})
+    model.deltatune_new_weights = _new_weights(model, info, folder)
+    _check_tokenizer_fits(model, tokenizer, folder)
+    if task == "causal_lm":
+        _check_causal(model, folder)
     if quantize:
         quantize_base(model, quantize, DTYPES[dtype])
     compute_in(model, DTYPES[dtype])
@@ -76,19 +84,113 @@ def load_model(path: str, task: str, num_labels: int | None = None, *, dtype: st
 
 def saved_num_labels(path: str, *, trust_remote_code: bool = False) -> int:
     """The size of the classification head saved with a model (its config's num_labels; 2 when it has none)."""
-    return AutoConfig.from_pretrained(resolve_model_path(path), trust_remote_code=trust_remote_code).num_labels
+    return _auto_config(path, trust_remote_code).num_labels
+
+
+def model_folder(path: str, trust_remote_code: bool = False, *, config: bool = True) -> Path:
+    """The folder of model `path` (or packaged alias), its config.json checked: a JSON object whose model_type
+    transformers knows (custom types need remote code, which the command line must allow). With `config=False`
+    (a tokenizer folder) config.json may be absent."""
+    folder = resolve_model_path(path)
+    file = folder / "config.json"
+    if not folder.is_dir():
+        raise CheckpointError(f"model path {str(folder)!r} is a file: give the folder that holds config.json and the "
+                              "weights (a Hugging Face save_pretrained folder) or a packaged alias")
+    if not config and not file.exists():
+        return folder
+    if not file.is_file():
+        raise CheckpointError(f"cannot load model from {str(folder)!r}: expected a folder with config.json "
+                              "(a Hugging Face save_pretrained folder) or a packaged alias")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e}); restore the model's config.json") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file} holds a JSON {type(config).__name__}, not a model config (a JSON object with "
+                              "model_type, hidden_size, ...); restore the model's config.json")
+    model_type = config.get("model_type")
+    if not (model_type in CONFIG_MAPPING or (trust_remote_code and "auto_map" in config)):
+        raise CheckpointError(f"{file}: unknown model_type {model_type!r}: transformers {transformers.__version__} "
+                              "knows no such architecture (e.g. bert, gpt2, llama, qwen2); fix model_type or "
+                              "upgrade transformers")
+    return folder
+
+
+def _auto_config(path: str, trust_remote_code: bool) -> Any:
+    folder = model_folder(path, trust_remote_code)
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except LOAD_ERRORS as e:
+        raise CheckpointError(f"cannot read the model config in {str(folder)!r}: {e}") from None
+
+
+def _new_weights(model: torch.nn.Module, info: dict[str, Any], folder: Path) -> list[str]:
+    """The parameters the folder's weights did not provide (freshly initialised, e.g. a new task head).
+
+    A task head may be new; elsewhere a weight of another shape, or more than half the body's parameters
+    missing, is a CheckpointError (the weights belong to another model); a few missing ones are a warning."""
+    heads = describe(model).heads
+
+    def in_head(name: str) -> bool:
+        return any(name == h or name.startswith(h + ".") for h in heads)
+
+    if body := [m for m in info["mismatched_keys"] if not in_head(m[0])]:
+        name, saved, wanted = body[0]
+        raise CheckpointError(f"the weights in {str(folder)!r} do not fit its config.json: {name} is "
+                              f"{list(saved)} in the files but {list(wanted)} in the model ({len(body)} such); "
+                              "use the config.json saved with these weights")
+    new = sorted(set(info["missing_keys"]) | {m[0] for m in info["mismatched_keys"]})
+    sizes = {name: p.numel() for name, p in model.named_parameters()}
+    missing = [k for k in new if k in sizes and not in_head(k)]
+    body_size = sum(n for k, n in sizes.items() if not in_head(k))
+    if body_size and sum(sizes[k] for k in missing) > body_size / 2:
+        unexpected = sorted(info["unexpected_keys"])
+        raise CheckpointError(
+            f"the weights in {str(folder)!r} do not belong to {type(model).__name__}: {len(missing)} of its "
+            f"parameters are not in the files (e.g. {', '.join(missing[:2])})"
+            + (f", which hold others (e.g. {', '.join(unexpected[:2])})" if unexpected else "")
+            + "; the model would be mostly random. Check that config.json belongs to these weights")
+    if missing:
+        warnings.warn(f"{len(missing)} parameters of {type(model).__name__} are not in {str(folder)!r} and start "
+                      f"random: {', '.join(missing[:5])}", stacklevel=3)
+    return new
+
+
+def _check_tokenizer_fits(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+    if len(tokenizer) > (rows := model.get_input_embeddings().num_embeddings):
+        raise CheckpointError(f"the tokenizer in {str(folder)!r} has {len(tokenizer)} tokens but the model's "
+                              f"embeddings only {rows}: they do not belong together (token ids past {rows - 1} "
+                              "would crash the model); save the model's own tokenizer next to it")
+
+
+def _check_causal(model: torch.nn.Module, folder: Path) -> None:
+    """ConfigError unless the model predicts each token from the ones before it only: an encoder (BERT-like) with
+    a language-model head sees the whole input, so next-token training would teach it to copy the future."""
+    ids = torch.tensor([[1, 2], [1, 3]]) % model.get_input_embeddings().num_embeddings
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits.float()
+    except Exception:  # a model that needs other inputs: no probe possible, transformers' own checks apply
+        return
+    if (logits[0, 0] - logits[1, 0]).abs().max() > 1e-3 * logits[0, 0].abs().max():
+        raise ConfigError(f"{str(folder)!r} holds an encoder ({model.config.model_type}): its prediction for a token "
+                          f"depends on the tokens after it, so causal language-model formats (text, alpaca, sharegpt, messages) would train it to read the answer "
+                          "from the future. Use a decoder model (GPT-2, Llama, SmolLM2, ...), or format "
+                          "classification / regression with this encoder")
 
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer saved with a model folder (or packaged alias), given a pad token if it has none."""
-    folder = resolve_model_path(path)
-    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+    folder = model_folder(path, trust_remote_code, config=False)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise DeltaTuneError(f"no tokenizer in {str(folder)!r} (none of {', '.join(TOKENIZER_FILES)}); save it next "
                              "to the model with tokenizer.save_pretrained(folder)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise DeltaTuneError(f"cannot load a tokenizer from {str(folder)!r}: {e}") from e
+    except Exception as e:  # tokenizers raises plain Exception for a damaged tokenizer.json
+        raise CheckpointError(f"cannot load a tokenizer from {str(folder)!r} ({type(e).__name__}: {e}); its "
+                              "tokenizer files are damaged: save the tokenizer again with "
+                              "tokenizer.save_pretrained(folder)") from None
     if tokenizer.pad_token is None:  # padded positions are masked out, so any special token can pad
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.bos_token
     if tokenizer.pad_token is None:
@@ -99,7 +201,7 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> PreTrainedT
 
 def model_max_length(path: str, tokenizer: PreTrainedTokenizerBase, *, trust_remote_code: bool = False) -> int | None:
     """The longest sequence the model takes: its position embeddings or the tokenizer's limit (the smaller)."""
-    config = AutoConfig.from_pretrained(resolve_model_path(path), trust_remote_code=trust_remote_code)
+    config = _auto_config(path, trust_remote_code)
     limits = [getattr(config, "max_position_embeddings", None), tokenizer.model_max_length]
     known = [n for n in limits if isinstance(n, int) and 0 < n < UNLIMITED]
     return min(known) if known else None

@@ -6,6 +6,7 @@ A run folder holds `config.yaml` (resolved), `metrics.jsonl/csv`, `checkpoints/`
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -13,6 +14,7 @@ from typing import Any, Callable
 import torch
 import yaml
 
+from deltatune import runfolder
 from deltatune.config import RunConfig, load_config
 from deltatune.data import TEMPLATE_FILE, Collator, TaskData, prepare_data
 from deltatune.data.multitask import MultiTaskData, TaskCollator
@@ -23,10 +25,12 @@ from deltatune.io import write_text
 from deltatune.models import load_model, load_tokenizer, model_max_length, saved_num_labels
 from deltatune.precision import DTYPE_NAMES, resolve_base_dtype
 from deltatune.train import TrainResult, train
+from deltatune.train.checkpoint import Checkpoint, load_latest, save_delta
 from deltatune.train.distributed import is_main_process
+from deltatune.train.loop import check_resumable, planned_steps
 from deltatune.train.tasks import prepare_tasks, task_deltas
 
-CONFIG_NAME = "config.yaml"
+CONFIG_NAME = runfolder.CONFIG_NAME
 
 
 @dataclass
@@ -72,33 +76,54 @@ def open_session(config: RunConfig, delta_dir: Path | None = None) -> Session:
     return Session(config, model, tokenizer, delta, data)
 
 
-def run_training(config: RunConfig, *, resume: bool = False,
+def run_training(config: RunConfig, *, resume: bool = False, overwrite: bool = False,
+                 config_path: str | Path | None = None,
                  on_event: Callable[[str, dict], None] | None = None) -> tuple[Session, TrainResult]:
-    """Train as `config` says, writing everything into `config.output_dir`."""
-    out = Path(config.output_dir)
-    if not resume and (out / "checkpoints").exists():
-        raise ConfigError(f"run folder {out} already holds a run: pass --resume to continue it, "
-                          f"or choose another folder with --set output_dir=...")
-    main = is_main_process()  # under torchrun only rank 0 writes
+    """Train as `config` says, writing everything into `config.output_dir` (see runfolder.py for which folders
+    are refused). `resume` continues the run there; `overwrite` first moves an earlier run's files aside.
+    Everything is validated before the first write, so a refused command changes nothing on disk."""
+    out = runfolder.output_folder(config.output_dir, config_path=config_path, resume=resume)
+    main = is_main_process()  # under torchrun only rank 0 checks the folder and writes (the others wait for it)
     if main:
-        write_text(out / CONFIG_NAME, yaml.safe_dump(config.to_dict(), sort_keys=False))
-    session = open_session(config)
-    if main:
-        _save_chat_template(session, out)
-    result = train(session.model, session.delta, session.data, config.train, out,
-                   collate=session.collator(), resume=resume, on_event=on_event)
-    session.delta.for_inference()  # e.g. prefix-tuning keeps only the prefixes its MLP computed
-    if main:
-        session.delta.save(out / "best")
-        _save_chat_template(session, out / "best")
-        if config.eval_generation is not None:
-            from deltatune.eval_generation import evaluate_after_training
+        runfolder.check_run_folder(out, resume=resume, overwrite=overwrite)
+    with runfolder.run_lock(out) if main else nullcontext():
+        record = runfolder.run_record(config)
+        resumed = _check_resume(out, record) if resume and main else None
+        session = open_session(config)
+        if resumed is not None:
+            check_resumable(resumed, config.train, planned_steps(config.train, len(session.data.train)), out)
+        if main:
+            if overwrite:
+                runfolder.set_aside(out)
+            write_text(out / CONFIG_NAME, yaml.safe_dump(config.to_dict(), sort_keys=False))
+            _save_chat_template(session, out)
+        result = train(session.model, session.delta, session.data, config.train, out,
+                       collate=session.collator(), resume=resume, on_event=on_event, record=record)
+        session.delta.for_inference()  # e.g. prefix-tuning keeps only the prefixes its MLP computed
+        if main:
+            template = session.data.chat_template
+            save_delta(session.delta, out / "best", {TEMPLATE_FILE: template} if template is not None else {})
+            if config.eval_generation is not None:
+                from deltatune.eval_generation import evaluate_after_training
 
-            evaluate_after_training(session, config.eval_generation, out, result)
-        from deltatune.report import write_report
+                evaluate_after_training(session, config.eval_generation, out, result)
+            from deltatune.report import write_report
 
-        write_report(out, config, result)
+            write_report(out, config, result)
     return session, result
+
+
+def _check_resume(out: Path, record: dict) -> Checkpoint:
+    """Refuse a resume whose config or data differ from the run's (runfolder.check_resume); the checkpoint."""
+    ck = load_latest(out / "checkpoints")
+    saved = ck.state.get("run")
+    if saved is None:  # a checkpoint of an older deltatune: its train section, and config.yaml for the rest
+        saved_config = yaml.safe_load((out / CONFIG_NAME).read_text(encoding="utf-8")) \
+            if (out / CONFIG_NAME).is_file() else {}
+        saved = {"config": {**(saved_config if isinstance(saved_config, dict) else {}),
+                            "train": ck.state["config"]}, "data": {}}
+    runfolder.check_resume(out, saved, record)
+    return ck
 
 
 def _save_chat_template(session: Session, folder: Path) -> None:

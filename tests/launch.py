@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import random
@@ -25,6 +27,27 @@ def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1",
             "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
             "COLUMNS": "200"}
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file under `folder` (and "dir" for each folder), by relative path."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*"))}
+
+
+def cli_run(*args: str) -> tuple[int, str]:
+    """Run the CLI in this process: its exit code and everything it printed, unwrapped (one line per message)."""
+    from rich.console import Console
+
+    from deltatune import cli
+
+    buffer = io.StringIO()
+    saved = cli.console, cli.errors
+    cli.console = cli.errors = Console(file=buffer, width=100_000, highlight=False)  # stdout and stderr in order
+    try:
+        return cli.main(list(args)), buffer.getvalue()
+    finally:
+        cli.console, cli.errors = saved
 
 
 def torchrun(*args: str) -> list[str]:

@@ -97,13 +97,13 @@ def test_training_into_an_existing_run_needs_resume(tmp_path, tiny_bert_dir, rev
     assert main(["train", str(config), "--set", "train.epochs=1"]) == 0
     capsys.readouterr()
     assert main(["train", str(config), "--set", "train.epochs=1"]) == 1
-    assert "--resume" in capsys.readouterr().out
+    assert "--resume" in capsys.readouterr().err
 
 
 def test_bad_config_is_one_clear_error_on_the_command_line(tmp_path, tiny_bert_dir, reviews, capsys):
     config = write_config(tmp_path, tiny_bert_dir, reviews, trian={"epochs": 1})
     assert main(["train", str(config)]) == 1
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "trian: unknown key (did you mean 'train'?)" in out and "Traceback" not in out
 
 

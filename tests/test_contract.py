@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import deltatune
-from deltatune.delta import CONFIG_FILE, TENSOR_FILE
+from deltatune.delta import CONFIG_FILE, FORMAT_VERSION, TENSOR_FILE
 from deltatune.io import load_tensors
 from deltatune.registry import methods
 from deltatune.targeting import DeltaModule
@@ -108,7 +108,7 @@ def test_save_writes_only_delta_tensors_and_load_reproduces(method, arch, tmp_pa
     saved = load_tensors(tmp_path / TENSOR_FILE)
     assert set(saved) == set(delta.trainable_parameters())
     meta = json.loads((tmp_path / CONFIG_FILE).read_text())
-    assert meta["deltas"][0]["config"]["method"] == method and meta["version"] == 1
+    assert meta["deltas"][0]["config"]["method"] == method and meta["version"] == FORMAT_VERSION
 
     fresh = tiny_model(arch)
     deltatune.load(fresh, tmp_path)

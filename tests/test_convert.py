@@ -74,7 +74,7 @@ def test_bad_sources(tmp_path, capsys):
     with pytest.raises(DeltaTuneError, match="cannot convert .*broken.gguf"):
         assets.convert_gguf(broken, tmp_path / "out")
     assert main(["convert", str(broken)]) == 1
-    assert f"give the output folder: deltatune convert {broken} OUT" in capsys.readouterr().out
+    assert f"give the output folder: deltatune convert {broken} OUT" in capsys.readouterr().err
 
 
 def test_packaged_alias_converts_into_the_cache_once(tmp_path, monkeypatch, capsys):

@@ -24,6 +24,7 @@ from tiny import save_tiny_model_dir
 from deltatune.cli import main
 from deltatune.data import Collator
 from deltatune.data.batching import real_tokens
+from deltatune.delta import base_fingerprint
 from deltatune.io import load_tensors
 from deltatune.train import distributed
 from deltatune.train.checkpoint import checkpoint_dirs
@@ -146,7 +147,7 @@ def test_a_checkpoint_of_an_fsdp_run_resumes_in_one_process(tmp_path):
     model, delta, optimizer = trained(2)
     by_name = copy.deepcopy(get_optimizer_state_dict(model, optimizer))  # as read from disk: no shared tensors
     assert by_name["param_groups"][0]["params"][0] == "0.weight"
-    ckpt = Checkpoint(tmp_path, 2, delta.state_dict(), by_name, {}, {}, {})
+    ckpt = Checkpoint(tmp_path, 2, delta.state_dict(), by_name, {}, {}, {}, base=base_fingerprint(model))
     fresh, fresh_delta, fresh_optimizer = trained(0)
     distributed.Parallel(fresh).load_checkpoint(ckpt, fresh_delta, fresh_optimizer)
     for a, b in ((model, optimizer), (fresh, fresh_optimizer)):

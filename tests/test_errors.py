@@ -54,6 +54,9 @@ def model_dir(tmp_path_factory) -> Path:
     ("a.csv", "", r"a.csv: no records"),
     ("a.txt", "text\n", r"a.txt: unsupported file type; supported: .jsonl, .json, .csv, .parquet"),
     ("a.jsonl", b'{"text": "caf\xe9"}\n', r"a.jsonl: not UTF-8 text \(invalid continuation byte at byte 13\)"),
+    ("a.json", '{"text": ["x", "y"], "label": ["a", "b"]}', r"a.json: one JSON object of columns \('text', 'label'\), "
+                                                            r"not a list of records; write one record per line"),
+    ("a.jsonl", '{"text": "x", "label": NaN}\n', r"a.jsonl:1: NaN is not a JSON value \(JSON has no NaN or infinity"),
     ("a.jsonl", '{"label": 1}\n{"label": "two"}\n',
      r"a.jsonl:2: column 'label' holds 'two' but earlier records hold number values; use one type per column"),
 ])
@@ -184,15 +187,18 @@ def test_invalid_config_files_and_overrides(tmp_path, text, overrides, message):
 # ---- models and tokenizers ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("damage, message", [
     ("config.json", r"expected a folder with config.json \(a Hugging Face save_pretrained folder\)"),
-    ("config.json=", r"cannot load model from .* for task 'classification': .*config.json' is not a valid JSON"),
+    ("config.json=", r"config.json is not valid JSON \(Expecting property name .*\); restore the model's config.json"),
     ("model.safetensors=", r"cannot load model from .*: Error while deserializing header"),
     ("tokenizer.json tokenizer_config.json", r"no tokenizer in .* \(none of tokenizer.json, .*\); save it next to the"),
+    ("config.json=[1]", r"config.json holds a JSON list, not a model config \(a JSON object with model_type"),
+    ('config.json={"model_type": "bertx"}', r"config.json: unknown model_type 'bertx': transformers .* knows no such"),
 ])
 def test_unreadable_model_folders(tmp_path, model_dir, damage, message):
     folder = Path(shutil.copytree(model_dir, tmp_path / "model"))
-    for name in damage.split():
-        if name.endswith("="):
-            (folder / name[:-1]).write_text("{ not what it should be")
+    for name in damage.split(" ") if "=" not in damage else [damage]:
+        if "=" in name:
+            file, content = name.split("=", 1)
+            (folder / file).write_text(content or "{ not what it should be")
         else:
             (folder / name).unlink()
     with pytest.raises(DeltaTuneError, match=message):
@@ -322,7 +328,8 @@ def test_resume_problems(tmp_path):
     train(model, delta, toy_data(), cfg, tmp_path, collate=Collator(0))
     with pytest.raises(CheckpointError, match=r"holds checkpoints of an earlier run: continue it with resume=True"):
         train(model, delta, toy_data(), cfg, tmp_path, collate=Collator(0))
-    with pytest.raises(ConfigError, match=r"cannot resume .* with different batch_size, seed than the run used"):
+    with pytest.raises(ConfigError, match=r"cannot resume .* with other settings than the run used: "
+                                         r"batch_size: 4 → 8; seed: 0 → 1$"):
         train(model, delta, toy_data(), cfg.model_copy(update={"batch_size": 8, "seed": 1}), tmp_path,
               collate=Collator(0), resume=True)
     for path in checkpoint_dirs(tmp_path / "checkpoints"):

@@ -372,7 +372,7 @@ def test_cli_trains_the_galore_example_with_per_layer_updates(tmp_path, tiny_ber
     result = json.loads((tmp_path / "run" / "results.json").read_text())
     assert result["steps"] == 12 and result["test"]["accuracy"] == 1.0
     assert main(["train", str(path), "--set", "train.max_grad_norm=1.0", "--set", f"output_dir={tmp_path}/r2"]) == 1
-    assert "per_layer=true cannot work with train.max_grad_norm=1.0" in capsys.readouterr().out
+    assert "per_layer=true cannot work with train.max_grad_norm=1.0" in capsys.readouterr().err
 
 
 # ---- configuration -------------------------------------------------------------------------------------------

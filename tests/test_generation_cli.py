@@ -237,6 +237,7 @@ def test_terminal_output_and_prompt_files(lm_dir, tmp_path, capsys):
     chat = tmp_path / "chat.jsonl"
     message = {"role": "user", "content": "hello"}
     chat.write_text(json.dumps({"messages": [message]}) + "\n", encoding="utf-8")
+    out = tmp_path / "chat-out.jsonl"  # --output is always a new file
     assert main(["generate", "--model", str(lm_dir), "--prompts-file", str(chat), "--max-new-tokens", "8",
                  "--output", str(out)]) == 0
     reply = Conversation(open_generator(model=str(lm_dir)), SAMPLING).reply("hello")
@@ -283,7 +284,7 @@ def test_errors_are_one_clear_line(run, lm_dir, tmp_path, capsys, args, message)
     names = {"MODEL": str(lm_dir), "RUN": str(run), "CLASSIFIER": str(classifier), "EMPTY": str(tmp_path / "empty.txt")}
     args = [a.replace(a.split("/")[0], names[a.split("/")[0]]) if a.split("/")[0] in names else a for a in args]
     assert main(args) == 1
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err
     assert message in " ".join(printed.split()) and "Traceback" not in printed
 
 

@@ -195,7 +195,7 @@ def test_merged_export_loads_without_deltatune(run_dir, tmp_path, capsys):
     assert done.returncode == 0, done.stderr
     torch.testing.assert_close(torch.tensor(json.loads(done.stdout)), expected, atol=1e-5, rtol=1e-4)
     assert main(["export", "--format", "hf", str(run_dir), str(tmp_path / "merged")]) == 1  # never overwrites
-    assert "already exists and is not empty" in " ".join(capsys.readouterr().out.split())
+    assert "already exists and is not empty" in " ".join(capsys.readouterr().err.split())
 
 
 def test_peft_export_of_a_run_and_of_its_delta_folder(run_dir, tiny_bert_dir, tmp_path, capsys):  # noqa: F811
@@ -218,7 +218,7 @@ def test_peft_export_of_a_run_and_of_its_delta_folder(run_dir, tiny_bert_dir, tm
 
 def test_export_errors_on_the_command_line(run_dir, tmp_path, tiny_bert_dir, reviews, capsys):  # noqa: F811
     assert main(["export", "--format", "peft", "--merge", str(run_dir), str(tmp_path / "x")]) == 1
-    assert "--merge goes with --format hf" in capsys.readouterr().out
+    assert "--merge goes with --format hf" in capsys.readouterr().err
     prompt_run = tmp_path / "prompt"
     config = load_config(write_config(tmp_path, tiny_bert_dir, reviews,
                                       delta=[{"method": "prompt", "n_tokens": 2}, {"method": "head"}]),
@@ -226,7 +226,7 @@ def test_export_errors_on_the_command_line(run_dir, tmp_path, tiny_bert_dir, rev
     open_session(config).delta.save(prompt_run / "best")
     (prompt_run / "config.yaml").write_text(yaml.safe_dump(config.to_dict()))
     assert main(["export", "--format", "hf", str(prompt_run), str(tmp_path / "merged")]) == 1
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "prompt cannot be merged into the base weights, so there is no standalone model to export; " \
            "mergeable methods: bitfit, full, head, ia3, lora, mask" in " ".join(out.split())
     assert not (tmp_path / "merged").exists()

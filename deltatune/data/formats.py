@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -47,7 +48,21 @@ def values(table: Table, column: str) -> list[Any]:
 
 
 def texts(table: Table, column: str) -> list[str]:
-    return [v if isinstance(v, str) else str(v) for v in values(table, column)]
+    """A text column's values as strings (numbers are written out); DataError at the first list or object."""
+    return [v if isinstance(v, str) else str(_scalar(table, i, column, v, "text"))
+            for i, v in enumerate(values(table, column))]
+
+
+def class_labels(table: Table, column: str) -> list[str]:
+    """A classification label column as class names; DataError at the first list or object (one label per record)."""
+    return [str(_scalar(table, i, column, v, "label")) for i, v in enumerate(values(table, column))]
+
+
+def _scalar(table: Table, i: int, column: str, value: Any, what: str) -> Any:
+    if isinstance(value, (list, dict)):
+        raise DataError(f"{table.where(i)}: {what} in column {column!r} is a {type(value).__name__} ({value!r:.60}); "
+                        f"each record needs one {what}: a string{' or number' if what == 'label' else ''}")
+    return value
 
 
 def _tokenize(table: Table, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, labels: list[Any]) -> Dataset:
@@ -72,13 +87,16 @@ def _tokenize(table: Table, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
 
 def _class_names(table: Table, cfg: DataConfig) -> list[str]:
     """The configured labels, else the sorted unique labels of the training file."""
-    return list(cfg.labels) if cfg.labels else [str(v) for v in sorted(set(values(table, cfg.label_column)))]
+    if cfg.labels:
+        return list(cfg.labels)
+    class_labels(table, cfg.label_column)  # one scalar per record, so the values sort
+    return [str(v) for v in sorted(set(values(table, cfg.label_column)))]
 
 
 def _encode_classification(table: Table, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
                            names: list[str] | None) -> Dataset:
     ids = {name: i for i, name in enumerate(names or [])}
-    labels = [str(v) for v in values(table, cfg.label_column)]
+    labels = class_labels(table, cfg.label_column)
     for i, label in enumerate(labels):
         if label not in ids:
             origin = "the configured `labels`" if cfg.labels else "the training data"
@@ -93,6 +111,9 @@ def _encode_regression(table: Table, cfg: DataConfig, tokenizer: PreTrainedToken
     for i, v in enumerate(labels):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise DataError(f"{table.where(i)}: regression label {v!r} in column {cfg.label_column!r} is not a number")
+        if not math.isfinite(v):
+            raise DataError(f"{table.where(i)}: regression label {v!r} in column {cfg.label_column!r} is not a finite "
+                            "number; fix or remove the record")
     return _tokenize(table, cfg, tokenizer, [float(v) for v in labels])
 
 

@@ -19,6 +19,8 @@ from datasets import Dataset
 from deltatune.errors import DataError
 
 _OPENERS: dict[str, Callable[..., IO[str]]] = {".gz": gzip.open, ".bz2": bz2.open}
+ENCODING = "utf-8-sig"  # UTF-8; a byte-order mark (as some Windows editors write) is skipped
+CHAT_TURNS = ("messages", "conversations")  # a single chat record is one key holding a list of turns
 SUPPORTED = ".jsonl, .json, .csv, .parquet (and .jsonl/.json/.csv compressed as .gz or .bz2)"
 
 
@@ -74,7 +76,7 @@ def read_table(path: str | Path) -> Table:
 
 def _read_jsonl(path: Path, opener: Callable[..., IO[str]]) -> Table:
     records, lines = [], []
-    with opener(path, "rt", encoding="utf-8") as f:
+    with opener(path, "rt", encoding=ENCODING) as f:
         for n, line in enumerate(f, 1):
             if line.strip():
                 records.append(_json_object(line.strip(), f"{path}:{n}"))
@@ -83,23 +85,47 @@ def _read_jsonl(path: Path, opener: Callable[..., IO[str]]) -> Table:
 
 
 def _read_json(path: Path, opener: Callable[..., IO[str]]) -> Table:
-    with opener(path, "rt", encoding="utf-8") as f:
+    with opener(path, "rt", encoding=ENCODING) as f:
         text = f.read()
-    if not text.lstrip().startswith("["):  # many ".json" files are JSON lines
-        return _read_jsonl(path, opener)
     try:
-        items = json.loads(text)
+        items = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as e:
+        if not text.lstrip().startswith("["):  # many ".json" files are JSON lines
+            return _read_jsonl(path, opener)
         raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+    except _NonFinite as e:
+        raise DataError(f"{path}: {e}") from None
+    if isinstance(items, dict):  # one record, unless the records sit in lists
+        _check_orientation(items, path)
+        return _table(path, [items], [1])
+    if not isinstance(items, list):
+        raise DataError(f"{path}: expected an array of records or JSON lines, got a JSON {type(items).__name__}")
     records = [_check_object(item, f"{path}: record {i}") for i, item in enumerate(items, 1)]
     return _table(path, records, list(range(1, len(records) + 1)), by_line=False)
+
+
+def _check_orientation(whole: dict[str, Any], path: Path) -> None:
+    """DataError for a JSON object holding the records by column (pandas' default `to_json`: lists, or objects by
+    row index) or in a list under one key (`{"data": [...]}`); deltatune reads arrays of records, or JSON lines."""
+    fix = ("write one record per line (JSON lines) or an array of records [{...}, {...}], e.g. "
+           "pandas.read_json(file).to_json(out, orient='records', lines=True)")
+    columns, key = list(whole.values()), next(iter(whole), "")
+    if len(whole) == 1 and key not in CHAT_TURNS and isinstance(columns[0], list) and len(columns[0]) > 1 \
+            and all(isinstance(v, dict) for v in columns[0]):
+        raise DataError(f"{path}: the records are inside the key {key!r} of one JSON object; {fix}")
+    by_list = all(isinstance(v, list) and len(v) == len(columns[0]) > 1 and not any(isinstance(x, dict) for x in v)
+                  for v in columns)
+    by_index = all(isinstance(v, dict) and len(v) > 1 and v.keys() == columns[0].keys() for v in columns)
+    if columns and (by_list or by_index):
+        raise DataError(f"{path}: one JSON object of columns ({', '.join(map(repr, list(whole)[:4]))}), not a list "
+                        f"of records; {fix}")
 
 
 def _read_csv(path: Path, opener: Callable[..., IO[str]]) -> Table:
     try:  # only empty cells are missing: a text "NA" stays text
         with warnings.catch_warnings():  # rows longer than the header: pandas would drop (or index by) fields
             warnings.simplefilter("error", pd.errors.ParserWarning)
-            df = pd.read_csv(path, encoding="utf-8", keep_default_na=False, na_values=[""], index_col=False)
+            df = pd.read_csv(path, encoding=ENCODING, keep_default_na=False, na_values=[""], index_col=False)
     except pd.errors.EmptyDataError:
         df = pd.DataFrame()
     except pd.errors.ParserWarning:
@@ -124,9 +150,20 @@ _READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".par
 
 def _json_object(line: str, where: str) -> dict[str, Any]:
     try:
-        return _check_object(json.loads(line), where)
+        return _check_object(json.loads(line, parse_constant=_no_constant), where)
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: invalid JSON ({e.msg}, column {e.colno})") from None
+    except _NonFinite as e:
+        raise DataError(f"{where}: {e}") from None
+
+
+class _NonFinite(ValueError):
+    """A NaN or Infinity in a JSON data file (Python's json reads them; they are not JSON)."""
+
+
+def _no_constant(name: str) -> None:
+    raise _NonFinite(f"{name} is not a JSON value (JSON has no NaN or infinity): write a finite number, or null "
+                    "for a missing value")
 
 
 def _check_object(item: Any, where: str) -> dict[str, Any]:

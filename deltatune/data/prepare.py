@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -67,6 +68,8 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int 
     if len(data["train"]) == 0:
         raise DataError(f"{tables['train'].path}: no training example has a target token within the first "
                         f"max_length={cfg.max_length} tokens; raise data.max_length")
+    if fmt.task == "classification":
+        check_classes(data["train"]["labels"], names, tables["train"])
     source = {s: {"file": str(tables[s].path), "records": len(tables[s].data), "examples": len(data[s]),
                   "split_from_train": s not in files} for s in SPLITS}
     if cfg.skip_bad_records:
@@ -75,6 +78,20 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int 
     template = resolve_template(tokenizer, cfg.chat_template) if cfg.format in CHAT_FORMATS else None
     return TaskData(**data, task=fmt.task, label_names=names, num_labels=len(names) if names else fmt.num_labels,
                     source=source, format=cfg.format, chat_template=template)
+
+
+def check_classes(labels: list[int], names: list[str], table: Table) -> None:
+    """DataError if the training split holds a single class: the classifier would learn to always answer it (and
+    score perfectly on data of that class), which is never what a classification run is for. A warning when most
+    classes have a single example (e.g. data.label_column names a text column)."""
+    if len(classes := set(labels)) < 2:
+        only = names[next(iter(classes))] if classes else "none"
+        raise DataError(f"{table.path}: every training example has the same label ({only!r}, {len(labels)} "
+                        "examples): a classifier needs at least two classes to learn anything; add examples of the "
+                        "other classes (or check data.label_column)")
+    if len(classes) > max(20, len(labels) / 2):
+        warnings.warn(f"{table.path}: {len(classes)} classes for {len(labels)} training examples (most classes have "
+                      "one example): is data.label_column the label and not free text?", stacklevel=3)
 
 
 def _rendered(read: Callable[[dict[str, Any]], Any], cfg: DataConfig,

@@ -32,8 +32,9 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from deltatune.arch import describe
-from deltatune.delta import TENSOR_FILE, Delta, DeltaConfig, read_delta_config
+from deltatune.delta import TENSOR_FILE, Delta, DeltaConfig, base_fingerprint, read_delta_config
 from deltatune.errors import CheckpointError, ConfigError, TargetError
+from deltatune.fingerprint import check_finite, check_same_base
 from deltatune.io import load_tensors, sha256
 from deltatune.methods.adapter import Adapter, Bottleneck, like, on_output, output_size
 from deltatune.registry import register
@@ -103,6 +104,7 @@ class SavedAdapter:
         config = Adapter(**{k: v for k, v in parts[0]["config"].items() if k != "method"})
         wanted = set(parts[0]["tensors"])
         tensors = {k: v for k, v in load_tensors(file).items() if k in wanted}
+        check_finite(tensors, str(file))
         return cls(path, config, tensors, meta["base"], digest)
 
     def branch(self, site: str, hidden: int, like: dict) -> Bottleneck:
@@ -197,7 +199,13 @@ class FusionDelta(Delta):
         if changed := [str(s.path) for s, digest in zip(saved, pinned) if s.sha256 != digest]:
             raise CheckpointError(f"adapters {changed} changed since this fusion was trained (their tensor "
                                   "checksums differ); fuse and train again, or restore those adapters")
-        check_compatible(saved, describe(self.model).heads)
+        heads = describe(self.model).heads
+        check_compatible(saved, heads)
+        for adapter in saved:  # the body they were trained on (each task had its own head)
+            try:
+                check_same_base(adapter.base, base_fingerprint(self.model), skip=heads)
+            except CheckpointError as exc:
+                raise CheckpointError(f"adapter {adapter.path}: {exc}") from None
         sites = saved[0].sites
         if not sites:
             raise CheckpointError(f"adapter {saved[0].path} holds no adapter tensors")

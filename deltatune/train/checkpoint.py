@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from deltatune import io
-from deltatune.delta import TENSOR_FILE, DeltaBase
+from deltatune.delta import TENSOR_FILE, DeltaBase, read_delta_config
+from deltatune.fingerprint import check_finite
 from deltatune.errors import CheckpointError, DeltaTuneError
 
 NAME = re.compile(r"^step-(\d{8})$")
@@ -43,6 +44,7 @@ class Checkpoint:
     scheduler: dict[str, Any]
     rng: dict[str, Any]
     state: dict[str, Any]
+    base: dict[str, Any]  # fingerprint of the base model the delta was trained on
 
 
 def checkpoint_dirs(root: str | Path) -> list[Path]:
@@ -90,7 +92,9 @@ def save_checkpoint(root: str | Path, step: int, *, delta: DeltaBase, optimizer:
                 from exc
         raise
     for old in checkpoint_dirs(root)[:-max(keep, 1)]:
-        shutil.rmtree(old)
+        trash = old.with_name(f".{old.name}.deleting")  # gone in one rename: never a half-deleted step-N
+        old.rename(trash)
+        shutil.rmtree(trash)
     return final
 
 
@@ -129,7 +133,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
                 raise CheckpointError(f"{path / name} is missing or corrupted (checksum mismatch)")
         optimizer = decode(io.read_json(path / "optimizer.json"), io.load_tensors(path / "optimizer.safetensors"))
         state = io.read_json(path / "state.json")
-        return Checkpoint(path=path, step=int(state["step"]), delta=io.load_tensors(path / TENSOR_FILE),
+        delta = io.load_tensors(path / TENSOR_FILE)
+        check_finite(delta, str(path / TENSOR_FILE))
+        return Checkpoint(path=path, step=int(state["step"]), delta=delta, base=read_delta_config(path)["base"],
                           optimizer=optimizer, scheduler=decode(io.read_json(path / "scheduler.json"), {}),
                           rng={"tensors": io.load_tensors(path / "rng.safetensors"),
                                **io.read_json(path / "rng.json")}, state=state)
@@ -216,14 +222,32 @@ def decode(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return tree
 
 
+def save_delta(delta: DeltaBase, folder: Path, files: dict[str, str] | None = None) -> None:
+    """Save the delta (and text `files`) into a temporary folder and swap it in for `folder`: `folder` is always
+    either the complete old or the complete new delta."""
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        delta.save(tmp)
+        for name, text in (files or {}).items():
+            io.write_text(tmp / name, text)
+        replace_dir(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def replace_dir(src: Path, dst: Path) -> None:
-    """Rename folder `src` onto `dst` (an existing `dst` is moved aside first, then removed)."""
-    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-    if dst.exists():
+    """Rename folder `src` onto `dst`. An existing `dst` is swapped with `src` in one step where the file system
+    can (renameat2 RENAME_EXCHANGE), else moved aside first; then the old contents are removed."""
+    if dst.exists() and io.exchange(src, dst):
+        shutil.rmtree(src, ignore_errors=True)
+    else:
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        if dst.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            dst.rename(old)
+        src.rename(dst)
         shutil.rmtree(old, ignore_errors=True)
-        dst.rename(old)
-    src.rename(dst)
-    shutil.rmtree(old, ignore_errors=True)
     fd = os.open(dst.parent, os.O_RDONLY)
     try:
         os.fsync(fd)

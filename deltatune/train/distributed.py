@@ -36,7 +36,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from deltatune.delta import base_fingerprint
 from deltatune.errors import CheckpointError, ConfigError
+from deltatune.fingerprint import check_same_base
 from deltatune.train import checkpoint
 
 if TYPE_CHECKING:
@@ -140,6 +142,7 @@ class Parallel:
 
     def load_checkpoint(self, ckpt: checkpoint.Checkpoint, delta: DeltaBase, optimizer: torch.optim.Optimizer) -> None:
         """Put a checkpoint's delta and optimizer state into this rank's (sharded) model and optimizer."""
+        check_same_base(ckpt.base, base_fingerprint(delta.model))
         with self.full_params(writeback=True):
             delta.load_state_dict(ckpt.delta)
         by_name = isinstance(ckpt.optimizer["param_groups"][0]["params"][0], str)  # written by an FSDP run

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import random
 import resource
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from deltatune.errors import CheckpointError, ConfigError, DataError, DeltaTuneE
 from deltatune.optim import OptimizerConfig, build_optimizer, build_scheduler, check_train_settings
 from deltatune.schema import Schema
 from deltatune.train import checkpoint, distributed, speed
+from deltatune.train.interrupt import StopRequests, TrainingInterrupted
 from deltatune.train.metrics import (
     MetricsLog,
     MetricState,
@@ -97,14 +99,26 @@ class TrainResult:
 
 def train(model: nn.Module, delta: DeltaBase, data: TaskData | MultiTaskData, cfg: TrainConfig,
           out_dir: str | Path, *, collate: Collate, resume: bool = False,
-          on_event: Callable[[str, dict[str, Any]], None] | None = None) -> TrainResult:
+          on_event: Callable[[str, dict[str, Any]], None] | None = None,
+          record: dict[str, Any] | None = None) -> TrainResult:
     """Train `delta` (attached to `model`) on `data` (a TaskData, or a MultiTaskData: see train/tasks.py);
     see the module docstring for the outputs.
 
     `resume=True` continues from the newest good checkpoint in `out_dir/checkpoints` and ends with exactly the
-    weights and loss curve of an uninterrupted run (bitwise on CPU), given the same config.
+    weights and loss curve of an uninterrupted run (bitwise on CPU), given the same config. Only the length may
+    change (`epochs`, `max_steps`): the LR schedule is then the one of a run planned with the new length from the
+    start (same warmup steps), continued from the step reached. `record` (the run's config and data hashes) is
+    saved in every checkpoint. SIGINT / SIGTERM stop at the next step boundary after saving a checkpoint
+    (`TrainingInterrupted`).
     """
-    out_dir, emit = Path(out_dir), on_event or (lambda kind, info: None)
+    with StopRequests() as stop:
+        return _train(model, delta, data, cfg, Path(out_dir), collate, resume, on_event, record, stop)
+
+
+def _train(model: nn.Module, delta: DeltaBase, data: TaskData | MultiTaskData, cfg: TrainConfig, out_dir: Path,
+           collate: Collate, resume: bool, on_event: Callable[[str, dict[str, Any]], None] | None,
+           record: dict[str, Any] | None, stop: StopRequests) -> TrainResult:
+    emit = on_event or (lambda kind, info: None)
     task = objective(data, delta)  # loss, units and metrics of the task, or of several tasks (tasks.py)
     metric = cfg.metric or task.default_metric
     task.check_metric(metric)
@@ -131,9 +145,7 @@ def train(model: nn.Module, delta: DeltaBase, data: TaskData | MultiTaskData, cf
     par = distributed.setup(model, delta, cfg.parallel, cfg.optimizer.name)  # torchrun: DDP / FSDP; else no-op
     train_collate = par.sharded(collate)  # this rank's shard of each global batch
     fast = speed.FastPath(par.model, task, cfg.precision, cfg.chunked_loss, cfg.gradient_checkpointing)
-    micro_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
-    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
-    total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
+    steps_per_epoch, total_steps = _steps_per_epoch(cfg, len(data.train)), planned_steps(cfg, len(data.train))
     scheduler = build_scheduler(optimizer, cfg.optimizer, total_steps)
     lengths = _lengths(data.train) if cfg.length_grouping else None
     log = MetricsLog(out_dir, task.metrics) if par.main else distributed.NO_LOG
@@ -142,19 +154,19 @@ def train(model: nn.Module, delta: DeltaBase, data: TaskData | MultiTaskData, cf
     # Loop state: everything needed to continue exactly where a checkpoint was taken.
     st: dict[str, Any] = {"epoch": 0, "batch": 0, "best": None, "best_step": None, "best_metrics": None,
                           "bad_evals": 0, "stopped_early": False, "elapsed": 0.0, "train_time": 0.0, "tokens": 0,
-                          "baseline": None, "config": cfg.model_dump(mode="json")}
+                          "baseline": None, "config": cfg.model_dump(mode="json"), "run": record}
     step, last_ckpt = 0, None
     if resume:
         ck = checkpoint.load_latest(ckpt_root)
-        if changed := [k for k in TRAJECTORY_KEYS if ck.state["config"][k] != getattr(cfg, k)]:
-            raise ConfigError(f"cannot resume {out_dir} with different {', '.join(changed)} than the run used")
+        check_resumable(ck, cfg, total_steps, out_dir)
         par.load_checkpoint(ck, delta, optimizer)
         scheduler.load_state_dict(ck.scheduler)
+        _extend_schedule(scheduler, total_steps)
         checkpoint.set_rng_state(ck.rng)
         par.barrier()  # every rank has read it before rank 0 renames anything
         if par.main:
             checkpoint.set_aside_newer(ckpt_root, ck.step)  # broken newer ones would shadow the new checkpoints
-        st, step, last_ckpt = {**ck.state, "config": cfg.model_dump(mode="json")}, ck.step, ck.path
+        st, step, last_ckpt = {**ck.state, "config": cfg.model_dump(mode="json"), "run": record}, ck.step, ck.path
         del st["step"]
     log.start(resume_step=step if resume else None)
     clock = time.perf_counter() - st["elapsed"]  # elapsed time continues across resumes
@@ -173,6 +185,12 @@ def train(model: nn.Module, delta: DeltaBase, data: TaskData | MultiTaskData, cf
         # The order of an epoch depends only on (seed, epoch): the data position is just (epoch, batch index).
         epoch, batches = st["epoch"], _epoch_batches(data, cfg, st["epoch"], lengths)
         while st["epoch"] == epoch and not st["stopped_early"] and step < total_steps:
+            if par.sum(float(stop.signum is not None))[0]:  # every rank stops at the same step boundary
+                st["elapsed"] = time.perf_counter() - clock
+                if last_ckpt != checkpoint.checkpoint_path(ckpt_root, step):
+                    last_ckpt = par.save_checkpoint(ckpt_root, step, delta=delta, optimizer=optimizer,
+                                                    scheduler=scheduler, state=st, keep=cfg.keep_checkpoints)
+                raise TrainingInterrupted(stop.signum or signal.SIGTERM, step, last_ckpt)
             t0 = time.perf_counter()
             par.seed_step(cfg.seed, step)
             group = [train_collate([data.train[i] for i in idx])
@@ -245,6 +263,8 @@ def train(model: nn.Module, delta: DeltaBase, data: TaskData | MultiTaskData, cf
                 emit("early_stop", {"step": step, "epoch": epoch_pos, "metric": metric, "best": st["best"],
                                     "best_step": st["best_step"], "patience": cfg.patience})
 
+    if par.sum(float(stop.signum is not None))[0]:  # during the last step: its checkpoint is saved already
+        raise TrainingInterrupted(stop.signum or signal.SIGTERM, step, last_ckpt)
     if per_layer:
         optimizer.remove_hooks()  # a later backward pass on the model must not update the weights
     par.finish()  # plain full weights on every rank again; rank 0's files are written
@@ -326,9 +346,41 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
 
 
 def _save_delta(delta: DeltaBase, folder: Path, par: distributed.Parallel) -> None:
-    """Save the delta into a temporary folder and rename it onto `folder`, so `folder` is never half-written."""
+    """Save the delta atomically (rank 0, with full tensors): `folder` is never half-written."""
     with par.full_params():
         if par.main:
-            tmp = folder.with_name(f".{folder.name}.tmp")
-            delta.save(tmp)
-            checkpoint.replace_dir(tmp, folder)
+            checkpoint.save_delta(delta, folder)
+
+
+def planned_steps(cfg: TrainConfig, examples: int) -> int:
+    """The optimizer steps of a run over `examples` training examples: all epochs, capped by max_steps."""
+    return min(cfg.epochs * _steps_per_epoch(cfg, examples), cfg.max_steps or math.inf)
+
+
+def _steps_per_epoch(cfg: TrainConfig, examples: int) -> int:
+    return math.ceil(math.ceil(examples / cfg.batch_size) / cfg.grad_accum)
+
+
+def check_resumable(ck: checkpoint.Checkpoint, cfg: TrainConfig, total_steps: int, out_dir: Path) -> None:
+    """ConfigError unless resuming `ck` with `cfg` (`total_steps` long) continues the same trajectory (data order,
+    optimizer, LR) for at least the steps taken, and trains if it is longer."""
+    saved = ck.state["config"]
+    changed = [f"{k}: {saved.get(k)!r} → {v!r}" for k, v in cfg.model_dump(mode="json").items()
+               if k in (*TRAJECTORY_KEYS, "optimizer") and saved.get(k) != v]
+    if changed:
+        raise ConfigError(f"cannot resume {out_dir} with other settings than the run used: {'; '.join(changed)}")
+    if total_steps < ck.step:
+        raise ConfigError(f"cannot resume {out_dir}: it is at step {ck.step} already, but epochs / max_steps now "
+                          f"allow only {total_steps} steps")
+    if ck.state.get("stopped_early") and total_steps > ck.step:
+        raise ConfigError(f"cannot extend {out_dir}: it stopped early at step {ck.step} (train.patience: no "
+                          "improvement), so more epochs / max_steps would train nothing; start a new run in another "
+                          "folder")
+
+
+def _extend_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, total_steps: int) -> None:
+    """Give the restored schedule the run's new length (warmup unchanged) and set the LRs of the current step."""
+    for schedule in {id(f): f for f in scheduler.lr_lambdas}.values():
+        schedule.total = total_steps
+    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)

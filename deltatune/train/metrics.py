@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from deltatune import io
-from deltatune.errors import CheckpointError, ConfigError
+from deltatune.errors import CheckpointError, ConfigError, DeltaTuneError
 from deltatune.train.tensorboard import open_tensorboard
 
 TASKS = ("classification", "regression", "text")
@@ -155,10 +155,17 @@ class MetricsLog:
         self.tensorboard = open_tensorboard(self.tensorboard_dir, resume_step)
 
     def write(self, row: dict[str, Any]) -> None:
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        with open(self.csv, "a", newline="") as f:
-            csv.DictWriter(f, self.columns, restval="", extrasaction="ignore").writerow(row)
+        """Append `row`; a full disk is one clear error (a row cut short is dropped and rewritten on resume)."""
+        try:
+            with open(self.jsonl, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            with open(self.csv, "a", newline="") as f:
+                csv.DictWriter(f, self.columns, restval="", extrasaction="ignore").writerow(row)
+        except OSError as exc:
+            if exc.errno not in io.DISK_FULL:
+                raise
+            raise DeltaTuneError(f"no space left on device for the metrics log in {self.jsonl.parent}: the last "
+                                 "checkpoint is unchanged; free some space and continue with --resume") from exc
         if self.tensorboard is not None:
             self.tensorboard.write(row)
 
