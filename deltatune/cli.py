@@ -31,19 +31,13 @@ errors = Console(stderr=True, highlight=False)  # a failed command says why on s
 
 
 def main(argv: list[str] | None = None) -> int:
-    import datasets
-
-    datasets.disable_progress_bars()  # our own progress bar is the only one (datasets is imported already)
+    parser = _parser()
+    args = parser.parse_args(argv)  # before any heavy import: `--help` and `--version` start fast
     if argv is None:  # a real `deltatune` process (console script or python -m), not a call from Python code
         from deltatune.train.speed import tune_allocator
 
         tune_allocator()  # before any training memory is allocated
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()  # the weight-loading report is noise next to our own summary
-    hf_logging.disable_progress_bar()
-    parser = _parser()
-    args = parser.parse_args(argv)
+    _quiet_libraries()
     from deltatune.train.distributed import rank_and_world
 
     rank, world = rank_and_world()
@@ -63,12 +57,44 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _quiet_libraries() -> None:
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets.disable_progress_bars()  # our own progress bar is the only one
+    hf_logging.set_verbosity_error()  # the weight-loading report is noise next to our own summary
+    hf_logging.disable_progress_bar()
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Help text that ends with the option's default, when it has one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, [], argparse.SUPPRESS) and "%(default)" not in text \
+                and (action.option_strings or action.nargs in ("?", "*")):
+            text += " (default: %(default)s)"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser (and sub-command parsers) whose help shows defaults."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, formatter_class=_Help, **kwargs)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deltatune", description="Fine-tune pretrained models with small deltas.")
+    from deltatune import __version__
+
+    parser = _Parser(prog="deltatune", description="Fine-tune pretrained models with small deltas.",
+                     epilog="`deltatune COMMAND --help` describes a command. Start with `deltatune config show`\n"
+                            "(a full commented config) and `deltatune models` / `deltatune data`.")
+    parser.add_argument("--version", action="version", version=f"deltatune {__version__}")
     sub = parser.add_subparsers(metavar="COMMAND")
 
     p = sub.add_parser("train", help="fine-tune as a YAML config says")
-    p.add_argument("config", type=Path)
+    p.add_argument("config", type=Path, help="YAML run config (`deltatune config show` prints one with every key)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=1 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
@@ -78,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a trained run on a split")
     p.add_argument("run", type=Path, help="run folder written by `deltatune train`")
-    p.add_argument("--split", choices=["train", "validation", "test"], default="test")
+    p.add_argument("--split", choices=["train", "validation", "test"], default="test", help="the split to evaluate")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override the run's config, e.g. --set data.test=other.jsonl")
     p.add_argument("--generate", type=Path, metavar="FILE",
@@ -86,32 +112,39 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-base", action="store_true", help="with --generate: also score the base model")
     p.add_argument("--skip", type=int, default=0, help="with --generate: pass over the first N records")
     p.add_argument("--limit", type=int, help="with --generate: N records at most")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="with --generate: longest answer, in tokens")
     p.add_argument("--stop", action="append", default=[], help="cut each answer at this string (repeatable)")
     p.add_argument("--system", help="system prompt for records without one")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="with --generate: prompts generated together")
     p.add_argument("--output", type=Path, help="with --generate: write every answer to this .jsonl file")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("merge", help="merge a run's delta into the base and save a standalone model "
                                      "(= export --format hf)")
-    p.add_argument("run", type=Path)
-    p.add_argument("out", type=Path)
-    p.set_defaults(func=cmd_export, format="hf", model=None)
-
-    p = sub.add_parser("export", help="write a run's delta as a Hugging Face PEFT adapter, or merged into a "
-                                      "standalone transformers model")
     p.add_argument("run", type=Path, metavar="RUN_OR_DELTA", help="run folder, or a saved delta folder")
     p.add_argument("out", type=Path, help="new output folder")
-    p.add_argument("--format", choices=["peft", "hf"], required=True,
-                   help="peft: adapter_config.json + adapter_model.safetensors; hf: merged model (save_pretrained)")
+    p.add_argument("--model", help="base model folder of a delta folder (default: the one it was trained from)")
+    _add_dtype(p)
+    p.set_defaults(func=cmd_export, format="hf", base_name=None)
+
+    p = sub.add_parser("export", help="write a run's delta as a Hugging Face PEFT adapter or a llama.cpp GGUF "
+                                      "LoRA, or merged into a standalone transformers or GGUF model")
+    p.add_argument("run", type=Path, metavar="RUN_OR_DELTA", help="run folder, or a saved delta folder")
+    p.add_argument("out", type=Path, help="new output folder (gguf, gguf-lora: a new .gguf file)")
+    p.add_argument("--format", choices=["peft", "hf", "gguf", "gguf-lora"], required=True,
+                   help="peft: adapter_config.json + adapter_model.safetensors (+ tokenizer); hf: merged model "
+                        "(save_pretrained); gguf: merged model as one llama.cpp / Ollama file; gguf-lora: the LoRA "
+                        "adapter as a llama.cpp GGUF adapter (llama-cli --lora)")
     p.add_argument("--merge", action="store_true", help="merge into the base weights (what --format hf does)")
     p.add_argument("--model", help="base model folder of a delta folder (default: the one it was trained from)")
+    p.add_argument("--base-name", help="peft: base_model_name_or_path to write, e.g. a Hugging Face hub id "
+                                       "(default: the packaged model's hub id, else the model folder's name)")
+    _add_dtype(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("compare", help="train one task with several methods (same data, seed, budget) and "
                                        "compare them in one table and chart")
-    p.add_argument("config", type=Path)
+    p.add_argument("config", type=Path, help="YAML run config with a `compare:` section (examples/compare.yaml)")
     p.add_argument("--methods", help="comma-separated methods or compare.settings variants, e.g. full,lora,prefix "
                                      "(default: compare.methods of the config)")
     p.add_argument("--force", action="store_true", help="re-train methods whose run has finished already")
@@ -131,7 +164,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="system prompt for chat prompts")
     p.add_argument("--compare-base", action="store_true",
                    help="also generate with the base model (no delta) and show both side by side")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
     p.add_argument("--output", type=Path, help="write the generations to this .jsonl file")
     _add_sampling(p)
     p.set_defaults(func=cmd_generate)
@@ -150,6 +183,20 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("methods", help="list the registered fine-tuning methods")
     p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("models", help="list the packaged model aliases (usable as model.path offline)")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("data", help="list the packaged data set aliases (usable as data.train offline)")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("config", help="show a full default config, or the JSON schema of config files")
+    what = p.add_subparsers(metavar="ACTION", required=True)
+    q = what.add_parser("show", help="print a complete run config: every key with its default and a comment")
+    q.add_argument("method", nargs="?", default="lora", help="the method in its delta section (`deltatune methods`)")
+    q.set_defaults(func=cmd_config_show)
+    q = what.add_parser("schema", help="print the JSON schema of run config files (for editors' YAML validation)")
+    q.set_defaults(func=cmd_config_schema)
     return parser
 
 
@@ -163,6 +210,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     methods = " + ".join(d.method for d in config.delta)
     data = config.data.train if config.tasks is None else "tasks " + ", ".join(t.name for t in config.tasks)
     console.print(f"model [cyan]{config.model.path}[/]  data [cyan]{data}[/]  method [cyan]{methods}[/]")
+    if (galore := config.train.optimizer.galore) is not None:
+        eight_bit = "yes" if config.train.optimizer.name == "galore_adamw8bit" else "no"
+        console.print(f"optimizer [cyan]{config.train.optimizer.name}[/]: GaLore rank {galore.rank}, projection "
+                      f"updated every {galore.update_proj_gap} steps, scale {galore.scale}, proj_type "
+                      f"{galore.proj_type}, 8-bit moments {eight_bit}, per-layer updates "
+                      f"{'yes' if galore.per_layer else 'no'}, targets {', '.join(galore.targets)}")
     try:
         with _TrainProgress() as progress, _sigterm_interrupts():
             session, result = run_training(config, resume=args.resume, overwrite=args.overwrite,
@@ -231,15 +284,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+EXPORTED = {"peft": ("PEFT adapter (with the tokenizer)", "load it with peft.PeftModel.from_pretrained"),
+            "hf": ("merged model", "load it with transformers' from_pretrained"),
+            "gguf": ("merged GGUF model", "run it with llama.cpp (llama-cli -m FILE) or Ollama (FROM ./FILE)"),
+            "gguf-lora": ("GGUF LoRA adapter", "run it with llama.cpp: llama-cli -m BASE.gguf --lora FILE")}
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from deltatune.interop import export
 
-    if args.format == "peft" and getattr(args, "merge", False):
-        raise DeltaTuneError("--merge goes with --format hf: a PEFT adapter keeps the delta separate")
-    out = export(args.run, args.out, args.format, model_path=args.model)
-    what, loader = (("PEFT adapter", "peft.PeftModel.from_pretrained") if args.format == "peft" else
-                    ("merged model", "transformers' from_pretrained"))
-    console.print(f"{what} written to [cyan]{out}[/] (load it with {loader})")
+    if args.format in ("peft", "gguf-lora") and getattr(args, "merge", False):
+        raise DeltaTuneError(f"--merge goes with --format hf or gguf: a {args.format} adapter keeps the delta "
+                             "separate")
+    out = export(args.run, args.out, args.format, model_path=args.model, dtype=args.dtype, base_name=args.base_name)
+    what, how = EXPORTED[args.format]
+    console.print(f"{what} written to [cyan]{out}[/] ({how})")
     return 0
 
 
@@ -408,10 +467,18 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
                                       "(default: the one the run saved, else the tokenizer's own)")
 
 
+def _add_dtype(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "q8_0"],
+                   help="weights of a merged model: hf default the base's dtype; gguf default fp16 (bf16 for a "
+                        "bf16 base); q8_0 (8-bit blocks) is for gguf only. gguf-lora: the adapter's tensors "
+                        "(default fp32)")
+
+
 def _add_sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="longest output, in tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens "
+                                                            "with this total probability")
     p.add_argument("--top-k", type=int, default=0, help="0 = no top-k cut")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating tokens")
     p.add_argument("--seed", type=int, help="makes sampling reproducible")
@@ -448,6 +515,46 @@ def cmd_methods(args: argparse.Namespace) -> int:
     for name, method in methods().items():
         table.add_row(name, "yes" if method.delta_class.mergeable else "no", method.description)
     console.print(table)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from deltatune.assets import MODEL_CARDS
+
+    _print_assets("packaged models (use the alias as model.path or --model)", MODEL_CARDS)
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from deltatune.assets import DATA_CARDS
+
+    _print_assets("packaged data sets (use the alias as data.train)", DATA_CARDS)
+    return 0
+
+
+def _print_assets(title: str, cards: dict) -> None:
+    table = Table(title=title)
+    for column in ("alias", "size", "description", "installed"):
+        table.add_column(column, style="cyan" if column == "alias" else None)
+    for alias, card in cards.items():
+        table.add_row(alias, card.size, card.description, "yes" if card.installed() else
+                      f"no: pip install --no-deps {card.pip}")
+    console.print(table)
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from deltatune.config_doc import default_config_yaml
+
+    sys.stdout.write(default_config_yaml(args.method))
+    return 0
+
+
+def cmd_config_schema(args: argparse.Namespace) -> int:
+    import json
+
+    from deltatune.config_doc import json_schema
+
+    sys.stdout.write(json.dumps(json_schema(), indent=2) + "\n")
     return 0
 
 

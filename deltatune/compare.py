@@ -61,8 +61,9 @@ class CompareConfig(Schema):
 
     section = "compare"
 
-    methods: list[str] = Field(default_factory=list)
-    settings: dict[str, MethodSettings] = Field(default_factory=dict)
+    methods: list[str] = Field(default_factory=list, description="methods compared by default (--methods)")
+    settings: dict[str, MethodSettings] = Field(default_factory=dict, description="per method or variant name: "
+                                                                                  "its delta and train settings")
 
 
 @dataclass

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import ConfigDict, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from deltatune.data import DataConfig
 from deltatune.delta import DeltaConfig
@@ -37,10 +37,15 @@ class ModelConfig(Schema):
 
     section = "model"
 
-    path: str
-    dtype: BaseDtype = "auto"  # the frozen base's dtype; auto = bf16 on CPUs with native bf16 matmuls (precision.py)
-    quantize: Quantize | None = None  # weight-only int8 / int4 frozen Linear layers (quantize.py, needs torchao)
-    trust_remote_code: bool = False
+    path: str = Field(description="a local Hugging Face model folder or a packaged alias (`deltatune models`)",
+                      examples=["minilm"])
+    dtype: BaseDtype = Field("auto", description="the frozen base's dtype: auto = bf16 where the CPU has native bf16 "
+                             "matmuls and no delta trains the base weights, else fp32 (float32 / bfloat16: the same as "
+                             "fp32 / bf16); trainable tensors stay fp32")
+    quantize: Quantize | None = Field(None, description="weight-only int8 / int4 quantization of the base's Linear "
+                                      "layers (QLoRA-style; needs torchao: pip install 'deltatune[quantize]')")
+    trust_remote_code: bool = Field(False, description="run the model folder's own Python code (only for folders "
+                                                       "you trust)")
 
 
 class RunConfig(Schema):
@@ -52,14 +57,17 @@ class RunConfig(Schema):
     def schema_name(cls) -> str:
         return ""
 
-    model: ModelConfig
-    data: DataConfig | None = None
-    delta: list[DeltaConfig]
-    train: TrainConfig = TrainConfig()
-    output_dir: str = "runs/run"
-    eval_generation: GenerationEval | None = None  # after training: exact match / ROUGE-L of generated answers
-    tasks: list[TaskConfig] | None = None  # multi-task training: instead of `data`
-    multitask: MultiTaskConfig | None = None  # with `tasks`: sampling and loss weighting
+    model: ModelConfig = Field(description="the pretrained model to start from")
+    data: DataConfig | None = Field(None, description="the data of a single-task run (or `tasks:` instead)",
+                                    examples=[{"train": "rotten_tomatoes"}])
+    delta: list[DeltaConfig] = Field(description="the methods to attach, in order, each `{method: NAME, ...}` "
+                                                 "(`deltatune methods` lists them)")
+    train: TrainConfig = Field(TrainConfig(), description="how to train")
+    output_dir: str = Field("runs/run", description="the run folder: logs, checkpoints, best/, report.html")
+    eval_generation: GenerationEval | None = Field(
+        None, description="after training: exact match / ROUGE-L of generated answers")
+    tasks: list[TaskConfig] | None = Field(None, description="multi-task training: instead of `data`")
+    multitask: MultiTaskConfig | None = Field(None, description="with `tasks`: sampling and loss weighting")
 
     @field_validator("delta", mode="before")
     @classmethod

@@ -166,6 +166,7 @@ class Delta(DeltaBase, ABC):
         self._params: dict[str, nn.Parameter] = {}
         self._swaps: list[tuple[nn.Module, str, nn.Module, nn.Module]] = []
         self._grad_flags: dict[nn.Parameter, bool] = {}
+        self._stat_hooks: list[Any] = []
 
     def parts(self) -> list[Delta]:
         return [self]
@@ -256,6 +257,8 @@ class Delta(DeltaBase, ABC):
         self._params = {names[id(p)]: p for p in owned}
         for p in owned:
             p.requires_grad_(True)
+        if not others:  # the first delta freezes the base's running statistics until the last one detaches
+            self._stat_hooks = freeze_running_stats(self.model)
         others.append(self)
         self.attached = True
         return self
@@ -270,6 +273,9 @@ class Delta(DeltaBase, ABC):
             self.unmerge()
         self.restore()
         self._undo()
+        for hook in self._stat_hooks:
+            hook.remove()
+        self._stat_hooks = []
         stack.pop()
         self.attached = False
 
@@ -299,6 +305,26 @@ class Delta(DeltaBase, ABC):
         self._swaps.clear()
         for p, flag in self._grad_flags.items():
             p.requires_grad_(flag)
+
+
+def freeze_running_stats(model: nn.Module) -> list[Any]:
+    """Make BatchNorm-style layers normalise with their running statistics in training too, and never update them:
+    those statistics are base-model buffers, which a delta must leave bit for bit (and which it does not save)."""
+    hooks = []
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
+            hooks += [module.register_forward_pre_hook(_use_running_stats),
+                      module.register_forward_hook(_restore_mode)]
+    return hooks
+
+
+def _use_running_stats(module: nn.Module, args: tuple) -> None:
+    module.deltatune_training = module.training
+    module.training = False
+
+
+def _restore_mode(module: nn.Module, args: tuple, output: Any) -> None:
+    module.training = module.__dict__.pop("deltatune_training", module.training)
 
 
 class DeltaGroup(DeltaBase):

@@ -33,13 +33,15 @@ class GenerationEval(Schema):
 
     section = "eval_generation"
 
-    file: str  # .jsonl/.json/.csv/.parquet: prompt + reference, or messages ending with the assistant's answer
-    skip: int = Field(0, ge=0)  # records to pass over first (e.g. those the training data took from the same file)
-    limit: int | None = Field(None, gt=0)  # then N records at most
-    max_new_tokens: int = Field(64, ge=1)
-    stop: list[str] = []
-    batch_size: int = Field(8, ge=1)
-    system: str | None = None  # system prompt for records without one
+    file: str = Field(description=".jsonl/.json/.csv/.parquet (or a packaged alias): prompt + reference, or "
+                                  "messages ending with the assistant's answer", examples=["held_out.jsonl"])
+    skip: int = Field(0, ge=0, description="records to pass over first (e.g. those the training data took from "
+                                           "the same file)")
+    limit: int | None = Field(None, gt=0, description="then N records at most")
+    max_new_tokens: int = Field(64, ge=1, description="longest answer, in tokens (greedy decoding)")
+    stop: list[str] = Field([], description="cut each answer at the first of these strings")
+    batch_size: int = Field(8, ge=1, description="prompts generated together")
+    system: str | None = Field(None, description="system prompt for records without one")
 
     def sampling(self) -> Sampling:
         return Sampling(max_new_tokens=self.max_new_tokens, stop=self.stop)

@@ -46,7 +46,8 @@ def generate_ids(model: nn.Module, prompts: Sequence[Sequence[int]], sampling: S
                  pad_token_id: int, eos_token_id: int | list[int] | None = None, use_cache: bool = True,
                  tokenizer: PreTrainedTokenizerBase | None = None,
                  streamer: BaseStreamer | None = None) -> list[list[int]]:
-    """New token ids for each prompt (ids), generated as one left-padded batch, each cut before its first eos.
+    """New token ids for each prompt (ids), generated as one left-padded batch (an encoder-decoder's: right-padded
+    encoder inputs), each cut before its first eos.
 
     With a `tokenizer`, generation of a row also ends once it produced one of `sampling.stop`.
     """
@@ -63,8 +64,15 @@ def generate_ids(model: nn.Module, prompts: Sequence[Sequence[int]], sampling: S
         raise ConfigError(f"a prompt of {width} tokens and max_new_tokens={sampling.max_new_tokens} do not fit the "
                           f"model's context of {limit} tokens{taken}; shorten the prompt or lower --max-new-tokens")
     device = next(model.parameters()).device
-    ids = torch.tensor([[pad_token_id] * (width - len(p)) + list(p) for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    # an encoder-decoder's prompt is the encoder's input (right-padded); its output is [start] + the new tokens
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+
+    def padded(row: Sequence[int], fill: int) -> list[int]:
+        pad = [fill] * (width - len(row))
+        return list(row) + pad if encoder_decoder else pad + list(row)
+
+    ids = torch.tensor([padded(p, pad_token_id) for p in prompts], device=device)
+    mask = torch.tensor([padded([1] * len(p), 0) for p in prompts], device=device)
     kwargs = sampling.generate_kwargs()
     if tokenizer is not None and sampling.stop:
         kwargs |= dict(stop_strings=sampling.stop, tokenizer=tokenizer)
@@ -78,7 +86,7 @@ def generate_ids(model: nn.Module, prompts: Sequence[Sequence[int]], sampling: S
                                  eos_token_id=eos_token_id, use_cache=use_cache, streamer=streamer, **kwargs)
     finally:
         model.train(was_training)
-    return [until_eos(row, eos_token_id) for row in out[:, width:].tolist()]
+    return [until_eos(row, eos_token_id) for row in out[:, 1 if encoder_decoder else width:].tolist()]
 
 
 def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str],

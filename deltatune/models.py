@@ -15,6 +15,7 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedTokenizerBase,
@@ -65,21 +66,28 @@ def load_model(path: str, task: str, num_labels: int | None = None, *, dtype: st
     elif task == "regression":
         kwargs |= {"num_labels": num_labels or 1, "problem_type": "regression"}
 
+    auto = TASKS[task]
+    if task == "causal_lm" and is_encoder_decoder(path, trust_remote_code=trust_remote_code):
+        auto = AutoModelForSeq2SeqLM  # text generation by an encoder-decoder (T5, BART): prompt in, response out
     try:  # a task head of another size than the saved one is re-initialised; mismatches elsewhere are errors
-        model, info = TASKS[task].from_pretrained(folder, output_loading_info=True, ignore_mismatched_sizes=True,
-                                                  **kwargs)
+        model, info = auto.from_pretrained(folder, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
     except LOAD_ERRORS as e:
         raise DeltaTuneError(f"cannot load model from {str(folder)!r} for task {task!r}: {e}") from e
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     model.deltatune_new_weights = _new_weights(model, info, folder)
     _check_tokenizer_fits(model, tokenizer, folder)
-    if task == "causal_lm":
+    if task == "causal_lm" and auto is not AutoModelForSeq2SeqLM:  # an encoder-decoder's decoder is causal
         _check_causal(model, folder)
     if quantize:
         quantize_base(model, quantize, DTYPES[dtype])
     compute_in(model, DTYPES[dtype])
     _ensure_pad_token(model, tokenizer)
     return model, tokenizer
+
+
+def is_encoder_decoder(path: str, *, trust_remote_code: bool = False) -> bool:
+    """Whether the model saved at `path` is an encoder-decoder (its config says so)."""
+    return bool(getattr(_auto_config(path, trust_remote_code), "is_encoder_decoder", False))
 
 
 def saved_num_labels(path: str, *, trust_remote_code: bool = False) -> int:

@@ -114,5 +114,7 @@ def _take_task(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[t
     task = kwargs.pop("task", None)
     if task is not None:
         router.select(task)
-    router.attention_mask = kwargs.get("attention_mask")
+    # the mask of the tokens the head reads: an encoder-decoder's head reads the decoder's
+    decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+    router.attention_mask = kwargs.get("decoder_attention_mask" if decoder else "attention_mask")
     return args, kwargs

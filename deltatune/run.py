@@ -17,12 +17,13 @@ import yaml
 from deltatune import runfolder
 from deltatune.config import RunConfig, load_config
 from deltatune.data import TEMPLATE_FILE, Collator, TaskData, prepare_data
+from deltatune.data.config import CHAT_FORMATS
 from deltatune.data.multitask import MultiTaskData, TaskCollator
 from deltatune.data.packing import prepare_model
 from deltatune.delta import DeltaBase, attach, load
 from deltatune.errors import ConfigError
 from deltatune.io import write_text
-from deltatune.models import load_model, load_tokenizer, model_max_length, saved_num_labels
+from deltatune.models import is_encoder_decoder, load_model, load_tokenizer, model_max_length, saved_num_labels
 from deltatune.precision import DTYPE_NAMES, resolve_base_dtype
 from deltatune.train import TrainResult, train
 from deltatune.train.checkpoint import Checkpoint, load_latest, save_delta
@@ -45,8 +46,28 @@ class Session:
 
     def collator(self) -> Collator | TaskCollator:
         pack_to = self.config.data.max_length if _packs(self.config) else None
-        collate = Collator(self.tokenizer.pad_token_id, pack_to=pack_to)
+        seq2seq = self.config.task == "causal_lm" and getattr(self.model.config, "is_encoder_decoder", False)
+        start = self.model.config.decoder_start_token_id if seq2seq else None
+        collate = Collator(self.tokenizer.pad_token_id, pack_to=pack_to, decoder_start=start)
         return TaskCollator(collate) if isinstance(self.data, MultiTaskData) else collate
+
+
+def _check_encoder_decoder(config: RunConfig, data_format: str | None) -> None:
+    """An encoder-decoder generates a response to a prompt: it trains on prompt -> response data, unpacked."""
+    if config.task != "causal_lm" or not is_encoder_decoder(config.model.path,
+                                                            trust_remote_code=config.model.trust_remote_code):
+        return
+    formats = [data_format] if config.tasks is None else [t.data.format for t in config.tasks]
+    if bad := sorted({f for f in formats if f not in (*CHAT_FORMATS, "auto")}):
+        raise ConfigError(f"data.format: {', '.join(bad)} has no prompt/response split, which the encoder-decoder "
+                          f"{config.model.path} needs (the encoder reads the prompt, the decoder the response); use "
+                          f"one of {', '.join(CHAT_FORMATS)}")
+    if _packs(config):
+        raise ConfigError("data.packing: packed rows are for decoder-only models; an encoder-decoder pads each "
+                          "prompt and response instead: set packing: false")
+    if config.tasks is None and config.data.train_on_prompt:
+        raise ConfigError("data.train_on_prompt: an encoder-decoder reads the prompt with its encoder, so the loss "
+                          "can only be on the response: set train_on_prompt: false")
 
 
 def _packs(config: RunConfig) -> bool:
@@ -57,11 +78,14 @@ def _packs(config: RunConfig) -> bool:
 def open_session(config: RunConfig, delta_dir: Path | None = None) -> Session:
     """Load tokenizer, data and model for `config`; attach fresh deltas, or the saved ones in `delta_dir`."""
     torch.manual_seed(config.train.seed)  # new heads and delta tensors start the same way every run
+    _check_encoder_decoder(config, config.data.format if config.tasks is None else None)
     tokenizer = load_tokenizer(config.model.path, trust_remote_code=config.model.trust_remote_code)
     limit = model_max_length(config.model.path, tokenizer, trust_remote_code=config.model.trust_remote_code)
     data = (prepare_data(config.data, tokenizer, seed=config.train.seed, model_max_length=limit)
             if config.tasks is None else
             prepare_tasks(config.tasks, config.multitask, tokenizer, seed=config.train.seed, model_max_length=limit))
+    if isinstance(data, TaskData):
+        _check_encoder_decoder(config, data.format)  # the detected format of `format: auto`
     id2label = dict(enumerate(data.label_names)) if data.label_names else None
     # multi-task: the model keeps its saved head's size (task_heads replaces the head)
     num_labels = data.num_labels if config.tasks is None else saved_num_labels(

@@ -33,3 +33,12 @@ def nested(field: str, schema: type[Schema]) -> Any:
         return schema(**value) if isinstance(value, dict) else value
 
     return field_validator(field, mode="before")(build)
+
+
+def one_or_many(*fields: str) -> Any:
+    """A before-validator that lets YAML give a single pattern as a plain string (`targets: all-linear` is
+    `targets: [all-linear]`); the JSON schema says so too. Use as `_one_pattern = one_or_many("targets")`."""
+    def as_list(value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    return field_validator(*fields, mode="before", json_schema_input_type=str | list[str] | None)(as_list)

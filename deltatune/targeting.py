@@ -5,7 +5,8 @@ Pattern forms, in a `targets` list:
   "attn.c_proj"      dot-suffix with several parts
   "re:.*\\.(q|v)_proj" regular expression, full match on the module name
   "type:Conv2d"      every module of that class name
-  "all-linear"       every supported module except the task heads
+  "all-linear"       every Linear / GPT-2 Conv1D of a supported type except the task heads; in a model without
+                     any (a CNN), its convolutions of a supported type instead
 Every pattern must match at least one module; otherwise a TargetError lists the candidates.
 """
 
@@ -17,16 +18,37 @@ from typing import Iterable, Sequence, Union
 
 from torch import nn
 
-from deltatune.arch import describe, short_name
+from deltatune.arch import LINEAR, describe, short_name
 from deltatune.errors import TargetError
 
 LayerSpec = Union[str, Sequence[int], None]
+ALL_LINEAR = "all-linear"
 
 
 class DeltaModule(nn.Module):
     """Marker base for modules a delta injects; targeting never descends into them."""
 
     owner_method: str = "delta"
+
+
+def _wrapped(attribute: str) -> property:
+    return property(lambda self: getattr(self.base_layer, attribute), doc=f"the wrapped layer's `{attribute}`")
+
+
+class WrapperModule(DeltaModule):
+    """A DeltaModule around one `base_layer`. Model code reads attributes of the layer it calls (T5's FFN casts to
+    `wo.weight.dtype`): these answer as the wrapped layer would. Only these are exposed, never a blanket proxy."""
+
+    base_layer: nn.Module
+    weight = _wrapped("weight")
+    bias = _wrapped("bias")
+    in_features = _wrapped("in_features")
+    out_features = _wrapped("out_features")
+    nf = _wrapped("nf")  # transformers' Conv1D output size
+    in_channels = _wrapped("in_channels")
+    out_channels = _wrapped("out_channels")
+    num_embeddings = _wrapped("num_embeddings")
+    embedding_dim = _wrapped("embedding_dim")
 
 
 def find_modules(
@@ -47,7 +69,9 @@ def find_modules(
     heads = set(arch.heads)
     chosen: dict[str, nn.Module] = {}
     for pattern in targets:
-        hits = {n: m for n, m in candidates.items() if _matches(pattern, n, m, heads, types)}
+        hits = {n: m for n, m in candidates.items() if _matches(pattern, n, m, heads, _pattern_types(pattern, types))}
+        if not hits and pattern == ALL_LINEAR:  # no linear layer outside the heads (a CNN): its convolutions
+            hits = {n: m for n, m in candidates.items() if _matches(pattern, n, m, heads, _conv_types(types))}
         if not hits:
             raise no_match_error(pattern, candidates, types, model)
         if allowed_layers is not None:
@@ -62,6 +86,20 @@ def find_modules(
         raise TargetError(f"every module matched by {list(targets)} is excluded by {list(exclude)}")
     check_not_taken(chosen)
     return dict(sorted(chosen.items(), key=lambda kv: list(candidates).index(kv[0])))
+
+
+def _pattern_types(pattern: str, types: tuple[type, ...]) -> tuple[type, ...]:
+    """The module types a pattern may pick: all-linear only the linear ones among `types`."""
+    return tuple(t for t in types if issubclass(t, LINEAR)) if pattern == ALL_LINEAR else types
+
+
+def _conv_types(types: tuple[type, ...]) -> tuple[type, ...]:
+    return tuple(t for t in types if issubclass(t, nn.modules.conv._ConvNd))
+
+
+def exact_pattern(names: Iterable[str]) -> str:
+    """A target pattern matching exactly these module names."""
+    return "re:" + "|".join(map(re.escape, names))
 
 
 def plain_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -79,7 +117,7 @@ def plain_modules(model: nn.Module) -> dict[str, nn.Module]:
 def _matches(pattern: str, name: str, module: nn.Module, heads: set[str], types: tuple[type, ...]) -> bool:
     if not name:
         return False
-    if pattern == "all-linear":
+    if pattern == ALL_LINEAR:
         return _is_type(module, types) and name not in heads and not any(name.startswith(h + ".") for h in heads)
     if not _is_type(module, types) and not isinstance(module, DeltaModule):
         return False

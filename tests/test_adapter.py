@@ -210,7 +210,7 @@ def test_adapter_combines_with_lora_elsewhere_and_a_new_head():
     assert not adapters(m)
 
 
-def test_arch_resolves_negative_indices_in_role_paths():
+def test_arch_finds_ffn_outputs_of_t5_encoder_and_decoder_blocks():
     import transformers as T
 
     cfg = T.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=2)

@@ -75,15 +75,15 @@ def test_targets_without_bias_and_nothing_matching_are_clear_errors():
     assert not any(p.requires_grad is False for p in m.parameters())  # failed attaches left the model alone
 
 
-def test_bias_free_architecture_is_refused_unless_add_missing():
+def test_bias_free_architecture_gets_zero_biases_unless_add_missing_is_false():
     m, batch = model("llama"), tiny_batch()
     with pytest.raises(TargetError, match="LlamaForSequenceClassification has no bias terms.*add_missing: true"):
-        deltatune.attach(m, BitFit())
+        deltatune.attach(m, BitFit(add_missing=False))
     with pytest.raises(TargetError, match="'q_proj' matches .* none of them holds a bias"):
-        deltatune.attach(m, BitFit(targets=["q_proj"]))
+        deltatune.attach(m, BitFit(targets=["q_proj"], add_missing=False))
 
     before, keys = logits(m, batch), set(m.state_dict())
-    delta = deltatune.attach(m, BitFit(add_missing=True))
+    delta = deltatune.attach(m, BitFit())  # add_missing: auto adds them, as the model has none
     linears = {n for n, mod in m.named_modules() if isinstance(mod, nn.Linear) and n != "score"}
     assert set(delta.trainable_parameters()) == {f"{n}.bias" for n in linears}  # 7 per layer, not the head
     assert torch.equal(logits(m, batch), before)  # zero biases change nothing

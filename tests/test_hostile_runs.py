@@ -3,7 +3,6 @@ byte for byte as it was (each file hashed before and after); the ones that go ah
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -127,7 +126,7 @@ def test_overwrite_moves_the_old_run_aside_and_trains_anew(setup, run, finished)
     assert code == 0, out
     [aside] = run.parent.glob("run.old-*")
     assert snapshot(aside) == before  # every file of the old run, unchanged, nothing deleted
-    assert f"moved the earlier run's files (config.yaml, results.json, best, checkpoints" in out
+    assert "moved the earlier run's files (config.yaml, results.json, best, checkpoints" in out
     assert (run / "notes.txt").read_text() == "the user's own file stays where it is"
     assert json.loads((run / "results.json").read_text())["steps"] == 3
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["max_steps"] == 3

@@ -185,9 +185,20 @@ def test_feedforward_outside_targets_is_an_error():
         deltatune.attach(model("llama"), IA3(feedforward=["no_such_module"]))
 
 
-def test_unknown_model_type_needs_targets():
+def test_other_model_types_get_keys_values_and_ffn_output_from_their_structure():
+    import transformers as T
+
+    opt = T.OPTForCausalLM(T.OPTConfig(vocab_size=64, hidden_size=16, ffn_dim=32, num_hidden_layers=2,
+                                       num_attention_heads=2, word_embed_proj_dim=16, max_position_embeddings=32))
+    delta = deltatune.attach(opt, IA3())
+    wrapped = {n.split("layers.")[1]: w.is_feedforward for n, w in zip(delta.trainable_parameters(), delta.wrappers)}
+    assert wrapped == {f"{i}.{m}.ia3_l": m == "fc2" for i in (0, 1) for m in ("self_attn.k_proj", "self_attn.v_proj",
+                                                                               "fc2")}
+
+
+def test_model_without_attention_needs_targets():
     m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-    with pytest.raises(TargetError, match="no default modules for model type None.*Candidates: 0, 2"):
+    with pytest.raises(TargetError, match="found no attention layers .* in Sequential.*Candidates: 0, 2"):
         deltatune.attach(m, IA3())
     delta = deltatune.attach(m, IA3(targets=["0", "2"], feedforward=["2"]))
     assert [w.is_feedforward for w in delta.wrappers] == [False, True]

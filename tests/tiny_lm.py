@@ -1,12 +1,10 @@
 """A tiny causal LM saved like a Hugging Face model folder: random 2-layer Llama plus a small byte-level BPE
-tokenizer with a ChatML chat template (trained in milliseconds with `tokenizers`), and a GGUF writer for it."""
+tokenizer with a ChatML chat template (trained in milliseconds with `tokenizers`), and as a GGUF file."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
@@ -52,50 +50,6 @@ def save_tiny_lm(folder: Path, seed: int = 0) -> Path:
 
 def write_gguf(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, path: Path) -> Path:
     """Save a Llama and its byte-level BPE tokenizer as a float32 GGUF file, laid out as llama.cpp does."""
-    import gguf
+    from deltatune.interop.llamacpp import write_gguf as write
 
-    config = model.config
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name("tiny")
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
-    writer.add_vocab_size(len(tokenizer))
-    _add_tokenizer(writer, tokenizer)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
-    for name, tensor in model.state_dict().items():
-        array = tensor.numpy().astype(np.float32)
-        if name.endswith(("q_proj.weight", "k_proj.weight")):  # llama.cpp orders rotary halves per head
-            array = _permute(array, HEADS if "q_proj" in name else KV_HEADS)
-        module, kind = name.rsplit(".", 1)
-        writer.add_tensor(f"{names.get_name(module)}.{kind}", array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
-def _add_tokenizer(writer, tokenizer: PreTrainedTokenizerFast) -> None:
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list([t for t, _ in vocab])
-    writer.add_token_types([3 if t in SPECIAL else 1 for t, _ in vocab])  # 3 = control token
-    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
-    writer.add_token_merges([" ".join(m) for m in merges])
-    writer.add_bos_token_id(tokenizer.bos_token_id)
-    writer.add_eos_token_id(tokenizer.eos_token_id)
-    writer.add_pad_token_id(tokenizer.pad_token_id)
-    writer.add_chat_template(tokenizer.chat_template)
-
-
-def _permute(weights: np.ndarray, heads: int) -> np.ndarray:
-    return weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:]).swapaxes(1, 2) \
-        .reshape(weights.shape)
+    return write(model, tokenizer, path, dtype="fp32", name="tiny")

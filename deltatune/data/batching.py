@@ -30,13 +30,14 @@ class Collator:
     pad_to_multiple_of: int | None = None
     padding_side: Literal["right", "left"] = "right"
     pack_to: int | None = None
+    decoder_start: int | None = None  # an encoder-decoder's decoder_start_token_id: collate as seq2seq
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if self.decoder_start is not None:
+            return self._seq2seq(examples)
         if self.pack_to:
             examples = pack_examples(examples, self.pack_to)
-        length = max(len(ex["input_ids"]) for ex in examples)
-        if self.pad_to_multiple_of:
-            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        length = self._length([ex["input_ids"] for ex in examples])
         batch = {"input_ids": self._pad([ex["input_ids"] for ex in examples], length, self.tokenizer_pad_id)}
         if "position_ids" in examples[0]:
             if self.padding_side != "right":
@@ -54,6 +55,28 @@ class Collator:
         else:
             batch["labels"] = torch.tensor(labels, dtype=torch.float if isinstance(labels[0], float) else torch.long)
         return batch
+
+    def _seq2seq(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Causal-LM examples (prompt + response, labels -100 on the prompt) as an encoder-decoder batch: the
+        encoder reads the prompt; the decoder reads [start] + response, and `labels` = [-100] + the response's
+        labels, so the loop's next-token loss (logits[:, :-1] against labels[:, 1:]) scores the response."""
+        sources, targets, labels = [], [], []
+        for ex in examples:
+            first = next((i for i, label in enumerate(ex["labels"]) if label != -100), len(ex["labels"]))
+            sources.append(ex["input_ids"][:first])
+            targets.append([self.decoder_start, *ex["input_ids"][first:]])
+            labels.append([-100, *ex["labels"][first:]])
+        source_length, target_length = (self._length(rows) for rows in (sources, targets))
+        return {"input_ids": self._pad(sources, source_length, self.tokenizer_pad_id),
+                "attention_mask": self._pad([[1] * len(row) for row in sources], source_length, 0),
+                "decoder_input_ids": self._pad(targets, target_length, self.tokenizer_pad_id),
+                "decoder_attention_mask": self._pad([[1] * len(row) for row in targets], target_length, 0),
+                "labels": self._pad(labels, target_length, -100)}
+
+    def _length(self, rows: Sequence[Sequence[int]]) -> int:
+        """The longest row, rounded up to `pad_to_multiple_of`."""
+        length = max(len(row) for row in rows)
+        return -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of if self.pad_to_multiple_of else length
 
     def _pad(self, rows: list[Sequence[int]], length: int, value: int) -> torch.Tensor:
         out = torch.full((len(rows), length), value, dtype=torch.long)

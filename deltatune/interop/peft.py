@@ -13,6 +13,7 @@ file, in PEFT either).
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -76,8 +77,21 @@ def wrapped_modules(delta: Delta) -> dict[str, nn.Module]:
 
 def tuner_fields(delta: Delta) -> dict[str, Any]:
     modules = wrapped_modules(delta)
-    return {"target_modules": sorted(modules),
+    return {"target_modules": compact_names(modules, base_module_names(delta.model, modules)),
             "fan_in_fan_out": any(isinstance(w.base_layer, Conv1D) for w in modules.values())}
+
+
+def base_module_names(model: nn.Module, wrapped: dict[str, nn.Module]) -> list[str]:
+    """The module names of the base model (without the insides of the delta's wrappers)."""
+    return [n for n, _ in model.named_modules() if not any(n.startswith(w + ".") for w in wrapped)]
+
+
+def compact_names(names: Sequence[str], candidates: Sequence[str]) -> list[str]:
+    """PEFT's short form of a module list: the last name parts (`q_proj`), as PEFT writes them, when those select
+    exactly `names` among `candidates` (PEFT matches a name or its dot-suffix); else the full names."""
+    short = {n.rsplit(".", 1)[-1] for n in names}
+    selected = {c for c in candidates if c.rsplit(".", 1)[-1] in short}
+    return sorted(short) if selected == set(names) else sorted(names)
 
 
 def patterns(value: str | list[str] | None) -> list[str] | None:
@@ -129,8 +143,12 @@ class IA3Spec(Spec):
     peft_type, methods = "IA3", ("ia3",)
 
     def config(self, delta: Delta) -> dict[str, Any]:
-        feedforward = sorted(n for n, w in wrapped_modules(delta).items() if w.is_feedforward)
-        return {**tuner_fields(delta), "feedforward_modules": feedforward}
+        modules, fields = wrapped_modules(delta), tuner_fields(delta)
+        feedforward = [n for n, w in modules.items() if w.is_feedforward]
+        short = compact_names(feedforward, list(modules))
+        if not set(short) <= set(fields["target_modules"]):  # PEFT wants feedforward within target_modules
+            return {**fields, "target_modules": sorted(modules), "feedforward_modules": sorted(feedforward)}
+        return {**fields, "feedforward_modules": short}
 
     def delta_config(self, peft: dict[str, Any]) -> DeltaConfig:
         return IA3(targets=patterns(peft["target_modules"]),
@@ -244,8 +262,10 @@ SUPPORTED = (f"PEFT formats exist for {', '.join(SPEC_OF_METHOD)} (one of them p
 
 
 # ---- export ------------------------------------------------------------------------------------------------
-def export_peft(delta: DeltaBase, out: str | Path) -> Path:
-    """Write `delta` as a PEFT adapter folder `out` (atomically). Prompt/prefix deltas are put in inference form."""
+def export_peft(delta: DeltaBase, out: str | Path, *, base_name: str | None = None, tokenizer: Any = None) -> Path:
+    """Write `delta` as a PEFT adapter folder `out` (atomically), with `tokenizer` (and its chat template) when
+    given. Prompt/prefix deltas are put in inference form. `base_name` is the adapter's
+    `base_model_name_or_path` (default: the model's `name_or_path`)."""
     main, heads = _split(delta)
     spec = SPEC_OF_METHOD[main.method]
     delta.for_inference()
@@ -258,11 +278,13 @@ def export_peft(delta: DeltaBase, out: str | Path) -> Path:
     head_tensors = {name: t for head in heads for name, t in head.state_dict().items()}
     tensors |= {spec.head_prefix + name: t for name, t in head_tensors.items()}
     config = {"peft_type": spec.peft_type, "task_type": task_type, "inference_mode": True,
-              "base_model_name_or_path": getattr(delta.model.config, "_name_or_path", None) or None,
+              "base_model_name_or_path": base_name or getattr(delta.model.config, "_name_or_path", None) or None,
               "modules_to_save": sorted({n.rsplit(".", 1)[0] for n in head_tensors}) or None, **spec.config(main)}
     with io.new_folder(out) as tmp:
         io.save_tensors(tmp / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
         io.write_json(tmp / CONFIG_FILE, config)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     return Path(out)
 
 

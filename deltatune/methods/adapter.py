@@ -14,12 +14,11 @@ modules explicitly instead, for architectures `deltatune.arch` does not know. No
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -27,7 +26,8 @@ from deltatune.arch import describe
 from deltatune.delta import Delta, DeltaConfig
 from deltatune.errors import TargetError
 from deltatune.registry import register
-from deltatune.targeting import DeltaModule, find_modules
+from deltatune.schema import one_or_many
+from deltatune.targeting import WrapperModule, exact_pattern, find_modules
 
 PLACEMENTS: dict[str, tuple[str, ...]] = {"houlsby": ("attention_output", "ffn_output"), "pfeiffer": ("ffn_output",)}
 NONLINEARITIES: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU,
@@ -43,17 +43,15 @@ class Adapter(DeltaConfig):
     reduction_factor: int | None = Field(None, ge=1, description="bottleneck size = hidden size // "
                                          "reduction_factor (16 when neither this nor bottleneck_size is given)")
     bottleneck_size: int | None = Field(None, gt=0, description="explicit bottleneck size (instead of the factor)")
-    nonlinearity: Literal[tuple(NONLINEARITIES)] = "relu"  # type: ignore[valid-type]
+    nonlinearity: Literal[tuple(NONLINEARITIES)] = Field(  # type: ignore[valid-type]
+        "relu", description="activation between the down and up projections")
     layer_norm: bool = Field(False, description="a LayerNorm on the adapter input, before the down-projection "
                              "(helps where sublayer outputs are small, e.g. randomly initialised models)")
     layers: str | list[int] | None = Field(None, description="restrict to these layer indices, e.g. '0-3' or [0, -1]")
     modules: list[str] | None = Field(None, min_length=1, description="wrap these modules (name, dot-suffix, "
                                       "'re:...') instead of the placement's arch roles; needed for unknown models")
 
-    @field_validator("modules", mode="before")
-    @classmethod
-    def _one_pattern(cls, value: object) -> object:
-        return [value] if isinstance(value, str) else value
+    _one_pattern = one_or_many("modules")
 
     @model_validator(mode="after")
     def _one_size(self) -> Adapter:
@@ -95,7 +93,7 @@ def on_output(out: torch.Tensor | tuple, fn: Callable[[torch.Tensor], torch.Tens
     return (fn(out[0]), *out[1:]) if isinstance(out, tuple) else fn(out)
 
 
-class AdapterModule(DeltaModule):
+class AdapterModule(WrapperModule):
     """A frozen `base_layer` whose output h becomes h + adapter(h)."""
 
     owner_method = "adapter"
@@ -116,11 +114,10 @@ def adapter_sites(model: nn.Module, cfg: Adapter) -> dict[str, nn.Module]:
     arch = describe(model)
     names = [name for role in PLACEMENTS[cfg.placement] for name in arch.layer_role(role)]
     if not names:
-        kind = getattr(getattr(model, "config", None), "model_type", None)
-        raise TargetError(f"adapter does not know where the attention and feed-forward outputs of "
-                          f"{type(model).__name__} (model type {kind!r}) are; name the modules to wrap with "
-                          "`modules: [...]`, e.g. the output projection of each block")
-    return find_modules(model, ["re:" + "|".join(map(re.escape, names))], layers=cfg.layers)
+        raise TargetError(f"adapter places bottlenecks after the attention and feed-forward outputs of each layer, and "
+                          f"{type(model).__name__} has no transformer layers with those that deltatune can find; name "
+                          "the modules to wrap with `modules: [...]` (e.g. each block's output Linear), or use lora")
+    return find_modules(model, [exact_pattern(names)], layers=cfg.layers)
 
 
 def output_size(name: str, module: nn.Module) -> int:

@@ -16,17 +16,18 @@ merged model is plain modules; `detach()` removes it again. A merged model with 
 
 from __future__ import annotations
 
-import re
+from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import nn
 
 from deltatune.arch import describe, short_name
 from deltatune.delta import Delta, DeltaConfig, owned_tensors
 from deltatune.errors import TargetError
 from deltatune.registry import register
-from deltatune.targeting import DeltaModule, find_modules, plain_modules
+from deltatune.schema import one_or_many
+from deltatune.targeting import DeltaModule, exact_pattern, find_modules, plain_modules
 
 
 class BitFit(DeltaConfig):
@@ -39,13 +40,11 @@ class BitFit(DeltaConfig):
     exclude: list[str] = Field(default_factory=list, description="patterns of modules whose biases stay frozen")
     include_head: bool = Field(False, description="also train the task head's bias (usually the `head` method "
                                                   "trains the whole head)")
-    add_missing: bool = Field(False, description="give targeted nn.Linear layers without a bias a zero-initialised "
-                                                 "one (for bias-free models such as Llama)")
+    add_missing: bool | Literal["auto"] = Field(
+        "auto", description="give targeted nn.Linear layers without a bias a zero-initialised one; 'auto': only when "
+                            "the model has no bias terms of its own (bias-free models such as Llama, T5)")
 
-    @field_validator("targets", "exclude", mode="before")
-    @classmethod
-    def _one_pattern(cls, value: object) -> object:
-        return [value] if isinstance(value, str) else value
+    _one_pattern = one_or_many("targets", "exclude")
 
 
 def is_bias(param_name: str) -> bool:
@@ -62,7 +61,9 @@ class BitFitDelta(Delta):
     def build(self) -> list[nn.Parameter]:
         cfg: BitFit = self.config  # type: ignore[assignment]
         self._heads = [] if cfg.include_head else describe(self.model).heads
-        self._taken, self._add = owned_tensors(self.model), cfg.add_missing
+        self._taken, self._add = owned_tensors(self.model), cfg.add_missing is True
+        if cfg.add_missing == "auto":
+            self._add = not any(self._slots(n, m) for n, m in plain_modules(self.model).items() if n)
         found = self._everything(cfg) if cfg.targets is None else self._targeted(cfg)
         existing: dict[int, nn.Parameter] = {}  # by id: a tied bias is one tensor
         added: dict[int, nn.Linear] = {}
@@ -104,7 +105,7 @@ class BitFitDelta(Delta):
         if not owners:
             raise TargetError(self._nothing(f"{type(self.model).__name__} has no bias terms to train"))
         try:
-            return find_modules(self.model, ["re:" + "|".join(map(re.escape, owners))], (nn.Module,),
+            return find_modules(self.model, [exact_pattern(owners)], (nn.Module,),
                                 cfg.layers, cfg.exclude)
         except TargetError:
             raise TargetError(f"no bias terms are left to train with layers={cfg.layers} and exclude={cfg.exclude}: "
@@ -128,8 +129,8 @@ class BitFitDelta(Delta):
         """`what` plus the way out that applies (add_missing, include_head, another delta owning the biases)."""
         hints = []
         if not self._add:
-            hints.append("set add_missing: true to give its Linear layers zero-initialised biases (bias-free "
-                         "architectures such as Llama), or use ia3 / lora instead")
+            hints.append("set add_missing: true (or leave it 'auto') to give its Linear layers zero-initialised "
+                         "biases (bias-free architectures such as Llama), or use ia3 / lora instead")
         if self._heads and any(is_bias(n.rsplit(".", 1)[-1]) for h in self._heads
                                for n, _ in self.model.get_submodule(h).named_parameters()):
             hints.append("the task head's bias is left out: set include_head: true to train it")

@@ -18,7 +18,7 @@ import re
 from typing import ClassVar
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import nn
 
 from deltatune.arch import describe
@@ -26,6 +26,7 @@ from deltatune.delta import Delta, DeltaConfig, owned_tensors
 from deltatune.errors import TargetError
 from deltatune.optim.groups import stack_depths
 from deltatune.registry import register
+from deltatune.schema import one_or_many
 from deltatune.targeting import no_match_error, plain_modules
 
 
@@ -41,10 +42,7 @@ class Full(DeltaConfig):
                                                            "the stack (final norm, head)")
     freeze_embeddings: bool = Field(False, description="freeze everything before the layer stack")
 
-    @field_validator("freeze", mode="before")
-    @classmethod
-    def _one_pattern(cls, value: object) -> object:
-        return [value] if isinstance(value, str) else value
+    _one_pattern = one_or_many("freeze")
 
 
 @register("full")

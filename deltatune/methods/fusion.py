@@ -22,7 +22,6 @@ Not output-preserving (`preserves_output = False`): attaching adds the mean of t
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from deltatune.fingerprint import check_finite, check_same_base
 from deltatune.io import load_tensors, sha256
 from deltatune.methods.adapter import Adapter, Bottleneck, like, on_output, output_size
 from deltatune.registry import register
-from deltatune.targeting import DeltaModule, find_modules
+from deltatune.targeting import WrapperModule, exact_pattern, find_modules
 
 BRANCH = ".adapter."  # tensor names of a saved adapter: "<site>.adapter.<down|up|norm>.<weight|bias>"
 
@@ -46,7 +45,8 @@ BRANCH = ".adapter."  # tensor names of a saved adapter: "<site>.adapter.<down|u
 class Fusion(DeltaConfig):
     """AdapterFusion settings: the saved adapters to fuse, and the value-matrix regularisation."""
 
-    adapters: list[str] = Field(description="folders of at least 2 saved adapter deltas (e.g. runs/a/best)")
+    adapters: list[str] = Field(description="folders of at least 2 saved adapter deltas (e.g. runs/a/best)",
+                                examples=[["runs/adapter-a/best", "runs/adapter-b/best"]])
     value_regularization: float = Field(0.01, ge=0, description="weight of ||V - I||² added to the loss")
     adapter_sha256: list[str] | None = Field(None, description="checksums of the adapters' tensor files; "
                                              "recorded on attach, checked on load (leave unset)")
@@ -163,7 +163,7 @@ class FusionAttention(nn.Module):
         return (weights.unsqueeze(-1) * self.value(z)).sum(dim=-2), weights
 
 
-class FusionModule(DeltaModule):
+class FusionModule(WrapperModule):
     """A frozen `base_layer`, N frozen `adapters` on its output h, and the trainable `fusion` mixing them."""
 
     owner_method = "fusion"
@@ -209,7 +209,7 @@ class FusionDelta(Delta):
         sites = saved[0].sites
         if not sites:
             raise CheckpointError(f"adapter {saved[0].path} holds no adapter tensors")
-        modules = find_modules(self.model, ["re:" + "|".join(map(re.escape, sites))])
+        modules = find_modules(self.model, [exact_pattern(sites)])
         if missing := sorted(set(sites) - set(modules)):
             raise TargetError(f"the adapters' modules {missing[:3]} are not in {type(self.model).__name__}; "
                               "fuse adapters trained on this model")

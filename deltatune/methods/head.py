@@ -16,13 +16,14 @@ import copy
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from torch import nn
 
 from deltatune.arch import describe
 from deltatune.delta import Delta, DeltaConfig, owned_tensors
 from deltatune.errors import ConfigError, TargetError
 from deltatune.registry import register
+from deltatune.schema import one_or_many
 from deltatune.targeting import DeltaModule, check_not_taken, find_modules
 
 CONFIG_KEYS = ("id2label", "label2id", "problem_type")
@@ -31,7 +32,8 @@ CONFIG_KEYS = ("id2label", "label2id", "problem_type")
 class Head(DeltaConfig):
     """Task head settings: task, output size, which module, fresh or kept weights."""
 
-    task: Literal["classification", "regression", "token_classification"] = "classification"
+    task: Literal["classification", "regression", "token_classification"] = Field(
+        "classification", description="what the head predicts")
     num_labels: int | None = Field(None, ge=1, description="outputs of the head; None keeps the current size "
                                                             "(regression: 1)")
     labels: list[str] | None = Field(None, min_length=1, description="label names, written to model.config.id2label")
@@ -42,10 +44,7 @@ class Head(DeltaConfig):
     also_train: list[str] = Field(default_factory=list, description="module patterns trained with the head, "
                                                                     "e.g. ['pooler']")
 
-    @field_validator("also_train", mode="before")
-    @classmethod
-    def _one_pattern(cls, value: object) -> object:
-        return [value] if isinstance(value, str) else value
+    _one_pattern = one_or_many("also_train")
 
     @model_validator(mode="after")
     def _labels_fit(self) -> Head:

@@ -14,17 +14,17 @@ keeps the original weight and bias so that unmerging is exact (PEFT divides, whi
 
 from __future__ import annotations
 
-
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from deltatune.arch import short_name
+from deltatune.arch import describe, short_name
 from deltatune.delta import Delta, DeltaConfig
 from deltatune.errors import TargetError
 from deltatune.registry import register
-from deltatune.targeting import DeltaModule, find_modules, plain_modules
+from deltatune.schema import one_or_many
+from deltatune.targeting import DeltaModule, WrapperModule, exact_pattern, find_modules, plain_modules
 
 TYPES = (nn.Linear, Conv1D)
 
@@ -54,13 +54,10 @@ class IA3(DeltaConfig):
     layers: str | list[int] | None = Field(None, description="restrict to these layer indices, e.g. '0-3' or [0, -1]")
     exclude: list[str] = Field(default_factory=list, description="patterns of modules to leave alone")
 
-    @field_validator("targets", "feedforward", "exclude", mode="before")
-    @classmethod
-    def _one_pattern(cls, value: object) -> object:
-        return [value] if isinstance(value, str) else value
+    _one_pattern = one_or_many("targets", "feedforward", "exclude")
 
 
-class IA3Module(DeltaModule):
+class IA3Module(WrapperModule):
     """A frozen `base_layer` whose output (or, for feed-forward modules, input) is scaled by the vector `ia3_l`."""
 
     owner_method = "ia3"
@@ -122,16 +119,21 @@ class IA3Delta(Delta):
         return [w.ia3_l for w in self.wrappers]
 
     def _defaults(self, required: bool = True) -> tuple[list[str], list[str]]:
+        """PEFT's modules for known model types; otherwise each layer's keys, values and FFN output (arch.py)."""
         model_type = getattr(getattr(self.model, "config", None), "model_type", None)
         if model_type in DEFAULTS:
             return DEFAULTS[model_type]
+        arch = describe(self.model)
+        key_value, ffn = arch.layer_role("key_value"), arch.layer_role("ffn_output")
+        if key_value and ffn:
+            return [exact_pattern(key_value + ffn)], [exact_pattern(ffn)]
         if not required:
             return [], []
         linears = sorted({short_name(n) for n, m in plain_modules(self.model).items()
                           if n and isinstance(m, TYPES) and not isinstance(m, DeltaModule)})
-        raise TargetError(f"ia3 has no default modules for model type {model_type!r} (known: "
-                          f"{', '.join(sorted(DEFAULTS))}); set `targets` (the key and value projections and the "
-                          f"FFN's second linear) and `feedforward` (that FFN linear). Candidates: "
+        raise TargetError(f"ia3 found no attention layers (key and value projections) and feed-forward blocks in "
+                          f"{type(self.model).__name__} to rescale; set `targets` (the key and value projections and "
+                          f"the FFN's second linear) and `feedforward` (that FFN linear), or use lora. Candidates: "
                           f"{', '.join(linears) or '(none)'}")
 
     def _feedforward(self, found: dict[str, nn.Module], patterns: list[str], strict: bool) -> set[str]:
@@ -156,3 +158,4 @@ class IA3Delta(Delta):
 
     def unmerge_weights(self) -> None:
         self.unfold_wrappers(self.wrappers)
+

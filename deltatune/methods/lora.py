@@ -18,14 +18,15 @@ from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from deltatune.delta import Delta, DeltaConfig
 from deltatune.errors import TargetError
 from deltatune.registry import register
-from deltatune.targeting import DeltaModule, find_modules
+from deltatune.schema import one_or_many
+from deltatune.targeting import WrapperModule, find_modules
 
 
 class LoRA(DeltaConfig):
@@ -38,14 +39,12 @@ class LoRA(DeltaConfig):
                                description="module patterns (name, dot-suffix, 're:...', 'type:...', 'all-linear')")
     layers: str | list[int] | None = Field(None, description="restrict to these layer indices, e.g. '0-3' or [0, -1]")
     exclude: list[str] = Field(default_factory=list, description="patterns of modules to leave alone")
-    scaling: Literal["standard", "rslora"] = "standard"
+    scaling: Literal["standard", "rslora"] = Field("standard", description="alpha / r (standard) or "
+                                                                           "alpha / sqrt(r) (rsLoRA)")
     dora: bool = Field(False, description="weight-decomposed LoRA (learned magnitude per output unit)")
     init: Literal["kaiming", "gaussian"] = Field("kaiming", description="init of A (B starts at zero either way)")
 
-    @field_validator("targets", "exclude", mode="before")
-    @classmethod
-    def _one_pattern(cls, value: object) -> object:
-        return [value] if isinstance(value, str) else value
+    _one_pattern = one_or_many("targets", "exclude")
 
 
 SCALINGS: dict[str, Callable[[float, int], float]] = {
@@ -142,7 +141,6 @@ class EmbeddingKind(LinearKind):
 
 KINDS: dict[type, LinearKind] = {Conv1D: Conv1DKind(), nn.Linear: LinearKind(), nn.Conv2d: Conv2dKind(),
                                  nn.Embedding: EmbeddingKind()}
-LINEAR_TYPES = (nn.Linear, Conv1D)  # what "all-linear" means here (as in PEFT); conv and embedding by name only
 
 
 def kind_of(name: str, module: nn.Module) -> LinearKind:
@@ -207,7 +205,7 @@ class DoRA:
 VARIANTS: dict[bool, type] = {False: Plain, True: DoRA}  # keyed by LoRA.dora
 
 
-class LoRAModule(DeltaModule):
+class LoRAModule(WrapperModule):
     """A frozen `base_layer` plus a low-rank update (`lora_A`, `lora_B`), applied per its kind and variant."""
 
     owner_method = "lora"
@@ -267,14 +265,9 @@ class LoRADelta(Delta):
         return [p for w in self.wrappers for n, p in w.named_parameters() if not n.startswith("base_layer.")]
 
     def _find(self, cfg: LoRA) -> dict[str, nn.Module]:
-        """'all-linear' means Linear/Conv1D (never the task head); named patterns may also pick Conv2d/Embedding."""
-        found: dict[str, nn.Module] = {}
-        groups = (([t for t in cfg.targets if t == "all-linear"], LINEAR_TYPES),
-                  ([t for t in cfg.targets if t != "all-linear"], tuple(KINDS)))
-        for targets, types in groups:
-            if targets:
-                found.update(find_modules(self.model, targets, types, cfg.layers, cfg.exclude))
-        return found
+        """'all-linear' means Linear/Conv1D (never the task head; a CNN's Conv2d layers when it has none), as in PEFT;
+        named patterns may also pick Conv2d/Embedding."""
+        return find_modules(self.model, cfg.targets, tuple(KINDS), cfg.layers, cfg.exclude)
 
     def merge_weights(self) -> None:
         self.fold_wrappers(self.wrappers)

@@ -1,5 +1,5 @@
 """Mask tuning (Zhao et al. 2020, "Masking as an efficient alternative to finetuning", after Piggyback, Mallya et
-al. 2018): the frozen weight W of every targeted Linear / GPT-2 Conv1D is used as W ⊙ m, a binary mask
+al. 2018): the frozen weight W of every targeted Linear / GPT-2 Conv1D / Conv2d is used as W ⊙ m, a binary mask
 m = 1[s >= threshold] of real-valued scores s, one per weight. The scores train through a straight-through
 estimator (dL/ds := dL/dm); the base weights never change. Every score starts at `init_score` > threshold (a
 uniform constant, as in the paper, defaults from Piggyback: threshold 5e-3, scores 1e-2), so the mask starts all
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -29,7 +29,8 @@ from deltatune import io
 from deltatune.delta import Delta, DeltaConfig
 from deltatune.errors import CheckpointError, ConfigError
 from deltatune.registry import register
-from deltatune.targeting import DeltaModule, find_modules
+from deltatune.schema import one_or_many
+from deltatune.targeting import WrapperModule, find_modules
 
 MASK_FORMAT = "deltatune-mask"
 
@@ -45,10 +46,7 @@ class Mask(DeltaConfig):
     layers: str | list[int] | None = Field(None, description="restrict to these layer indices, e.g. '0-3' or [0, -1]")
     exclude: list[str] = Field(default_factory=list, description="patterns of modules to leave alone")
 
-    @field_validator("targets", "exclude", mode="before")
-    @classmethod
-    def _one_pattern(cls, value: object) -> object:
-        return [value] if isinstance(value, str) else value
+    _one_pattern = one_or_many("targets", "exclude")
 
     @model_validator(mode="after")
     def _starts_all_ones(self) -> Mask:
@@ -67,8 +65,12 @@ def _conv1d(base: Conv1D, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     return torch.addmm(base.bias, x.view(-1, x.size(-1)), weight).view(*x.shape[:-1], base.nf)
 
 
+def _conv2d(base: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return base._conv_forward(x, weight, base.bias)
+
+
 FORWARDS: dict[type, Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    Conv1D: _conv1d, nn.Linear: _linear}
+    Conv1D: _conv1d, nn.Linear: _linear, nn.Conv2d: _conv2d}
 
 
 def binarize(scores: torch.Tensor, threshold: float, dtype: torch.dtype) -> torch.Tensor:
@@ -78,7 +80,7 @@ def binarize(scores: torch.Tensor, threshold: float, dtype: torch.dtype) -> torc
     return hard + (scores - scores.detach()).to(dtype)
 
 
-class MaskModule(DeltaModule):
+class MaskModule(WrapperModule):
     """A frozen `base_layer` whose weight is multiplied by the binarised `mask_scores`."""
 
     owner_method = "mask"

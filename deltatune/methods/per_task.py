@@ -31,7 +31,8 @@ NOT_PER_TASK = ("per_task", "task_heads", "head")  # heads are per task already 
 class PerTask(DeltaConfig):
     """Per-task copies of one method: the method's config and the task names."""
 
-    delta: DeltaConfig = Field(description="the method to copy per task, e.g. {method: lora, r: 8}")
+    delta: DeltaConfig = Field(description="the method to copy per task, e.g. {method: lora, r: 8}",
+                               examples=[{"method": "lora"}])
     tasks: list[str] | None = Field(None, min_length=1, description="task names, in task-id order; default: "
                                                                    "those of the task_heads attached before")
 

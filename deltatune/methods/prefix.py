@@ -14,8 +14,11 @@ twice on the backward replay). A forward pre-hook on every self-attention module
 Reparameterisation is a strategy (`REPARAMS`): prefix-tuning trains an embedding through an MLP (`mlp`, hidden
 size configurable); P-tuning v2 trains the prefix tensors directly (`none`). `collapse()` replaces the MLP by the
 plain prefix it computes (the paper's inference form): afterwards `save` writes only the (n, layers·2·kv_width)
-prefix tensor and the config says `reparam: none`, so loading needs no MLP. Works for decoders (GPT-2, Llama) and
-for BERT-style encoders (transformers 5 BERT self-attention reads `past_key_values` in encoder mode too).
+prefix tensor and the config says `reparam: none`, so loading needs no MLP. Works for decoders (GPT-2, Llama,
+GPT-NeoX whose attention takes the cache as `layer_past`), for BERT-style encoders (transformers 5 BERT
+self-attention reads `past_key_values` in encoder mode too), and for encoder-decoders (T5, BART): there the
+prefixes go into the decoder's self-attention cache (`EncoderDecoderCache`) and extend `decoder_attention_mask`.
+Models whose attention takes no cache (DistilBERT) are refused.
 """
 
 from __future__ import annotations
@@ -25,12 +28,17 @@ from typing import Literal
 import torch
 from pydantic import Field
 from torch import nn
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from deltatune.delta import Delta, DeltaConfig
 from deltatune.errors import ConfigError
 from deltatune.methods.prompt import Carrier, input_embeddings, positions, takes
 from deltatune.registry import register
+
+
+# (token ids, embeddings, mask) keywords of the tokens the prefix precedes: the decoder's in an encoder-decoder
+INPUTS = ("input_ids", "inputs_embeds", "attention_mask")
+DECODER_INPUTS = ("decoder_input_ids", "decoder_inputs_embeds", "decoder_attention_mask")
 
 
 class Prefix(DeltaConfig):
@@ -77,19 +85,31 @@ class Shape:
 
     def __init__(self, model: nn.Module):
         cfg = model.config.get_text_config()
-        self.layers = cfg.num_hidden_layers
+        # an encoder-decoder's prefixes go to its decoder's self-attention layers
+        self.layers = len(attention_modules(model)) if is_encoder_decoder(model) else cfg.num_hidden_layers
         heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         self.width = self.layers * 2 * self.kv_heads * self.head_dim
 
 
+def cache_keyword(attention: nn.Module) -> str | None:
+    """The keyword an attention module takes its cache by (GPT-NeoX: `layer_past`), or None."""
+    return next((k for k in ("past_key_values", "layer_past") if takes(attention, k)), None)
+
+
+def is_encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
 def attention_modules(model: nn.Module) -> dict[int, list[nn.Module]]:
-    """Self-attention modules by layer index: they have `layer_idx` and take `past_key_values`."""
+    """Self-attention modules by layer index: they have `layer_idx` and take a cache. In an
+    encoder-decoder, the decoder's: the first such module of each layer (cross-attention comes after it)."""
+    decoder = is_encoder_decoder(model)
     found: dict[int, list[nn.Module]] = {}
-    for module in model.modules():
+    for module in (model.get_decoder() if decoder else model).modules():
         if isinstance(getattr(module, "layer_idx", None), int) and not getattr(module, "is_cross_attention", False) \
-                and takes(module, "past_key_values"):
+                and cache_keyword(module) and not (decoder and module.layer_idx in found):
             found.setdefault(module.layer_idx, []).append(module)
     return found
 
@@ -103,13 +123,14 @@ class PrefixDelta(Delta):
 
     def build(self) -> list[nn.Parameter]:
         cfg: Prefix = self.config  # type: ignore[assignment]
+        name, embeddings = input_embeddings(self.model, self.method)
         self.shape = shape = Shape(self.model)
         attention = attention_modules(self.model)
         if sorted(attention) != list(range(shape.layers)):
-            raise ConfigError(f"{self.method}: found self-attention modules taking past_key_values for layers "
-                              f"{sorted(attention)}, expected 0..{shape.layers - 1}: this architecture has no "
-                              "cache interface prefix-tuning can use")
-        name, embeddings = input_embeddings(self.model, self.method)
+            raise ConfigError(f"{self.method} fills each attention layer's key/value cache, but the attention "
+                              f"layers of {type(self.model).__name__} take no cache (found one for layers "
+                              f"{sorted(attention)} of 0..{shape.layers - 1}); use prompt or ptuning (virtual tokens "
+                              "in the input) or lora")
         weight = embeddings.weight
         like = dict(device=weight.device, dtype=weight.dtype)
         n = self.extra_positions = cfg.n_tokens  # real tokens take positions after the prefix
@@ -143,8 +164,8 @@ class PrefixDelta(Delta):
     def _before(self, module, args, kwargs):
         if args:
             kwargs = {"input_ids": args[0], **kwargs}
-        x = kwargs.get("input_ids")
-        x = kwargs["inputs_embeds"] if x is None else x
+        ids, embeds, mask_key = DECODER_INPUTS if is_encoder_decoder(self.model) else INPUTS
+        x = next(kwargs[k] for k in (ids, embeds, "labels", "input_ids") if kwargs.get(k) is not None)
         batch, length = x.shape[:2]
         n = self.config.n_tokens  # type: ignore[attr-defined]
         cache = kwargs.get("past_key_values")
@@ -155,16 +176,19 @@ class PrefixDelta(Delta):
             self._drop_cache = cache is None and not (self.model.config.use_cache if use_cache is None else use_cache)
             if cache is None:
                 cache = DynamicCache(config=self.model.config)
+                if is_encoder_decoder(self.model):
+                    cache = EncoderDecoderCache(cache, DynamicCache(config=self.model.config))
+            own = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
             for i, (k, v) in enumerate(kv):
-                cache.update(k, v, i)
+                own.update(k, v, i)
             kwargs["past_key_values"] = cache
             past = n
-        mask = kwargs.get("attention_mask")
+        mask = kwargs.get(mask_key)
         if mask is None:
             mask = torch.ones(batch, past - n + length, dtype=torch.long, device=x.device)
-        if takes(self.model, "position_ids"):
+        if mask_key == "attention_mask" and takes(self.model, "position_ids"):
             kwargs["position_ids"] = positions(mask)[:, -length:] + n  # after the prefix, as in the papers and PEFT
-        kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], 1)
+        kwargs[mask_key] = torch.cat([mask.new_ones(batch, n), mask], 1)
         return (), kwargs
 
     def _after(self, module, args, kwargs, output):
@@ -174,10 +198,11 @@ class PrefixDelta(Delta):
 
     def _attention_before(self, module, args, kwargs):
         """Under gradient checkpointing the layer gets no cache: give it a single-use one with its prefix."""
-        if kwargs.get("past_key_values") is not None or self._kv is None or not self.model.training:
+        key = cache_keyword(module)
+        if kwargs.get(key) is not None or self._kv is None or not self.model.training:
             return None
         i = module.layer_idx
-        kwargs["past_key_values"] = DynamicCache([(None, None)] * i + [self._kv[i]])
+        kwargs[key] = DynamicCache([(None, None)] * i + [self._kv[i]])
         return args, kwargs
 
     def for_inference(self) -> None:

@@ -34,10 +34,10 @@ from torch import nn
 from deltatune.delta import Delta, DeltaConfig
 from deltatune.errors import ConfigError, TargetError
 from deltatune.registry import register
-from deltatune.targeting import DeltaModule
+from deltatune.targeting import WrapperModule
 
 
-class Carrier(DeltaModule):
+class Carrier(WrapperModule):
     """Wraps the input embeddings unchanged and carries a delta's modules (virtual tokens, prefixes)."""
 
     def __init__(self, base: nn.Module, owner: str, **parts: nn.Module):
@@ -53,7 +53,12 @@ class Carrier(DeltaModule):
 
 def input_embeddings(model: nn.Module, method: str) -> tuple[str, nn.Module]:
     """(name, module) of the input embeddings, which must not carry another delta's tokens or prefixes yet."""
-    embeddings = model.get_input_embeddings()
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    embeddings = get_embeddings() if callable(get_embeddings) and hasattr(model, "config") else None
+    if not isinstance(embeddings, nn.Module) or getattr(embeddings, "weight", None) is None:  # a Carrier has one
+        raise TargetError(f"{method} adds virtual tokens to the input, so it needs a model that takes token ids (a "
+                          f"transformers model with a config and get_input_embeddings()); {type(model).__name__} "
+                          "has neither: use lora, full, bitfit or head on it instead")
     if isinstance(embeddings, Carrier):
         raise TargetError(f"{method}: the input embeddings already carry a {embeddings.owner_method} delta; "
                           f"{method} and {embeddings.owner_method} both extend the input and cannot be combined")
@@ -186,15 +191,21 @@ class InputTokensDelta(Delta):
         name, embeddings = input_embeddings(self.model, self.method)
         self.carrier = Carrier(embeddings, self.method, tokens=self.make_tokens(embeddings))
         self.swap(name, self.carrier)
-        self.causal = is_causal(self.model)
+        # an encoder-decoder's virtual tokens go into its encoder input, laid out as for encoders
+        self.encoder_decoder = bool(getattr(self.model.config, "is_encoder_decoder", False))
+        self.causal = is_causal(self.model) and not self.encoder_decoder
         position = self.config.position  # type: ignore[attr-defined]
         self.keep_first = int(position == "after_first" or (position == "auto" and not self.causal))
         self.extra_positions = len(self.before) + len(self.after)
         ids = torch.tensor(self.literal_ids, dtype=torch.long, device=embeddings.weight.device)
         self.carrier.register_buffer("literal_ids", ids, persistent=False)
         self._restore: torch.Tensor | None = None
+        self._inside = False  # within the model's forward (its encoder then needs no hook of its own)
         self._hooks = [self.model.register_forward_pre_hook(self._before, with_kwargs=True),
                        self.model.register_forward_hook(self._after, with_kwargs=True)]
+        if self.encoder_decoder:
+            self._hooks.append(self.model.get_encoder().register_forward_pre_hook(self._encoder_before,
+                                                                                  with_kwargs=True))
         return list(self.carrier.tokens.parameters())
 
     def restore(self) -> None:
@@ -224,46 +235,68 @@ class InputTokensDelta(Delta):
     def _before(self, module, args, kwargs):
         if args:  # input_ids given positionally
             kwargs = {"input_ids": args[0], **kwargs}
-        ids, embeds = kwargs.pop("input_ids", None), kwargs.get("inputs_embeds")
+        ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+        if ids is None and embeds is None:  # generate ran the encoder itself (its hook added the tokens): the
+            if self.encoder_decoder and (mask := kwargs.get("attention_mask")) is not None:  # decoder's
+                kwargs["attention_mask"] = self.spread(self.layout(mask), mask, 1)  # cross-attention mask follows
+            return (), kwargs
         x = ids if ids is not None else embeds
         batch, length = x.shape[:2]
         mask = kwargs.get("attention_mask")
         cache = kwargs.get("past_key_values")
-        if cache is not None and cache.get_seq_length() > 0:  # cached decoding: virtual tokens are in the cache
-            n = self.extra_positions
+        if not self.encoder_decoder and cache is not None and cache.get_seq_length() > 0:
+            n = self.extra_positions  # cached decoding: virtual tokens are in the cache
             full = torch.ones(batch, cache.get_seq_length() + length - n, dtype=torch.long, device=x.device)
             mask = full if mask is None else mask
             mask = torch.cat([mask.new_ones(batch, n), mask], 1).sort(dim=1).values  # pads first, as laid out
             kwargs["attention_mask"] = mask
             if takes(self.model, "position_ids"):
                 kwargs["position_ids"] = positions(mask)[:, -length:]
-            return (), {"input_ids": ids, **kwargs}
-        if embeds is None:
-            embeds = self.carrier(ids)
-        mask = torch.ones(batch, length, dtype=torch.long, device=x.device) if mask is None else mask
-        idx = self.layout(mask)
-        extra = self.extra_rows(embeds.dtype)
-        table = torch.cat([embeds, extra.expand(batch, -1, -1)], 1)
-        kwargs["inputs_embeds"] = table.gather(1, idx[..., None].expand(-1, -1, table.shape[-1]))
-
-        def spread(t: torch.Tensor, fill: int) -> torch.Tensor:
-            return torch.cat([t, t.new_full((batch, self.extra_positions), fill)], 1).gather(1, idx)
-
-        kwargs["attention_mask"] = new_mask = spread(mask, 1)
-        if kwargs.get("token_type_ids") is not None:
-            kwargs["token_type_ids"] = spread(kwargs["token_type_ids"], 0)
+            return (), kwargs
+        idx = self.add_tokens(kwargs)
         labels = kwargs.get("labels")
-        if labels is not None and labels.shape[:2] == (batch, length):
-            kwargs["labels"] = spread(labels, -100)
+        if not self.encoder_decoder and labels is not None and labels.shape[:2] == (batch, length):
+            kwargs["labels"] = self.spread(idx, labels, -100)
         if self.causal and takes(self.model, "position_ids"):
-            kwargs["position_ids"] = positions(new_mask)
+            kwargs["position_ids"] = positions(kwargs["attention_mask"])
         elif kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = None  # encoders: the default 0..L'-1 fits the new layout
-        self._restore = idx.argsort(1)[:, :length]  # where each input position went
+        self._restore = None if self.encoder_decoder else idx.argsort(1)[:, :length]  # where each position went
+        self._inside = True
         return (), kwargs
 
+    def _encoder_before(self, module, args, kwargs):
+        """An encoder-decoder's encoder called on its own (as `generate` does): add the tokens there."""
+        if self._inside:  # called by the model's forward, whose hook added them already
+            return None
+        if args:
+            kwargs = {"input_ids": args[0], **kwargs}
+        self.add_tokens(kwargs)
+        return (), kwargs
+
+    def add_tokens(self, kwargs: dict) -> torch.Tensor:
+        """Put the virtual tokens into `kwargs` (inputs_embeds, attention_mask, token_type_ids); returns the layout."""
+        ids, embeds = kwargs.pop("input_ids", None), kwargs.get("inputs_embeds")
+        x = ids if ids is not None else embeds
+        batch, length = x.shape[:2]
+        if embeds is None:
+            embeds = self.carrier(ids)
+        mask = kwargs.get("attention_mask")
+        mask = torch.ones(batch, length, dtype=torch.long, device=x.device) if mask is None else mask
+        idx = self.layout(mask)
+        table = torch.cat([embeds, self.extra_rows(embeds.dtype).expand(batch, -1, -1)], 1)
+        kwargs["inputs_embeds"] = table.gather(1, idx[..., None].expand(-1, -1, table.shape[-1]))
+        kwargs["attention_mask"] = self.spread(idx, mask, 1)
+        if kwargs.get("token_type_ids") is not None:
+            kwargs["token_type_ids"] = self.spread(idx, kwargs["token_type_ids"], 0)
+        return idx
+
+    def spread(self, idx: torch.Tensor, t: torch.Tensor, fill: int) -> torch.Tensor:
+        """`t` (batch, L) laid out like the new sequence, `fill` at the extra positions."""
+        return torch.cat([t, t.new_full((t.shape[0], self.extra_positions), fill)], 1).gather(1, idx)
+
     def _after(self, module, args, kwargs, output):
-        where, self._restore = self._restore, None
+        where, self._restore, self._inside = self._restore, None, False
         logits = getattr(output, "logits", None)
         if where is not None and isinstance(logits, torch.Tensor) and logits.dim() >= 3 \
                 and logits.shape[1] == where.shape[1] + self.extra_positions:

@@ -4,7 +4,8 @@ representations are blended, alpha·base(x) + (1 - alpha)·side(x), with a learn
 Where: at the hidden state the task head reads, i.e. the output of the LAST layer of the layer stack (before a
 final norm where the model has one). That layer is wrapped in a `SideBlend` (tuple outputs of HF layers are
 handled: the first element is blended), so classification and language modelling work alike.
-What the side network reads: the output of the model's input embeddings (`get_input_embeddings()`), captured by a
+What the side network reads: the output of the model's input embeddings (`get_input_embeddings()`; an
+encoder-decoder's decoder embeddings, as the last layer is the decoder's), captured by a
 forward hook (or `inputs_embeds` when those are passed to the model), layer-normed, then an MLP per token. What each
 token adds from the rest of the sequence is a small strategy (`context`): `TokenOnly`, or `SequenceMean` (the
 masked mean of all embeddings of the sequence, concatenated; padding is excluded through the `attention_mask`
@@ -121,6 +122,7 @@ class SideBlend(DeltaModule):
         self.side_alpha_floor = nn.Parameter(torch.ones((), **like)) if cfg.alpha_schedule == "linear" else None
         self.floor_step = 1.0 / cfg.schedule_steps
         self.inputs: dict[str, torch.Tensor] = {}  # this forward's embeddings and attention mask, set by hooks
+        self.mask_key = "attention_mask"  # the model call's keyword holding the mask of the last layer's tokens
         self.train(base.training)  # a new module is in training mode; take the model's (eval passes keep the floor)
 
     def alpha(self) -> torch.Tensor:
@@ -150,9 +152,9 @@ class SideBlend(DeltaModule):
         return (blended, *out[1:]) if isinstance(out, tuple) else blended
 
     def capture_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Pre-hook on the whole model: start a fresh forward; keep attention_mask / inputs_embeds if given."""
+        """Pre-hook on the whole model: start a fresh forward; keep the mask / inputs_embeds if given."""
         self.inputs.clear()
-        if (mask := kwargs.get("attention_mask")) is not None:
+        if (mask := kwargs.get(self.mask_key)) is not None:
             self.inputs["mask"] = mask
         if (embeds := kwargs.get("inputs_embeds")) is not None:
             self.inputs["embeds"] = embeds
@@ -179,9 +181,9 @@ class SideDelta(Delta):
         arch = describe(self.model)
         if not arch.layers:
             raise TargetError(f"side-tuning blends at the output of the last layer of the layer stack, and "
-                              f"{type(self.model).__name__} has no layer stack that deltatune recognises")
-        get_embeddings = getattr(self.model, "get_input_embeddings", None)
-        embedding = get_embeddings() if callable(get_embeddings) else None
+                              f"{type(self.model).__name__} has no layer stack that deltatune recognises; use lora, "
+                              "full or head")
+        embedding = _side_input(self.model)
         if not isinstance(embedding, nn.Module) or getattr(embedding, "weight", None) is None:
             raise TargetError(f"side-tuning reads the input embeddings, and {type(self.model).__name__} has no "
                               "get_input_embeddings() returning an embedding module")
@@ -191,6 +193,8 @@ class SideDelta(Delta):
         side.to(device=embedding.weight.device, dtype=embedding.weight.dtype)
         name = arch.layers[-1]
         self.blend = SideBlend(self.model.get_submodule(name), side, cfg)
+        if _is_encoder_decoder(self.model):  # the last layer is the decoder's: its mask is the decoder's
+            self.blend.mask_key = "decoder_attention_mask"
         self.swap(name, self.blend)
         # hooks last: nothing below can fail, so a failed attach never leaves one behind
         self._hooks = [embedding.register_forward_hook(self.blend.capture_embeds),
@@ -216,3 +220,15 @@ class SideDelta(Delta):
             raise ConfigError(f"side-tuning context 'mean' lets every token see later tokens, which a generative "
                               f"model ({type(self.model).__name__}) must not; use context: none")
         return cfg.context
+
+
+def _is_encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def _side_input(model: nn.Module) -> nn.Module | None:
+    """The input embeddings of the stack the last layer belongs to: an encoder-decoder's decoder embeds its own
+    tokens (T5, BART: `decoder.embed_tokens`, not the shared module `get_input_embeddings()` returns)."""
+    owner = model.get_decoder() if _is_encoder_decoder(model) and hasattr(model, "get_decoder") else model
+    get_embeddings = getattr(owner, "get_input_embeddings", None)
+    return get_embeddings() if callable(get_embeddings) else None

@@ -35,7 +35,7 @@ class TaskHead(Schema):
     section = "task_heads.tasks"
 
     name: str = Field(description="task name (letters, digits, _ and -)")
-    kind: Literal["classification", "regression", "text"] = "classification"
+    kind: Literal["classification", "regression", "text"] = Field("classification", description="the task's head")
     num_labels: int | None = Field(None, ge=1, description="classes (classification; or give labels)")
     labels: list[str] | None = Field(None, min_length=1, description="class names (classification)")
 
@@ -61,7 +61,8 @@ class TaskHead(Schema):
 class TaskHeads(DeltaConfig):
     """Multi-task heads: the tasks, which head module to replace, and learnable loss log-variances."""
 
-    tasks: list[TaskHead] = Field(min_length=1, description="one head per task, in the order of task ids")
+    tasks: list[TaskHead] = Field(min_length=1, description="one head per task, in the order of task ids",
+                                  examples=[[{"name": "sentiment", "num_labels": 2}]])
     module: str | None = Field(None, description="the head module to replace; default: the model's known head")
     uncertainty: bool = Field(False, description="learn one loss log-variance per task (Kendall et al. 2018)")
 
@@ -106,6 +107,13 @@ class TaskHeadSwitch(DeltaModule):
         return self.heads[task](hidden)
 
 
+def _added_to_logits(model: nn.Module, head: nn.Linear) -> str | None:
+    """Name of a vocabulary-sized vector the model itself (not a submodule) holds next to its LM head, which it adds
+    to the logits (BART's `final_logits_bias`), or None."""
+    tensors = (*model.named_parameters(recurse=False), *model.named_buffers(recurse=False))
+    return next((n for n, t in tensors if t.dim() and t.numel() == head.out_features), None)
+
+
 def last_token(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """The hidden state of each row's last real token (left or right padding); the last position without a mask."""
     if mask is None:
@@ -138,6 +146,10 @@ class TaskHeadsDelta(Delta):
         if not pool and (text := [t.name for t in cfg.tasks if t.kind == "text"]):
             raise TargetError(f"text tasks ({', '.join(text)}) need a causal LM, but {name!r} of "
                               f"{type(self.model).__name__} is not its LM head; load the model for causal LM")
+        if pool and any(t.kind != "text" for t in cfg.tasks) and (added := _added_to_logits(self.model, head)):
+            raise TargetError(f"{type(self.model).__name__} adds {added!r} (one value per vocabulary entry) to the "
+                              f"output of its LM head {name!r}, so a classification or regression head cannot take "
+                              "its place; load the model for sequence classification, or use only text tasks")
         switch = TaskHeadSwitch(head, cfg.tasks, pool, cfg.uncertainty)
         self.swap(name, switch)
         switch.router = routing.join(self.model, [t.name for t in cfg.tasks])  # last: nothing after this fails

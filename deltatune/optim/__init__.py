@@ -27,23 +27,26 @@ class OptimizerConfig(Schema):
 
     section = "optimizer"
 
-    name: Literal["adamw", "sgd", "galore_adamw", "galore_adamw8bit"] = "adamw"
-    lr: float = Field(5e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)  # adamw only
-    eps: float = Field(1e-8, gt=0)  # adamw only
-    momentum: float = Field(0.0, ge=0, lt=1)  # sgd only
+    name: Literal["adamw", "sgd", "galore_adamw", "galore_adamw8bit"] = Field(
+        "adamw", description="galore_*: GaLore low-rank gradient projection for full fine-tuning (8bit: 8-bit moments)")
+    lr: float = Field(5e-4, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay (not on `no_decay` names)")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="adamw only")
+    eps: float = Field(1e-8, gt=0, description="adamw only")
+    momentum: float = Field(0.0, ge=0, lt=1, description="sgd only")
     # Geometric layer-wise LR decay from the head down: layer i of L gets lr * decay**(L - i), the embeddings
     # (everything before the layer stack) lr * decay**(L + 1), everything after the stack (final norm, head) lr.
-    layer_decay: float | None = Field(None, gt=0, le=1)
-    head_lr: float | None = Field(None, gt=0)  # LR of deltas with role "head" (new task heads)
+    layer_decay: float | None = Field(None, gt=0, le=1, description="layer-wise LR decay from the head down")
+    head_lr: float | None = Field(None, gt=0, description="LR of deltas with role 'head' (new task heads)")
     # Parameter-name regex (re.search) -> LR; the first matching pattern wins, and it wins over head_lr/layer_decay.
-    lr_groups: dict[str, float] = {}
-    no_decay: list[str] = ["bias", "LayerNorm.weight", "norm.weight", "ln_"]  # name substrings without weight decay
-    schedule: Literal["linear", "cosine", "constant"] = "linear"
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    warmup_steps: int | None = Field(None, ge=0)  # overrides warmup_ratio
-    galore: GaLoreConfig | None = None  # galore_adamw / galore_adamw8bit only; their default when left out
+    lr_groups: dict[str, float] = Field({}, description="parameter-name regex -> learning rate")
+    no_decay: list[str] = Field(["bias", "LayerNorm.weight", "norm.weight", "ln_"],
+                                description="name substrings without weight decay")
+    schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="LR decay after warmup")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of the steps with a rising LR")
+    warmup_steps: int | None = Field(None, ge=0, description="overrides warmup_ratio")
+    galore: GaLoreConfig | None = Field(
+        None, description="galore_adamw / galore_adamw8bit only; their default when left out")
 
     _galore_schema = nested("galore", GaLoreConfig)
 

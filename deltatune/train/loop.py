@@ -55,28 +55,37 @@ class TrainConfig(Schema):
 
     section = "train"
 
-    epochs: int = Field(3, ge=1)
-    max_steps: int | None = Field(None, ge=1)
-    batch_size: int = Field(16, ge=1)
-    eval_batch_size: int | None = Field(None, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    seed: int = 0
-    eval_every: int | None = Field(None, ge=1)  # validation also runs at every epoch end and at the last step
-    metric: str | None = None  # early stopping / best delta; default accuracy (classification) or loss
-    patience: int | None = Field(None, ge=1)  # evaluations without improvement before stopping
-    checkpoint_every: int | None = Field(None, ge=1)  # checkpoints also at every epoch end and at the last step
-    keep_checkpoints: int = Field(2, ge=1)
-    log_every: int = Field(1, ge=1)  # train rows in metrics.jsonl/csv (and TensorBoard): every step
-    num_threads: int | None = Field(None, ge=1)
-    length_grouping: bool = False  # batches of similar lengths (less padding), still a seeded random order
-    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun (see distributed.py); fsdp: full fine-tuning
-    eval_baseline: bool = True  # evaluate the untrained model first (validation + test)
+    epochs: int = Field(3, ge=1, description="passes over the training data")
+    max_steps: int | None = Field(None, ge=1, description="stop after N optimizer steps at most (or after "
+                                                          "`epochs`, whichever comes first)")
+    batch_size: int = Field(16, ge=1, description="examples per batch (the global batch under torchrun)")
+    eval_batch_size: int | None = Field(None, ge=1, description="batch size of evaluation; unset: batch_size")
+    grad_accum: int = Field(1, ge=1, description="batches per optimizer step")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm; null: no clipping")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description="optimizer and LR schedule")
+    seed: int = Field(0, description="seeds the split, data order, dropout and new weights")
+    eval_every: int | None = Field(None, ge=1, description="also validate every N steps (validation always runs "
+                                                           "at every epoch end and at the last step)")
+    metric: str | None = Field(None, description="validation metric that picks the best delta and drives "
+                                                 "patience; default accuracy (classification) or loss")
+    patience: int | None = Field(None, ge=1, description="early stopping: stop after N validations without "
+                                                         "improvement of `metric`; null: never stop early")
+    checkpoint_every: int | None = Field(None, ge=1, description="also checkpoint every N steps (checkpoints are "
+                                                                 "always written at every epoch end and the last step)")
+    keep_checkpoints: int = Field(2, ge=1, description="the newest N checkpoints are kept")
+    log_every: int = Field(1, ge=1, description="train rows in metrics.jsonl/csv (and TensorBoard): every step")
+    num_threads: int | None = Field(None, ge=1, description="torch threads; unset: torch's default")
+    length_grouping: bool = Field(False,
+                                  description="batches of similar lengths (less padding), still a seeded random order")
+    parallel: Literal["ddp", "fsdp"] = Field("ddp",
+                                             description="under torchrun (see distributed.py); fsdp: full fine-tuning")
+    eval_baseline: bool = Field(True, description="evaluate the untrained model first (validation + test)")
     # Speed and memory levers (train/speed.py; measured in bench/README.md)
-    precision: speed.Precision = "auto"  # bf16 autocast (fp32 master weights) where the CPU has native bf16
-    chunked_loss: bool = True  # causal LM: loss through the head in chunks, never the full logits
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    precision: speed.Precision = Field("auto",
+                                       description="bf16 autocast (fp32 master weights) where the CPU has native bf16")
+    chunked_loss: bool = Field(True, description="causal LM: loss through the head in chunks, never the full logits")
+    gradient_checkpointing: bool = Field(False,
+                                         description="recompute activations in backward: less memory, ~30% slower")
 
 
 @dataclass

@@ -48,7 +48,8 @@ class TaskConfig(Schema):
 
     section = "tasks"
 
-    name: str = Field(description="task name (letters, digits, _ and -); metrics are logged as <name>/<metric>")
+    name: str = Field(description="task name (letters, digits, _ and -); metrics are logged as <name>/<metric>",
+                      examples=["sentiment"])
     data: DataConfig = Field(description="the task's data, as a single-task `data:` section; its format is the "
                                          "kind of its head (classification, regression, text)")
     metric: str | None = Field(None, description="the task's metric in the macro average; default accuracy "
