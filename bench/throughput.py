@@ -54,9 +54,15 @@ LR = {"lora": 1e-3, "full": 1e-4, "prompt": 3e-2}
 LORA = {"r": 8, "alpha": 16, "dropout": 0.0}
 PROMPT_TOKENS = 20
 # Sides: the reference, deltatune with its defaults, and deltatune with one lever changed (for the lever table).
+# Reference sides: what the HF stack gives a user. "hf-best" and "trl" are what a knowledgeable user would pick on
+# a CPU: bf16 where the CPU multiplies bf16 natively (as deltatune's `auto`; emulated bf16 is slower than fp32),
+# length-grouped batches (Trainer) or padding-free batches (TRL SFTTrainer; prompt-masked labels = the completion
+# mask). Ratios are against the fastest reference side of each case.
 SIDES = {
     "peft": {},
     "peft-bf16": {"bf16": True},
+    "hf-best": {"bf16": "native", "train_sampling_strategy": "group_by_length"},
+    "trl": {"bf16": "native", "padding_free": True},
     "deltatune": {},
     "dt-nopack": {"packing": False},
     "dt-fp32": {"precision": "fp32"},
@@ -64,6 +70,7 @@ SIDES = {
     "dt-noalloc": {"allocator": False},
     "dt-checkpointing": {"gradient_checkpointing": True},
 }
+REFERENCE_SIDES = ("peft", "peft-bf16", "hf-best", "trl")
 
 
 # ------------------------------------------------------------------ worker (one training run, own process)
@@ -76,7 +83,7 @@ def worker(spec: dict) -> dict:
     data = json.loads(Path(spec["data_file"]).read_text())
     model = build_model(spec["model"])
     params = sum(p.numel() for p in model.parameters())
-    run = run_reference if spec["side"].startswith("peft") else run_deltatune
+    run = run_deltatune if spec["side"] not in REFERENCE_SIDES else run_trl if spec["side"] == "trl" else run_reference
     trained, stats = run(model, data["train"], spec)
     stats["heldout_loss"] = heldout_loss(trained, data["heldout"]) if data["heldout"] else None
     return {**stats, "base_params": params}
@@ -90,7 +97,11 @@ class Recorder:
 
     def __call__(self, examples):
         batch = self.collate(examples)  # packed rows carry their real token count, padded batches a mask
-        self.tokens.append(int(batch["num_tokens"] if "num_tokens" in batch else batch["attention_mask"].sum()))
+        if "num_tokens" in batch:
+            real = int(batch["num_tokens"])
+        else:  # padding-free rows (TRL) have no mask: every token is real
+            real = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        self.tokens.append(real)
         return batch
 
     def step_done(self) -> None:
@@ -108,13 +119,9 @@ class Recorder:
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def run_reference(model, train: list[dict], spec: dict):
-    """PEFT + transformers.Trainer with its usual settings: padding to the batch maximum, no packing."""
-    from datasets import Dataset
+def peft_model(model, spec: dict):
+    """The case's method applied with PEFT (full fine-tuning: the model itself)."""
     from peft import LoraConfig, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
-    from transformers import (DataCollatorForLanguageModeling, DataCollatorForSeq2Seq, Trainer, TrainerCallback,
-                              TrainingArguments)
-    from workloads import tokenizer
 
     if spec["method"] == "lora":
         lora = {**LORA, **spec.get("lora", {})}
@@ -123,6 +130,46 @@ def run_reference(model, train: list[dict], spec: dict):
     elif spec["method"] == "prompt":
         model = get_peft_model(model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=PROMPT_TOKENS,
                                                          prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB))
+    return model
+
+
+def reference_bf16(side: str) -> bool:
+    """A side's bf16 setting: True, False, or "native" = where the CPU has native bf16 matmuls."""
+    bf16 = SIDES[side].get("bf16", False)
+    if bf16 != "native":
+        return bf16
+    from deltatune.train.speed import cpu_has_bf16
+
+    return cpu_has_bf16()
+
+
+def reference_args(spec: dict, **extra):
+    """Trainer / SFTTrainer arguments both reference runners share (one epoch, same schedule as deltatune)."""
+    common = dict(output_dir=spec["out"], per_device_train_batch_size=spec["batch"], num_train_epochs=1,
+                  learning_rate=LR[spec["method"]], lr_scheduler_type="linear", weight_decay=0.0, max_grad_norm=1.0,
+                  seed=spec["seed"], logging_steps=10**6, save_strategy="no", report_to=[], use_cpu=True,
+                  disable_tqdm=True, dataloader_num_workers=0, bf16=reference_bf16(spec["side"]))
+    return {**common, **extra}
+
+
+def step_timer(on_step):
+    """A TrainerCallback calling `on_step()` at every optimizer step's end (transformers imported in workers only)."""
+    from transformers import TrainerCallback
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            on_step()
+
+    return Timer()
+
+
+def run_reference(model, train: list[dict], spec: dict):
+    """PEFT + transformers.Trainer: padding to the batch maximum, no packing; the side sets bf16 and the sampler."""
+    from datasets import Dataset
+    from transformers import DataCollatorForLanguageModeling, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from workloads import tokenizer
+
+    model = peft_model(model, spec)
     tok = tokenizer()
     plain_lm = all(e["labels"] == e["input_ids"] for e in train)
     if plain_lm:  # the usual causal-LM collator: labels = input_ids, padding masked
@@ -130,20 +177,36 @@ def run_reference(model, train: list[dict], spec: dict):
     else:  # prompt-masked SFT: labels padded with -100
         collate, rows = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100), train
     recorder = Recorder(collate)
-
-    class Timer(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            recorder.step_done()
-
-    bf16 = SIDES[spec["side"]].get("bf16", False)
-    args = TrainingArguments(output_dir=spec["out"], per_device_train_batch_size=spec["batch"],
-                             num_train_epochs=1, learning_rate=LR[spec["method"]], lr_scheduler_type="linear",
-                             weight_decay=0.0, max_grad_norm=1.0, seed=spec["seed"], logging_steps=10**6,
-                             save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
-                             dataloader_num_workers=0, bf16=bf16)
+    sampler = SIDES[spec["side"]].get("train_sampling_strategy", "random")
+    args = TrainingArguments(**reference_args(spec, train_sampling_strategy=sampler))
     Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows), data_collator=recorder,
-            callbacks=[Timer()]).train()
-    return model, recorder.stats(spec["warmup"], "bf16" if bf16 else "fp32")
+            callbacks=[step_timer(recorder.step_done)]).train()
+    return model, recorder.stats(spec["warmup"], "bf16" if args.bf16 else "fp32")
+
+
+def run_trl(model, train: list[dict], spec: dict):
+    """PEFT + TRL SFTTrainer, padding-free batches (one row per batch, position_ids restart per example; transformers
+    keeps examples apart from the position_ids); prompt-masked labels (-100) act as TRL's completion mask."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+    from workloads import tokenizer
+
+    model = peft_model(model, spec)
+    recorder: Recorder | None = None
+
+    class Trainer(SFTTrainer):  # the collator is TRL's own (padding-free needs it): wrap it to count tokens
+        def get_train_dataloader(self):
+            nonlocal recorder
+            recorder = Recorder(self.data_collator)
+            self.data_collator = recorder
+            return super().get_train_dataloader()
+
+    args = SFTConfig(**reference_args(spec, padding_free=True, max_length=None, completion_only_loss=False,
+                                      dataset_kwargs={"skip_prepare_dataset": True}))
+    rows = Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in train])
+    Trainer(model=model, args=args, processing_class=tokenizer(), train_dataset=rows,
+            callbacks=[step_timer(lambda: recorder.step_done())]).train()
+    return model, recorder.stats(spec["warmup"], "bf16" if args.bf16 else "fp32")
 
 
 def run_deltatune(model, train: list[dict], spec: dict):
@@ -246,14 +309,14 @@ def matmul_peak(threads: int, size: int = 512, seconds: float = 2.0) -> dict[str
     return out
 
 
-def spawn(spec: dict) -> dict:
-    """Run one spec in a fresh process; its result is the last stdout line (JSON)."""
+def spawn(spec: dict, script: str = __file__) -> dict:
+    """Run one spec in a fresh process of `script`'s worker; its result is the last stdout line (JSON)."""
     from workloads import smollm2_dir
 
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false",
            "BENCH_SMOLLM2_DIR": str(smollm2_dir())}
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, script, "--worker", json.dumps(spec)], env=env, capture_output=True,
                           text=True)
     if proc.returncode:
         raise RuntimeError(f"worker {spec['side']} failed:\n{proc.stderr[-3000:]}")
@@ -297,11 +360,13 @@ def summarise(name: str, runs: dict[str, list[dict]], flops: float, peak: dict[s
 
 
 def table(results: list[dict], peak: dict[str, float]) -> str:
-    """A markdown table; ratios are against the first side of each case."""
+    """A markdown table; ratios (tokens/s and peak RSS) are against the fastest reference side of each case
+    (REFERENCE_SIDES; the first side when none ran)."""
     lines = ["| case | side | tokens/s | × | peak RSS MB | × | first step s | held-out loss | steps | "
              "GFLOP/s | % of peak |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        ref = next(iter(r["sides"].values()))
+        refs = [s for side, s in r["sides"].items() if side in REFERENCE_SIDES] or [next(iter(r["sides"].values()))]
+        ref = max(refs, key=lambda s: s["tokens_per_s"])
         for side, s in r["sides"].items():
             lines.append(
                 f"| {r['case']} | {side} | {s['tokens_per_s']:.0f} | {s['tokens_per_s'] / ref['tokens_per_s']:.2f} | "

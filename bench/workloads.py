@@ -108,3 +108,53 @@ def chat_examples(max_length: int) -> list[Example]:
     cfg = DataConfig(train="chatterbot", format="messages", max_length=max_length, split=(1.0, 0.0, 0.0))
     train = prepare_data(cfg, tokenizer()).train
     return [{"input_ids": ids, "labels": labels} for ids, labels in zip(train["input_ids"], train["labels"])]
+
+
+# ---- the size ladder: seeded random Llama configs written to disk like a hub checkpoint (bf16 safetensors) ------
+LADDER = {  # name: (hidden, layers, intermediate, heads, kv heads, vocab); shapes of public models, random weights
+    "0.5b": (1536, 16, 4096, 12, 4, 49152),
+    "1b": (2048, 18, 5632, 16, 4, 49152),  # TinyLlama-like widths, SmolLM2's vocabulary
+    "3b": (3072, 28, 8192, 24, 8, 49152),  # Llama-3.2-3B widths
+    "8b": (4096, 32, 14336, 32, 8, 128256),  # Llama-3-8B shapes
+}
+SHARD_BYTES = 1 << 30
+
+
+def ladder_config(name: str) -> Any:
+    from transformers import LlamaConfig
+
+    hidden, layers, inter, heads, kv, vocab = LADDER[name]
+    tok = tokenizer()
+    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, intermediate_size=inter,
+                       num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
+                       tie_word_embeddings=False, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id, dtype="bfloat16")
+
+
+def write_random_llama(name: str, folder: Path, seed: int = 1234) -> Path:
+    """Save a seeded random Llama of LADDER (normal(0, 0.02) weights, unit norms) in bf16 safetensors shards plus
+    SmolLM2's tokenizer, one tensor at a time: writing it never holds the whole model in memory."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    if (folder / "model.safetensors.index.json").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    config = ladder_config(name)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    generator = torch.Generator().manual_seed(seed)
+    weight_map, current, size, last = {}, {}, 0, list(shapes)[-1]
+    for key, shape in shapes.items():
+        tensor = (torch.ones(shape) if key.endswith("norm.weight") else
+                  torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+        current[key], size = tensor, size + tensor.nbytes
+        if size >= SHARD_BYTES or key == last:
+            file = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
+            save_file(current, folder / file, metadata={"format": "pt"})
+            weight_map |= dict.fromkeys(current, file)
+            current, size = {}, 0
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config.save_pretrained(folder)
+    tokenizer().save_pretrained(folder)
+    return folder

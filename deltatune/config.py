@@ -12,13 +12,15 @@ Multi-task runs give `tasks:` (each with its own `data:`) instead of `data:`, an
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from deltatune.data import DataConfig
 from deltatune.delta import DeltaConfig
 from deltatune.errors import ConfigError
+from deltatune.precision import BaseDtype
+from deltatune.quantize import Quantize
 from deltatune.eval_generation import GenerationEval
 from deltatune.registry import parse_delta_config
 from deltatune.safety import REMOTE_CODE_FLAG, load_yaml, read_yaml_file
@@ -37,7 +39,11 @@ class ModelConfig(Schema):
 
     path: str = Field(description="a local Hugging Face model folder or a packaged alias (`deltatune models`)",
                       examples=["minilm"])
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype the base weights are loaded in")
+    dtype: BaseDtype = Field("auto", description="the frozen base's dtype: auto = bf16 where the CPU has native bf16 "
+                             "matmuls and no delta trains the base weights, else fp32 (float32 / bfloat16: the same as "
+                             "fp32 / bf16); trainable tensors stay fp32")
+    quantize: Quantize | None = Field(None, description="weight-only int8 / int4 quantization of the base's Linear "
+                                      "layers (QLoRA-style; needs torchao: pip install 'deltatune[quantize]')")
     trust_remote_code: bool = Field(False, description="run the model folder's own Python code: only together with "
                                                        "--trust-remote-code on the command line")
 
@@ -87,7 +93,15 @@ class RunConfig(Schema):
         if self.tasks is not None:
             self.multitask = self.multitask or MultiTaskConfig()
             check_run_tasks(self.tasks, self.multitask, self.delta)
+        if self.model.quantize and (full := [d.method for d in self.delta if d.trains_base]):
+            raise ValueError(f"model.quantize: {full[0]} trains the base weights, which cannot be quantized; "
+                             "remove model.quantize or use a method that freezes the base (e.g. lora)")
         return self
+
+    @property
+    def trains_base(self) -> bool:
+        """Whether a delta trains the base model's own weights (then `model.dtype: auto` keeps fp32)."""
+        return any(d.trains_base for d in self.delta)
 
     @property
     def task(self) -> str:

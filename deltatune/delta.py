@@ -22,6 +22,7 @@ from deltatune import io
 from deltatune.errors import CheckpointError, ConfigError, TargetError
 from deltatune.fingerprint import Fingerprint, check_finite, check_same_base, fingerprint
 from deltatune.safety import inside
+from deltatune.quantize import quantized_layers
 from deltatune.schema import Schema
 from deltatune.targeting import check_not_taken
 
@@ -57,6 +58,7 @@ class DeltaConfig(Schema):
     # Fields listing folders the delta reads (e.g. fusion's adapters): a saved delta holds copies of them and names
     # them relative to its own folder, and loading accepts only folders inside it.
     folder_fields: ClassVar[tuple[str, ...]] = ()
+    trains_base: ClassVar[bool] = False  # the method trains the base model's own weights (full fine-tuning)
 
     @classmethod
     def schema_name(cls) -> str:
@@ -292,6 +294,11 @@ class Delta(DeltaBase, ABC):
             raise ConfigError(f"{self.method} cannot be merged into the base weights; keep it attached instead")
         if self.merged:
             raise ConfigError(f"this {self.method} delta is already merged")
+        if quantized := quantized_layers(self.model):
+            raise ConfigError(f"cannot merge {self.method} into a quantized base ({len(quantized)} int8/int4 layers, "
+                              f"e.g. {quantized[0]}): save the delta, then load it onto a dequantized base (the model loaded without "
+                              "model.quantize, or deltatune.quantize.dequantize_base(model) before attaching) and "
+                              "merge there")
         with torch.no_grad():
             self.merge_weights()
         self.merged = True

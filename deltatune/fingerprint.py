@@ -57,8 +57,9 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
 
 def sample_weights(params: dict[str, torch.Tensor], new: set[str]) -> dict[str, dict[str, Any]]:
     """A few elements at fixed positions of a few parameters spread over the model, with their dtype."""
-    names = [n for n, p in params.items()
-             if n not in new and str(p.dtype).removeprefix("torch.") in DTYPES and p.numel() and not p.is_meta]
+    names = [n for n, p in params.items()  # quantized weights (tensor subclasses) are a lossy copy: not sampled
+             if n not in new and str(p.dtype).removeprefix("torch.") in DTYPES and p.numel() and not p.is_meta
+             and type(p.detach()) is torch.Tensor]
     names = [n for n in names if params[n].dim() > 1] or names  # matrices: norms often start as all ones
     if not names:
         return {}

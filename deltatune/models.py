@@ -24,11 +24,12 @@ from transformers import (
 from deltatune.arch import describe
 from deltatune.assets import resolve_model_path
 from deltatune.errors import CheckpointError, ConfigError, DeltaTuneError
+from deltatune.precision import DTYPES, compute_in
+from deltatune.quantize import Quantize, quantize_base
 from deltatune.safety import check_model_folder
 
 TASKS = {"classification": AutoModelForSequenceClassification, "regression": AutoModelForSequenceClassification,
          "causal_lm": AutoModelForCausalLM, "base": AutoModel}
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Without any of these, AutoTokenizer quietly builds an empty tokenizer that maps every word to [UNK].
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
                    "spiece.model", "sentencepiece.bpe.model")
@@ -38,10 +39,13 @@ LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, AttributeError, Runtime
 
 
 def load_model(path: str, task: str, num_labels: int | None = None, *, dtype: str = "float32",
-               trust_remote_code: bool = False,
+               quantize: Quantize | None = None, trust_remote_code: bool = False,
                id2label: dict[int, str] | None = None) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """Load `(model, tokenizer)` for `task`; the tokenizer always gets a pad token when it has eos or unk.
 
+    The weights are read from the memory-mapped safetensors files straight into `dtype` (no full fp32 copy); a
+    reduced-precision model computes under autocast (precision.compute_in); `quantize` makes its Linear layers
+    (the output head excepted) weight-only int8 / int4 (quantize.py).
     `model.deltatune_new_weights` lists the parameters that were freshly initialised (e.g. a new task head).
     """
     if task not in TASKS:
@@ -49,7 +53,8 @@ def load_model(path: str, task: str, num_labels: int | None = None, *, dtype: st
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
     folder = model_folder(path, trust_remote_code)
-    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype]}
+    # quantized: read the weights as stored (memory-mapped, no copy), quantize / convert them layer by layer
+    kwargs: dict[str, Any] = {"dtype": "auto" if quantize else DTYPES[dtype]}
     if task == "classification":
         if id2label is not None:
             if num_labels is not None and num_labels != len(id2label):
@@ -73,6 +78,9 @@ def load_model(path: str, task: str, num_labels: int | None = None, *, dtype: st
     _check_tokenizer_fits(model, tokenizer, folder)
     if task == "causal_lm" and auto is not AutoModelForSeq2SeqLM:  # an encoder-decoder's decoder is causal
         _check_causal(model, folder)
+    if quantize:
+        quantize_base(model, quantize, DTYPES[dtype])
+    compute_in(model, DTYPES[dtype])
     _ensure_pad_token(model, tokenizer)
     return model, tokenizer
 

@@ -14,6 +14,7 @@ counted and saved once (under its first name, `transformer.wte.weight`), and fro
 
 from __future__ import annotations
 
+from typing import ClassVar
 
 import torch
 from pydantic import Field
@@ -32,6 +33,7 @@ from deltatune.targeting import no_match_error, plain_modules
 class Full(DeltaConfig):
     """Full fine-tuning settings: what stays frozen."""
 
+    trains_base: ClassVar[bool] = True
     freeze: list[str] = Field(default_factory=list,
                               description="module or parameter patterns to keep frozen (name, dot-suffix, 're:...', "
                                           "'type:...'); each must match something")

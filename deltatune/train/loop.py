@@ -156,6 +156,7 @@ def _train(model: nn.Module, delta: DeltaBase, data: TaskData | MultiTaskData, c
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     params = list(delta.trainable_parameters().values())
+    speed.fp32_master_weights(params)  # a bf16 base trains fp32 deltas, with fp32 optimizer states
     trainable, total = delta.parameter_counts()
     optimizer = build_optimizer(model, delta, cfg.optimizer)
     per_layer = getattr(optimizer, "per_layer", False)  # updates in gradient hooks during backward (galore.py)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -69,6 +69,17 @@ def resolve_precision(setting: Precision, model: nn.Module) -> torch.dtype | Non
     device = next(model.parameters()).device
     fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
     return torch.bfloat16 if fast else None
+
+
+def fp32_master_weights(params: Iterable[nn.Parameter]) -> int:
+    """Keep trainable tensors in fp32 (in place, same Parameter objects) so optimizer states are fp32 too; returns
+    how many were converted from a reduced precision."""
+    converted = 0
+    for p in params:
+        if p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+            converted += 1
+    return converted
 
 
 # ---- chunked causal-LM loss -----------------------------------------------------------------------------------

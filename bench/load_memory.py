@@ -1,0 +1,130 @@
+"""Peak memory while loading a model: deltatune's load_model reads the memory-mapped safetensors shards straight
+into the chosen dtype (and quantizes layer by layer), so loading should need little beyond the final weights.
+
+Each point runs in a fresh process: peak RSS during the load (ru_maxrss minus the RSS after imports) against the
+bytes of the loaded model's tensors (parameters and buffers; quantized layers count their packed data). RSS counts
+the pages of the memory-mapped checkpoint the load touched (clean page cache the kernel can drop), so the peak of
+anonymous memory (RssAnon, sampled every 20 ms) is reported too: that is what the load itself allocated.
+
+    python bench/load_memory.py --sizes 0.5b,1b --dtypes bf16,fp32 --quantize none,int8,int4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+sys.path.insert(0, str(BENCH.parent))
+MODELS = Path(os.environ.get("BENCH_MODELS", "/tmp/deltatune-bench-models"))
+
+
+def tensor_bytes(model) -> int:
+    """Bytes held by the model's tensors; quantized (torchao) weights count their inner tensors."""
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        names = getattr(t, "tensor_data_names", None)
+        total += sum(getattr(t, n).nbytes for n in names) if names else t.nbytes
+    return total
+
+
+def worker(spec: dict) -> dict:
+    import resource
+
+    import torch
+
+    torch.set_num_threads(1)
+    from deltatune.models import load_model
+    from deltatune.train.speed import rss_mb
+
+    before, anon_before = rss_mb(), anon_mb()
+    sampler = AnonPeak()
+    start = time.perf_counter()
+    model, _ = load_model(spec["path"], "causal_lm", dtype=spec["dtype"],
+                          quantize=None if spec["quantize"] == "none" else spec["quantize"])
+    seconds = time.perf_counter() - start
+    anon_peak = sampler.stop()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    weights = tensor_bytes(model) / 2**20
+    return {**spec, "params": sum(p.numel() for p in model.parameters()), "weights_mb": weights,
+            "rss_before_mb": before, "peak_rss_mb": peak, "load_peak_mb": peak - before, "rss_after_mb": rss_mb(),
+            "ratio": (peak - before) / weights, "anon_peak_mb": anon_peak - anon_before,
+            "anon_ratio": (anon_peak - anon_before) / weights, "load_s": seconds}
+
+
+def anon_mb() -> float:
+    """This process's anonymous resident memory (RssAnon), MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class AnonPeak:
+    """The highest RssAnon seen by a background thread until `stop()`."""
+
+    def __init__(self, every_s: float = 0.02):
+        import threading
+
+        self.peak, self.every_s, self.done = anon_mb(), every_s, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.done.wait(self.every_s):
+            self.peak = max(self.peak, anon_mb())
+
+    def stop(self) -> float:
+        self.done.set()
+        self.thread.join()
+        return max(self.peak, anon_mb())
+
+
+def spawn(spec: dict) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env, capture_output=True,
+                          text=True)
+    if proc.returncode:
+        raise RuntimeError(f"load worker failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | params | dtype | quantize | weights MB | load peak RSS MB (above imports) | × weights | "
+             "peak anonymous MB | × weights | load s |", "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['size']} | {r['params'] / 1e9:.2f}B | {r['dtype']} | {r['quantize']} | {r['weights_mb']:.0f} | "
+              f"{r['load_peak_mb']:.0f} | {r['ratio']:.2f} | {r['anon_peak_mb']:.0f} | {r['anon_ratio']:.2f} | "
+              f"{r['load_s']:.1f} |" for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="0.5b,1b")
+    p.add_argument("--dtypes", default="bf16,fp32")
+    p.add_argument("--quantize", default="none,int8,int4")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    from workloads import write_random_llama
+
+    rows = []
+    for size in args.sizes.split(","):
+        path = write_random_llama(size, MODELS / size)
+        for dtype in args.dtypes.split(","):
+            for quantize in args.quantize.split(","):
+                rows.append(spawn({"size": size, "path": str(path), "dtype": dtype, "quantize": quantize}))
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""Quantized frozen base (QLoRA-style): weight-only int8 / int4 quantization of the base's frozen Linear layers.
+
+The kernels are torchao's CPU paths (an optional dependency: `pip install 'deltatune[quantize]'`):
+  * int8  per-output-channel symmetric int8 weights (`Int8WeightOnlyConfig`, torchao.quantization.Int8Tensor);
+  * int4  per-group (128, 64 or 32 inputs) asymmetric 4-bit weights packed for torch's CPU int4 matmul
+          (`aten._weight_int4pack_mm_for_cpu`) through torchao's `Int4OpaqueTensor` (prototype API in torchao 0.18:
+          its stable int4 formats are CUDA/XPU only).
+A `QuantizedLinear` is an `nn.Linear` (so targeting, "all-linear" and LoRA/IA3/adapters see it as one) whose forward
+runs the quantized kernel; its backward gives the input gradient from a transient dequantized copy of one layer's
+weight (the kernels have no derivative), so deltas before it still train. The weight itself never trains.
+The output head stays unquantized (as in QLoRA). Merging a delta needs real weights: merging on a quantized base is
+an error; load the saved delta onto a dequantized base (`dequantize_base`, or the base loaded unquantized) instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deltatune.errors import ConfigError
+from deltatune.targeting import DeltaModule
+
+Quantize = Literal["int8", "int4"]
+INT4_GROUP_SIZES = (128, 64, 32)  # what the CPU int4 kernel supports; the largest that divides in_features
+# torchao (imported by transformers too, whenever it is installed) logs a warning per CUDA-only extension it cannot
+# load on a CPU build, and torch one per enum torchao registers: noise on every run here, not a problem.
+for _name in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
+_LIBC = _LIBC if hasattr(_LIBC, "malloc_trim") else None  # glibc only
+
+
+class QuantizedLinear(nn.Linear):
+    """A frozen Linear whose weight is a torchao weight-only quantized tensor; computes in `compute_dtype`."""
+
+    def __init__(self, linear: nn.Linear, weight: torch.Tensor, mode: Quantize):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.mode = mode
+        self.compute_dtype = weight.dtype
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = linear.bias
+        # torch's CPU int4 kernel is fast for bf16 activations only: with fp32 ones it ran 85x slower than an fp32
+        # matmul (AVX2, 512x576 @ 576x1536); unpacking the layer's weight first and multiplying in fp32 costs 1.3x.
+        self.unpack_to_multiply = mode == "int4" and self.compute_dtype == torch.float32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        return _QuantizedMatmul.apply(x.to(self.compute_dtype), self.weight, bias, self)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight as a dense (out, in) tensor in `compute_dtype`."""
+        weight = self.weight.detach()
+        if self.mode == "int8":
+            return weight.dequantize().to(self.compute_dtype)
+        if _int4_layout_known() and self.out_features % INT4_BLOCK_N == 0:
+            return _unpack_int4(weight.qdata, weight.scale_and_zero, weight.block_size[1]).to(self.compute_dtype)
+        return _int4_by_matmul(weight, self.in_features, self.compute_dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.mode}"
+
+
+class _QuantizedMatmul(torch.autograd.Function):
+    """y = x @ W.T + b with a quantized W; dx from W dequantized for the backward only; db when b trains."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                layer: QuantizedLinear) -> torch.Tensor:
+        ctx.layer = layer
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x, layer.dequantized_weight() if layer.unpack_to_multiply else weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None, None]:
+        need_x, _, need_bias, _ = ctx.needs_input_grad
+        grad_x = grad_bias = None
+        if need_x:
+            grad_x = grad @ ctx.layer.dequantized_weight().to(grad.dtype)
+        if need_bias:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return grad_x, None, grad_bias, None
+
+
+
+def quantize_base(model: nn.Module, mode: Quantize, dtype: torch.dtype | None = None) -> int:
+    """Replace every nn.Linear of `model` except the output head by a QuantizedLinear computing in `dtype` (default:
+    each layer's own), in place, one layer at a time; layers the kernel cannot take (int4: in_features not a
+    multiple of 32) stay as they are. The other floating-point tensors are converted to `dtype`.
+    Returns how many layers were quantized."""
+    configs = _torchao_configs()
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear and m is not head]
+    if not targets:
+        raise ConfigError(f"model.quantize: {type(model).__name__} has no nn.Linear layers besides its output head; "
+                          "remove model.quantize")
+    count = 0
+    for name, linear in targets:
+        weight = _quantized_weight(linear.weight.detach().to(dtype or linear.weight.dtype), mode, configs)
+        if weight is None:
+            continue
+        parent, _, attr = name.rpartition(".")
+        layer = QuantizedLinear(linear, weight, mode)
+        setattr(model.get_submodule(parent), attr, layer)
+        count += 1
+        _give_back_free_memory()
+    if dtype is not None:
+        _convert_unquantized(model, dtype)
+    return count
+
+
+def _give_back_free_memory() -> None:
+    """Quantizing a layer allocates fp32 temporaries several times its int8 result; freed between long-lived small
+    tensors they fragment glibc's heap (a 0.5B int8 load peaked at 2.8x its final weights): return free pages."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _convert_unquantized(model: nn.Module, dtype: torch.dtype) -> None:
+    """Every floating-point parameter and buffer outside the QuantizedLinear weights in `dtype`, one at a time, as
+    a copy: none may stay a view of the memory-mapped checkpoint, whose touched pages would stay resident with it."""
+    for module in model.modules():
+        tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        for name, t in tensors:
+            if t.is_floating_point() and not (isinstance(module, QuantizedLinear) and name == "weight"):
+                t.data = t.data.to(dtype, copy=True)
+
+
+def dequantize_base(model: nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Replace every QuantizedLinear by a plain nn.Linear holding its dequantized weight (in `dtype`, default the
+    compute dtype): the base to load a delta onto for merging. Returns how many layers were replaced."""
+    if attached := [name for name, m in model.named_modules() if isinstance(m, DeltaModule)]:
+        raise ConfigError(f"dequantize_base: a delta is attached ({attached[0]}); dequantize the base before "
+                          "attaching or loading a delta (detach it, or save it and load it onto the dequantized base)")
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+    for name, layer in layers:
+        weight = layer.dequantized_weight().to(dtype or layer.compute_dtype)
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        linear.bias = layer.bias
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, linear)
+    return len(layers)
+
+
+# torch's CPU int4 packing (aten._convert_weight_to_int4pack_for_cpu): (N, K/2) bytes, blocks of 32 output rows;
+# within a block byte k*16 + j holds rows j (low nibble) and 16 + j (high nibble) of input column k. Checked once
+# per process against the kernel itself (_int4_layout_known); elsewhere the slow exact fallback is used.
+INT4_BLOCK_N = 32
+
+
+def _unpack_int4(packed: torch.Tensor, scale_and_zero: torch.Tensor, group: int) -> torch.Tensor:
+    """The dense (N, K) weight of a CPU int4-packed one: (q - 8) * scale + zero per group (tinygemm's rule)."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    blocks = packed.reshape(n // INT4_BLOCK_N, k, INT4_BLOCK_N // 2)
+    q = torch.stack([blocks & 0xF, blocks >> 4], 1).permute(0, 1, 3, 2).reshape(n, k)  # (blocks, 2, 16, K) -> rows
+    scale, zero = scale_and_zero[..., 0].T, scale_and_zero[..., 1].T  # (N, K / group)
+    dense = q.float().sub_(8).reshape(n, -1, group).mul_(scale[..., None]).add_(zero[..., None])  # one fp32 copy
+    return dense.reshape(n, k)
+
+
+def _int4_by_matmul(weight: torch.Tensor, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight through the kernel itself (x = identity): exact for any layout, costs a K x K x N matmul."""
+    return F.linear(torch.eye(in_features, dtype=dtype), weight).T.contiguous()
+
+
+_LAYOUT_KNOWN: list[bool] = []
+
+
+def _int4_layout_known() -> bool:
+    """Whether _unpack_int4 reads this torch build's packing right (a small packed matrix, unpacked both ways)."""
+    if not _LAYOUT_KNOWN:
+        weight = _torchao_configs()["int4"].from_hp(torch.randn(64, 64), [1, 32])
+        unpacked = _unpack_int4(weight.qdata, weight.scale_and_zero, 32)
+        _LAYOUT_KNOWN.append(torch.allclose(unpacked, _int4_by_matmul(weight, 64, torch.float32), atol=1e-5))
+    return _LAYOUT_KNOWN[0]
+
+
+def quantized_layers(model: nn.Module) -> list[str]:
+    """Names of the QuantizedLinear layers in `model`."""
+    return [name for name, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+
+
+def _quantized_weight(weight: torch.Tensor, mode: Quantize, configs: dict[str, Any]) -> torch.Tensor | None:
+    if mode == "int8":
+        return configs["int8"].from_hp(weight, configs["per_row"]())
+    group = next((g for g in INT4_GROUP_SIZES if weight.shape[1] % g == 0), None)
+    return None if group is None else configs["int4"].from_hp(weight, [1, group])
+
+
+def _torchao_configs() -> dict[str, Any]:
+    """torchao's int8 / int4 CPU tensor classes; ConfigError when torchao is not installed."""
+    try:
+        from torchao.prototype.quantization.int4 import Int4OpaqueTensor
+        from torchao.quantization import Int8Tensor
+        from torchao.quantization.granularity import PerRow
+    except ImportError as e:
+        raise ConfigError(f"model.quantize needs torchao ({e}): pip install 'deltatune[quantize]', "
+                          "or remove model.quantize") from e
+    return {"int8": Int8Tensor, "int4": Int4OpaqueTensor, "per_row": PerRow}

@@ -1,0 +1,146 @@
+"""Quantized frozen base (model.quantize: int8 | int4, torchao CPU kernels): accuracy, training, merge rules."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import deltatune
+from deltatune.config import validate_config
+from deltatune.errors import ConfigError
+from deltatune.quantize import QuantizedLinear, dequantize_base, quantize_base, quantized_layers
+from deltatune.models import load_model
+from deltatune.run import run_training
+from tests.test_precision import base_dtypes, lm_dir, logits, run_config  # noqa: F401 (fixture)
+from tests.tiny import tiny_model
+
+# Stated tolerances (tiny random Llama, logits of a 2x16 batch): the largest logit error relative to the largest
+# logit, and the cosine similarity of the logit vectors. int8 per-channel is near exact; int4 per-group is coarse.
+TOLERANCE = {"int8": (0.03, 0.9995), "int4": (0.2, 0.99)}
+
+
+def lm(dtype: torch.dtype = torch.float32) -> nn.Module:
+    return tiny_model("llama", head="lm").to(dtype).eval()
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_logits_are_within_the_stated_tolerance(mode, dtype):
+    model = lm(dtype)
+    reference = logits(model)
+    count = quantize_base(model, mode)
+    assert count == len(quantized_layers(model)) == 7 * model.config.num_hidden_layers  # q k v o gate up down
+    assert type(model.lm_head) is nn.Linear  # the output head stays as it was (QLoRA)
+    quantized = logits(model)
+    max_error, min_cosine = TOLERANCE[mode]
+    assert not torch.equal(quantized, reference)
+    assert (quantized - reference).abs().max() <= max_error * reference.abs().max()
+    assert torch.cosine_similarity(quantized.flatten(), reference.flatten(), dim=0) >= min_cosine
+
+
+@pytest.mark.parametrize(("mode", "bits"), [("int8", 8), ("int4", 4)])
+def test_quantized_weights_take_a_fraction_of_the_memory(mode, bits):
+    layer = nn.Linear(256, 512, bias=False)
+    model = nn.Sequential(layer)
+    quantize_base(model, mode)
+    weight = model[0].weight
+    stored = sum(getattr(weight, name).nbytes for name in weight.tensor_data_names)
+    assert stored <= 1.15 * layer.weight.numel() * bits / 8  # + scales (and int4 zero points)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_input_gradient_equals_the_dequantized_layers(mode):
+    model = nn.Sequential(nn.Linear(64, 96))
+    quantize_base(model, mode)
+    dense = copy.deepcopy(model)
+    dequantize_base(dense)
+    assert type(dense[0]) is nn.Linear and not quantized_layers(dense)
+    x = torch.randn(3, 64, requires_grad=True)
+    x_dense = x.detach().clone().requires_grad_()
+    torch.testing.assert_close(model(x), dense(x_dense), atol=1e-4, rtol=1e-4)
+    (model(x) ** 2).sum().backward()
+    (dense(x_dense) ** 2).sum().backward()
+    torch.testing.assert_close(x.grad, x_dense.grad, atol=1e-3, rtol=1e-3)
+    assert model[0].weight.grad is None
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_lora_run_on_a_quantized_base_learns(mode, lm_dir, tmp_path):  # noqa: F811
+    session, result = run_training(validate_config(run_config(lm_dir, tmp_path, dtype="fp32", quantize=mode)))
+    assert len(quantized_layers(session.model)) == 14
+    assert {p.dtype for p in session.delta.trainable_parameters().values()} == {torch.float32}
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [row["loss"] for row in rows if row["kind"] == "train"]
+    assert max(losses[-3:]) < losses[0] - 0.05
+    fresh = load_model(str(lm_dir), "causal_lm", dtype="fp32", quantize=mode)[0].eval()
+    deltatune.load(fresh, tmp_path / "run" / "best")  # a saved delta goes back onto a quantized base
+    torch.testing.assert_close(logits(fresh), logits(session.model.eval()))
+
+
+@pytest.mark.parametrize("method", [{"method": "ia3"}, {"method": "adapter"}, {"method": "lora", "r": 4}])
+def test_deltas_train_on_top_of_a_quantized_base(method):
+    model = lm()
+    quantize_base(model, "int8")
+    delta = deltatune.attach(model, [deltatune.registry.parse_delta_config(method)])
+    optimizer = torch.optim.AdamW(delta.trainable_parameters().values(), lr=1e-2)
+    ids = torch.arange(3, 35).reshape(2, 16)
+    losses = []
+    for _ in range(5):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_merge_into_a_quantized_base_is_explicit(tmp_path):
+    model = lm()
+    quantize_base(model, "int8")
+    fresh = copy.deepcopy(model)
+    delta = deltatune.attach(model, deltatune.LoRA(r=4))
+    for p in delta.trainable_parameters().values():
+        nn.init.normal_(p, std=0.1)
+    with pytest.raises(ConfigError, match=r"cannot merge lora into a quantized base \(14 int8/int4 layers, e\.g\. "
+                                          r"model\.layers\.0\.self_attn\.q_proj\.base_layer\).*dequantize_base\(model\) before"):
+        delta.merge()
+    with pytest.raises(ConfigError, match=r"dequantize_base: a delta is attached \(model\.layers\.0\.self_attn"):
+        dequantize_base(model)
+    delta.save(tmp_path)
+    assert dequantize_base(fresh) == 14 and not quantized_layers(fresh)
+    merged = deltatune.load(fresh, tmp_path)
+    merged.merge()
+    torch.testing.assert_close(logits(fresh), logits(model), atol=1e-4, rtol=1e-4)
+    assert not any("lora" in name for name, _ in fresh.named_modules())
+
+
+def test_quantize_with_full_fine_tuning_is_a_config_error(lm_dir, tmp_path):  # noqa: F811
+    config = run_config(lm_dir, tmp_path, quantize="int8", delta={"method": "full"})
+    with pytest.raises(ConfigError, match="model.quantize: full trains the base weights, which cannot be quantized"):
+        validate_config(config)
+    with pytest.raises(ConfigError, match="model.quantize"):
+        validate_config(run_config(lm_dir, tmp_path, quantize="int3"))
+
+
+def test_quantize_without_torchao_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchao", None)
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)
+    monkeypatch.setitem(sys.modules, "torchao.prototype.quantization.int4", None)
+    with pytest.raises(ConfigError, match=r"model.quantize needs torchao .*pip install 'deltatune\[quantize\]'"):
+        quantize_base(lm(), "int8")
+
+
+def test_int4_unpacking_reads_the_cpu_kernels_layout():
+    from deltatune.quantize import _int4_by_matmul, _int4_layout_known
+
+    model = nn.Sequential(nn.Linear(128, 96))
+    quantize_base(model, "int4")
+    assert _int4_layout_known()  # torch 2.13's CPU packing; other builds fall back to the exact slow path
+    layer = model[0]
+    torch.testing.assert_close(layer.dequantized_weight(), _int4_by_matmul(layer.weight, 128, torch.float32),
+                               atol=1e-5, rtol=1e-5)
