@@ -103,6 +103,12 @@ class RunConfig(Schema):
         """Whether a delta trains the base model's own weights (then `model.dtype: auto` keeps fp32)."""
         return any(d.trains_base for d in self.delta)
 
+    def base_dtype(self) -> str:
+        """The dtype name (fp32 / bf16 / ...) the base loads in: `model.dtype`, with `auto` resolved for this CPU."""
+        from deltatune.precision import DTYPE_NAMES, resolve_base_dtype
+
+        return DTYPE_NAMES[resolve_base_dtype(self.model.dtype, trains_base=self.trains_base)]
+
     @property
     def task(self) -> str:
         """The model class to load: for multi-task runs a causal LM if a task is text, else classification."""

@@ -17,7 +17,7 @@ from deltatune.prompts import PromptRecord, chat_messages, chat_template, render
 from deltatune.safety import inside
 
 if TYPE_CHECKING:
-    from deltatune.config import ModelConfig
+    from deltatune.config import RunConfig
 
 
 @dataclass
@@ -103,8 +103,9 @@ def open_generator(*, run: str | Path | None = None, model: str | None = None, d
             raise ConfigError("--delta goes with --model; a --run already has its delta (best/)")
         run = Path(run)
         trained = _causal_lm_run(run, trust_remote_code)
-        model, delta = trained.path, inside(run, "best", str(run))
-        options = dict(dtype=trained.dtype, trust_remote_code=trained.trust_remote_code)
+        model, delta = trained.model.path, inside(run, "best", str(run))
+        options = dict(dtype=trained.base_dtype(), quantize=trained.model.quantize,
+                       trust_remote_code=trained.model.trust_remote_code)
         saved = saved_template(delta, run)
     else:
         options = dict(trust_remote_code=trust_remote_code)
@@ -129,8 +130,8 @@ def _template_option(tokenizer: Any, template: str) -> str:
     return resolve_template(tokenizer, template, option="--template")
 
 
-def _causal_lm_run(run: Path, trust_remote_code: bool) -> ModelConfig:
-    """The model settings of a finished causal-LM run; a clear error for anything else."""
+def _causal_lm_run(run: Path, trust_remote_code: bool) -> RunConfig:
+    """The config of a finished causal-LM run; a clear error for anything else."""
     from deltatune.config import RunConfig, allow_remote_code
     from deltatune.run import CONFIG_NAME
     from deltatune.safety import read_yaml_file
@@ -152,7 +153,7 @@ def _causal_lm_run(run: Path, trust_remote_code: bool) -> ModelConfig:
                           "a run trained on text or chat data")
     if not (run / "best").is_dir():
         raise ConfigError(f"{run} has no trained delta yet ({run / 'best'} missing): finish or resume the run first")
-    return config.model
+    return config
 
 
 class Conversation:

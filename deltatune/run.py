@@ -24,7 +24,6 @@ from deltatune.delta import DeltaBase, attach, load
 from deltatune.errors import ConfigError
 from deltatune.io import write_json, write_jsonl, write_text
 from deltatune.models import is_encoder_decoder, load_model, load_tokenizer, model_max_length, saved_num_labels
-from deltatune.precision import DTYPE_NAMES, resolve_base_dtype
 from deltatune.safety import inside, read_yaml_file
 from deltatune.train import TrainResult, train
 from deltatune.train.checkpoint import Checkpoint, load_latest, save_delta
@@ -91,8 +90,7 @@ def open_session(config: RunConfig, delta_dir: Path | None = None) -> Session:
     # multi-task: the model keeps its saved head's size (task_heads replaces the head)
     num_labels = data.num_labels if config.tasks is None else saved_num_labels(
         config.model.path, trust_remote_code=config.model.trust_remote_code)
-    dtype = resolve_base_dtype(config.model.dtype, trains_base=config.trains_base)
-    model, _ = load_model(config.model.path, config.task, num_labels, dtype=DTYPE_NAMES[dtype],
+    model, _ = load_model(config.model.path, config.task, num_labels, dtype=config.base_dtype(),
                           quantize=config.model.quantize, trust_remote_code=config.model.trust_remote_code,
                           id2label=id2label)
     delta = load(model, delta_dir) if delta_dir else attach(model, task_deltas(config.delta, data))
