@@ -31,7 +31,7 @@ test: venv
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 demo: venv
-	HF_HUB_OFFLINE=1 $(BIN)/deltatune train examples/demo.yaml
+	HF_HUB_OFFLINE=1 $(BIN)/deltatune train examples/demo.yaml --overwrite
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .hypothesis
