@@ -7,6 +7,8 @@ package, e.g. for `deltatune --help`, does not load torch and transformers.
 from __future__ import annotations
 
 import importlib
+import sys
+from types import ModuleType
 from typing import Any
 
 __version__ = "0.1.0"
@@ -47,3 +49,15 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *__getattr__("__all__")})
+
+
+class _Package(ModuleType):
+    """Importing the subpackage `deltatune.train` must not bind it over the public `deltatune.train()` function
+    (the import system sets a parent's attribute to each child module it loads)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if not (name in _API and isinstance(value, ModuleType)):
+            super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

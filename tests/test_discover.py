@@ -129,3 +129,11 @@ def test_train_prints_the_galore_settings(tmp_path, tiny_bert_dir, reviews, caps
     out = " ".join(capsys.readouterr().out.split())
     assert ("optimizer galore_adamw8bit: GaLore rank 4, projection updated every 50 steps, scale 0.25, proj_type std, "
             "8-bit moments yes, per-layer updates no, targets all-linear") in out
+
+
+def test_the_public_train_function_survives_importing_the_train_subpackage():
+    """With the lazy public API, loading the subpackage deltatune.train must not replace deltatune.train()."""
+    code = ("import deltatune.train.loop, deltatune, inspect; "
+            "print(inspect.isfunction(deltatune.train), deltatune.train is deltatune.train.__globals__['train'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "True"]
