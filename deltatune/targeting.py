@@ -16,6 +16,7 @@ import difflib
 import re
 from typing import Iterable, Sequence, Union
 
+import torch
 from torch import nn
 
 from deltatune.arch import LINEAR, describe, short_name
@@ -50,6 +51,28 @@ class WrapperModule(DeltaModule):
     out_channels = _wrapped("out_channels")
     num_embeddings = _wrapped("num_embeddings")
     embedding_dim = _wrapped("embedding_dim")
+
+
+class MergeableWrapper(WrapperModule):
+    """A wrapper whose effect folds into its base layer's own tensors: `merge()` writes `merged_tensors()` into them
+    and keeps the originals, which `unmerge()` copies back bit for bit. Used through `Delta.fold_wrappers`."""
+
+    _original: dict[str, torch.Tensor] | None = None
+
+    def merged_tensors(self) -> dict[str, torch.Tensor]:
+        """The base layer's tensors (by attribute name, e.g. `weight`) with this wrapper folded in."""
+        raise NotImplementedError
+
+    def merge(self) -> None:
+        merged = self.merged_tensors()
+        self._original = {attr: getattr(self.base_layer, attr).detach().clone() for attr in merged}
+        for attr, value in merged.items():
+            getattr(self.base_layer, attr).copy_(value)
+
+    def unmerge(self) -> None:
+        for attr, value in (self._original or {}).items():
+            getattr(self.base_layer, attr).copy_(value)
+        self._original = None
 
 
 def find_modules(

@@ -23,7 +23,7 @@ from deltatune.arch import describe
 from deltatune.delta import Delta, DeltaConfig, owned_tensors
 from deltatune.errors import ConfigError, TargetError
 from deltatune.registry import register
-from deltatune.schema import MAX_LABELS, one_or_many
+from deltatune.schema import MAX_LABELS, Patterns
 from deltatune.targeting import DeltaModule, check_not_taken, find_modules
 
 CONFIG_KEYS = ("id2label", "label2id", "problem_type")
@@ -42,10 +42,8 @@ class Head(DeltaConfig):
                                                  "default: the model's known head (classifier, score, ...)")
     reinit: bool = Field(True, description="a fresh Linear (normal(0, initializer_range), zero bias); "
                                            "False trains a copy of the existing head")
-    also_train: list[str] = Field(default_factory=list, description="module patterns trained with the head, "
-                                                                    "e.g. ['pooler']")
-
-    _one_pattern = one_or_many("also_train")
+    also_train: Patterns = Field(default_factory=list, description="module patterns trained with the head, "
+                                                                   "e.g. ['pooler']")
 
     @model_validator(mode="after")
     def _labels_fit(self) -> Head:
@@ -71,19 +69,21 @@ class TaskHead(nn.Linear, DeltaModule):
 
 
 @register("head")
-class HeadDelta(Delta):
+class HeadDelta(Delta[Head]):
     """Task head: replace or retrain the classification / regression / token-classification head."""
 
-    config_class = Head
     role = "head"
     mergeable = True  # the head lives in the model: merge only swaps the TaskHead for a plain Linear
+    fsdp = True
+    per_task = False  # multi-task runs get a head per task from task_heads
+    peft_type = "modules_to_save"  # PEFT saves a task head whole, next to the adapter
 
     @property
     def preserves_output(self) -> bool:  # type: ignore[override]
-        return not self.config.reinit  # type: ignore[attr-defined]
+        return not self.config.reinit
 
     def build(self) -> list[nn.Parameter]:
-        cfg: Head = self.config  # type: ignore[assignment]
+        cfg = self.config
         head_name = head_module_name(self.model, cfg.module)
         head = self.model.get_submodule(head_name)
         name, old = head_name, head
@@ -111,15 +111,11 @@ class HeadDelta(Delta):
         new = self._new_head(old, outputs, cfg.reinit)
         self.swap(name, new)
         self._head, self._home = new, (self.model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2])
-        self._snapshot = [(p, p.detach().clone()) for p in in_place.values()]
+        self.keep_values(in_place.values())
         self._update_config(cfg, outputs)  # last: nothing after this can fail
         return [p for p in new.parameters()] + list(in_place.values())
 
     def restore(self) -> None:
-        with torch.no_grad():
-            for p, original in self._snapshot:
-                p.copy_(original)
-        self._snapshot = []
         config = getattr(self.model, "config", None)
         for key, value in self._saved_config.items():
             setattr(config, key, value)

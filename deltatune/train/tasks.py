@@ -30,6 +30,7 @@ from deltatune.data import DataConfig, TaskData, prepare_data
 from deltatune.data.formats import FORMATS
 from deltatune.data.multitask import MixedSplit, MultiTaskData, TaskSpec
 from deltatune.errors import ConfigError, problems_error
+from deltatune.registry import method_of
 from deltatune.schema import MAX_SCALE, Schema
 from deltatune.train.distributed import rank_and_world
 from deltatune.train.metrics import METRICS, check_metric, check_task, default_metric, loss_sum, units
@@ -102,7 +103,7 @@ def check_run_tasks(tasks: list[TaskConfig], multitask: MultiTaskConfig, deltas:
     if multitask.weighting == "uncertainty" and (fixed := [t.name for t in tasks if t.weight != 1]):
         raise ValueError(f"tasks {', '.join(fixed)} set a weight, but weighting: uncertainty learns the weights; "
                          "remove `weight` or use weighting: fixed")
-    if heads := [d.method for d in deltas if d.method in ("head", "task_heads")]:
+    if heads := [d.method for d in deltas if method_of(d).delta_class.role == "head"]:
         raise ValueError(f"delta: remove `{heads[0]}`: with `tasks:` every task gets its own head (task_heads) "
                          "from its data")
 
