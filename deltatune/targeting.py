@@ -201,3 +201,22 @@ def _layer_set(layers: LayerSpec, count: int) -> set[int] | None:
             raise TargetError(f"layer index {i} is out of range: the model has {count} layers (0..{count - 1})")
         out.add(i % count)
     return out
+
+
+def head_module_name(model: nn.Module, module: str | None = None) -> str:
+    """The name of the task head `module` names (a pattern matching one module), or of the model's known head."""
+    if module is not None:
+        found = find_modules(model, [module])
+        if len(found) > 1:
+            raise TargetError(f"module {module!r} matches {len(found)} modules ({', '.join(list(found)[:4])}); "
+                              "give the full name of the one head module")
+        return next(iter(found))
+    arch = describe(model)
+    if arch.heads:
+        return arch.heads[-1]  # the last one is the output (DistilBERT: pre_classifier, then classifier)
+    outside = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and arch.layer_index(n) is None]
+    linears = outside or [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    raise TargetError(f"{type(model).__name__} has no known task head; name the module to replace with "
+                      f"`module`. Candidate Linear modules near the output: {', '.join(linears[-5:]) or '(none)'}. "
+                      "A model without a head (AutoModel) cannot get one added: load it with "
+                      "AutoModelForSequenceClassification / ForTokenClassification instead")

@@ -21,6 +21,7 @@ from torch import nn
 
 import deltatune
 from deltatune.arch import describe, short_name
+from deltatune.methods._prefix_cache import PrefixCacheDelta
 from deltatune.registry import methods
 from deltatune.targeting import DeltaModule
 from tests.saved_adapters import save_adapter
@@ -58,16 +59,18 @@ ARCHITECTURES: dict[str, tuple[type, str, dict]] = {
 }
 ARCHS = [*ARCHITECTURES, "cnn"]
 METHODS = sorted(methods())
+INPUT_METHODS = [m for m in METHODS if methods()[m].delta_class.rewrites_inputs]  # virtual tokens, prefixes
+CACHE_METHODS = [m for m in METHODS if issubclass(methods()[m].delta_class, PrefixCacheDelta)]  # prefixes
 
 # Pairs refused by design: (method, arch) -> (error class, what the message must say).
 NOT_TOKENS = "needs a model that takes token ids"
 REFUSED: dict[tuple[str, str], tuple[type[Exception], str]] = {
-    **{(m, "cnn"): (deltatune.TargetError, NOT_TOKENS) for m in ("prompt", "ptuning", "prefix", "ptuning_v2")},
+    **{(m, "cnn"): (deltatune.TargetError, NOT_TOKENS) for m in INPUT_METHODS},
     **{(m, "cnn"): (deltatune.TargetError, "adapter places .* no transformer layers") for m in ("adapter", "fusion")},
     ("ia3", "cnn"): (deltatune.TargetError, "ia3 found no attention layers"),
     ("side", "cnn"): (deltatune.TargetError, "TinyCNN has no layer stack"),
     **{(m, "distilbert"): (deltatune.ConfigError, "attention layers of DistilBert.* take no cache.*use prompt")
-       for m in ("prefix", "ptuning_v2")},
+       for m in CACHE_METHODS},
     ("task_heads", "bart"): (deltatune.TargetError, "adds 'final_logits_bias' .* load the model for sequence "
                                                     "classification"),
 }
@@ -207,7 +210,7 @@ def greedy_by_full_forwards(model: nn.Module, batch: dict, steps: int) -> torch.
 
 
 @pytest.mark.parametrize("arch", ["t5", "bart"])
-@pytest.mark.parametrize("method", ["prompt", "ptuning", "prefix", "ptuning_v2", "lora", "side"])
+@pytest.mark.parametrize("method", [*INPUT_METHODS, "lora", "side"])
 def test_generate_on_encoder_decoders_matches_full_forwards(method, arch, adapter_root):
     """generate() (which runs the encoder on its own, then decodes with the cache) sees the same delta."""
     model, batch = build(arch), batch_for(arch)

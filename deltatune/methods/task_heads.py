@@ -23,10 +23,9 @@ from torch import nn
 from deltatune import routing
 from deltatune.delta import Delta, DeltaConfig
 from deltatune.errors import TargetError
-from deltatune.methods.head import head_module_name
 from deltatune.registry import register
 from deltatune.schema import MAX_LABELS, Schema
-from deltatune.targeting import DeltaModule, check_not_taken
+from deltatune.targeting import DeltaModule, check_not_taken, head_module_name
 
 
 class TaskHead(Schema):
