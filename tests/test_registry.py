@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 from pydantic import Field
 from torch import nn
@@ -161,3 +162,34 @@ def test_a_new_method_appears_in_every_list_of_methods(scale_method, tmp_path):
         export_peft(delta, tmp_path / "peft")
     with pytest.raises(ConfigError, match=f"fsdp shards full fine-tuning \\(full, head\\); {scale_method} trains"):
         _check_fsdp(delta, "adamw")
+
+
+# ---- what a built-in method comes with -----------------------------------------------------------------------------
+ATTACHED_BY_RUNS = {"task_heads"}  # a run with `tasks:` attaches it itself (a config may not name it)
+
+
+def example_methods() -> dict[str, list[Path]]:
+    """Method name -> the example configs whose delta sections name it."""
+    found: dict[str, list[Path]] = {}
+
+    def walk(node, file):
+        if isinstance(node, dict):
+            if isinstance(node.get("method"), str):
+                found.setdefault(node["method"], []).append(file)
+            for value in node.values():
+                walk(value, file)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value, file)
+
+    for file in sorted((PACKAGE.parent / "examples").glob("*.yaml")):
+        walk(yaml.safe_load(file.read_text()).get("delta"), file)
+    return found
+
+
+@pytest.mark.parametrize("name", sorted(methods()))
+def test_every_method_has_an_example_config_and_a_readme_row(name):
+    readme = (PACKAGE.parent / "README.md").read_text()
+    assert f"\n| `{name}` |" in readme, f"README.md's methods table has no row for {name}"
+    if name not in ATTACHED_BY_RUNS:
+        assert example_methods().get(name), f"no examples/*.yaml names method {name}"
