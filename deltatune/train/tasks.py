@@ -240,7 +240,7 @@ def objective(data: TaskData | MultiTaskData, delta: DeltaBase) -> SingleTask | 
 
     heads = [part for part in delta.parts() if isinstance(part, TaskHeadsDelta)]
     expected = [(t.name, t.kind) for t in data.tasks]
-    found = [(h.name, h.kind) for h in heads[0].config.tasks] if heads else None  # type: ignore[attr-defined]
+    found = [(h.name, h.kind) for h in heads[0].config.tasks] if heads else None
     if found != expected:
         raise ConfigError(f"multi-task data with tasks {expected} needs the task_heads delta for exactly these tasks "
                           f"(attached: {found or 'none'}); build it with train.tasks.task_deltas")
