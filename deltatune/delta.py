@@ -22,6 +22,7 @@ from torch import nn
 from deltatune import storage
 from deltatune.errors import CheckpointError, ConfigError, TargetError
 from deltatune.fingerprint import Fingerprint, check_finite, check_same_base, fingerprint
+from deltatune.registry import method_of, methods, parse_delta_config
 from deltatune.safety import inside
 from deltatune.models.quantize import quantized_layers
 from deltatune.schema import Schema
@@ -383,8 +384,6 @@ class DeltaGroup(DeltaBase):
 
 def attach(model: nn.Module, config: DeltaConfig | Sequence[DeltaConfig]) -> Delta | DeltaGroup:
     """Attach one method (or several, in order) to `model`; returns the delta handle."""
-    from deltatune.registry import method_of
-
     configs = [config] if isinstance(config, DeltaConfig) else list(config)
     if not configs:
         raise ConfigError("attach() needs at least one method config, e.g. deltatune.LoRA(r=8)")
@@ -429,8 +428,6 @@ def read_delta_config(path: str | Path) -> dict[str, Any]:
 def load(model: nn.Module, path: str | Path) -> Delta | DeltaGroup:
     """Attach the delta saved in folder `path` to `model` (a fresh copy of the same base) and load its tensors.
     A Hugging Face PEFT adapter folder (`adapter_config.json`) loads as the equivalent deltas."""
-    from deltatune.registry import parse_delta_config
-
     path = Path(path)
     if not (path / CONFIG_FILE).is_file():
         for marker, loader in FOREIGN_FORMATS.items():
@@ -457,8 +454,6 @@ def load(model: nn.Module, path: str | Path) -> Delta | DeltaGroup:
 
 def _in_folder(raw: Any, folder: Path, where: str) -> Any:
     """A saved method config with its `folder_fields` resolved inside `folder` (CheckpointError if one leaves it)."""
-    from deltatune.registry import methods
-
     method = methods().get(raw.get("method")) if isinstance(raw, dict) else None
     fields = method.config_class.folder_fields if method else ()
     return {**raw, **{f: [str(inside(folder, name, f"{where}: {f}")) for name in raw[f]]
