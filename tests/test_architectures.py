@@ -25,6 +25,7 @@ from deltatune.methods._prefix_cache import PrefixCacheDelta
 from deltatune.registry import methods
 from deltatune.targeting import DeltaModule
 from tests.saved_adapters import save_adapter
+from tests.test_contract import contract_args
 
 VOCAB = 96
 SIZES = {"vocab_size": VOCAB, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
@@ -139,14 +140,14 @@ def adapter_root(tmp_path_factory) -> Path:
 
 
 def method_config(method: str, arch: str, adapter_root: Path):
-    """The registry's default config of `method`, plus what a method needs without a default."""
-    needs = {
-        "fusion": lambda: {"adapters": [str(save_adapter(build(arch), adapter_root / arch / f"a{i}", seed=i,
-                                                         layer_norm=True)) for i in range(2)]},
-        "per_task": lambda: {"tasks": ["a", "b"], "delta": {"method": "lora", "r": 2}},
-        "task_heads": lambda: {"tasks": [{"name": "a", "num_labels": 2}, {"name": "b", "kind": "regression"}]},
-    }
-    return methods()[method].config_class(**needs.get(method, dict)())
+    """The registry's default config of `method`; a config with fields without a default gets the contract suite's
+    arguments (fusion: adapters saved for this architecture)."""
+    config_class = methods()[method].config_class
+    if method == "fusion":
+        return config_class(adapters=[str(save_adapter(build(arch), adapter_root / arch / f"a{i}", seed=i,
+                                                       layer_norm=True)) for i in range(2)])
+    required = any(field.is_required() for field in config_class.model_fields.values())
+    return config_class(**(contract_args(method) if required else {}))
 
 
 def module_tree(model: nn.Module) -> list[tuple[str, str]]:
