@@ -175,7 +175,7 @@ class Delta(DeltaBase, ABC, Generic[C]):
     fsdp: ClassVar[bool] = False  # trains whole weights in place (full fine-tuning, heads): FSDP can shard it
     per_task: ClassVar[bool] = True  # per_task may hold one copy of it per task (heads are per task already)
     peft_type: ClassVar[str | None] = None  # its Hugging Face PEFT adapter type (interop/peft.py), if it has one
-    peft_options: ClassVar[dict[str, Any]] = {}  # adapter-config values that tell it from others of its peft_type
+    peft_options: ClassVar[dict[str, bool]] = {}  # adapter-config flags that tell it from others of its peft_type
     extra_positions: int = 0  # sequence positions the delta occupies (virtual tokens, prefixes), set by build()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
