@@ -14,24 +14,21 @@ modules explicitly instead, for architectures `deltatune.arch` does not know. No
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from deltatune.arch import describe
 from deltatune.delta import Delta, DeltaConfig
 from deltatune.errors import TargetError
+from deltatune.methods._bottleneck import NONLINEARITIES, Bottleneck, like, on_output, output_size
 from deltatune.registry import register
 from deltatune.schema import MAX_WIDTH, NonEmptyPatterns
 from deltatune.targeting import WrapperModule, exact_pattern, find_modules
 
 PLACEMENTS: dict[str, tuple[str, ...]] = {"houlsby": ("attention_output", "ffn_output"), "pfeiffer": ("ffn_output",)}
-NONLINEARITIES: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU,
-                                                      "tanh": nn.Tanh}
 DEFAULT_REDUCTION = 16
 
 
@@ -67,31 +64,6 @@ class Adapter(DeltaConfig):
         return size
 
 
-class Bottleneck(nn.Module):
-    """up(f(down(x))), x optionally layer-normed first; `up` starts at zero, so the branch starts at 0."""
-
-    def __init__(self, hidden: int, size: int, nonlinearity: str, layer_norm: bool, like: dict):
-        super().__init__()
-        self.norm = nn.LayerNorm(hidden, **like) if layer_norm else None
-        self.down = nn.Linear(hidden, size, **like)  # default (Kaiming-uniform) init, as LoRA's A
-        self.act = NONLINEARITIES[nonlinearity]()
-        self.up = nn.Linear(size, hidden, **like)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-
-    @classmethod
-    def from_config(cls, cfg: Adapter, hidden: int, like: dict) -> Bottleneck:
-        return cls(hidden, cfg.bottleneck(hidden), cfg.nonlinearity, cfg.layer_norm, like)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.up(self.act(self.down(h if self.norm is None else self.norm(h))))
-
-
-def on_output(out: torch.Tensor | tuple, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | tuple:
-    """Apply `fn` to a module's output tensor (the first element when the module returns a tuple)."""
-    return (fn(out[0]), *out[1:]) if isinstance(out, tuple) else fn(out)
-
-
 class AdapterModule(WrapperModule):
     """A frozen `base_layer` whose output h becomes h + adapter(h)."""
 
@@ -117,22 +89,6 @@ def adapter_sites(model: nn.Module, cfg: Adapter) -> dict[str, nn.Module]:
                           f"{type(model).__name__} has no transformer layers with those that deltatune can find; name "
                           "the modules to wrap with `modules: [...]` (e.g. each block's output Linear), or use lora")
     return find_modules(model, [exact_pattern(names)], layers=cfg.layers)
-
-
-def output_size(name: str, module: nn.Module) -> int:
-    """Features of the module's output: a Linear's out_features, a Conv1D's nf, or those of its last Linear."""
-    linears = [m for m in module.modules() if isinstance(m, (nn.Linear, Conv1D))]
-    if not linears:
-        raise TargetError(f"cannot tell the output size of {name!r} ({type(module).__name__}): adapters wrap "
-                          "modules whose output comes from a Linear layer; name such a module instead")
-    last = linears[-1]
-    return last.out_features if isinstance(last, nn.Linear) else last.nf
-
-
-def like(module: nn.Module) -> dict:
-    """device/dtype of a module's first parameter, for new layers living next to it."""
-    p = next(module.parameters(), None)
-    return {} if p is None else {"device": p.device, "dtype": p.dtype}
 
 
 @register("adapter")

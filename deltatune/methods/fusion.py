@@ -38,8 +38,8 @@ from deltatune.delta import CONFIG_FILE, TENSOR_FILE, Delta, DeltaConfig, base_f
 from deltatune.errors import CheckpointError, ConfigError, TargetError
 from deltatune.fingerprint import check_finite, check_same_base
 from deltatune.storage import atomic_path, load_tensors, sha256
-from deltatune.methods.adapter import Adapter, Bottleneck, like, on_output, output_size
-from deltatune.registry import register
+from deltatune.methods._bottleneck import Bottleneck, like, on_output, output_size
+from deltatune.registry import parse_delta_config, register
 from deltatune.safety import inside
 from deltatune.schema import MAX_SCALE
 from deltatune.targeting import WrapperModule, exact_pattern, find_modules
@@ -83,7 +83,7 @@ class SavedAdapter:
     """One stage-1 adapter read from disk: its config, tensors, sites, base fingerprint and checksum."""
 
     path: Path
-    config: Adapter
+    config: DeltaConfig  # the adapter's
     tensors: dict[str, torch.Tensor]
     base: dict
     sha256: str
@@ -108,7 +108,7 @@ class SavedAdapter:
         digest = sha256(file) if file.is_file() else None
         if digest != meta.get("sha256"):
             raise CheckpointError(f"{file} is missing or corrupted (checksum differs from its delta.json)")
-        config = Adapter(**{k: v for k, v in parts[0]["config"].items() if k != "method"})
+        config = parse_delta_config(parts[0]["config"], where=str(path / CONFIG_FILE))
         wanted = set(parts[0]["tensors"])
         tensors = {k: v for k, v in load_tensors(file).items() if k in wanted}
         check_finite(tensors, str(file))
