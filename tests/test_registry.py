@@ -68,6 +68,9 @@ def test_method_modules_are_one_per_name_and_shared_plumbing_registers_nothing()
     assert modules - shared == set(methods())
     for name, method in methods().items():
         assert method.delta_class.__module__ == f"deltatune.methods.{name}"
+    for name in modules:  # methods share plumbing through `_` modules only, never another method's file
+        imported = imported_modules(PACKAGE / "methods" / f"{name}.py")
+        assert not [m for m in imported if m.startswith("deltatune.methods.") and m.split(".")[2] in modules - shared]
 
 
 # ---- a method defined here -------------------------------------------------------------------------------------
