@@ -282,12 +282,13 @@ def _print_interrupted(args: argparse.Namespace, out: Path, exc: BaseException) 
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from deltatune.runs.session import load_run
+    from deltatune.runs.run import Run
+    from deltatune.runs.session import run_session
     from deltatune.train.tasks import objective
 
     if args.generate is not None:
         return _eval_generation(args)
-    session = load_run(args.run, args.overrides, trust_remote_code=args.trust_remote_code)
+    session = run_session(Run.open(args.run, args.overrides, trust_remote_code=args.trust_remote_code))
     dataset = getattr(session.data, args.split)
     batch_size = session.config.train.eval_batch_size or session.config.train.batch_size
     if args.output is not None:
