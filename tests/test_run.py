@@ -73,10 +73,10 @@ def test_reopening_needs_a_run_folder_with_a_trained_delta(lm_run, tmp_path):
     shutil.rmtree(copy / "best")
     with pytest.raises(ConfigError, match=rf"^{copy} has no trained delta yet \({copy}/best missing\): finish or "
                                           "resume the run first"):
-        Run.open(copy)
+        _ = Run.open(copy).best
     (copy / "best").symlink_to(lm_run / "best")
     with pytest.raises(CheckpointError, match="entry 'best' points outside its folder"):
-        Run.open(copy)
+        _ = Run.open(copy).best
 
 
 def test_generating_needs_no_data_files_but_a_session_does(lm_run, tmp_path):

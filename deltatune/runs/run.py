@@ -25,17 +25,16 @@ BEST = "best"
 
 @dataclass(frozen=True)
 class Run:
-    """A run folder: its validated config, its best delta's folder; the chat template and results.json are read
-    when first asked for."""
+    """A run folder and its validated config; its best delta's folder, chat template and results.json are found
+    and read when first asked for."""
 
     folder: Path
     config: RunConfig
-    best: Path
 
     @classmethod
     def open(cls, folder: str | Path, overrides: list[str] = (), *, trust_remote_code: bool = False) -> Run:
-        """The run in `folder` with `key=value` overrides applied to its config (not validated: data files named
-        in the config may be gone: runs.session.run_session checks them). ConfigError unless training finished."""
+        """The run in `folder`, its config with `key=value` overrides applied and validated (data files named in it
+        may be gone: runs.session.run_session checks them)."""
         folder = Path(folder)
         file = folder / CONFIG_NAME
         if not file.is_file():
@@ -43,10 +42,16 @@ class Run:
                               "`deltatune train`)")
         config = validate_config(read_config(file, overrides), where=str(file), trust_remote_code=trust_remote_code,
                                  files=False)
-        best = inside(folder, BEST, str(folder))
+        return cls(folder, config)
+
+    @cached_property
+    def best(self) -> Path:
+        """The folder of the best delta; ConfigError until training finished."""
+        best = inside(self.folder, BEST, str(self.folder))
         if not best.is_dir():
-            raise ConfigError(f"{folder} has no trained delta yet ({best} missing): finish or resume the run first")
-        return cls(folder, config, best)
+            raise ConfigError(f"{self.folder} has no trained delta yet ({best} missing): finish or resume the run "
+                              "first")
+        return best
 
     @property
     def checkpoints(self) -> Path:
