@@ -615,7 +615,7 @@ def test_report_curves_skip_rows_of_the_wrong_types(tmp_path):
 
 
 def test_oversized_json_in_a_folder_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(io, "MAX_JSON_BYTES", 100)
+    monkeypatch.setattr(storage, "MAX_JSON_BYTES", 100)
     (tmp_path / CONFIG_FILE).write_text(json.dumps({"x": "y" * 200}))
     with refused(CheckpointError, r"delta.json is 2\d\d bytes, too large for a deltatune JSON file \(at most 100\)",
                  tmp_path):
