@@ -16,7 +16,7 @@ from deltatune.errors import ConfigError, DataError
 from deltatune.generation.sampling import Sampling
 from deltatune.generation.generator import Generator
 from deltatune.storage import write_json, write_jsonl
-from deltatune.generation.prompts import PromptRecord, output_rows, read_prompts, saved_template
+from deltatune.generation.prompts import PromptRecord, output_rows, read_prompts
 
 if TYPE_CHECKING:
     from deltatune.generation.config import GenerationEval
@@ -103,8 +103,8 @@ def evaluate_after_training(session: Session, cfg: GenerationEval, out_dir: Path
     model into `result.generation`, rewrite results.json, and write every answer to generations.jsonl.
     Progress goes to `on_event` as "generation" events (model, done, total). The session keeps its delta attached."""
     records = reference_records(cfg.file, cfg.limit, cfg.skip)
-    best = out_dir / "best"
-    generator = Generator(session.model, session.tokenizer, best, saved_template(best, out_dir), session.delta)
+    # the template training rendered with (and saved into best/)
+    generator = Generator(session.model, session.tokenizer, out_dir / "best", session.data.chat_template, session.delta)
     emit = on_event or (lambda kind, info: None)
 
     def options(model: str) -> dict[str, Any]:

@@ -68,14 +68,15 @@ def _load_base(folder: str, class_name: str, trust_remote_code: bool) -> tuple[t
     import transformers
 
     from deltatune.errors import DeltaTuneError
-    from deltatune.models.load import load_tokenizer, load_weights, model_folder
+    from deltatune.models.load import Pretrained, load_weights
 
     model_class = getattr(transformers, class_name, None)
     if not (isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)):
         raise CheckpointError(f"the delta was trained on a {class_name!r}, which is not a transformers model class")
-    model = load_weights(model_class, model_folder(folder, trust_remote_code), trust_remote_code).eval()
+    base = Pretrained.open(folder, trust_remote_code=trust_remote_code)
+    model = load_weights(model_class, base.folder, trust_remote_code).eval()
     try:
-        tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
+        tokenizer = base.tokenizer()
     except DeltaTuneError:
         tokenizer = None
     return model, tokenizer

@@ -88,8 +88,8 @@ class Pretrained:
         if dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
         # quantized: read the weights as stored (memory-mapped, no copy), quantize / convert them layer by layer
-        kwargs: dict[str, Any] = {"dtype": "auto" if quantize else DTYPES[dtype]} | _head_kwargs(task, num_labels,
-                                                                                                id2label)
+        head = _head_kwargs(task, num_labels, id2label)
+        kwargs = {"dtype": "auto" if quantize else DTYPES[dtype], **head}
         auto = TASKS[task]
         if task == "causal_lm" and self.is_encoder_decoder:
             auto = AutoModelForSeq2SeqLM  # text generation by an encoder-decoder (T5, BART): prompt in, response out
