@@ -6,7 +6,7 @@ from deltatune.train.checkpoint import (
            load_latest,
            save_checkpoint,
 )
-from deltatune.train.compute import evaluate
+from deltatune.train.evaluation import evaluate
 from deltatune.train.loop import TrainConfig, TrainResult, train
 from deltatune.train.metrics import METRICS, MINIMISED
 

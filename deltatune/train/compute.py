@@ -1,5 +1,5 @@
-"""How the loop computes: the training loss of a micro-batch (`TrainingLoss`) and evaluation (`evaluate`), with
-the run's speed and memory levers; bench/README.md records what each one measured.
+"""How the loop computes the training loss of a micro-batch (`TrainingLoss`), with the run's speed and memory
+levers; bench/README.md records what each one measured. (Evaluation uses the chunked loss too: evaluation.py.)
 
 * precision: bf16 autocast for forward and backward with fp32 master weights: every parameter (trainable or not)
   stays fp32, matmuls run in bf16, losses in fp32. `auto` picks bf16 where the device has native bf16 dot products
@@ -16,15 +16,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.errors import ConfigError, DataError
-from deltatune.train import distributed
-from deltatune.train.metrics import MetricState, check_task, logits_of, units
+from deltatune.errors import ConfigError
+from deltatune.train.metrics import logits_of
 
 if TYPE_CHECKING:
     from deltatune.train.tasks import MultiTask, SingleTask
@@ -35,7 +34,6 @@ Precision = Literal["auto", "fp32", "bf16"]
 CHUNKABLE = frozenset({"gpt2", "llama", "mistral", "mixtral", "qwen2", "qwen3", "gpt_neox", "phi", "phi3", "olmo2",
                        "gemma", "smollm3"})
 CHUNK_ELEMENTS = 1 << 23  # logits per chunk (32 MiB in fp32)
-Collate = Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
 
 
 # ---- precision ----------------------------------------------------------------------------------------------
@@ -162,7 +160,7 @@ class _FusedLinearCE(torch.autograd.Function):
                 None if grad_bias is None else (grad_bias * grad_out).to(bias_dtype), None, None, None)
 
 
-# ---- the loop's loss and evaluation ---------------------------------------------------------------------------
+# ---- the loop's loss ---------------------------------------------------------------------------------------
 class TrainingLoss:
     """The summed loss of a training micro-batch (`task.loss_sum` of the model's output), computed with the run's
     precision (autocast), chunked LM-head loss and activation checkpointing settings."""
@@ -185,26 +183,6 @@ class TrainingLoss:
             if self.head is not None:
                 return lm_loss_sum(self.model, self.head, inputs, batch["labels"])
             return self.task.loss_sum(logits_of(self.model(**inputs)), batch)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, dataset: Sequence[dict[str, Any]], collate: Collate, task: str,
-             batch_size: int) -> dict[str, float]:
-    """Metrics of `model` over a whole split (eval mode, no gradients; the previous mode is restored)."""
-    check_task(task)
-    if len(dataset) == 0:
-        raise DataError("cannot evaluate on an empty split")
-    was_training = model.training
-    model.eval()
-    state = MetricState(task)
-    device = _device(model)
-    try:
-        for rows, counted in distributed.eval_batches(len(dataset), batch_size):  # this rank's share
-            batch = to_device(collate([dataset[i] for i in rows]), device)
-            update_metrics(state, model, model_inputs(batch), batch["labels"], count=counted)
-    finally:
-        model.train(was_training)
-    return distributed.gather_metrics(state).result()
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -231,21 +209,6 @@ def checkpointed(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         inner.activation_checkpointing_disable()
-
-
-def update_metrics(state: MetricState, model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor,
-                   count: bool = True) -> None:
-    """Run one evaluation batch and (if `count`) add it to `state`; causal-LM loss without materialising the
-    logits where possible. (Sharded evaluation runs uncounted batches too: every rank joins every forward.)"""
-    where = output_head(model) if state.task == "text" else None
-    if where is None:
-        logits = logits_of(model(**inputs))
-        if count:
-            state.update(logits, labels)
-        return
-    loss = float(lm_loss_sum(model, where, inputs, labels))
-    if count:
-        state.add_loss(loss, units(labels, "text"))
 
 
 def _sharded(model: nn.Module) -> bool:

@@ -31,7 +31,7 @@ from deltatune.data.formats import FORMATS
 from deltatune.data.multitask import MixedSplit, MultiTaskData, TaskSpec
 from deltatune.errors import ConfigError, problems_error
 from deltatune.schema import MAX_SCALE, Schema
-from deltatune.train.compute import evaluate
+from deltatune.train.evaluation import evaluate
 from deltatune.train.distributed import rank_and_world
 from deltatune.train.metrics import METRICS, check_metric, check_task, default_metric, loss_sum, units
 
