@@ -7,6 +7,11 @@ Outputs in `out_dir`:
                        the last weights, so no separate `last/` folder is written.
   metrics.jsonl/.csv   logged train steps and evaluations (see metrics.MetricsLog)
   results.json         the TrainResult
+
+The loop talks to everything else through small objects: the objective (tasks.py: loss, units, metrics), the
+delta's contract (`extra_loss`), `compute.TrainingLoss` (a micro-batch's loss), `optim.OptimizerStep` (gradient
+norm and update, for optimizers that update after backward or inside it), `distributed.Parallel` (ranks),
+`memory.HeapPolicy` (once per step) and `TrainState` (what a checkpoint restores).
 """
 
 from __future__ import annotations
@@ -234,9 +239,9 @@ def _train(model: nn.Module, delta: DeltaBase, data: TaskData | MultiTaskData, c
             if last_ckpt != checkpoint.checkpoint_path(ckpt_root, st.step):
                 last_ckpt = save_checkpoint()
             raise TrainingInterrupted(stop.signum or signal.SIGTERM, st.step, last_ckpt)
+        batches = epoch_batches(st.epoch)
         t0 = time.perf_counter()
         par.seed_step(cfg.seed, st.step)
-        batches = epoch_batches(st.epoch)
         group = [train_collate([data.train[i] for i in idx]) for idx in batches[st.batch:st.batch + cfg.grad_accum]]
         # Normalise by the units (examples or target tokens) of the whole step, over all ranks: accumulating
         # (or splitting the batch over ranks) equals one big batch.
