@@ -116,8 +116,8 @@ def test_rss_mb_reads_this_process():
 SIX_STEPS = [("mallopt", M_MMAP_MAX, 0), ("mallopt", M_TRIM_THRESHOLD, 1 << 30), *[("malloc_trim", 0)] * 3]
 
 
-def test_the_library_trains_under_the_same_heap_policy_as_the_command(libc, tmp_path, tiny_bert_dir, reviews,
-                                                                      monkeypatch):
+def test_the_library_trains_under_the_same_heap_policy_as_the_command(
+        libc, tmp_path, tiny_bert_dir, reviews, monkeypatch):  # noqa: F811  (fixtures)
     model, delta = setup()
     cfg = TrainConfig(epochs=1, max_steps=6, batch_size=8, eval_baseline=False)
     deltatune.train(model, delta, task_data("classification"), cfg, tmp_path / "lib", collate=COLLATE)
