@@ -24,7 +24,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 from torch import nn
 
 from deltatune import storage
-from deltatune.data.batching import real_tokens
+from deltatune.data.batching import example_lengths, real_tokens
 from deltatune.delta import TENSOR_FILE, DeltaBase
 from deltatune.errors import CheckpointError, ConfigError, DataError, DeltaTuneError
 from deltatune.optim import OptimizerConfig, OptimizerStep, build_step, check_train_settings
@@ -206,8 +206,8 @@ def _train(model: nn.Module, delta: DeltaBase, data: TaskData | MultiTaskData, c
     par = distributed.setup(model, delta, cfg.parallel, cfg.optimizer.name)  # torchrun: DDP / FSDP; else no-op
     train_collate = par.sharded(collate)  # this rank's shard of each global batch
     loss_of = compute.TrainingLoss(par.model, task, cfg.precision, cfg.chunked_loss, cfg.gradient_checkpointing)
-    lengths = _lengths(data.train) if cfg.length_grouping else None
-    epoch_batches = functools.lru_cache(1)(lambda epoch: _epoch_batches(data, cfg, epoch, lengths))
+    lengths = example_lengths(data.train) if cfg.length_grouping else None
+    epoch_batches = functools.lru_cache(1)(lambda epoch: data.epoch_batches(cfg.batch_size, cfg.seed, epoch, lengths))
     log = MetricsLog(out_dir, task.metrics) if par.main else distributed.NO_LOG
     has_validation, has_test = len(data.validation) > 0, len(data.test) > 0
 
@@ -345,30 +345,6 @@ def _non_finite(loss: float, grad_norm: float, st: TrainState, updates: Optimize
         f"(epoch {st.epoch + 1}); training stopped before the weights were updated"
         f"{' (per-layer: tensors with finite gradients were)' if updates.in_backward else ''}. The last good "
         f"checkpoint is kept: {last_ckpt or 'none written yet'}. Try a lower learning rate or check the data.")
-
-
-def _epoch_batches(data: TaskData | MultiTaskData, cfg: TrainConfig, epoch: int,
-                   lengths: list[int] | None) -> list[list[int]]:
-    """The batches (lists of example indices) of an epoch; multi-task data plans one-task batches itself."""
-    if hasattr(data, "epoch_batches"):
-        return data.epoch_batches(cfg.batch_size, cfg.seed, epoch, lengths)
-    order = _epoch_order(len(data.train), cfg, epoch, lengths)
-    return [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
-
-
-def _epoch_order(n: int, cfg: TrainConfig, epoch: int, lengths: list[int] | None) -> list[int]:
-    seed = cfg.seed * 1_000_003 + epoch
-    if lengths is not None:
-        from deltatune.data import length_grouped_order
-
-        return [int(i) for i in length_grouped_order(lengths, cfg.batch_size, seed)]
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def _lengths(dataset: Sequence[dict[str, Any]]) -> list[int]:
-    if hasattr(dataset, "column_names"):  # datasets.Dataset: read the column at once
-        return [len(ids) for ids in dataset["input_ids"]]
-    return [len(ex["input_ids"]) for ex in dataset]
 
 
 def _save_delta(delta: DeltaBase, folder: Path, par: distributed.Parallel) -> None:
