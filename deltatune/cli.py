@@ -35,10 +35,6 @@ errors = Console(stderr=True, highlight=False)  # a failed command says why on s
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)  # before any heavy import: `--help` and `--version` start fast
-    if argv is None:  # a real `deltatune` process (console script or python -m), not a call from Python code
-        from deltatune.train.speed import tune_allocator
-
-        tune_allocator()  # before any training memory is allocated
     _quiet_libraries()
     from deltatune.train.distributed import rank_and_world
 
