@@ -23,7 +23,7 @@ from tiny import save_tiny_model_dir
 from tiny_lm import save_tiny_lm
 
 import deltatune
-from deltatune import storage
+from deltatune import safety, storage
 from deltatune.models import load as models
 from deltatune.cli import main
 from deltatune.runs.compare import table_row
@@ -615,9 +615,9 @@ def test_report_curves_skip_rows_of_the_wrong_types(tmp_path):
 
 
 def test_oversized_json_in_a_folder_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(storage, "MAX_JSON_BYTES", 100)
+    monkeypatch.setattr(safety, "MAX_JSON_BYTES", 100)
     (tmp_path / CONFIG_FILE).write_text(json.dumps({"x": "y" * 200}))
-    with refused(CheckpointError, r"delta.json is 2\d\d bytes, too large for a deltatune JSON file \(at most 100\)",
+    with refused(CheckpointError, r"delta.json is 2\d\d bytes, too large for a JSON file deltatune reads \(at most 100",
                  tmp_path):
         storage.read_json(tmp_path / CONFIG_FILE)
 

@@ -22,8 +22,10 @@ from deltatune.methods.adapter import Adapter
 from deltatune.methods.head import Head
 from deltatune.methods.ia3 import IA3
 from deltatune.methods.lora import LoRA
-from deltatune.methods.prefix import Prefix, PTuningV2
-from deltatune.methods.prompt import Prompt, PTuning
+from deltatune.methods.prefix import Prefix
+from deltatune.methods.prompt import Prompt
+from deltatune.methods.ptuning import PTuning
+from deltatune.methods.ptuning_v2 import PTuningV2
 from deltatune.runs.run import Run
 from deltatune.runs.session import open_session, run_session
 from tests.test_cli import reviews, tiny_bert_dir, write_config  # noqa: F401  (fixtures)
@@ -115,8 +117,8 @@ def test_peft_trained_adapter_loads_into_deltatune(tmp_path):
 
 
 @pytest.mark.parametrize("configs, message", [
-    ([Adapter(), Head()], ("PEFT has no format for adapter. PEFT formats exist for lora, ia3, prompt, ptuning, "
-                           "prefix, ptuning_v2")),
+    ([Adapter(), Head()], ("PEFT has no format for adapter. PEFT formats exist for ia3, lora, prefix, prompt, "
+                           "ptuning, ptuning_v2")),
     ([Head()], "a PEFT adapter holds exactly one method, this delta has only a task head"),
     ([LoRA(targets=["query"]), IA3()], "a PEFT adapter holds exactly one method, this delta has lora + ia3"),
     ([Prompt(n_tokens=2)], ("this delta has virtual tokens after the first token (position 'auto' keeps an "

@@ -159,7 +159,7 @@ def method_config(raw: dict[str, Any], name: str, settings: MethodSettings | Non
     with `seed`, that train.seed in the folder seed-<seed>)."""
     settings = settings or MethodSettings()
     delta = {"method": name, **settings.delta}
-    get_method(str(delta["method"]))  # an unknown name is an error listing the registered methods
+    method = get_method(str(delta["method"]))  # an unknown name is an error listing the registered methods
     run = copy.deepcopy(raw)
     run["delta"] = [delta]
     run["train"] = deep_merge(run.get("train") or {}, settings.train)
@@ -170,7 +170,8 @@ def method_config(raw: dict[str, Any], name: str, settings: MethodSettings | Non
         run["train"]["seed"] = seed
         run["output_dir"] = str(Path(run["output_dir"]) / f"seed-{seed}")
     config = validate_config(run, where=f"{where} (compare: {name})", trust_remote_code=trust_remote_code)
-    head = settings.head if settings.head is not None else delta["method"] != "head" and config.task in HEAD_TASKS
+    is_head = method.delta_class.role == "head"
+    head = settings.head if settings.head is not None else not is_head and config.task in HEAD_TASKS
     return config.model_copy(update={"delta": [Head(), *config.delta]}) if head else config
 
 
