@@ -115,7 +115,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override the run's config, e.g. --set data.test=other.jsonl")
     p.add_argument("--generate", type=Path, metavar="FILE",
-                   help="instead: exact match and ROUGE-L of greedy answers to FILE's prompts vs its references")
+                   help="instead: exact match, ROUGE-L and BLEU of greedy answers to FILE's prompts vs its "
+                        "references")
     p.add_argument("--compare-base", action="store_true", help="with --generate: also score the base model")
     p.add_argument("--skip", type=int, default=0, help="with --generate: pass over the first N records")
     p.add_argument("--limit", type=int, help="with --generate: N records at most")
