@@ -3,14 +3,18 @@ YAML checks (offline builders, data files relative to the YAML, no Python code w
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
+from deltatune.cli import main
 from deltatune.errors import ConfigError, DataError
 from deltatune.generate import Sampling, generate
 from deltatune.generation.choices import read_choices, score_choices
 from deltatune.interop.lm_eval import DeltaLM, evaluate_tasks, task_configs
 from tests.test_choices import TASK_YAML, TOLERANCE, task, tiny  # noqa: F401 (fixtures)
+from tests.test_generation_cli import held_out, lm_dir, run  # noqa: F401 (fixtures: a short LoRA SFT run)
 
 GEN_YAML = """task: tiny_gen
 dataset_path: json
@@ -24,6 +28,10 @@ generation_kwargs: {until: ["\\n"], max_gen_toks: 6, do_sample: false}
 metric_list:
   - {metric: exact_match, aggregation: mean, higher_is_better: true}
 """
+
+
+def flat(lists):
+    return [x for values in lists for x in values]
 
 
 def instance(request_type, args, i=0):
@@ -109,3 +117,48 @@ def test_task_yaml_checks(task):
         task_configs(task / "empty")
     with pytest.raises(ConfigError, match="no such task YAML file or folder"):
         task_configs(task / "nothing.yaml")
+
+
+@pytest.mark.slow
+def test_cli_choices_and_lm_eval_agree(run, task, tmp_path, capsys, monkeypatch):
+    """`eval RUN --choices FILE` and `eval RUN --lm-eval TASK.yaml` on an SFT run (chat template on by default):
+    the same accuracies, base and fine-tuned, equal to the library's scorer."""
+    from deltatune.inference import open_generator
+
+    monkeypatch.setenv("COLUMNS", "200")
+    out = tmp_path / "choices.jsonl"
+    assert main(["eval", str(run), "--choices", str(task / "mc.jsonl"), "--compare-base", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["model"] for r in rows] == ["base"] * 4 + ["fine-tuned"] * 4
+    generator = open_generator(run=run)
+    records = read_choices(task / "mc.jsonl")
+    tuned = score_choices(generator.model, generator.tokenizer, records, template=generator.chat_template())
+    assert flat(r["loglikelihoods"] for r in rows[4:]) == pytest.approx(flat(tuned.loglikelihoods), abs=TOLERANCE)
+    assert rows[4]["where"] == f"{task / 'mc.jsonl'}:1" and "chat template" in printed
+    generator.detach_delta()
+    base = score_choices(generator.model, generator.tokenizer, records, template=generator.chat_template())
+    assert flat(r["loglikelihoods"] for r in rows[:4]) == pytest.approx(flat(base.loglikelihoods), abs=TOLERANCE)
+    assert flat(base.loglikelihoods) != pytest.approx(flat(tuned.loglikelihoods), abs=1e-3)  # the delta counts
+
+    def table(text):
+        return {cells[0]: cells[1:3] for line in text.splitlines()
+                if len(cells := [c.strip() for c in line.strip("│ ").split("│")]) >= 3}
+
+    ours = table(printed)
+    assert ours["acc"] == [f"{base.metrics['acc']:.4f}", f"{tuned.metrics['acc']:.4f}"]
+    assert main(["eval", str(run), "--lm-eval", str(task / "mc.yaml"), "--compare-base"]) == 0
+    bridged = table(capsys.readouterr().out)
+    assert bridged["tiny_mc/acc"] == ours["acc"] and bridged["tiny_mc/acc_norm"] == ours["acc_norm"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--choices", "mc.jsonl", "--lm-eval", "mc.yaml"], "--choices and --lm-eval go alone"),
+    (["--lm-eval", "mc.yaml", "--skip", "1"], "--skip does not apply to --lm-eval"),
+    (["--lm-eval", "nothing.yaml"], "nothing.yaml: no such task YAML file or folder"),
+    (["--choices", "nothing.jsonl"], "data path 'nothing.jsonl' does not exist and is not a packaged data set"),
+])
+def test_cli_errors_before_loading_a_model(task, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(task)
+    assert main(["eval", "no-run-needed", *args]) == 1
+    assert message in capsys.readouterr().err

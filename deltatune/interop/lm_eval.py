@@ -173,8 +173,7 @@ def evaluate_tasks(lm: DeltaLM, tasks: list[dict[str, Any]], *, limit: int | Non
     from lm_eval.tasks import TaskManager
 
     out = simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=TaskManager(include_defaults=False),
-                          apply_chat_template=chat, log_samples=True, bootstrap_iters=BOOTSTRAP_ITERS,
-                          verbosity="WARNING")
+                          apply_chat_template=chat, log_samples=True, bootstrap_iters=BOOTSTRAP_ITERS)
     if out is None:
         raise ConfigError("lm-eval returned no results")
     results = {task: {key.split(",")[0]: value for key, value in metrics.items()
