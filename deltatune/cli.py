@@ -127,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="with --choices / --lm-eval: questions as the user's turn of the chat template (default: "
                         "on for runs that saved one, i.e. SFT runs)")
-    p.add_argument("--skip", type=int, default=0, help="with --generate / --choices: pass over the first N records")
+    p.add_argument("--skip", type=int, default=0, help="with --generate / --choices / --lm-eval: pass over the first N records")
     p.add_argument("--limit", type=int, help="with --generate / --choices / --lm-eval: N records (per task) at most")
     p.add_argument("--max-new-tokens", type=int, default=64, help="with --generate: longest answer, in tokens")
     p.add_argument("--stop", action="append", default=[], help="cut each answer at this string (repeatable)")
@@ -561,13 +561,11 @@ def _benchmark(args: argparse.Namespace) -> tuple[Callable[[Any, str | None], tu
     from deltatune.interop.lm_eval import DeltaLM, evaluate_tasks, task_configs
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notes are noise next to our table
-    if args.skip:
-        raise DeltaTuneError("--skip does not apply to --lm-eval (lm-eval takes the first --limit documents)")
     tasks = task_configs(args.lm_eval, args.trust_remote_code)
 
     def lm_eval(generator: Any, template: str | None) -> tuple[dict, list]:
         out = evaluate_tasks(DeltaLM(generator.model, generator.tokenizer, template, args.batch_size), tasks,
-                             limit=args.limit, chat=template is not None)
+                             limit=args.limit, skip=args.skip, chat=template is not None)
         metrics = {f"{task}/{name}": value for task, values in out["results"].items()
                    for name, value in values.items()}
         return metrics, [row | {"task": task} for task, rows in out["samples"].items() for row in rows]

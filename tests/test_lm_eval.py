@@ -57,6 +57,18 @@ def test_bridge_equals_our_scorer(tiny, task, chat):
 
 
 @pytest.mark.slow
+def test_skip_and_limit_select_the_same_documents(tiny, task):
+    model, tok = tiny
+    out = evaluate_tasks(DeltaLM(model, tok), task_configs(task / "mc.yaml"), skip=1, limit=2)
+    ours = score_choices(model, tok, read_choices(task / "mc.jsonl", skip=1, limit=2))
+    rows = sorted(out["samples"]["tiny_mc"], key=lambda r: r["doc_id"])
+    assert flat([ll for ll, _ in r["responses"]] for r in rows) == pytest.approx(flat(ours.loglikelihoods),
+                                                                                 abs=TOLERANCE)
+    with pytest.raises(ConfigError, match="task tiny_mc: skipping 4 documents leaves none of its 4"):
+        evaluate_tasks(DeltaLM(model, tok), task_configs(task / "mc.yaml"), skip=4)
+
+
+@pytest.mark.slow
 def test_generate_until_task(tiny, task):
     model, tok = tiny
     (task / "gen.yaml").write_text(GEN_YAML, encoding="utf-8")
@@ -91,6 +103,14 @@ def test_chat_template_renders_as_the_tokenizer(tiny):
         tok.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
     with pytest.raises(ConfigError, match="lm-eval asked for the chat template, but there is none"):
         DeltaLM(model, tok).apply_chat_template(history)
+
+
+def test_example_task_names_a_packaged_data_set(tmp_cache):
+    from deltatune.assets import resolve_data_path
+
+    (config,) = task_configs("examples/lm_eval")
+    assert config["task"] == "chatterbot_mc" and config["output_type"] == "multiple_choice"
+    assert config["dataset_kwargs"]["data_files"] == {"test": str(resolve_data_path("chatterbot_mc"))}
 
 
 def test_task_yaml_checks(task):
@@ -154,7 +174,6 @@ def test_cli_choices_and_lm_eval_agree(run, task, tmp_path, capsys, monkeypatch)
 
 @pytest.mark.parametrize("args, message", [
     (["--choices", "mc.jsonl", "--lm-eval", "mc.yaml"], "--choices and --lm-eval go alone"),
-    (["--lm-eval", "mc.yaml", "--skip", "1"], "--skip does not apply to --lm-eval"),
     (["--lm-eval", "nothing.yaml"], "nothing.yaml: no such task YAML file or folder"),
     (["--choices", "nothing.jsonl"], "data path 'nothing.jsonl' does not exist and is not a packaged data set"),
 ])

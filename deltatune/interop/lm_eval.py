@@ -3,8 +3,8 @@ its `LM` interface over a deltatune model (any attached delta) and tokenizer, so
 (prompt templates, few-shot, filters, metrics) scores a fine-tuned delta as the field reports it.
 
 Tasks come from local task YAML files: `dataset_path: json` (or csv / parquet) with
-`dataset_kwargs: {data_files: ...}`; relative data file names are taken relative to the YAML file. Nothing is
-fetched from a hub. YAML that runs Python (`!function`) is read only with `trust_remote_code`.
+`dataset_kwargs: {data_files: ...}`; relative data file names are taken relative to the YAML file, and a
+packaged data set alias (e.g. `chatterbot_mc`) names its converted JSONL. Nothing is fetched from a hub. YAML that runs Python (`!function`) is read only with `trust_remote_code`.
 """
 
 from __future__ import annotations
@@ -151,13 +151,18 @@ def _read_task_yaml(file: Path, trust_remote_code: bool) -> Any:
 
 
 def _resolve_files(files: Any, yaml_file: Path) -> Any:
-    """data_files (a name, a list, or a split -> name(s) mapping) relative to the YAML's folder; each must exist."""
+    """data_files (a name, a list, or a split -> name(s) mapping) relative to the YAML's folder, each an existing
+    file or a packaged data set alias (converted on first use)."""
     if isinstance(files, dict):
         return {split: _resolve_files(names, yaml_file) for split, names in files.items()}
     if isinstance(files, list):
         return [_resolve_files(name, yaml_file) for name in files]
     if not isinstance(files, str):
         raise ConfigError(f"{yaml_file}: dataset_kwargs.data_files holds {files!r}; give file names")
+    from deltatune.assets import PACKAGED_DATASETS, resolve_data_path
+
+    if files in PACKAGED_DATASETS:
+        return str(resolve_data_path(files))
     path = yaml_file.parent / Path(files).expanduser()
     if not path.is_file():
         raise DataError(f"{yaml_file}: data file {str(path)!r} does not exist (data_files are relative to the "
@@ -165,14 +170,23 @@ def _resolve_files(files: Any, yaml_file: Path) -> Any:
     return str(path.resolve())
 
 
-def evaluate_tasks(lm: DeltaLM, tasks: list[dict[str, Any]], *, limit: int | None = None,
+def evaluate_tasks(lm: DeltaLM, tasks: list[dict[str, Any]], *, limit: int | None = None, skip: int = 0,
                    chat: bool = False) -> dict[str, Any]:
-    """lm-eval's `simple_evaluate` of `lm` on the task configs: {"results": {task: {metric: value}},
-    "samples": {task: [per-document rows]}} (the values lm-eval reports; stderr keys end in `_stderr`)."""
+    """lm-eval's `simple_evaluate` of `lm` on the task configs (each task's documents after the first `skip`,
+    `limit` at most): {"results": {task: {metric: value}}, "samples": {task: [per-document rows]}} (the values
+    lm-eval reports; stderr keys end in `_stderr`)."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    out = simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=TaskManager(include_defaults=False),
+    if skip < 0 or (limit is not None and limit < 1):
+        raise ConfigError(f"skip must be 0 or more and limit 1 or more (got skip={skip}, limit={limit})")
+    manager = TaskManager(include_defaults=False)
+    loaded = manager.load(tasks)["tasks"]
+    samples = None
+    if skip:  # lm-eval selects documents by index (`samples`), with no limit beside it
+        samples = {name: _selection(name, len(task.eval_docs), skip, limit) for name, task in loaded.items()}
+        limit = None
+    out = simple_evaluate(model=lm, tasks=list(loaded.values()), limit=limit, samples=samples, task_manager=manager,
                           apply_chat_template=chat, log_samples=True, bootstrap_iters=BOOTSTRAP_ITERS)
     if out is None:
         raise ConfigError("lm-eval returned no results")
@@ -181,6 +195,12 @@ def evaluate_tasks(lm: DeltaLM, tasks: list[dict[str, Any]], *, limit: int | Non
                for task, metrics in out["results"].items()}
     samples = {task: [_sample_row(s) for s in rows] for task, rows in out.get("samples", {}).items()}
     return {"results": results, "samples": samples}
+
+
+def _selection(task: str, documents: int, skip: int, limit: int | None) -> list[int]:
+    if skip >= documents:
+        raise ConfigError(f"task {task}: skipping {skip} documents leaves none of its {documents}")
+    return list(range(skip, documents if limit is None else min(documents, skip + limit)))
 
 
 def _sample_row(sample: dict[str, Any]) -> dict[str, Any]:
