@@ -10,10 +10,10 @@ import sacrebleu
 
 from deltatune.config import validate_config
 from deltatune.errors import ConfigError, DataError
-from deltatune.eval_generation import (corpus_bleu, evaluate_generation, exact_match, lcs_length, reference_records,
-                                       rouge_l, score)
-from deltatune.generate import Sampling, generate
-from deltatune.inference import Generator
+from deltatune.generation.evaluate import (corpus_bleu, evaluate_generation, exact_match, lcs_length,
+                                          reference_records, rouge_l, score)
+from deltatune.generation.generator import Generator
+from deltatune.generation.sampling import Sampling, generate
 from tests.tiny_lm import tiny_llama, tiny_tokenizer
 
 

@@ -10,7 +10,7 @@ import torch
 
 from deltatune.cli import main
 from deltatune.errors import ConfigError, DataError
-from deltatune.generate import Sampling, generate
+from deltatune.generation.sampling import Sampling, generate
 from deltatune.generation.choices import read_choices, score_choices
 from deltatune.interop.lm_eval import DeltaLM, evaluate_tasks, task_configs
 from tests.test_choices import TASK_YAML, TOLERANCE, task, tiny  # noqa: F401 (fixtures)
@@ -106,7 +106,7 @@ def test_chat_template_renders_as_the_tokenizer(tiny):
 
 
 def test_example_task_names_a_packaged_data_set(tmp_cache):
-    from deltatune.assets import resolve_data_path
+    from deltatune.models.assets import resolve_data_path
 
     (config,) = task_configs("examples/lm_eval")
     assert config["task"] == "chatterbot_mc" and config["output_type"] == "multiple_choice"
@@ -143,7 +143,7 @@ def test_task_yaml_checks(task):
 def test_cli_choices_and_lm_eval_agree(run, task, tmp_path, capsys, monkeypatch):
     """`eval RUN --choices FILE` and `eval RUN --lm-eval TASK.yaml` on an SFT run (chat template on by default):
     the same accuracies, base and fine-tuned, equal to the library's scorer."""
-    from deltatune.inference import open_generator
+    from deltatune.generation.generator import open_generator
 
     monkeypatch.setenv("COLUMNS", "200")
     out = tmp_path / "choices.jsonl"

@@ -56,7 +56,7 @@ class ChoiceScores:
 def read_choices(path: str | Path, limit: int | None = None, skip: int = 0) -> list[ChoiceRecord]:
     """The records of a multiple-choice file (or packaged alias) after the first `skip`, `limit` at most; a bad
     record is one DataError naming file and line."""
-    from deltatune.assets import resolve_data_path
+    from deltatune.models.assets import resolve_data_path
     from deltatune.data.load import read_table
 
     if skip < 0 or (limit is not None and limit < 1):
@@ -93,7 +93,7 @@ def contexts(records: Sequence[ChoiceRecord], tokenizer: Any = None, template: s
     user's turn rendered up to where the assistant's reply starts."""
     if template is None:
         return [r.question for r in records]
-    from deltatune.prompts import render_chat
+    from deltatune.generation.prompts import render_chat
 
     return [render_chat(tokenizer, [{"role": "user", "content": r.question}], template) for r in records]
 
@@ -130,7 +130,7 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
     """(context tokens, continuation tokens) by lm-eval's rule for causal LMs (see the module docstring)."""
     if not context:
         tokens = _encode(tokenizer, continuation, add_special_tokens=False)
-        prefix = _prefix_id(tokenizer)
+        prefix = prefix_id(tokenizer)
         if prefix is None:
             raise ConfigError("an empty context needs the tokenizer's BOS or EOS token to stand for it; the "
                               "tokenizer has neither")
@@ -142,7 +142,7 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
     return start, whole[len(start):]
 
 
-def _prefix_id(tokenizer: Any) -> int | None:
+def prefix_id(tokenizer: Any) -> int | None:
     """The token that stands for an empty context: BOS, else EOS."""
     return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
@@ -151,7 +151,7 @@ def _encode(tokenizer: Any, text: str, add_special_tokens: bool | None = None) -
     """Token ids with the tokenizer's own special-token default, except that a text that already starts with the
     BOS (else EOS) token gets no second one (as lm-eval's HFLM encodes)."""
     if add_special_tokens is None:
-        prefix = _prefix_id(tokenizer)
+        prefix = prefix_id(tokenizer)
         add_special_tokens = prefix is None or not text.startswith(tokenizer.decode([prefix]))
     return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
@@ -171,7 +171,7 @@ def token_loglikelihoods(model: nn.Module, encoded: Sequence[tuple[list[int], li
                          on_batch: Callable[[int, int], None] | None = None) -> list[tuple[float, bool]]:
     """(summed log-probability of the continuation ids, greedy?) for (context ids, continuation ids) pairs,
     computed in batches of `batch_size` rows, longest first."""
-    from deltatune.generate import context_length
+    from deltatune.generation.sampling import context_length
 
     if batch_size < 1:
         raise ConfigError(f"batch size must be 1 or more, got {batch_size}")

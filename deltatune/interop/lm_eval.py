@@ -48,8 +48,8 @@ class DeltaLM(LM):
         predicted once, from BOS / EOS for the first)."""
         from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-        from deltatune.generation.choices import _prefix_id, token_loglikelihoods
-        from deltatune.generate import context_length
+        from deltatune.generation.choices import prefix_id, token_loglikelihoods
+        from deltatune.generation.sampling import context_length
 
         limit = context_length(self.model) or len(self.tokenizer)
         results = []
@@ -57,14 +57,14 @@ class DeltaLM(LM):
             (text,) = request.args
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
-                token_list=ids, prefix_token=_prefix_id(self.tokenizer), max_seq_len=limit, context_len=1)]
+                token_list=ids, prefix_token=prefix_id(self.tokenizer), max_seq_len=limit, context_len=1)]
             scores = token_loglikelihoods(self.model, windows, self.batch_size)
             results.append(sum(ll for ll, _ in scores))
         return results
 
     def generate_until(self, requests: list[Any]) -> list[str]:
         """Greedy (or sampled, as the task's generation kwargs say) continuations, cut at the `until` strings."""
-        from deltatune.generate import Sampling, generate
+        from deltatune.generation.sampling import generate
 
         outputs: dict[int, str] = {}
         groups: dict[str, list[int]] = {}
@@ -96,7 +96,7 @@ class DeltaLM(LM):
 
 def _sampling(kwargs: dict[str, Any]) -> Any:
     """lm-eval's generation kwargs (until, max_gen_toks, do_sample, temperature) as deltatune Sampling."""
-    from deltatune.generate import Sampling
+    from deltatune.generation.sampling import Sampling
 
     until = kwargs.get("until") or []
     temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
@@ -159,7 +159,7 @@ def _resolve_files(files: Any, yaml_file: Path) -> Any:
         return [_resolve_files(name, yaml_file) for name in files]
     if not isinstance(files, str):
         raise ConfigError(f"{yaml_file}: dataset_kwargs.data_files holds {files!r}; give file names")
-    from deltatune.assets import PACKAGED_DATASETS, resolve_data_path
+    from deltatune.models.assets import PACKAGED_DATASETS, resolve_data_path
 
     if files in PACKAGED_DATASETS:
         return str(resolve_data_path(files))
