@@ -16,12 +16,7 @@ from deltatune.interop.lm_eval import DeltaLM, evaluate_tasks, task_configs
 from tests.test_choices import TASK_YAML, TOLERANCE, task, tiny  # noqa: F401 (fixtures)
 from tests.test_generation_cli import held_out, lm_dir, run  # noqa: F401 (fixtures: a short LoRA SFT run)
 
-GEN_YAML = """task: tiny_gen
-dataset_path: json
-dataset_kwargs:
-  data_files: {test: mc.jsonl}
-test_split: test
-output_type: generate_until
+GEN_YAML = TASK_YAML.replace("tiny_mc", "tiny_gen").split("output_type")[0] + """output_type: generate_until
 doc_to_text: "{{question}}"
 doc_to_target: "{{choices[0]}}"
 generation_kwargs: {until: ["\\n"], max_gen_toks: 6, do_sample: false}
