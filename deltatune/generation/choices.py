@@ -99,12 +99,13 @@ def contexts(records: Sequence[ChoiceRecord], tokenizer: Any = None, template: s
 
 
 def score_choices(model: nn.Module, tokenizer: Any, records: Sequence[ChoiceRecord], *,
-                  template: str | None = None, delimiter: str = DELIMITER, batch_size: int = 8,
+                  template: str | None = None, delimiter: str | None = None, batch_size: int = 8,
                   on_batch: Callable[[int, int], None] | None = None) -> ChoiceScores:
     """acc / acc_norm of the model (with whatever delta is attached) on `records`; with a chat `template` the
-    question is rendered as the user's turn and the choices follow with no delimiter (as lm-eval does)."""
-    if template is not None:
-        delimiter = ""
+    question is rendered as the user's turn. Choices follow the context after `delimiter`: by default " ", and
+    nothing after a chat template (as lm-eval does)."""
+    if delimiter is None:
+        delimiter = DELIMITER if template is None else ""
     pairs = [(ctx, delimiter + choice) for ctx, r in zip(contexts(records, tokenizer, template), records)
              for choice in r.choices]
     flat = [ll for ll, _ in loglikelihoods(model, tokenizer, pairs, batch_size, on_batch)]
