@@ -1,7 +1,8 @@
 """Generation-based evaluation: greedy outputs on held-out prompts scored against reference answers.
 
-Metrics (means over the examples, in [0, 1]): `exact_match` (same text after lower-casing and collapsing
-whitespace) and `rougeL` (ROUGE-L F1: longest common subsequence of the lower-cased whitespace tokens).
+Metrics: `exact_match` (same text after lower-casing and collapsing whitespace) and `rougeL` (ROUGE-L F1: longest
+common subsequence of the lower-cased whitespace tokens), means over the examples in [0, 1]; `bleu`, sacrebleu's
+corpus BLEU (0-100, its default 13a tokenisation, case-sensitive, exponential smoothing) of all answers at once.
 Available as `deltatune eval RUN --generate FILE` and as the `eval_generation:` section of a run config.
 """
 
@@ -56,11 +57,19 @@ def rouge_l(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def corpus_bleu(predictions: list[str], references: list[str]) -> float:
+    """sacrebleu's corpus BLEU (0-100) of the predictions against one reference each."""
+    import sacrebleu
+
+    return sacrebleu.corpus_bleu(predictions, [references]).score
+
+
 def score(predictions: list[str], references: list[str]) -> dict[str, float]:
-    """Mean exact match and ROUGE-L of paired predictions and references."""
+    """Mean exact match and ROUGE-L, and corpus BLEU, of paired predictions and references."""
     n = len(references)
     return {"exact_match": sum(map(exact_match, predictions, references)) / n,
-            "rougeL": sum(map(rouge_l, predictions, references)) / n}
+            "rougeL": sum(map(rouge_l, predictions, references)) / n,
+            "bleu": corpus_bleu(predictions, references)}
 
 
 def reference_records(path: str | Path, limit: int | None = None, skip: int = 0) -> list[PromptRecord]:
