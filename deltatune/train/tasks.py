@@ -32,6 +32,7 @@ from deltatune.data.multitask import MixedSplit, MultiTaskData, TaskSpec
 from deltatune.errors import ConfigError, problems_error
 from deltatune.registry import method_of
 from deltatune.schema import MAX_SCALE, Schema
+from deltatune.train.evaluation import evaluate
 from deltatune.train.distributed import rank_and_world
 from deltatune.train.metrics import METRICS, check_metric, check_task, default_metric, loss_sum, units
 
@@ -164,8 +165,6 @@ class SingleTask:
 
     def evaluate(self, model: nn.Module, dataset: Sequence[dict[str, Any]], collate: Collate,
                  batch_size: int) -> dict[str, float]:
-        from deltatune.train.loop import evaluate
-
         return evaluate(model, dataset, collate, self.kind, batch_size)
 
 
@@ -217,8 +216,6 @@ class MultiTask:
         return {name: sum(values) / len(values) for name, values in by_task.items()}
 
     def evaluate(self, model: nn.Module, dataset: MixedSplit, collate: Collate, batch_size: int) -> dict[str, float]:
-        from deltatune.train.loop import evaluate
-
         per_task = [evaluate(model, dataset.task_view(i), collate, t.kind, batch_size)
                     for i, t in enumerate(self.tasks)]
         scores = {"loss": sum(s["loss"] for s in per_task) / len(per_task)}
