@@ -210,6 +210,17 @@ def test_an_early_stopped_run_is_not_extended_silently(setup, run):
            "so more epochs / max_steps would train nothing" in out
 
 
+def test_a_checkpoint_state_of_another_shape_is_refused_before_anything_is_written(setup, run):
+    state_file = checkpoint_dirs(run / "checkpoints")[-1] / "state.json"
+    storage.write_json(state_file, {**json.loads(state_file.read_text()), "run": 5, "tokens": "many"})
+    sums = json.loads((state_file.parent / "checksums.json").read_text())
+    storage.write_json(state_file.parent / "checksums.json", {**sums, "state.json": storage.sha256(state_file)})
+    out = refused(run, "train", str(setup), "--set", f"output_dir={run}", "--resume")
+    assert f"error: {state_file} is not a training state (tokens: Input should be a valid integer, unable to parse " \
+           "string as an integer; run: Input should be a valid dictionary); resume from another checkpoint or " \
+           "start a new run" in " ".join(out.split())
+
+
 def test_resume_with_more_epochs_extends_the_schedule(setup, run):
     """A finished 2-epoch run resumed with epochs=3 trains 6 more steps on the schedule of a 3-epoch run (linear
     decay to 0 at step 18, the same 2 warmup steps): never at LR 0 while the config says 0.01."""

@@ -29,7 +29,7 @@ from deltatune.safety import read_yaml_file
 from deltatune.train import TrainResult, train
 from deltatune.train.checkpoint import Checkpoint, load_latest, save_delta
 from deltatune.train.distributed import is_main_process
-from deltatune.train.loop import check_resumable, planned_steps
+from deltatune.train.loop import TrainState, check_resumable, planned_steps
 from deltatune.train.tasks import prepare_tasks, task_deltas
 
 CONFIG_NAME = run_folder.CONFIG_NAME
@@ -160,11 +160,12 @@ def _write_predictions(session: Session, out: Path, result: TrainResult) -> None
 def _check_resume(out: Path, record: dict) -> Checkpoint:
     """Refuse a resume whose config or data differ from the run's (run_folder.check_resume); the checkpoint."""
     ck = load_latest(out / "checkpoints")
-    saved = ck.state.get("run")
+    state = TrainState.of(ck)  # one CheckpointError if its state.json is not a training state
+    saved = state.run
     if saved is None:  # a checkpoint of an older deltatune: its train section, and config.yaml for the rest
         saved_config = read_yaml_file(out / CONFIG_NAME) if (out / CONFIG_NAME).is_file() else {}
         saved = {"config": {**(saved_config if isinstance(saved_config, dict) else {}),
-                            "train": ck.state["config"]}, "data": {}}
+                            "train": state.config}, "data": {}}
     run_folder.check_resume(out, saved, record)
     return ck
 
