@@ -35,10 +35,6 @@ errors = Console(stderr=True, highlight=False)  # a failed command says why on s
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)  # before any heavy import: `--help` and `--version` start fast
-    if argv is None:  # a real `deltatune` process (console script or python -m), not a call from Python code
-        from deltatune.train.speed import tune_allocator
-
-        tune_allocator()  # before any training memory is allocated
     _quiet_libraries()
     from deltatune.train.distributed import rank_and_world
 
@@ -294,14 +290,15 @@ def _print_interrupted(args: argparse.Namespace, out: Path, exc: BaseException) 
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from deltatune.runs.session import load_run
+    from deltatune.runs.run import Run
+    from deltatune.runs.session import run_session
     from deltatune.train.tasks import objective
 
     if args.generate is not None:
         return _eval_generation(args)
     if args.choices is not None or args.lm_eval is not None:
         return _eval_benchmark(args)
-    session = load_run(args.run, args.overrides, trust_remote_code=args.trust_remote_code)
+    session = run_session(Run.open(args.run, args.overrides, trust_remote_code=args.trust_remote_code))
     dataset = getattr(session.data, args.split)
     batch_size = session.config.train.eval_batch_size or session.config.train.batch_size
     if args.output is not None:
