@@ -123,7 +123,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="with --choices / --lm-eval: questions as the user's turn of the chat template (default: "
                         "on for runs that saved one, i.e. SFT runs)")
-    p.add_argument("--skip", type=int, default=0, help="with --generate / --choices / --lm-eval: pass over the first N records")
+    p.add_argument("--skip", type=int, default=0,
+                   help="with --generate / --choices / --lm-eval: pass over the first N records")
     p.add_argument("--limit", type=int, help="with --generate / --choices / --lm-eval: N records (per task) at most")
     p.add_argument("--max-new-tokens", type=int, default=64, help="with --generate: longest answer, in tokens")
     p.add_argument("--stop", action="append", default=[], help="cut each answer at this string (repeatable)")
@@ -528,9 +529,13 @@ def _eval_benchmark(args: argparse.Namespace) -> int:
     evaluate, source = _benchmark(args)  # reads and checks the task files before the model loads
     generator = open_generator(run=args.run, attach=False, trust_remote_code=args.trust_remote_code)
     template = generator.chat_template() if generator.use_chat(args.chat, []) else None
-    base, base_rows = evaluate(generator, template) if args.compare_base else ({}, [])
+    base, base_rows = {}, []
+    if args.compare_base:
+        with _generation_progress("base", "scoring", "rows") as on_batch:
+            base, base_rows = evaluate(generator, template, on_batch)
     generator.attach_delta()
-    tuned, rows = evaluate(generator, template)
+    with _generation_progress("fine-tuned", "scoring", "rows") as on_batch:
+        tuned, rows = evaluate(generator, template, on_batch)
     _print_generation_scores(base, tuned, f"{args.run} on {source}" + (", chat template" if template else ""),
                              title="log-likelihood scores")
     if args.output is not None:
@@ -540,16 +545,17 @@ def _eval_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
-def _benchmark(args: argparse.Namespace) -> tuple[Callable[[Any, str | None], tuple[dict, list]], str]:
-    """(evaluate(generator, template) -> (metrics, per-example rows), what is scored) for --choices / --lm-eval."""
+def _benchmark(args: argparse.Namespace) -> tuple[Callable[..., tuple[dict, list]], str]:
+    """(evaluate(generator, template, on_batch) -> (metrics, per-example rows), what is scored) for --choices /
+    --lm-eval."""
     if args.choices is not None:
         from deltatune.generation.choices import read_choices, score_choices
 
         records = read_choices(args.choices, args.limit, args.skip)
 
-        def choices(generator: Any, template: str | None) -> tuple[dict, list]:
+        def choices(generator: Any, template: str | None, on_batch: Callable) -> tuple[dict, list]:
             scores = score_choices(generator.model, generator.tokenizer, records, template=template,
-                                   batch_size=args.batch_size)
+                                   batch_size=args.batch_size, on_batch=on_batch)
             return scores.metrics, scores.rows(records)
 
         return choices, f"{len(records)} questions of {args.choices}"
@@ -560,9 +566,9 @@ def _benchmark(args: argparse.Namespace) -> tuple[Callable[[Any, str | None], tu
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notes are noise next to our table
     tasks = task_configs(args.lm_eval, args.trust_remote_code)
 
-    def lm_eval(generator: Any, template: str | None) -> tuple[dict, list]:
-        out = evaluate_tasks(DeltaLM(generator.model, generator.tokenizer, template, args.batch_size), tasks,
-                             limit=args.limit, skip=args.skip, chat=template is not None)
+    def lm_eval(generator: Any, template: str | None, on_batch: Callable) -> tuple[dict, list]:
+        lm = DeltaLM(generator.model, generator.tokenizer, template, args.batch_size, on_batch)
+        out = evaluate_tasks(lm, tasks, limit=args.limit, skip=args.skip, chat=template is not None)
         metrics = {f"{task}/{name}": value for task, values in out["results"].items()
                    for name, value in values.items()}
         return metrics, [row | {"task": task} for task, rows in out["samples"].items() for row in rows]
@@ -571,14 +577,15 @@ def _benchmark(args: argparse.Namespace) -> tuple[Callable[[Any, str | None], tu
 
 
 @contextlib.contextmanager
-def _generation_progress(model: str) -> Iterator[Callable[[int, int], None]]:
-    """An `on_batch(done, total)` for generation, on stderr (stdout may hold the answers): a bar that disappears
-    when done on a terminal, else a plain line per batch."""
+def _generation_progress(model: str, verb: str = "generating",
+                         unit: str = "prompts") -> Iterator[Callable[[int, int], None]]:
+    """An `on_batch(done, total)` for generation (or scoring), on stderr (stdout may hold the answers): a bar that
+    disappears when done on a terminal, else a plain line per batch."""
     err = errors
     if not err.is_terminal:
-        yield GenerationLines(lambda line: err.out(line, highlight=False), model)
+        yield GenerationLines(lambda line: err.out(line, highlight=False), model, verb, unit)
         return
-    with Progress(TextColumn(f"generating ({model})"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    with Progress(TextColumn(f"{verb} ({model})"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TimeRemainingColumn(), console=err, transient=True) as bar:
         task = bar.add_task("generate", total=None)
         yield lambda done, total: bar.update(task, completed=done, total=total)

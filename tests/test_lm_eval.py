@@ -163,7 +163,10 @@ def test_cli_choices_and_lm_eval_agree(run, task, tmp_path, capsys, monkeypatch)
     ours = table(printed)
     assert ours["acc"] == [f"{base.metrics['acc']:.4f}", f"{tuned.metrics['acc']:.4f}"]
     assert main(["eval", str(run), "--lm-eval", str(task / "mc.yaml"), "--compare-base"]) == 0
-    bridged = table(capsys.readouterr().out)
+    shown = capsys.readouterr()
+    bridged = table(shown.out)
+    progress = [line.split("  ")[0] for line in shown.err.splitlines()]  # not a terminal: a line per batch
+    assert progress[-1] == "scoring (fine-tuned): 12/12 rows" and "scoring (base): 12/12 rows" in progress
     assert bridged["tiny_mc/acc"] == ours["acc"] and bridged["tiny_mc/acc_norm"] == ours["acc_norm"]
 
 

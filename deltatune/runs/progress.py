@@ -79,8 +79,9 @@ class TrainLines:
 
 
 def generation_line(info: dict[str, Any]) -> str:
-    """One generation event (model, done, total[, elapsed])."""
-    line = f"generating ({info['model']}): {info['done']}/{info['total']} prompts"
+    """One generation event (model, done, total[, elapsed]; `verb` and `unit` default to generating prompts)."""
+    verb, unit = info.get("verb", "generating"), info.get("unit", "prompts")
+    line = f"{verb} ({info['model']}): {info['done']}/{info['total']} {unit}"
     if info.get("elapsed") is not None and info["done"]:
         eta = info["elapsed"] / info["done"] * (info["total"] - info["done"])
         line += f"  elapsed {duration(info['elapsed'])}  ETA {duration(eta)}"
@@ -90,12 +91,14 @@ def generation_line(info: dict[str, Any]) -> str:
 class GenerationLines:
     """`on_batch(done, total)` of `Generator.complete` as lines to `write`, with elapsed time and ETA."""
 
-    def __init__(self, write: Callable[[str], None], model: str) -> None:
+    def __init__(self, write: Callable[[str], None], model: str, verb: str = "generating",
+                 unit: str = "prompts") -> None:
         self.write, self.model, self.started = write, model, time.perf_counter()
+        self.words = {"verb": verb, "unit": unit}
 
     def __call__(self, done: int, total: int) -> None:
         self.write(generation_line({"model": self.model, "done": done, "total": total,
-                                    "elapsed": time.perf_counter() - self.started}))
+                                    "elapsed": time.perf_counter() - self.started} | self.words))
 
 
 def _number(value: Any) -> str:
