@@ -153,6 +153,23 @@ def _parser() -> argparse.ArgumentParser:
     _add_remote_code(p)
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("merge-deltas", help="combine LoRA deltas of one base model into one LoRA delta, as PEFT's "
+                                            "add_weighted_adapter does")
+    p.add_argument("deltas", type=Path, nargs="+", metavar="DELTA", help="saved delta folders or run folders (best/)")
+    p.add_argument("--weights", required=True, help="one weight per delta, comma-separated, e.g. 0.7,0.3 "
+                                                    "(a negative weight subtracts)")
+    p.add_argument("--how", required=True, help="PEFT's combination type: linear, cat (exact, rank = sum), svd, ties, "
+                                                "dare_linear, dare_ties, magnitude_prune, or ties_svd, dare_linear_svd, "
+                                                "dare_ties_svd, magnitude_prune_svd")
+    p.add_argument("--density", type=float, help="ties / dare / magnitude_prune: fraction of each delta's values kept")
+    p.add_argument("--svd-rank", type=int, help="*svd: rank of the result (default: the largest input rank)")
+    p.add_argument("--svd-clamp", type=float, help="*svd: clamp the factors at this quantile of their values")
+    p.add_argument("--majority-sign", choices=["total", "frequency"], default="total",
+                   help="ties: elect each entry's sign by the sum of values or by their count")
+    p.add_argument("--seed", type=int, default=0, help="dare: seed of the random pruning")
+    p.add_argument("--output", type=Path, required=True, help="new folder for the merged delta")
+    p.set_defaults(func=cmd_merge_deltas)
+
     p = sub.add_parser("compare", help="train one task with several methods (same data, seed, budget) and "
                                        "compare them in one table and chart")
     p.add_argument("config", type=Path, help="YAML run config with a `compare:` section (examples/compare.yaml)")
@@ -425,6 +442,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
             console.print(("\n" if i else "") + _shown_prompt(record), style="bold", markup=False, highlight=False,
                           end="\n" if chat else "")
             console.out(output, highlight=False)
+    return 0
+
+
+def cmd_merge_deltas(args: argparse.Namespace) -> int:
+    from deltatune.interop.merge import RECORD_FILE, merge_deltas
+    from deltatune.io import read_json
+
+    weights = []
+    for text in args.weights.split(","):
+        try:
+            weights.append(float(text))
+        except ValueError:
+            raise DeltaTuneError(f"--weights: {text.strip()!r} is not a number; give one weight per delta, "
+                                 "e.g. --weights 0.7,0.3") from None
+    out = merge_deltas(args.deltas, weights, args.output, how=args.how, density=args.density,
+                       svd_rank=args.svd_rank, svd_clamp=args.svd_clamp, majority_sign=args.majority_sign,
+                       seed=args.seed)
+    record = read_json(out / RECORD_FILE)
+    console.print(f"merged {len(args.deltas)} LoRA deltas ({record['how']}, rank {record['rank']}) → [cyan]{out}[/]")
     return 0
 
 
