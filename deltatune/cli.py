@@ -189,7 +189,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_model_source(p)
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
     p.add_argument("--prompts-file", type=Path,
-                   help=".txt (one prompt per line) or .jsonl with `prompt` or `messages` per record")
+                   help=".txt (one prompt per line) or .jsonl with `prompt` or `messages` per record (and `adapter` "
+                        "with several --delta)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="wrap prompts in the chat template (default: on for runs that saved one, i.e. SFT runs)")
     p.add_argument("--system", help="system prompt for chat prompts")
@@ -467,6 +468,8 @@ def cmd_merge_deltas(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from deltatune.inference import Conversation, open_generator
 
+    if args.delta and len(args.delta) > 1:
+        raise DeltaTuneError("chat takes one --delta (several deltas route per prompt: use generate)")
     generator = open_generator(run=args.run, model=args.model, delta=args.delta, template=args.template,
                                merge=args.merge, trust_remote_code=args.trust_remote_code)
     conversation = Conversation(generator, _sampling(args), system=args.system)
@@ -593,7 +596,10 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", type=Path, help="run folder written by `deltatune train` (a causal-LM run)")
     source.add_argument("--model", help="model folder or packaged alias (e.g. smollm2-135m)")
-    p.add_argument("--delta", type=Path, help="saved delta folder to attach to --model (e.g. RUN/best)")
+    p.add_argument("--delta", action="append", metavar="[NAME=]FOLDER",
+                   help="saved delta folder to attach to --model (e.g. RUN/best); generate: repeat it for "
+                        "mixed-adapter batches of LoRA deltas, where each prompt record names its delta in an "
+                        "`adapter` field (NAME, default: the folder's name, a run's for RUN/best)")
     p.add_argument("--merge", action="store_true", help="merge the delta into the base weights before generating")
     p.add_argument("--template", help="chat template: chatml | llama3 | alpaca, a .jinja file or inline jinja "
                                       "(default: the one the run saved, else the tokenizer's own)")
