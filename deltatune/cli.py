@@ -112,6 +112,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a trained run on a split")
     p.add_argument("run", type=Path, help="run folder written by `deltatune train`")
     p.add_argument("--split", choices=["train", "validation", "test"], default="test", help="the split to evaluate")
+    p.add_argument("--delta", type=Path, help="evaluate this saved delta of the run's base model instead of the "
+                                               "run's best/ (e.g. a merge-deltas result) on the run's data")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override the run's config, e.g. --set data.test=other.jsonl")
     p.add_argument("--generate", type=Path, metavar="FILE",
@@ -305,13 +307,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.generate is not None:
         return _eval_generation(args)
-    session = load_run(args.run, args.overrides, trust_remote_code=args.trust_remote_code)
+    session = load_run(args.run, args.overrides, trust_remote_code=args.trust_remote_code, delta=args.delta)
     dataset = getattr(session.data, args.split)
     batch_size = session.config.train.eval_batch_size or session.config.train.batch_size
     if args.output is not None:
         _write_predictions(session, dataset, args.output, batch_size)
     metrics = objective(session.data, session.delta).evaluate(session.model, dataset, session.collator(), batch_size)
-    table = Table(title=f"{args.run} · {args.split} ({len(dataset)} examples)")
+    table = Table(title=f"{args.run} · {args.split} ({len(dataset)} examples)" + (f" · delta {args.delta}" if args.delta
+                                                                                   else ""))
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, value in metrics.items():
@@ -531,6 +534,8 @@ def _eval_generation(args: argparse.Namespace) -> int:
     records = reference_records(args.generate, args.limit, args.skip)
     sampling = Sampling(max_new_tokens=args.max_new_tokens, stop=args.stop)
     generator = open_generator(run=args.run, attach=False, trust_remote_code=args.trust_remote_code)
+    if args.delta is not None:
+        generator.delta_dir, generator.name = args.delta, None
     options = dict(system=args.system, batch_size=args.batch_size)
     base, base_outputs = {}, None
     if args.compare_base:

@@ -176,14 +176,16 @@ def _save_chat_template(session: Session, folder: Path) -> None:
         write_text(folder / TEMPLATE_FILE, session.data.chat_template)
 
 
-def load_run(run_dir: str | Path, overrides: list[str] = (), *, trust_remote_code: bool = False) -> Session:
-    """Reopen a finished run: its config, the base model and the best saved delta. The run's config.yaml cannot
-    switch on remote code: only the `trust_remote_code` argument (--trust-remote-code) can."""
+def load_run(run_dir: str | Path, overrides: list[str] = (), *, trust_remote_code: bool = False,
+             delta: str | Path | None = None) -> Session:
+    """Reopen a finished run: its config, the base model and the best saved delta (or `delta`, another saved delta
+    of the same base, e.g. a merged one). The run's config.yaml cannot switch on remote code: only the
+    `trust_remote_code` argument (--trust-remote-code) can."""
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_NAME).is_file():
         raise ConfigError(f"{run_dir} is not a run folder: {CONFIG_NAME} not found (train one with `deltatune train`)")
     config = load_config(run_dir / CONFIG_NAME, overrides, trust_remote_code=trust_remote_code)
     best = inside(run_dir, "best", str(run_dir))
-    if not best.is_dir():
+    if delta is None and not best.is_dir():
         raise ConfigError(f"{run_dir} has no trained delta yet ({best} missing): finish or resume the run first")
-    return open_session(config, delta_dir=best)
+    return open_session(config, delta_dir=best if delta is None else Path(delta))

@@ -19,6 +19,7 @@ from deltatune.io import load_tensors
 from deltatune.methods.ia3 import IA3
 from deltatune.methods.lora import LoRA
 from tests.tiny import logits
+from tests.test_generation_cli import held_out, run  # noqa: F401  (fixtures)
 from tests.tiny_lm import save_tiny_lm
 
 peft = pytest.importorskip("peft")
@@ -249,3 +250,24 @@ def test_cli_error(pair, tmp_path, capsys):
     assert main(["merge-deltas", str(pair[0]), "--weights", "0.7,x", "--how", "linear",
                  "--output", str(tmp_path / "o")]) == 1
     assert "--weights: 'x' is not a number" in capsys.readouterr().err
+
+
+def test_merged_run_deltas_evaluate_and_generate(run, lm_dir, tmp_path, capsys):
+    """Run folders merge (their best/); cat of a delta with itself at 0.5 + 0.5 is that delta: `eval --delta` gives
+    the run's own validation loss, generate the same text, and the run's chat template goes along."""
+    out = tmp_path / "merged"
+    merge_deltas([run, run / "best"], [0.5, 0.5], out, how="cat")
+    assert (out / "chat_template.jinja").read_bytes() == (run / "best" / "chat_template.jinja").read_bytes()
+    printed = []
+    for extra in ([], ["--delta", str(out)]):
+        assert main(["eval", str(run), "--split", "validation", *extra]) == 0
+        printed.append(capsys.readouterr().out)
+    loss = [next(line.split()[-2] for line in text.splitlines() if " loss " in line) for text in printed]
+    assert loss[0] == loss[1] and float(loss[0]) > 0
+    assert f"delta {out}" in printed[1]
+    answers = []
+    for delta in (run / "best", out):
+        assert main(["generate", "--model", str(lm_dir), "--delta", str(delta), "--prompt", "hello world",
+                     "--max-new-tokens", "8"]) == 0
+        answers.append(capsys.readouterr().out)
+    assert answers[0] == answers[1]

@@ -181,9 +181,18 @@ def merge_deltas(deltas: Sequence[str | Path], weights: Sequence[float], out: st
     with io.new_folder(out) as tmp:
         write_delta(tmp, tensors, [{"config": config.to_dict(), "tensors": sorted(tensors)}], sources[0].base)
         io.write_json(tmp / RECORD_FILE, record)
-        if (template := sources[0].folder / TEMPLATE_FILE).is_file():
+        if (template := _chat_template(sources)) is not None:
             shutil.copyfile(template, tmp / TEMPLATE_FILE)
     return out
+
+
+def _chat_template(sources: list[Source]) -> Path | None:
+    """The chat template saved with the inputs (SFT runs save theirs), for generation with the merged delta."""
+    saved = [s.folder / TEMPLATE_FILE for s in sources if (s.folder / TEMPLATE_FILE).is_file()]
+    if len({file.read_bytes() for file in saved}) > 1:
+        warnings.warn(f"the deltas were trained with different chat templates; the merged delta keeps {saved[0]} "
+                      "(generate --template overrides it)", stacklevel=3)
+    return saved[0] if saved else None
 
 
 def _read(folder: Path) -> Source:
