@@ -15,7 +15,7 @@ from deltatune.cli import main
 from deltatune.errors import CheckpointError, ConfigError
 from deltatune.interop.merge import HOWS, _prune, _random, merge_deltas
 from deltatune.interop.peft import export_peft
-from deltatune.io import load_tensors
+from deltatune.storage import load_tensors
 from deltatune.methods.ia3 import IA3
 from deltatune.methods.lora import LoRA
 from tests.tiny import logits

@@ -12,10 +12,10 @@ import deltatune
 from deltatune.cli import main
 from deltatune.errors import ConfigError, DataError
 from deltatune.generation.mixed import attach_mixed
-from deltatune.inference import named_deltas, open_generator
+from deltatune.generation.generator import named_deltas, open_generator
 from deltatune.methods.ia3 import IA3
-from deltatune.prompts import PromptRecord
-from deltatune.generate import Sampling
+from deltatune.generation.prompts import PromptRecord
+from deltatune.generation.sampling import Sampling
 from tests.test_merge_deltas import base, lm_dir, save_lora  # noqa: F401  (lm_dir: fixture)
 from tests.tiny import logits
 

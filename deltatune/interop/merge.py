@@ -27,7 +27,7 @@ from typing import Literal
 
 import torch
 
-from deltatune import io
+from deltatune import storage
 from deltatune.data.chat import TEMPLATE_FILE
 from deltatune.delta import read_delta_config, read_delta_tensors, write_delta
 from deltatune.errors import CheckpointError, ConfigError
@@ -159,7 +159,7 @@ def merge_deltas(deltas: Sequence[str | Path], weights: Sequence[float], out: st
     if bad := [w for w in weights if not math.isfinite(w)]:
         raise ConfigError(f"weights must be finite numbers, got {bad[0]}")
     out = Path(out)
-    io.check_new_folder(out)
+    storage.check_new_folder(out)
     sources = [_read(Path(d)) for d in deltas]
     _check_same_base(sources)
     if len(sources) == 1 and how != "linear":
@@ -178,9 +178,9 @@ def merge_deltas(deltas: Sequence[str | Path], weights: Sequence[float], out: st
     record = {"deltas": [str(s.folder) for s in sources], "weights": list(weights), "how": settings.how,
               "density": density, "svd_rank": svd_rank, "svd_clamp": svd_clamp, "majority_sign": majority_sign,
               "seed": seed, "rank": rank}
-    with io.new_folder(out) as tmp:
+    with storage.new_folder(out) as tmp:
         write_delta(tmp, tensors, [{"config": config.to_dict(), "tensors": sorted(tensors)}], sources[0].base)
-        io.write_json(tmp / RECORD_FILE, record)
+        storage.write_json(tmp / RECORD_FILE, record)
         if (template := _chat_template(sources)) is not None:
             shutil.copyfile(template, tmp / TEMPLATE_FILE)
     return out
