@@ -17,7 +17,6 @@ The result is a plain LoRA delta with alpha = r (scaling 1), saved with the inpu
 from __future__ import annotations
 
 import math
-import shutil
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from deltatune.data.chat import TEMPLATE_FILE
 from deltatune.delta import read_delta_config, read_delta_tensors, write_delta
 from deltatune.errors import CheckpointError, ConfigError
 from deltatune.fingerprint import check_same_base
+from deltatune.generation.prompts import saved_template
 from deltatune.methods.lora import SCALINGS, LoRA
 from deltatune.registry import parse_delta_config
 from deltatune.schema import MAX_WIDTH
@@ -182,17 +182,18 @@ def merge_deltas(deltas: Sequence[str | Path], weights: Sequence[float], out: st
         write_delta(tmp, tensors, [{"config": config.to_dict(), "tensors": sorted(tensors)}], sources[0].base)
         storage.write_json(tmp / RECORD_FILE, record)
         if (template := _chat_template(sources)) is not None:
-            shutil.copyfile(template, tmp / TEMPLATE_FILE)
+            storage.write_text(tmp / TEMPLATE_FILE, template)
     return out
 
 
-def _chat_template(sources: list[Source]) -> Path | None:
-    """The chat template saved with the inputs (SFT runs save theirs), for generation with the merged delta."""
-    saved = [s.folder / TEMPLATE_FILE for s in sources if (s.folder / TEMPLATE_FILE).is_file()]
-    if len({file.read_bytes() for file in saved}) > 1:
-        warnings.warn(f"the deltas were trained with different chat templates; the merged delta keeps {saved[0]} "
-                      "(generate --template overrides it)", stacklevel=3)
-    return saved[0] if saved else None
+def _chat_template(sources: list[Source]) -> str | None:
+    """The chat template saved with the inputs (SFT runs save theirs; checked as generation reads it), for
+    generation with the merged delta."""
+    saved = {s.folder: text for s in sources if (text := saved_template(s.folder)) is not None}
+    if len(set(saved.values())) > 1:
+        warnings.warn(f"the deltas were trained with different chat templates; the merged delta keeps the one of "
+                      f"{next(iter(saved))} (generate --template overrides it)", stacklevel=3)
+    return next(iter(saved.values()), None)
 
 
 def _read(folder: Path) -> Source:
