@@ -268,9 +268,8 @@ def _merge_module(module: str, sources: list[Source], weights: list[float], sett
         b = torch.cat([b for (_, b), _, _ in present], dim=1)
         return _pad(a, rank, 0).to(dtype), _pad(b, rank, 1).to(dtype)
     combine = partial(COMBINE[settings.combine], density=settings.density, sign_method=settings.majority_sign)
-    if settings.how.endswith("svd"):  # on the updates s·B·A, weighted by w
-        updates = [b.flatten(1) @ a.flatten(1) * s for (a, b), s, _ in present]
-        a, b = _svd_factors(combine(updates, torch.tensor([w for *_, w in present])), rank, settings.svd_clamp)
+    if settings.how.endswith("svd"):
+        a, b = _svd_factors(*_update_svd(present, settings.how, combine), rank, settings.svd_clamp)
         return a.reshape(rank, *a0.shape[1:]).to(dtype), b.reshape(b0.shape[0], rank, *b0.shape[2:]).to(dtype)
     roots = [math.sqrt(abs(s * w)) for _, s, w in present]  # on A and B, weighted by ±sqrt(|w·s|), the sign on A
     signs = [1.0 if s * w >= 0 else -1.0 for _, s, w in present]
@@ -279,10 +278,29 @@ def _merge_module(module: str, sources: list[Source], weights: list[float], sett
     return a.to(dtype), b.to(dtype)
 
 
-def _svd_factors(update: torch.Tensor, rank: int, clamp: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A (rank, in) and B (out, rank) with B·A the best rank-`rank` approximation of `update` (zero rows beyond
-    its own rank); `clamp` limits both to that quantile of their values, as PEFT's svd_clamp."""
-    u, s, vh = torch.linalg.svd(update, full_matrices=False)
+def _update_svd(present: list, how: str, combine: Callable) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The SVD of the combined update: for svd, Σ w·s·B·A is the product of the stacked factors (its SVD comes from
+    a small core); the pruning types work entry by entry on the full updates s·B·A, weighted by w."""
+    if how == "svd":
+        return _stacked_svd(torch.cat([b.flatten(1) * s * w for (_, b), s, w in present], dim=1),
+                            torch.cat([a.flatten(1) for (a, _), _, _ in present]))
+    updates = [b.flatten(1) @ a.flatten(1) * s for (a, b), s, _ in present]
+    return torch.linalg.svd(combine(updates, torch.tensor([w for *_, w in present])), full_matrices=False)
+
+
+def _stacked_svd(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reduced SVD of b·a (b: out × R, a: R × in, R small) without forming it: b = Qb·Rb, aᵀ = Qa·Ra, and the
+    SVD of the R × R core Rb·Raᵀ (the same singular values and vectors as PEFT's SVD of the full update)."""
+    qb, rb = torch.linalg.qr(b)
+    qa, ra = torch.linalg.qr(a.T)
+    u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)
+    return qb @ u, s, vh @ qa.T
+
+
+def _svd_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int,
+                 clamp: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (rank, in) and B (out, rank): B·A the best rank-`rank` approximation of the update with SVD u·s·vh (zero
+    rows beyond its own rank); `clamp` limits both to that quantile of their values, as PEFT's svd_clamp."""
     b, a = u[:, :rank] * s[:rank], vh[:rank]
     if clamp is not None:
         limit = torch.quantile(torch.cat([b.flatten(), a.flatten()]), clamp)
