@@ -14,7 +14,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = {"Delta": "deltatune.delta", "DeltaConfig": "deltatune.delta", "DeltaGroup": "deltatune.delta",
-        "attach": "deltatune.delta", "load": "deltatune.delta",
+        "attach": "deltatune.delta", "load": "deltatune.delta", "merge_deltas": "deltatune.interop.merge",
         "CheckpointError": "deltatune.errors", "ConfigError": "deltatune.errors", "DataError": "deltatune.errors",
         "DeltaTuneError": "deltatune.errors", "TargetError": "deltatune.errors",
         "OptimizerConfig": "deltatune.optim", "register": "deltatune.registry",

@@ -108,6 +108,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a trained run on a split")
     p.add_argument("run", type=Path, help="run folder written by `deltatune train`")
     p.add_argument("--split", choices=["train", "validation", "test"], default="test", help="the split to evaluate")
+    p.add_argument("--delta", type=Path, help="evaluate this saved delta of the run's base model instead of the "
+                                               "run's best/ (e.g. a merge-deltas result) on the run's data")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override the run's config, e.g. --set data.test=other.jsonl")
     p.add_argument("--generate", type=Path, metavar="FILE",
@@ -161,6 +163,23 @@ def _parser() -> argparse.ArgumentParser:
     _add_remote_code(p)
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("merge-deltas", help="combine LoRA deltas of one base model into one LoRA delta, as PEFT's "
+                                            "add_weighted_adapter does")
+    p.add_argument("deltas", type=Path, nargs="+", metavar="DELTA", help="saved delta folders or run folders (best/)")
+    p.add_argument("--weights", required=True, help="one weight per delta, comma-separated, e.g. 0.7,0.3 "
+                                                    "(a negative weight subtracts)")
+    p.add_argument("--how", required=True, help="PEFT's combination type: linear, cat (exact, rank = sum), svd, ties, "
+                                                "dare_linear, dare_ties, magnitude_prune, or ties_svd, dare_linear_svd, "
+                                                "dare_ties_svd, magnitude_prune_svd")
+    p.add_argument("--density", type=float, help="ties / dare / magnitude_prune: fraction of each delta's values kept")
+    p.add_argument("--svd-rank", type=int, help="*svd: rank of the result (default: the largest input rank)")
+    p.add_argument("--svd-clamp", type=float, help="*svd: clamp the factors at this quantile of their values")
+    p.add_argument("--majority-sign", choices=["total", "frequency"], default="total",
+                   help="ties: elect each entry's sign by the sum of values or by their count")
+    p.add_argument("--seed", type=int, default=0, help="dare: seed of the random pruning")
+    p.add_argument("--output", type=Path, required=True, help="new folder for the merged delta")
+    p.set_defaults(func=cmd_merge_deltas)
+
     p = sub.add_parser("compare", help="train one task with several methods (same data, seed, budget) and "
                                        "compare them in one table and chart")
     p.add_argument("config", type=Path, help="YAML run config with a `compare:` section (examples/compare.yaml)")
@@ -180,7 +199,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_model_source(p)
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
     p.add_argument("--prompts-file", type=Path,
-                   help=".txt (one prompt per line) or .jsonl with `prompt` or `messages` per record")
+                   help=".txt (one prompt per line) or .jsonl with `prompt` or `messages` per record (and `adapter` "
+                        "with several --delta)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="wrap prompts in the chat template (default: on for runs that saved one, i.e. SFT runs)")
     p.add_argument("--system", help="system prompt for chat prompts")
@@ -298,13 +318,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _eval_generation(args)
     if args.choices is not None or args.lm_eval is not None:
         return _eval_benchmark(args)
-    session = run_session(Run.open(args.run, args.overrides, trust_remote_code=args.trust_remote_code))
+    session = run_session(Run.open(args.run, args.overrides, trust_remote_code=args.trust_remote_code),
+                          args.delta)
     dataset = getattr(session.data, args.split)
     batch_size = session.config.train.eval_batch_size or session.config.train.batch_size
     if args.output is not None:
         _write_predictions(session, dataset, args.output, batch_size)
     metrics = objective(session.data, session.delta).evaluate(session.model, dataset, session.collator(), batch_size)
-    table = Table(title=f"{args.run} · {args.split} ({len(dataset)} examples)")
+    table = Table(title=f"{args.run} · {args.split} ({len(dataset)} examples)" + (f" · delta {args.delta}" if args.delta
+                                                                                   else ""))
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, value in metrics.items():
@@ -439,9 +461,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge_deltas(args: argparse.Namespace) -> int:
+    from deltatune.interop.merge import RECORD_FILE, merge_deltas
+    from deltatune.storage import read_json
+
+    weights = []
+    for text in args.weights.split(","):
+        try:
+            weights.append(float(text))
+        except ValueError:
+            raise DeltaTuneError(f"--weights: {text.strip()!r} is not a number; give one weight per delta, "
+                                 "e.g. --weights 0.7,0.3") from None
+    out = merge_deltas(args.deltas, weights, args.output, how=args.how, density=args.density,
+                       svd_rank=args.svd_rank, svd_clamp=args.svd_clamp, majority_sign=args.majority_sign,
+                       seed=args.seed)
+    record = read_json(out / RECORD_FILE)
+    console.print(f"merged {len(args.deltas)} LoRA deltas ({record['how']}, rank {record['rank']}) → [cyan]{out}[/]")
+    return 0
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from deltatune.generation.generator import Conversation, open_generator
 
+    if args.delta and len(args.delta) > 1:
+        raise DeltaTuneError("chat takes one --delta (several deltas route per prompt: use generate)")
     generator = open_generator(run=args.run, model=args.model, delta=args.delta, template=args.template,
                                merge=args.merge, trust_remote_code=args.trust_remote_code)
     conversation = Conversation(generator, _sampling(args), system=args.system)
@@ -503,6 +546,8 @@ def _eval_generation(args: argparse.Namespace) -> int:
     records = reference_records(args.generate, args.limit, args.skip)
     sampling = Sampling(max_new_tokens=args.max_new_tokens, stop=args.stop)
     generator = open_generator(run=args.run, attach=False, trust_remote_code=args.trust_remote_code)
+    if args.delta is not None:
+        generator.delta_dir, generator.name = args.delta, None
     options = dict(system=args.system, batch_size=args.batch_size)
     base, base_outputs = {}, None
     if args.compare_base:
@@ -629,7 +674,10 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", type=Path, help="run folder written by `deltatune train` (a causal-LM run)")
     source.add_argument("--model", help="model folder or packaged alias (e.g. smollm2-135m)")
-    p.add_argument("--delta", type=Path, help="saved delta folder to attach to --model (e.g. RUN/best)")
+    p.add_argument("--delta", action="append", metavar="[NAME=]FOLDER",
+                   help="saved delta folder to attach to --model (e.g. RUN/best); generate: repeat it for "
+                        "mixed-adapter batches of LoRA deltas, where each prompt record names its delta in an "
+                        "`adapter` field (NAME, default: the folder's name, a run's for RUN/best)")
     p.add_argument("--merge", action="store_true", help="merge the delta into the base weights before generating")
     p.add_argument("--template", help="chat template: chatml | llama3 | alpaca, a .jinja file or inline jinja "
                                       "(default: the one the run saved, else the tokenizer's own)")

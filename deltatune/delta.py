@@ -139,23 +139,24 @@ class DeltaBase:
     def save(self, directory: str | Path) -> Path:
         """Write `delta.safetensors` (only the delta's tensors) and `delta.json` (configs, base fingerprint)."""
         directory = Path(directory)
-        tensors = self.state_dict()
-        if not tensors:
-            raise CheckpointError("refusing to save an empty delta: it has no tensors")
-        storage.save_tensors(directory / TENSOR_FILE, tensors, metadata={"format": FORMAT})
-        from deltatune import __version__
+        parts = [{"config": part.saved_config(directory).to_dict(), "tensors": sorted(part._params)}
+                 for part in self.parts()]
+        return write_delta(directory, self.state_dict(), parts, _BASE_FINGERPRINT[self.model])
 
-        meta = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "deltatune_version": __version__,
-            "deltas": [{"config": part.saved_config(directory).to_dict(), "tensors": sorted(part._params)}
-                       for part in self.parts()],
-            "base": _BASE_FINGERPRINT[self.model],
-            "sha256": storage.sha256(directory / TENSOR_FILE),
-        }
-        storage.write_json(directory / CONFIG_FILE, meta)
-        return directory
+
+def write_delta(directory: Path, tensors: dict[str, torch.Tensor], parts: list[dict[str, Any]],
+                base: dict[str, Any]) -> Path:
+    """Write a delta folder: `delta.safetensors` and `delta.json` (`parts`: each method's config dict and tensor
+    names; `base`: the base model's fingerprint)."""
+    if not tensors:
+        raise CheckpointError("refusing to save an empty delta: it has no tensors")
+    storage.save_tensors(directory / TENSOR_FILE, tensors, metadata={"format": FORMAT})
+    from deltatune import __version__
+
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "deltatune_version": __version__, "deltas": parts,
+            "base": base, "sha256": storage.sha256(directory / TENSOR_FILE)}
+    storage.write_json(directory / CONFIG_FILE, meta)
+    return directory
 
 
 C = TypeVar("C", bound=DeltaConfig)
@@ -436,13 +437,9 @@ def load(model: nn.Module, path: str | Path) -> Delta | DeltaGroup:
                 return getattr(importlib.import_module(module), function)(model, path)
     meta = read_delta_config(path)
     check_same_base(meta["base"], base_fingerprint(model))
-    tensor_file = inside(path, TENSOR_FILE, str(path / CONFIG_FILE))
-    if not tensor_file.is_file() or storage.sha256(tensor_file) != meta.get("sha256"):
-        raise CheckpointError(f"{tensor_file} is missing or corrupted (checksum differs from {CONFIG_FILE})")
     where = str(path / CONFIG_FILE)
     configs = [parse_delta_config(_in_folder(d["config"], path, where), where=where) for d in meta["deltas"]]
-    tensors = storage.load_tensors(tensor_file)
-    check_finite(tensors, str(tensor_file))
+    tensors = read_delta_tensors(path, meta)
     delta = attach(model, configs)
     try:
         delta.load_state_dict(tensors)
@@ -450,6 +447,16 @@ def load(model: nn.Module, path: str | Path) -> Delta | DeltaGroup:
         delta.detach()
         raise
     return delta
+
+
+def read_delta_tensors(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of the delta folder `path` whose `delta.json` is `meta`: checksum verified, all finite."""
+    tensor_file = inside(path, TENSOR_FILE, str(path / CONFIG_FILE))
+    if not tensor_file.is_file() or storage.sha256(tensor_file) != meta.get("sha256"):
+        raise CheckpointError(f"{tensor_file} is missing or corrupted (checksum differs from {CONFIG_FILE})")
+    tensors = storage.load_tensors(tensor_file)
+    check_finite(tensors, str(tensor_file))
+    return tensors
 
 
 def _in_folder(raw: Any, folder: Path, where: str) -> Any:

@@ -3,7 +3,8 @@
 A prompt file is `.txt` (one prompt per line; blank lines are skipped) or a data file (.jsonl/.json/.csv/
 .parquet) whose records hold a `prompt` (plus an optional `reference`) or `messages` (role/content; a final
 assistant turn is the reference answer, not part of the prompt); records in the training formats sharegpt
-(`conversations`) and alpaca (`instruction`, `input`, `output`) are read as training reads them.
+(`conversations`) and alpaca (`instruction`, `input`, `output`) are read as training reads them. An optional
+`adapter` names the delta a record is generated with when several are attached (mixed-adapter batches).
 """
 
 from __future__ import annotations
@@ -32,11 +33,12 @@ class PromptRecord:
     text: str | None = None
     messages: tuple[dict[str, str], ...] | None = None
     reference: str | None = None
+    adapter: str | None = None  # the delta to generate with, by name (mixed-adapter batches)
 
     def to_dict(self) -> dict[str, Any]:
         """The prompt as it appears in output files."""
         prompt = {"prompt": self.text} if self.messages is None else {"messages": list(self.messages)}
-        return prompt | ({"reference": self.reference} if self.reference is not None else {})
+        return prompt | {key: value for key in ("reference", "adapter") if (value := getattr(self, key)) is not None}
 
 
 def read_prompts(path: str | Path, limit: int | None = None) -> list[PromptRecord]:
@@ -120,6 +122,9 @@ def _read_text_prompts(path: Path) -> list[PromptRecord]:
 
 def _record(row: dict[str, Any], where: str) -> PromptRecord:
     messages, prompt, reference = row.get("messages"), row.get("prompt"), row.get("reference")
+    adapter = row.get("adapter")
+    if adapter is not None and (not isinstance(adapter, str) or not adapter.strip()):
+        raise DataError(f"{where}: 'adapter' must be the name of a delta, got {adapter!r}")
     if messages is None and prompt is None and (fmt := _sft_format(row)):
         messages = _sft_messages(row, fmt, where)
     if messages is not None:
@@ -129,13 +134,13 @@ def _record(row: dict[str, Any], where: str) -> PromptRecord:
             reference = last["content"]
         if not messages:
             raise DataError(f"{where}: 'messages' holds only the assistant's answer; add the user turn before it")
-        return PromptRecord(where, messages=tuple(messages), reference=reference)
+        return PromptRecord(where, messages=tuple(messages), reference=reference, adapter=adapter)
     if not isinstance(prompt, str) or not prompt.strip():
         present = ", ".join(k for k, v in row.items() if v is not None)
         raise DataError(f"{where}: record needs a non-empty 'prompt' text or a 'messages' list (has: {present})")
     if reference is not None and not isinstance(reference, str):
         raise DataError(f"{where}: 'reference' must be text, got {reference!r}")
-    return PromptRecord(where, text=prompt, reference=reference)
+    return PromptRecord(where, text=prompt, reference=reference, adapter=adapter)
 
 
 def _sft_format(row: dict[str, Any]) -> str | None:

@@ -225,7 +225,10 @@ class LoRAModule(MergeableWrapper):
         return self.kind.delta(self.lora_A, self.lora_B) * self.scaling
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = self.base_layer(x, *args, **kwargs)
+        return self.add_update(x, self.base_layer(x, *args, **kwargs))
+
+    def add_update(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """`out`, the base layer's output for `x`, with this update applied (also to a subset of a batch's rows)."""
         lora_in = x if self.lora_dropout is None else self.lora_dropout(x)
         return self.variant.forward(self, lora_in, out)
 

@@ -176,8 +176,9 @@ def _save_chat_template(session: Session, folder: Path) -> None:
         write_text(folder / TEMPLATE_FILE, session.data.chat_template)
 
 
-def run_session(run: Run) -> Session:
-    """A finished run in memory for `eval` and `export`: its base model with the best delta, its tokenizer and data
-    (whose files must still exist)."""
+def run_session(run: Run, delta: str | Path | None = None) -> Session:
+    """A finished run in memory for `eval` and `export`: its base model with the best delta (or `delta`, another
+    saved delta of the same base, e.g. a merge-deltas result), its tokenizer and data (whose files must still
+    exist)."""
     check_files(run.config)
-    return open_session(run.config, delta_dir=run.best)
+    return open_session(run.config, delta_dir=run.best if delta is None else Path(delta))
