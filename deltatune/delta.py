@@ -194,6 +194,11 @@ class Delta(DeltaBase, ABC):
     def extra_loss(self) -> torch.Tensor | None:
         return None
 
+    def lr_roles(self) -> dict[str, str]:
+        """For LoRA+: trainable tensor name -> "A", "B" (trains at optimizer.loraplus_lr_ratio x its LR) or "embedding"
+        (optimizer.loraplus_lr_embedding); methods without low-rank factors name none."""
+        return {}
+
     def for_inference(self) -> None:
         """Replace training-only structure by what it computes (outputs unchanged); most methods have none."""
 

@@ -205,6 +205,10 @@ class Initial:
     a: torch.Tensor
     b: torch.Tensor
 
+    def made(self, a0: torch.Tensor, b0: torch.Tensor) -> bool:
+        """Whether (A0, B0) are exactly this init's factors."""
+        return torch.equal(a0, self.a.to(a0.dtype)) and torch.equal(b0, self.b.to(b0.dtype))
+
 
 class ResidualInit:
     """B0·A0 from the base weight W (as (out, in), in fp32) into the branch; the base keeps W - s·B0·A0 (as PEFT)."""
@@ -228,7 +232,7 @@ class ResidualInit:
 
 
 class PiSSAInit(ResidualInit):
-    """PiSSA: W ≈ V·S·Uh; A0 = sqrt(S_r / s)·Uh_r, B0 = V_r·sqrt(S_r / s) (`niter`: torch.svd_lowrank, seeded RNG)."""
+    """PiSSA: W = V·S·Uh; A0 = sqrt(S_r / s)·Uh_r, B0 = V_r·sqrt(S_r / s) (niter: torch.svd_lowrank, seeded RNG)."""
 
     def __init__(self, niter: int | None = None):
         self.niter = niter
@@ -403,17 +407,28 @@ class LoRADelta(Delta):
                 raise ConfigError(f"init {init} would change the weight of {name!r}, which another module shares "
                                   "(tied weights): exclude it, or use init kaiming or gaussian")
 
+    def lr_roles(self) -> dict[str, str]:
+        """LoRA+ as PEFT groups it: embedding factors "embedding"; B factors and DoRA magnitudes "B"; A keeps its LR."""
+        names, roles = {id(p): n for n, p in self._params.items()}, {}
+        for w in self.wrappers:
+            embedding = isinstance(w.kind, EmbeddingKind)
+            roles[names[id(w.lora_A.weight)]] = "embedding" if embedding else "A"
+            roles[names[id(w.lora_B.weight)]] = "embedding" if embedding else "B"
+            if isinstance(w.variant, DoRA):
+                roles[names[id(w.lora_magnitude_vector)]] = "B"
+        return roles
+
     def restore(self) -> None:
         with torch.no_grad():
             for wrapper, _, _ in self._residual_parts():
                 wrapper.base_layer.weight.copy_(wrapper.initial.weight)
 
     def saved_tensors(self) -> dict[str, torch.Tensor]:
-        """A base-changing init saves [A ; A0] and [B | -B0]: the plain LoRA of the same weights on the original base."""
+        """After a base-changing init: [A ; A0] and [B | -B0], the plain LoRA of these weights on the original base."""
         tensors = super().saved_tensors()
         for wrapper, a, b in self._residual_parts():
-            tensors[a] = torch.cat([tensors[a], wrapper.initial.a])
-            tensors[b] = torch.cat([tensors[b], -wrapper.initial.b], dim=1)
+            a0, b0 = (t.to(tensors[a].dtype) for t in (wrapper.initial.a, wrapper.initial.b))  # A, B may train fp32
+            tensors[a], tensors[b] = torch.cat([tensors[a], a0]), torch.cat([tensors[b], -b0], dim=1)
         return tensors
 
     def load_saved(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -423,7 +438,7 @@ class LoRADelta(Delta):
         for wrapper, a, b in self._residual_parts():
             r = wrapper.initial.a.shape[0]
             a0, b0 = tensors[a][r:], -tensors[b][:, r:]
-            if not (torch.equal(a0, wrapper.initial.a) and torch.equal(b0, wrapper.initial.b)):
+            if not wrapper.initial.made(a0, b0):
                 wrapper.rebase(a0, b0)
             tensors[a], tensors[b] = tensors[a][:r], tensors[b][:, :r]
         super().load_saved(tensors)
