@@ -208,3 +208,21 @@ def test_unconverted_peft_pissa_adapter_is_refused(tmp_path):
                                           "residual base model PEFT changed at init"):
         deltatune.load(base, tmp_path / "pissa")
     assert not wrappers(base)
+
+
+def test_training_run_with_pissa_saves_a_delta_for_the_untouched_base(tmp_path):
+    """The loop's checkpoints and best-delta reload go through the saved (plain) form and back into the live delta."""
+    from tests.test_loop import COLLATE, task_data
+    from deltatune.train import TrainConfig, train
+
+    model = biased_tiny_model("gpt2")
+    delta = deltatune.attach(model, LoRA(r=R, targets=TARGETS["gpt2"], init="pissa"))
+    cfg = TrainConfig(epochs=2, batch_size=16, optimizer={"lr": 1e-2})
+    result = train(model, delta, task_data("text", n_train=32), cfg, tmp_path, collate=COLLATE)
+    assert result.best_step is not None
+    batch = tiny_batch()
+    fresh = biased_tiny_model("gpt2")
+    deltatune.load(fresh, tmp_path / "best")
+    model.eval()
+    torch.testing.assert_close(logits(fresh, batch), logits(model, batch), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(logits(fresh, batch), logits(biased_tiny_model("gpt2"), batch), atol=1e-3)
