@@ -16,7 +16,7 @@ import deltatune  # noqa: E402
 from deltatune.delta import Delta, read_delta_config  # noqa: E402
 from deltatune.errors import ConfigError, TargetError  # noqa: E402
 from deltatune.interop.peft import export_peft  # noqa: E402
-from deltatune.io import load_tensors  # noqa: E402
+from deltatune.storage import load_tensors  # noqa: E402
 from deltatune.methods.lora import LoRA, LoRAModule  # noqa: E402
 from tests.tiny import biased_tiny_model, logits, tiny_batch  # noqa: E402
 

@@ -34,7 +34,7 @@ from transformers.pytorch_utils import Conv1D
 
 from deltatune.delta import Delta, DeltaConfig
 from deltatune.errors import ConfigError, TargetError
-from deltatune.quantize import QuantizedLinear
+from deltatune.models.quantize import QuantizedLinear
 from deltatune.registry import register
 from deltatune.schema import MAX_SCALE, MAX_WIDTH, one_or_many
 from deltatune.targeting import WrapperModule, find_modules
