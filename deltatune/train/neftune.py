@@ -48,7 +48,7 @@ class NEFTune:
         self._hooks, self._pending = [], []
 
     def _read_inputs(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        """What tells the real lengths of this call's rows: encoder (or decoder-only) inputs first, then decoder ones."""
+        """What tells the real lengths of this call's rows: encoder (or decoder-only) inputs, then decoder ones."""
         self._pending = [(kwargs.get("attention_mask"), kwargs.get("position_ids")),
                          (kwargs.get("decoder_attention_mask"), None)]
 
