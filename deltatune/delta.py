@@ -95,11 +95,12 @@ class DeltaBase:
         return trainable, total + merged_extra
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: p.detach() for name, p in self.trainable_parameters().items()}
+        """The tensors `save` writes (each part's `saved_tensors()`)."""
+        return {name: t for part in self.parts() for name, t in part.saved_tensors().items()}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy saved tensors in; missing, unexpected or mis-shaped keys are one CheckpointError."""
-        own = self.trainable_parameters()
+        own = self.state_dict()
         missing = sorted(set(own) - set(tensors))
         unexpected = sorted(set(tensors) - set(own))
         shapes = [f"{k}: saved {tuple(tensors[k].shape)}, model {tuple(own[k].shape)}"
@@ -109,8 +110,8 @@ class DeltaBase:
                 f"{label}: {_preview(items)}" for label, items in
                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", shapes)) if items))
         with torch.no_grad():
-            for name, p in own.items():
-                p.copy_(tensors[name])
+            for part in self.parts():
+                part.load_saved(tensors)
 
     def extra_loss(self) -> torch.Tensor | None:
         """Sum of the parts' auxiliary losses (e.g. a sparsity penalty), or None."""
@@ -216,8 +217,22 @@ class Delta(DeltaBase, ABC, Generic[C]):
     def extra_loss(self) -> torch.Tensor | None:
         return None
 
+    def lr_roles(self) -> dict[str, str]:
+        """For LoRA+: trainable tensor name -> "A", "B" (trains at optimizer.loraplus_lr_ratio x its LR) or "embedding"
+        (optimizer.loraplus_lr_embedding); methods without low-rank factors name none."""
+        return {}
+
     def for_inference(self) -> None:
         """Replace training-only structure by what it computes (outputs unchanged); most methods have none."""
+
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors `save` writes: the trainable ones as they are, unless the method saves another form."""
+        return {name: p.detach() for name, p in self._params.items()}
+
+    def load_saved(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Set the trainable tensors from `tensors` (in `saved_tensors` form, keys and shapes already checked)."""
+        for name, p in self._params.items():
+            p.copy_(tensors[name])
 
     def saved_config(self, directory: Path) -> DeltaConfig:
         """The config to record when saving into `directory`; methods with `folder_fields` copy those folders into

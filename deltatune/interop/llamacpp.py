@@ -69,6 +69,9 @@ def export_gguf_lora(delta: DeltaBase, out: str | Path, *, dtype: str = "fp32", 
         raise ConfigError(f"a GGUF LoRA adapter holds one LoRA delta; this one has {' + '.join(p.method for p in parts)}"
                           ". Export the merged model instead (--format gguf)")
     config = parts[0].config
+    if config.init != parts[0].saved_config(Path()).init:
+        raise ConfigError(f"this LoRA (init {config.init}) changed its base weights: save it and export the saved "
+                          "folder (the plain LoRA of the original base)")
     if config.dora or config.scaling != "standard":
         raise ConfigError("llama.cpp applies a LoRA as W + alpha / r * B A: DoRA and rsLoRA have no GGUF adapter "
                           "form. Export the merged model instead (--format gguf)")

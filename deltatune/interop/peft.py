@@ -114,12 +114,17 @@ class LoRASpec(Spec):
         "alora_invocation_tokens": None}
 
     def config(self, delta: Delta) -> dict[str, Any]:
-        cfg = delta.config
+        cfg = delta.saved_config(Path())  # PiSSA / OLoRA: the plain rank-2r form they save as
         return {"r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.scaling == "rslora",
                 "use_dora": cfg.dora, "bias": "none", **tuner_fields(delta)}
 
     def delta_config(self, peft: dict[str, Any], config_class: type[DeltaConfig]) -> DeltaConfig:
         refuse(peft, self.UNSUPPORTED)
+        init = str(peft.get("init_lora_weights", True)).lower()
+        if init.startswith(("pissa", "olora", "corda", "loftq", "lora_ga")):
+            raise ConfigError(f"PEFT LORA adapter with init_lora_weights={init!r}: its tensors fit only the residual "
+                              "base model PEFT changed at init. Save it from PEFT with save_pretrained(..., "
+                              "path_initial_model_for_weight_conversion=...) to get a plain LoRA of the original base")
         return config_class(r=peft["r"], alpha=peft.get("lora_alpha", 8), dropout=peft.get("lora_dropout", 0.0),
                     scaling="rslora" if peft.get("use_rslora") else "standard", dora=bool(peft.get("use_dora")),
                     targets=patterns(peft["target_modules"]), exclude=patterns(peft.get("exclude_modules")) or [])

@@ -6,7 +6,13 @@ Variants are small strategy objects picked by the config, not flags spread throu
              the norm detached from the graph as in the paper (section 4.3) and PEFT;
   * kind     how one module type stores its weight and applies A and B: `nn.Linear`, GPT-2's `Conv1D`
              (weight stored (in, out)), `nn.Conv2d` (A is a conv with the base's kernel, B a 1x1 conv), and
-             `nn.Embedding` (A is looked up by token id, as in PEFT).
+             `nn.Embedding` (A is looked up by token id, as in PEFT);
+  * init     `INITS`, PEFT's `init_lora_weights` names: kaiming (PEFT's default) or gaussian A with B = 0, or
+             PiSSA (Meng et al. 2024: the top-r singular triplets of W; pissa_niter_N: randomized SVD) and OLoRA
+             (Buyukakyuz 2024: QR of W), which move s·B0·A0 out of the base weight into the branch. The base then
+             holds the residual W - s·B0·A0 (the original is kept: detach restores it bit for bit), and the delta
+             saves as the plain LoRA of rank 2r that gives the same weights on the *untouched* base, as PEFT's
+             `path_initial_model_for_weight_conversion` does: W_res + s·BA = W + s·[B | -B0]·[A ; A0].
 Tensor names follow PEFT's layout (`<module>.lora_A.weight`, `<module>.lora_B.weight`, `<module>.lora_magnitude_vector`)
 so a PEFT export is a rename of prefixes (plus `lora_embedding_A/B` for embeddings).
 """
@@ -14,16 +20,21 @@ so a PEFT export is a rename of prefixes (plus `lora_embedding_A/B` for embeddin
 from __future__ import annotations
 
 import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from deltatune.delta import Delta, DeltaConfig
-from deltatune.errors import TargetError
+from deltatune.errors import ConfigError, TargetError
+from deltatune.models.quantize import QuantizedLinear
 from deltatune.registry import register
 from deltatune.schema import MAX_SCALE, MAX_WIDTH, NonEmptyPatterns, Patterns
 from deltatune.targeting import MergeableWrapper, find_modules
@@ -43,7 +54,25 @@ class LoRA(DeltaConfig):
     scaling: Literal["standard", "rslora"] = Field("standard", description="alpha / r (standard) or "
                                                                            "alpha / sqrt(r) (rsLoRA)")
     dora: bool = Field(False, description="weight-decomposed LoRA (learned magnitude per output unit)")
-    init: Literal["kaiming", "gaussian"] = Field("kaiming", description="init of A (B starts at zero either way)")
+    init: str = Field("kaiming", description="kaiming (alias default: PEFT's default) | gaussian: random A, B = 0; "
+                                             "pissa | pissa_niter_N (N power iterations of a fast randomized SVD) "
+                                             "| olora: principal factors of W, residual in the base")
+
+    @field_validator("init")
+    @classmethod
+    def _known_init(cls, init: str) -> str:
+        init = "kaiming" if init == "default" else init
+        if init not in INITS and not NITER.fullmatch(init):
+            raise ValueError(f"unknown init {init!r}; choose kaiming (or default), gaussian, pissa, pissa_niter_N "
+                             "(N = 0..999, e.g. pissa_niter_4) or olora")
+        return init
+
+    @model_validator(mode="after")
+    def _saved_form_fits(self) -> LoRA:
+        if init_of(self.init).changes_base and (self.r > MAX_WIDTH // 2 or self.alpha > MAX_SCALE / 2):
+            raise ValueError(f"init {self.init} saves a plain LoRA of rank 2r and alpha 2·alpha: r must be at most "
+                             f"{MAX_WIDTH // 2} and alpha at most {MAX_SCALE / 2:g}")
+        return self
 
 
 SCALINGS: dict[str, Callable[[float, int], float]] = {
@@ -153,6 +182,89 @@ def kind_of(name: str, module: nn.Module) -> LinearKind:
                       f"{', '.join(c.__name__ for c in KINDS)}")
 
 
+# ---- initialisations --------------------------------------------------------------------------------------
+class RandomInit:
+    """A kaiming-uniform (PEFT's default) or gaussian, B = 0 (embeddings: A = 0, B normal); the base is untouched."""
+
+    changes_base = False
+
+    def __init__(self, how: str):
+        self.how = how
+
+    def apply(self, m: LoRAModule) -> None:
+        m.kind.init(m.lora_A, m.lora_B, self.how)
+
+
+@dataclass
+class Initial:
+    """What a base-changing init moved: the base weight before it (restored on detach) and B0, A0."""
+
+    weight: torch.Tensor
+    a: torch.Tensor
+    b: torch.Tensor
+
+    def made(self, a0: torch.Tensor, b0: torch.Tensor) -> bool:
+        """Whether (A0, B0) are exactly this init's factors."""
+        return torch.equal(a0, self.a.to(a0.dtype)) and torch.equal(b0, self.b.to(b0.dtype))
+
+
+class ResidualInit:
+    """B0·A0 from the base weight W (as (out, in), in fp32) into the branch; the base keeps W - s·B0·A0 (as PEFT)."""
+
+    changes_base = True
+
+    def factors(self, w: torch.Tensor, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A0, B0) of `w`."""
+        raise NotImplementedError
+
+    def apply(self, m: LoRAModule) -> None:
+        weight, kind = m.base_layer.weight, m.kind
+        w = weight.detach().float()
+        w = w.T if kind.out_axis else w  # Conv1D stores (in, out)
+        a, b = self.factors(w, m.lora_A.weight.shape[0], m.scaling)
+        m.lora_A.weight.copy_(a)
+        m.lora_B.weight.copy_(b)
+        m.initial = Initial(weight.detach().clone(), m.lora_A.weight.detach().clone(),
+                            m.lora_B.weight.detach().clone())
+        m.rebase(m.initial.a, m.initial.b)
+
+
+class PiSSAInit(ResidualInit):
+    """PiSSA: W = V·S·Uh; A0 = sqrt(S_r / s)·Uh_r, B0 = V_r·sqrt(S_r / s) (niter: torch.svd_lowrank, seeded RNG)."""
+
+    def __init__(self, niter: int | None = None):
+        self.niter = niter
+
+    def factors(self, w: torch.Tensor, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.niter is None:
+            v, s, uh = torch.linalg.svd(w, full_matrices=False)
+            v, s, uh = v[:, :r], s[:r], uh[:r]
+        else:
+            v, s, u = torch.svd_lowrank(w, r, niter=self.niter)
+            uh = u.T
+        root = torch.sqrt(s / scaling)
+        return root[:, None] * uh, v * root
+
+
+class OLoRAInit(ResidualInit):
+    """OLoRA: W = Q·R; A0 = R_r (first r rows), B0 = Q_r (first r columns); as in PEFT, not divided by s."""
+
+    def factors(self, w: torch.Tensor, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        q, rr = torch.linalg.qr(w)
+        return rr[:r].contiguous(), q[:, :r].contiguous()
+
+
+INITS: dict[str, RandomInit | ResidualInit] = {"kaiming": RandomInit("kaiming"), "gaussian": RandomInit("gaussian"),
+                                               "pissa": PiSSAInit(), "olora": OLoRAInit()}
+NITER = re.compile(r"pissa_niter_(\d{1,3})")
+
+
+def init_of(name: str) -> RandomInit | ResidualInit:
+    """The strategy of a (validated) `LoRA.init` name."""
+    niter = NITER.fullmatch(name)
+    return PiSSAInit(int(niter.group(1))) if niter else INITS[name]
+
+
 # ---- update variants --------------------------------------------------------------------------------------
 def _out_norm(weight: torch.Tensor, axis: int) -> torch.Tensor:
     """L2 norm of every output unit's slice of `weight` (DoRA's column norm)."""
@@ -215,7 +327,9 @@ class LoRAModule(MergeableWrapper):
         self.kind, self.variant = kind, variant
         self.scaling = SCALINGS[config.scaling](config.alpha, config.r)
         self.lora_A, self.lora_B = kind.make(base, config.r)
-        kind.init(self.lora_A, self.lora_B, config.init)
+        self.initial: Initial | None = None  # set by a base-changing init
+        with torch.no_grad():
+            init_of(config.init).apply(self)
         # dropout 0 means no module at all: the forward skips it instead of calling an identity
         self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 and kind.takes_dropout else None
         variant.setup(self)
@@ -231,6 +345,13 @@ class LoRAModule(MergeableWrapper):
         """`out`, the base layer's output for `x`, with this update applied (also to a subset of a batch's rows)."""
         lora_in = x if self.lora_dropout is None else self.lora_dropout(x)
         return self.variant.forward(self, lora_in, out)
+
+    def rebase(self, a0: torch.Tensor, b0: torch.Tensor) -> None:
+        """Base weight := the original weight - s·B0·A0 (computed in fp32, stored in the base's dtype)."""
+        weight, initial = self.base_layer.weight, self.initial
+        moved = self.scaling * (b0.float() @ a0.float())
+        weight.copy_(initial.weight.float() - (moved.T if self.kind.out_axis else moved))
+        initial.a, initial.b = a0.clone(), b0.clone()
 
     def merged_tensors(self) -> dict[str, torch.Tensor]:
         return {"weight": self.variant.merged_weight(self, self.base_layer.weight)}
@@ -251,17 +372,83 @@ class LoRADelta(Delta[LoRA]):
         cfg = self.config
         found = self._find(cfg)
         kinds = {name: kind_of(name, module) for name, module in found.items()}  # check all before changing any
+        if init_of(cfg.init).changes_base:
+            self._check_residual(cfg.init, found, kinds)
         self.wrappers: list[LoRAModule] = []
-        for name, module in found.items():
-            wrapper = LoRAModule(module, kinds[name], VARIANTS[cfg.dora](), cfg)
-            self.swap(name, wrapper)
-            self.wrappers.append(wrapper)
+        try:
+            for name, module in found.items():
+                self.wrappers.append(LoRAModule(module, kinds[name], VARIANTS[cfg.dora](), cfg))
+                self.swap(name, self.wrappers[-1])
+        except BaseException:
+            self.restore()  # base weights a residual init changed
+            raise
         return [p for w in self.wrappers for n, p in w.named_parameters() if not n.startswith("base_layer.")]
 
     def _find(self, cfg: LoRA) -> dict[str, nn.Module]:
         """'all-linear' means Linear/Conv1D (never the task head; a CNN's Conv2d layers when it has none), as in PEFT;
         named patterns may also pick Conv2d/Embedding."""
         return find_modules(self.model, cfg.targets, tuple(KINDS), cfg.layers, cfg.exclude)
+
+    def _check_residual(self, init: str, found: dict[str, nn.Module], kinds: dict[str, LinearKind]) -> None:
+        """A base-changing init needs plain float Linear / Conv1D weights that no other module shares."""
+        shared = Counter(id(p) for _, p in self.model.named_parameters(remove_duplicate=False))
+        for name, module in found.items():
+            if type(kinds[name]) not in (LinearKind, Conv1DKind) or isinstance(module, QuantizedLinear):
+                raise TargetError(f"init {init} supports Linear and GPT-2 Conv1D layers with float weights; {name!r} "
+                                  f"is a {type(module).__name__}: exclude it, or use init kaiming or gaussian")
+            if shared[id(module.weight)] > 1:
+                raise ConfigError(f"init {init} would change the weight of {name!r}, which another module shares "
+                                  "(tied weights): exclude it, or use init kaiming or gaussian")
+
+    def lr_roles(self) -> dict[str, str]:
+        """LoRA+ as PEFT groups it: embedding factors "embedding"; B factors and DoRA magnitudes "B"; A keeps its LR."""
+        names, roles = {id(p): n for n, p in self._params.items()}, {}
+        for w in self.wrappers:
+            embedding = isinstance(w.kind, EmbeddingKind)
+            roles[names[id(w.lora_A.weight)]] = "embedding" if embedding else "A"
+            roles[names[id(w.lora_B.weight)]] = "embedding" if embedding else "B"
+            if isinstance(w.variant, DoRA):
+                roles[names[id(w.lora_magnitude_vector)]] = "B"
+        return roles
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for wrapper, _, _ in self._residual_parts():
+                wrapper.base_layer.weight.copy_(wrapper.initial.weight)
+
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        """After a base-changing init: [A ; A0] and [B | -B0], the plain LoRA of these weights on the original base."""
+        tensors = super().saved_tensors()
+        for wrapper, a, b in self._residual_parts():
+            a0, b0 = (t.to(tensors[a].dtype) for t in (wrapper.initial.a, wrapper.initial.b))  # A, B may train fp32
+            tensors[a], tensors[b] = torch.cat([tensors[a], a0]), torch.cat([tensors[b], -b0], dim=1)
+        return tensors
+
+    def load_saved(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of `saved_tensors`; saved A0, B0 that differ from this init's (e.g. another machine's SVD on resume)
+        become the init, and the base residual is recomputed from them."""
+        tensors = dict(tensors)
+        for wrapper, a, b in self._residual_parts():
+            r = wrapper.initial.a.shape[0]
+            a0, b0 = tensors[a][r:], -tensors[b][:, r:]
+            if not wrapper.initial.made(a0, b0):
+                wrapper.rebase(a0, b0)
+            tensors[a], tensors[b] = tensors[a][:r], tensors[b][:, :r]
+        super().load_saved(tensors)
+
+    def _residual_parts(self) -> list[tuple[LoRAModule, str, str]]:
+        """(wrapper, name of its A, name of its B) of every wrapper whose init changed the base."""
+        names = {id(p): n for n, p in self._params.items()}
+        return [(w, names.get(id(w.lora_A.weight), ""), names.get(id(w.lora_B.weight), ""))
+                for w in self.wrappers if w.initial is not None]
+
+    def saved_config(self, directory: Path) -> LoRA:
+        """After a base-changing init: the plain LoRA (rank 2r, same scale s) that `saved_tensors` writes."""
+        cfg: LoRA = self.config  # type: ignore[assignment]
+        if not init_of(cfg.init).changes_base:
+            return cfg
+        alpha = cfg.alpha * (2 if cfg.scaling == "standard" else math.sqrt(2))
+        return cfg.model_copy(update={"r": 2 * cfg.r, "alpha": alpha, "init": "kaiming"})
 
     def merge_weights(self) -> None:
         self.fold_wrappers(self.wrappers)

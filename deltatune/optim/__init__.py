@@ -41,6 +41,12 @@ class OptimizerConfig(Schema):
     # Parameter-name regex (re.search) -> LR; the first matching pattern wins, and it wins over head_lr/layer_decay.
     lr_groups: dict[str, Annotated[float, Field(gt=0, le=MAX_LR)]] = Field(
         {}, description="parameter-name regex -> learning rate")
+    # LoRA+ (Hayou et al. 2024; PEFT's create_loraplus_optimizer): LoRA's B factors (and DoRA magnitudes) get ratio x
+    # the LR they would have, LoRA factors of embeddings a fixed LR; lr_groups patterns still win.
+    loraplus_lr_ratio: float | None = Field(None, ge=1, le=MAX_SCALE,
+                                            description="LoRA+: B factors train at this multiple of the LR (paper: 16)")
+    loraplus_lr_embedding: float | None = Field(None, gt=0, le=MAX_LR, description="LoRA+: LR of the LoRA factors of "
+                                                "embedding layers; unset: 1e-6 (PEFT's default)")
     no_decay: list[str] = Field(["bias", "LayerNorm.weight", "norm.weight", "ln_"],
                                 description="name substrings without weight decay")
     schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="LR decay after warmup")
@@ -58,6 +64,13 @@ class OptimizerConfig(Schema):
         elif self.name not in GALORE_NAMES and self.galore is not None:
             raise ValueError(f"galore settings are given, but name is {self.name!r}; "
                              f"use name: {' or '.join(GALORE_NAMES)}, or remove galore")
+        return self
+
+    @model_validator(mode="after")
+    def _loraplus_embedding_needs_ratio(self) -> OptimizerConfig:
+        if self.loraplus_lr_embedding is not None and self.loraplus_lr_ratio is None:
+            raise ValueError("loraplus_lr_embedding is a LoRA+ setting: set loraplus_lr_ratio too (e.g. 16), "
+                             "or remove loraplus_lr_embedding")
         return self
 
     @field_validator("betas")

@@ -44,6 +44,8 @@ def build_optimizer(model: nn.Module, delta: DeltaBase, cfg: OptimizerConfig) ->
         raise ConfigError("the delta has no trainable tensors to optimize")
     roles = {id(p): part.role for part in delta.parts() for p in part._params.values()}
     settings = _settings(model, params, roles, cfg)
+    if cfg.loraplus_lr_ratio is not None:
+        settings = _loraplus(settings, {n: r for part in delta.parts() for n, r in part.lr_roles().items()}, cfg)
     projected = galore.target_weights(model, params.values(), cfg.galore) if cfg.galore is not None else set()
     param_groups = _param_groups(params, settings, projected, cfg)
     if cfg.galore is not None:
@@ -82,6 +84,28 @@ def describe_groups(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
     """One row per parameter group (name, current lr, weight_decay, number of parameters), for logging."""
     return [{"name": g.get("name", f"group {i}"), "lr": g["lr"], "weight_decay": g["weight_decay"],
              "n_params": sum(p.numel() for p in g["params"])} for i, g in enumerate(optimizer.param_groups)]
+
+
+LORAPLUS_EMBEDDING_LR = 1e-6  # PEFT's create_loraplus_optimizer default
+
+
+def _loraplus(settings: dict[str, tuple[float, float, str]], lr_roles: dict[str, str],
+              cfg: OptimizerConfig) -> dict[str, tuple[float, float, str]]:
+    """LoRA+: tensors the delta calls "B" get loraplus_lr_ratio x their LR, "embedding" ones loraplus_lr_embedding
+    ("A" and unnamed tensors keep theirs); tensors with an lr_groups LR keep it."""
+    if not lr_roles:
+        raise ConfigError("optimizer.loraplus_lr_ratio (LoRA+) sets the LR of LoRA's B factors, and this delta has no "
+                          "LoRA: use method lora, or remove loraplus_lr_ratio")
+    out = dict(settings)
+    for name, role in lr_roles.items():
+        lr, wd, label = settings[name]
+        if label.startswith("lr_groups["):
+            continue
+        if role == "B":
+            out[name] = (lr * cfg.loraplus_lr_ratio, wd, f"{label}, LoRA+ B")  # type: ignore[operator]
+        elif role == "embedding":
+            out[name] = (cfg.loraplus_lr_embedding or LORAPLUS_EMBEDDING_LR, wd, "LoRA+ embedding")
+    return out
 
 
 def _settings(model: nn.Module, params: dict[str, nn.Parameter], roles: dict[int, str],

@@ -41,6 +41,7 @@ from deltatune.train import checkpoint, compute, distributed
 from deltatune.train.interrupt import StopRequests, TrainingInterrupted
 from deltatune.train.memory import HeapPolicy
 from deltatune.train.metrics import MetricsLog, improved
+from deltatune.train.neftune import NEFTune
 from deltatune.train.tasks import objective
 
 if TYPE_CHECKING:
@@ -95,6 +96,9 @@ class TrainConfig(Schema):
     chunked_loss: bool = Field(True, description="causal LM: loss through the head in chunks, never the full logits")
     gradient_checkpointing: bool = Field(False,
                                          description="recompute activations in backward: less memory, ~30% slower")
+    neftune_alpha: float | None = Field(None, gt=0, le=MAX_SCALE,
+                                        description="NEFTune: uniform noise of alpha/sqrt(length·width) on the input "
+                                                    "embeddings in training only (paper: 5-15); null: off")
 
 
 @dataclass
@@ -172,7 +176,7 @@ def train(model: nn.Module, delta: DeltaBase, data: TaskData | MultiTaskData, cf
     saved in every checkpoint. SIGINT / SIGTERM stop at the next step boundary after saving a checkpoint
     (`TrainingInterrupted`). The process's heap follows `memory.HeapPolicy` while training.
     """
-    with StopRequests() as stop, HeapPolicy() as heap:
+    with StopRequests() as stop, HeapPolicy() as heap, NEFTune(model, cfg.neftune_alpha):
         return _train(model, delta, data, cfg, Path(out_dir), collate, resume, on_event, record, stop, heap)
 
 
