@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Sequence
 from weakref import WeakKeyDictionary
@@ -107,6 +109,24 @@ class DeltaBase:
             for name, p in own.items():
                 p.copy_(tensors[name])
 
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """The base model for the forwards inside (e.g. DPO's reference log-probs): every part switched off in
+        place, no copy of the model; switched on again on exit, also after an error. A merged delta is refused."""
+        parts = self.parts()
+        if merged := [part.method for part in parts if part.merged]:
+            raise ConfigError(f"cannot switch off a merged delta ({', '.join(merged)}): its weights are folded into "
+                              "the base; unmerge() it first")
+        off: list[Delta] = []
+        try:
+            for part in reversed(parts):
+                part.switch_off()
+                off.append(part)
+            yield
+        finally:
+            for part in reversed(off):
+                part.switch_on()
+
     def extra_loss(self) -> torch.Tensor | None:
         """Sum of the parts' auxiliary losses (e.g. a sparsity penalty), or None."""
         losses = [loss for part in self.parts() if (loss := part.extra_loss()) is not None]
@@ -172,6 +192,9 @@ class Delta(DeltaBase, ABC):
         self._swaps: list[tuple[nn.Module, str, nn.Module, nn.Module]] = []
         self._grad_flags: dict[nn.Parameter, bool] = {}
         self._stat_hooks: list[Any] = []
+        # (tensor trained in place, its original values): restored by `restore`, exchanged while switched off
+        self._snapshot: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._off = False  # switched off (`disabled()`): swaps undone, hooks silent, in-place tensors exchanged
 
     def parts(self) -> list[Delta]:
         return [self]
@@ -196,6 +219,20 @@ class Delta(DeltaBase, ABC):
     def for_inference(self) -> None:
         """Replace training-only structure by what it computes (outputs unchanged); most methods have none."""
 
+    def switch_off(self) -> None:
+        """Make the model compute as if the delta were not attached: swapped modules out, `hook`s silent, tensors
+        trained in place exchanged with their originals (`_snapshot`). Methods that change the model otherwise
+        extend this and `switch_on`; `DeltaBase.disabled()` is the public form."""
+        self._off = True
+        self.set_swapped(False)
+        _exchange(self._snapshot)
+
+    def switch_on(self) -> None:
+        """Exactly undo `switch_off`."""
+        _exchange(self._snapshot)
+        self.set_swapped(True)
+        self._off = False
+
     def saved_config(self, directory: Path) -> DeltaConfig:
         """The config to record when saving into `directory`; methods with `folder_fields` copy those folders into
         `directory` here and name the copies relative to it."""
@@ -207,6 +244,14 @@ class Delta(DeltaBase, ABC):
         config records the simpler structure (e.g. `reparam="none"`) so a saved copy loads into it."""
         self.config = self.config.model_copy(update=config_update)
         self._params = {next(n for n, p in self.model.named_parameters() if p is param): param}
+
+    def hook(self, register: Callable[..., Any], fn: Callable[..., Any], **kwargs: Any) -> Any:
+        """`register(fn, **kwargs)` (e.g. `module.register_forward_pre_hook`) with `fn` silent while the delta is
+        switched off; returns the handle (the method removes it in `restore`)."""
+        def gated(*args: Any) -> Any:
+            return None if self._off else fn(*args)
+
+        return register(gated, **kwargs)
 
     def swap(self, name: str, new: nn.Module) -> None:
         """Replace the submodule `name` by `new`, remembering the original for `detach`."""
@@ -315,6 +360,12 @@ class Delta(DeltaBase, ABC):
         self._swaps.clear()
         for p, flag in self._grad_flags.items():
             p.requires_grad_(flag)
+
+
+def _exchange(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Swap the storage of each (tensor, other) pair: no copy, no version bump of a tensor autograd saved."""
+    for tensor, other in pairs:
+        tensor.data, other.data = other.data, tensor.data
 
 
 def freeze_running_stats(model: nn.Module) -> list[Any]:
