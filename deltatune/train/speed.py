@@ -188,6 +188,8 @@ class FastPath:
         """The task's loss of one batch (`task.loss_sum` of `model(**inputs)`), computed the fast way."""
         autocast = torch.autocast(_device(model).type, self.dtype) if self.dtype else nullcontext()
         with autocast, checkpointed(model) if self.checkpointing else nullcontext():
+            if hasattr(self.task, "forward_loss_sum"):  # an objective that runs the model itself (preference.py)
+                return self.task.forward_loss_sum(model, inputs, batch)
             if self.head is not None:
                 return lm_loss_sum(model, self.head, inputs, batch["labels"])
             return self.task.loss_sum(logits_of(model(**inputs)), batch)

@@ -33,6 +33,7 @@ from deltatune.errors import ConfigError, problems_error
 from deltatune.schema import MAX_SCALE, Schema
 from deltatune.train.distributed import rank_and_world
 from deltatune.train.metrics import METRICS, check_metric, check_task, default_metric, loss_sum, units
+from deltatune.train.preference import Preference, PreferenceConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -66,6 +67,8 @@ class TaskConfig(Schema):
                              f"available: {', '.join(METRICS[kind])}")
         if self.data.packing:
             raise ValueError("data.packing is not supported in multi-task runs; remove it")
+        if self.data.format == "preference":
+            raise ValueError("preference data trains a single task: use `data:` and `preference:` instead of `tasks:`")
         return self
 
 
@@ -228,8 +231,14 @@ class MultiTask:
         return scores
 
 
-def objective(data: TaskData | MultiTaskData, delta: DeltaBase) -> SingleTask | MultiTask:
-    """The loop's objective for `data`; multi-task data needs the task_heads delta made for its tasks."""
+def objective(data: TaskData | MultiTaskData, delta: DeltaBase) -> SingleTask | MultiTask | Preference:
+    """The loop's objective for `data`; multi-task data needs the task_heads delta made for its tasks, preference
+    pairs get DPO / SimPO as `data.preference` says (train/preference.py)."""
+    if not isinstance(data, MultiTaskData) and data.task == "preference":
+        if rank_and_world()[1] > 1:
+            raise ConfigError("preference training runs in one process (the reference forward switches the delta "
+                              "off inside the model, which DDP/FSDP do not expect); run without torchrun")
+        return Preference(data.preference or PreferenceConfig(), delta)
     if not isinstance(data, MultiTaskData):
         return SingleTask(data.task)
     if rank_and_world()[1] > 1:
