@@ -26,7 +26,7 @@ from rich.table import Table
 from rich.text import Text
 
 from deltatune.errors import ConfigError, DeltaTuneError
-from deltatune.progress import GenerationLines, TrainLines, eval_line, start_line
+from deltatune.runs.progress import GenerationLines, TrainLines, eval_line, start_line
 
 console = Console(stderr=False, highlight=False)
 errors = Console(stderr=True, highlight=False)  # a failed command says why on stderr (stdout may be piped data)
@@ -218,7 +218,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from deltatune.config import load_config
-    from deltatune.run import run_training
+    from deltatune.runs.session import run_training
     from deltatune.train.interrupt import TrainingInterrupted
 
     config = load_config(args.config, args.overrides, trust_remote_code=args.trust_remote_code)
@@ -282,7 +282,7 @@ def _print_interrupted(args: argparse.Namespace, out: Path, exc: BaseException) 
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from deltatune.run import load_run
+    from deltatune.runs.session import load_run
     from deltatune.train.tasks import objective
 
     if args.generate is not None:
@@ -304,8 +304,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _write_predictions(session: Any, dataset: Any, path: Path, batch_size: int) -> None:
     from deltatune.data.multitask import MultiTaskData
-    from deltatune.diagnostics import predict
-    from deltatune.io import write_jsonl
+    from deltatune.runs.diagnostics import predict
+    from deltatune.storage import write_jsonl
 
     if isinstance(session.data, MultiTaskData):
         raise DeltaTuneError("--output writes the predictions of a single-task run; this run has several tasks")
@@ -335,8 +335,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from deltatune.compare import run_compare
-    from deltatune.report import compare_note
+    from deltatune.runs.compare import run_compare
+    from deltatune.runs.report import compare_note
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     seeds = _int_list(args.seeds, "--seeds") if args.seeds else None
@@ -363,7 +363,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _compare_table(rows: list) -> Table:
-    from deltatune.report import fmt_spread
+    from deltatune.runs.report import fmt_spread
 
     spread = len(rows[0].seeds) > 1
     table = Table(title=f"deltatune compare · test {rows[0].metric}")
@@ -395,8 +395,8 @@ def _print_whole(table: Table) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from deltatune.inference import open_generator
-    from deltatune.prompts import PromptRecord, read_prompts
+    from deltatune.generation.generator import open_generator
+    from deltatune.generation.prompts import PromptRecord, read_prompts
 
     _check_new_output(args.output)
     records = [PromptRecord(f"--prompt {i}", text=text) for i, text in enumerate(args.prompt, 1)]
@@ -429,7 +429,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from deltatune.inference import Conversation, open_generator
+    from deltatune.generation.generator import Conversation, open_generator
 
     generator = open_generator(run=args.run, model=args.model, delta=args.delta, template=args.template,
                                merge=args.merge, trust_remote_code=args.trust_remote_code)
@@ -462,7 +462,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     import time
 
-    from deltatune import assets
+    from deltatune.models import assets
 
     start = time.perf_counter()
     if args.source in assets.PACKAGED_GGUF and args.out is None:
@@ -482,9 +482,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _eval_generation(args: argparse.Namespace) -> int:
-    from deltatune.eval_generation import evaluate_generation, reference_records
-    from deltatune.generate import Sampling
-    from deltatune.inference import open_generator
+    from deltatune.generation.evaluate import evaluate_generation, reference_records
+    from deltatune.generation.sampling import Sampling
+    from deltatune.generation.generator import open_generator
 
     if args.overrides:
         raise DeltaTuneError("--set does not apply to --generate (it reads the run's model and delta only)")
@@ -540,8 +540,8 @@ def _check_new_output(path: Path | None) -> None:
 
 
 def _write_outputs(path: Path, records: list, outputs: list[str], base: list[str] | None) -> None:
-    from deltatune.io import write_jsonl
-    from deltatune.prompts import output_rows
+    from deltatune.storage import write_jsonl
+    from deltatune.generation.prompts import output_rows
 
     write_jsonl(path, output_rows(records, outputs, base))
     console.print(f"wrote {len(outputs)} outputs to [cyan]{path}[/]")
@@ -582,7 +582,7 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling(args: argparse.Namespace):
-    from deltatune.generate import Sampling
+    from deltatune.generation.sampling import Sampling
 
     return Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
@@ -622,14 +622,14 @@ def _train_progress(every: int | None) -> Any:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from deltatune.assets import MODEL_CARDS
+    from deltatune.models.assets import MODEL_CARDS
 
     _print_assets("packaged models (use the alias as model.path or --model)", MODEL_CARDS)
     return 0
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from deltatune.assets import DATA_CARDS
+    from deltatune.models.assets import DATA_CARDS
 
     _print_assets("packaged data sets (use the alias as data.train)", DATA_CARDS)
     return 0
@@ -646,7 +646,7 @@ def _print_assets(title: str, cards: dict) -> None:
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
-    from deltatune.config_doc import default_config_yaml
+    from deltatune.config.doc import default_config_yaml
 
     sys.stdout.write(default_config_yaml(args.method))
     return 0
@@ -655,7 +655,7 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 def cmd_config_schema(args: argparse.Namespace) -> int:
     import json
 
-    from deltatune.config_doc import json_schema
+    from deltatune.config.doc import json_schema
 
     sys.stdout.write(json.dumps(json_schema(), indent=2) + "\n")
     return 0

@@ -20,11 +20,11 @@ import torch
 from pydantic import BaseModel, ValidationError
 from torch import nn
 
-from deltatune import io
+from deltatune import storage
 from deltatune.errors import CheckpointError, ConfigError, TargetError
 from deltatune.fingerprint import Fingerprint, check_finite, check_same_base, fingerprint
 from deltatune.safety import inside
-from deltatune.quantize import quantized_layers
+from deltatune.models.quantize import quantized_layers
 from deltatune.schema import Schema
 from deltatune.targeting import check_not_taken
 
@@ -157,7 +157,7 @@ class DeltaBase:
         tensors = self.state_dict()
         if not tensors:
             raise CheckpointError("refusing to save an empty delta: it has no tensors")
-        io.save_tensors(directory / TENSOR_FILE, tensors, metadata={"format": FORMAT})
+        storage.save_tensors(directory / TENSOR_FILE, tensors, metadata={"format": FORMAT})
         from deltatune import __version__
 
         meta = {
@@ -167,9 +167,9 @@ class DeltaBase:
             "deltas": [{"config": part.saved_config(directory).to_dict(), "tensors": sorted(part._params)}
                        for part in self.parts()],
             "base": _BASE_FINGERPRINT[self.model],
-            "sha256": io.sha256(directory / TENSOR_FILE),
+            "sha256": storage.sha256(directory / TENSOR_FILE),
         }
-        io.write_json(directory / CONFIG_FILE, meta)
+        storage.write_json(directory / CONFIG_FILE, meta)
         return directory
 
 
@@ -342,7 +342,7 @@ class Delta(DeltaBase, ABC):
         if quantized := quantized_layers(self.model):
             raise ConfigError(f"cannot merge {self.method} into a quantized base ({len(quantized)} int8/int4 layers, "
                               f"e.g. {quantized[0]}): save the delta, then load it onto a dequantized base (the model loaded without "
-                              "model.quantize, or deltatune.quantize.dequantize_base(model) before attaching) and "
+                              "model.quantize, or deltatune.models.quantize.dequantize_base(model) before attaching) and "
                               "merge there")
         with torch.no_grad():
             self.merge_weights()
@@ -431,7 +431,7 @@ def read_delta_config(path: str | Path) -> dict[str, Any]:
         hint = " (it looks like a Hugging Face PEFT adapter)" if (path / "adapter_config.json").exists() else ""
         raise CheckpointError(f"{path} is not a saved deltatune delta: {CONFIG_FILE} not found{hint}")
     try:
-        meta = io.read_json(file)
+        meta = storage.read_json(file)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{file} is corrupted: {exc}") from None
     if isinstance(meta, dict) and meta.get("format") == FORMAT and isinstance(meta.get("version"), int) \
@@ -461,11 +461,11 @@ def load(model: nn.Module, path: str | Path) -> Delta | DeltaGroup:
     meta = read_delta_config(path)
     check_same_base(meta["base"], base_fingerprint(model))
     tensor_file = inside(path, TENSOR_FILE, str(path / CONFIG_FILE))
-    if not tensor_file.is_file() or io.sha256(tensor_file) != meta.get("sha256"):
+    if not tensor_file.is_file() or storage.sha256(tensor_file) != meta.get("sha256"):
         raise CheckpointError(f"{tensor_file} is missing or corrupted (checksum differs from {CONFIG_FILE})")
     where = str(path / CONFIG_FILE)
     configs = [parse_delta_config(_in_folder(d["config"], path, where), where=where) for d in meta["deltas"]]
-    tensors = io.load_tensors(tensor_file)
+    tensors = storage.load_tensors(tensor_file)
     check_finite(tensors, str(tensor_file))
     delta = attach(model, configs)
     try:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from deltatune import assets
+from deltatune.models import assets
 from deltatune.errors import DataError, DeltaTuneError
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import deltatune
 from deltatune.delta import CONFIG_FILE, FORMAT_VERSION, TENSOR_FILE
-from deltatune.io import load_tensors
+from deltatune.storage import load_tensors
 from deltatune.registry import methods
 from deltatune.targeting import DeltaModule
 from tests.saved_adapters import fusion_config_args
@@ -191,7 +191,7 @@ def test_gradient_checkpointing_trains_the_delta(method, arch):
 def minilm_inputs():
     from transformers import AutoTokenizer
 
-    from deltatune.assets import resolve_model_path
+    from deltatune.models.assets import resolve_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
     return tokenizer(["a gripping, well acted film", "dull and far too long"], return_tensors="pt", padding=True)
@@ -200,7 +200,7 @@ def minilm_inputs():
 @every_method
 def test_contract_on_the_real_packaged_model(method, minilm_inputs, tmp_path):
     """Attach, save, reload into a fresh copy, detach: on the real MiniLM encoder, not only on tiny models."""
-    from deltatune.models import load_model
+    from deltatune.models.load import load_model
 
     model = load_model("minilm", "classification", 2)[0].eval()
     before, original = logits(model, minilm_inputs), weights(model)

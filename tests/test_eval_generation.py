@@ -9,9 +9,9 @@ import pytest
 
 from deltatune.config import validate_config
 from deltatune.errors import ConfigError, DataError
-from deltatune.eval_generation import evaluate_generation, exact_match, lcs_length, reference_records, rouge_l, score
-from deltatune.generate import Sampling, generate
-from deltatune.inference import Generator
+from deltatune.generation.evaluate import evaluate_generation, exact_match, lcs_length, reference_records, rouge_l, score
+from deltatune.generation.sampling import Sampling, generate
+from deltatune.generation.generator import Generator
 from tests.tiny_lm import tiny_llama, tiny_tokenizer
 
 

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 import deltatune  # noqa: E402
 from deltatune.config import load_config  # noqa: E402
 from deltatune.errors import ConfigError, TargetError  # noqa: E402
-from deltatune.io import load_tensors  # noqa: E402
+from deltatune.storage import load_tensors  # noqa: E402
 from deltatune.methods.full import Full  # noqa: E402
 from deltatune.methods.lora import LoRA  # noqa: E402
 from deltatune.optim import (  # noqa: E402

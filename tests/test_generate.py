@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import deltatune
-from deltatune.generate import Sampling, cut_at_stop, generate, generate_ids
+from deltatune.generation.sampling import Sampling, cut_at_stop, generate, generate_ids
 from deltatune.methods.prefix import Prefix, PTuningV2
 from deltatune.methods.prompt import Prompt, PTuning
 from tests.test_prompt import perturb

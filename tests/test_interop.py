@@ -17,14 +17,14 @@ from deltatune.cli import main
 from deltatune.config import load_config
 from deltatune.errors import CheckpointError, ConfigError
 from deltatune.interop.peft import CONFIG_FILE, WEIGHTS_FILE, export_peft
-from deltatune.io import load_tensors
+from deltatune.storage import load_tensors
 from deltatune.methods.adapter import Adapter
 from deltatune.methods.head import Head
 from deltatune.methods.ia3 import IA3
 from deltatune.methods.lora import LoRA
 from deltatune.methods.prefix import Prefix, PTuningV2
 from deltatune.methods.prompt import Prompt, PTuning
-from deltatune.run import load_run, open_session
+from deltatune.runs.session import load_run, open_session
 from tests.test_cli import reviews, tiny_bert_dir, write_config  # noqa: F401  (fixtures)
 from tests.tiny import biased_tiny_model, logits, tiny_batch
 

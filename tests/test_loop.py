@@ -18,7 +18,7 @@ from torch import nn  # noqa: E402
 import deltatune  # noqa: E402
 from deltatune.data import Collator, TaskData  # noqa: E402
 from deltatune.errors import CheckpointError, ConfigError, DeltaTuneError  # noqa: E402
-from deltatune.io import load_tensors  # noqa: E402
+from deltatune.storage import load_tensors  # noqa: E402
 from deltatune.methods.full import Full  # noqa: E402
 from deltatune.optim import OptimizerConfig  # noqa: E402
 from deltatune.train import TrainConfig, evaluate, train  # noqa: E402

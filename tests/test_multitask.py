@@ -18,7 +18,7 @@ from deltatune.config import validate_config
 from deltatune.data import Collator, TaskData
 from deltatune.data.multitask import MultiTaskData, TaskCollator, TaskSpec, TaskStream, quotas, task_shares
 from deltatune.errors import ConfigError, TargetError
-from deltatune.io import load_tensors
+from deltatune.storage import load_tensors
 from deltatune.methods.lora import LoRA
 from deltatune.methods.per_task import NOT_PER_TASK, PerTask
 from deltatune.methods.task_heads import TaskHeads

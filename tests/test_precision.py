@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from deltatune.config import validate_config
-from deltatune.precision import compute_in, resolve_base_dtype
-from deltatune.run import open_session, run_training
+from deltatune.models.precision import compute_in, resolve_base_dtype
+from deltatune.runs.session import open_session, run_training
 from deltatune.train import speed
 from tests.tiny_lm import CORPUS, save_tiny_lm
 

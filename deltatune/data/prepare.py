@@ -156,7 +156,7 @@ def split_table(table: Table, fractions: dict[str, float], seed: int) -> dict[st
 def _read(name: str, limit: int | None) -> Table:
     """Read a file, or a packaged dataset alias when no such file exists; keep the first `limit` records."""
     if not Path(name).exists():
-        from deltatune.assets import resolve_data_path
+        from deltatune.models.assets import resolve_data_path
 
         name = str(resolve_data_path(name))
     table = read_table(name)

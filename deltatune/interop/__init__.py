@@ -12,7 +12,7 @@ import torch
 
 from deltatune.delta import DeltaBase, load, read_delta_config
 from deltatune.errors import CheckpointError, ConfigError
-from deltatune.io import check_new_folder
+from deltatune.storage import check_new_folder
 
 FORMATS = ("peft", "hf", "gguf", "gguf-lora")
 DTYPES = ("fp32", "bf16", "fp16", "q8_0")
@@ -33,8 +33,8 @@ def open_source(path: str | Path, model_path: str | None = None, *, trust_remote
     """A run folder (its config and best/ delta), or a saved delta folder on `model_path` (default: the folder
     the delta was trained from, as recorded in its delta.json). Code from the model folder runs only with
     `trust_remote_code` (never because a file asks for it)."""
-    from deltatune.assets import portable_model_name
-    from deltatune.run import CONFIG_NAME, load_run
+    from deltatune.models.assets import portable_model_name
+    from deltatune.runs.session import CONFIG_NAME, load_run
 
     path = Path(path)
     if (path / CONFIG_NAME).is_file():
@@ -54,7 +54,7 @@ def open_source(path: str | Path, model_path: str | None = None, *, trust_remote
 
 def _with_template(tokenizer: Any, *folders: Path) -> Any:
     """The tokenizer with the chat template the run trained with (saved next to the delta), if any."""
-    from deltatune.prompts import saved_template
+    from deltatune.generation.prompts import saved_template
 
     if tokenizer is not None:
         tokenizer.chat_template = saved_template(*folders) or tokenizer.chat_template
@@ -65,7 +65,7 @@ def _load_base(folder: str, class_name: str, trust_remote_code: bool) -> tuple[t
     import transformers
 
     from deltatune.errors import DeltaTuneError
-    from deltatune.models import load_tokenizer, load_weights, model_folder
+    from deltatune.models.load import load_tokenizer, load_weights, model_folder
 
     model_class = getattr(transformers, class_name, None)
     if not (isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)):

@@ -23,7 +23,7 @@ from torch import nn
 from deltatune.delta import DeltaBase
 from deltatune.errors import ConfigError
 from deltatune.interop.hf import merged_model
-from deltatune.io import atomic_path
+from deltatune.storage import atomic_path
 
 ARCHS = {"LlamaForCausalLM": gguf.MODEL_ARCH.LLAMA, "MistralForCausalLM": gguf.MODEL_ARCH.LLAMA}
 QTYPES = {"fp32": gguf.GGMLQuantizationType.F32, "fp16": gguf.GGMLQuantizationType.F16,

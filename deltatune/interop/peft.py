@@ -21,7 +21,7 @@ from torch import nn
 from transformers.models.auto import modeling_auto
 from transformers.pytorch_utils import Conv1D
 
-from deltatune import io
+from deltatune import storage
 from deltatune.arch import describe
 from deltatune.delta import Delta, DeltaBase, DeltaConfig, DeltaGroup, attach
 from deltatune.errors import CheckpointError, ConfigError
@@ -280,9 +280,9 @@ def export_peft(delta: DeltaBase, out: str | Path, *, base_name: str | None = No
     config = {"peft_type": spec.peft_type, "task_type": task_type, "inference_mode": True,
               "base_model_name_or_path": base_name or getattr(delta.model.config, "_name_or_path", None) or None,
               "modules_to_save": sorted({n.rsplit(".", 1)[0] for n in head_tensors}) or None, **spec.config(main)}
-    with io.new_folder(out) as tmp:
-        io.save_tensors(tmp / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
-        io.write_json(tmp / CONFIG_FILE, config)
+    with storage.new_folder(out) as tmp:
+        storage.save_tensors(tmp / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
+        storage.write_json(tmp / CONFIG_FILE, config)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out)
@@ -362,7 +362,7 @@ def _check_keys(folder: Path, expected: set[str], found: set[str]) -> None:
 
 def _read_config(folder: Path) -> dict[str, Any]:
     try:
-        peft = io.read_json(folder / CONFIG_FILE)
+        peft = storage.read_json(folder / CONFIG_FILE)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read {folder / CONFIG_FILE}: {exc}") from None
     if not isinstance(peft, dict):
@@ -376,4 +376,4 @@ def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
         pickled = " (only adapter_model.bin, a pickle: re-save it with safe_serialization=True)" \
             if (folder / "adapter_model.bin").exists() else ""
         raise CheckpointError(f"{file} not found{pickled}")
-    return io.load_tensors(file)
+    return storage.load_tensors(file)

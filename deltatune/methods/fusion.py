@@ -37,7 +37,7 @@ from deltatune.arch import describe
 from deltatune.delta import CONFIG_FILE, TENSOR_FILE, Delta, DeltaConfig, base_fingerprint, read_delta_config
 from deltatune.errors import CheckpointError, ConfigError, TargetError
 from deltatune.fingerprint import check_finite, check_same_base
-from deltatune.io import atomic_path, load_tensors, sha256
+from deltatune.storage import atomic_path, load_tensors, sha256
 from deltatune.methods.adapter import Adapter, Bottleneck, like, on_output, output_size
 from deltatune.registry import register
 from deltatune.safety import inside

@@ -25,7 +25,7 @@ from pydantic import Field, model_validator
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from deltatune import io
+from deltatune import storage
 from deltatune.delta import Delta, DeltaConfig
 from deltatune.errors import CheckpointError, ConfigError
 from deltatune.registry import register
@@ -164,12 +164,12 @@ class MaskDelta(Delta):
         for name, mask in self.masks().items():
             tensors[f"{name}.mask_bits"] = pack_bits(mask)
             tensors[f"{name}.mask_shape"] = torch.tensor(mask.shape, dtype=torch.int64)
-        io.save_tensors(path, tensors, metadata={"format": MASK_FORMAT})
+        storage.save_tensors(path, tensors, metadata={"format": MASK_FORMAT})
         return Path(path)
 
     def import_mask(self, path: str | Path) -> None:
         """Load a mask written by `export_mask`: scores become init_score where kept, 0 where dropped."""
-        saved = io.load_tensors(path)
+        saved = storage.load_tensors(path)
         names = {k.rsplit(".", 1)[0] for k in saved}
         missing, unexpected = sorted(set(self.wrappers) - names), sorted(names - set(self.wrappers))
         shapes = [f"{n}: saved {saved[f'{n}.mask_shape'].tolist()}, model {list(w.mask_scores.shape)}"

@@ -337,7 +337,7 @@ class PromptDelta(InputTokensDelta):
 
 def model_tokenizer(model: nn.Module, needed_for: str, instead: str):
     """The tokenizer saved next to the model (`model.config._name_or_path`); ConfigError naming `instead` if none."""
-    from deltatune.models import load_tokenizer
+    from deltatune.models.load import load_tokenizer
 
     path = getattr(getattr(model, "config", None), "_name_or_path", "")
     if not path:

@@ -25,7 +25,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from deltatune import io
+from deltatune import storage
 from deltatune.data.batching import real_tokens
 from deltatune.delta import TENSOR_FILE, DeltaBase
 from deltatune.errors import CheckpointError, ConfigError, DataError, DeltaTuneError
@@ -294,7 +294,7 @@ def _train(model: nn.Module, delta: DeltaBase, data: TaskData | MultiTaskData, c
         _save_delta(delta, out_dir / "best", par)
         par.barrier()
     else:
-        delta.load_state_dict(io.load_tensors(out_dir / "best" / TENSOR_FILE))
+        delta.load_state_dict(storage.load_tensors(out_dir / "best" / TENSOR_FILE))
     test = task.evaluate(model, data.test, collate, eval_bs) if has_test else None
     if test is not None:
         log.write({"kind": "final", "split": "test", "step": step, "epoch": step / steps_per_epoch, **test,
@@ -310,7 +310,7 @@ def _train(model: nn.Module, delta: DeltaBase, data: TaskData | MultiTaskData, c
         trainable_params=trainable, total_params=total,
         examples={split: len(getattr(data, split)) for split in ("train", "validation", "test")})
     if par.main:
-        io.write_json(out_dir / "results.json", asdict(result))
+        storage.write_json(out_dir / "results.json", asdict(result))
     emit("end", asdict(result))
     return result
 

