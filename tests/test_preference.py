@@ -13,6 +13,7 @@ from typing import Any
 import peft
 import pytest
 import torch
+import yaml
 from datasets import Dataset
 from safetensors.torch import load_file
 
@@ -268,3 +269,134 @@ def test_sequence_logps_through_the_head_only_at_answer_tokens(tok, tmp_path):
     expected = (logps.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * (targets != -100)).sum(1)
     torch.testing.assert_close(sums, expected)
     assert counts.tolist() == (targets != -100).sum(1).tolist()
+
+
+# ---- the reference: the delta switched off, for any method -------------------------------------------------------
+REFERENCE_METHODS = {"lora": deltatune.LoRA(**LORA), "ia3": {"method": "ia3"}, "prompt": {"method": "prompt"},
+                     "adapter": {"method": "adapter"}, "full": {"method": "full"},
+                     "bitfit": {"method": "bitfit", "add_missing": True}, "prefix": {"method": "prefix"}}
+
+
+@pytest.mark.parametrize("method", REFERENCE_METHODS)
+def test_dpo_reference_is_the_base_model_for_every_method(method, tok, tmp_path):
+    from deltatune.registry import parse_delta_config
+
+    data = pairs_data(tmp_path, tok, PLAIN)
+    batch = Collator(tok.pad_token_id)([data.train[i] for i in range(len(PLAIN))])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    model = tiny_llama(tok)
+    base = copy.deepcopy(model)
+    config = REFERENCE_METHODS[method]
+    delta = deltatune.attach(model, config if isinstance(config, deltatune.LoRA) else parse_delta_config(config))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in delta.trainable_parameters().values():
+            p.add_(0.2 * torch.randn_like(p))
+    model.train()
+    objective = Preference(PreferenceConfig(beta=0.5), delta)
+    losses, stats = objective.pair_losses(model, inputs, batch["labels"])
+    losses.sum().backward()
+    with torch.no_grad():
+        expected_ref = sequence_logps(base, inputs, batch["labels"])[0]
+    policy = torch.cat([stats["logps/chosen"], stats["logps/rejected"]])
+    ref = policy - torch.cat([stats["rewards/chosen"], stats["rewards/rejected"]]) / 0.5
+    torch.testing.assert_close(ref, expected_ref, rtol=1e-5, atol=1e-4)
+    assert (policy - expected_ref).abs().max() > 1e-3  # the delta changed the policy
+    grads = [p.grad for p in delta.trainable_parameters().values()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().max() > 0 for g in grads)
+    assert model.training  # the reference forward ran in eval mode and restored the mode
+
+
+def test_switching_off_a_merged_delta_is_refused(tok):
+    model = tiny_llama(tok)
+    delta = deltatune.attach(model, deltatune.LoRA(**LORA))
+    delta.merge()
+    with pytest.raises(ConfigError, match=r"cannot switch off a merged delta \(lora\).*unmerge\(\) it first"):
+        with delta.disabled():
+            pass
+
+
+def test_per_task_over_an_in_place_method_refuses_to_switch_off(tok):
+    from deltatune.registry import parse_delta_config
+
+    model = tiny_llama(tok)
+    delta = deltatune.attach(model, parse_delta_config({"method": "per_task", "tasks": ["a", "b"],
+                                                        "delta": {"method": "bitfit", "add_missing": True}}))
+    with pytest.raises(ConfigError, match="per_task over bitfit cannot be switched off: it trains the base tensors"):
+        with delta.disabled():
+            pass
+
+
+# ---- config ------------------------------------------------------------------------------------------------------
+def run_config(**extra) -> dict:
+    return {"model": {"path": "smollm2-135m"}, "data": {"train": "chatterbot_preference", "format": "preference"},
+            "delta": [{"method": "lora"}], **extra}
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"preference": {"loss": "orpo"}}, r"preference.loss: .*'dpo' or 'simpo'"),
+    ({"preference": {"beta": 0}}, r"preference.beta: .*greater than 0"),
+    ({"preference": {"label_smoothing": 0.5}}, r"preference.label_smoothing: .*less than 0.5"),
+    ({"preference": {"gamma": 1.0}}, r"gamma is the target margin of loss: simpo"),
+    ({"preference": {"betta": 0.1}}, r"preference.betta"),
+    ({"data": {"train": "rotten_tomatoes"}, "preference": {}}, r"it needs data.format: preference \(or auto\), not "
+                                                              "classification"),
+])
+def test_preference_config_is_validated(extra, message):
+    from deltatune.config import validate_config
+
+    with pytest.raises(ConfigError, match=message):
+        validate_config(run_config(**extra))
+
+
+def test_preference_defaults_and_metric_choices(tok):
+    from deltatune.config import validate_config
+
+    config = validate_config(run_config())
+    assert config.preference == PreferenceConfig(loss="dpo", beta=0.1, label_smoothing=0.0)
+    assert config.to_dict()["preference"]["beta"] == 0.1
+    assert PreferenceConfig(loss="simpo").margin == 0.5
+    objective = Preference(config.preference, None)
+    objective.check_metric("rewards/accuracies")
+    with pytest.raises(ConfigError, match="unknown metric 'accuracy' for preference data; available: loss, "
+                                          "rewards/accuracies, rewards/margins"):
+        objective.check_metric("accuracy")
+
+
+def test_preference_tasks_are_refused():
+    from deltatune.config import validate_config
+
+    raw = run_config(tasks=[{"name": "p", "data": {"train": "x.jsonl", "format": "preference"}}])
+    del raw["data"]
+    with pytest.raises(ConfigError, match="preference data trains a single task"):
+        validate_config(raw)
+
+
+# ---- a whole run -------------------------------------------------------------------------------------------------
+def test_cli_dpo_run_logs_rewards_and_evaluates(tmp_path, capsys):
+    from deltatune.cli import main
+    from tests.tiny_lm import save_tiny_lm
+
+    model_dir = save_tiny_lm(tmp_path / "model")
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", CHAT * 6)
+    config = tmp_path / "dpo.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"path": str(model_dir)}, "data": {"train": str(pairs), "split": [0.75, 0.25, 0], "format": "auto"},
+        "delta": [{"method": "lora", "r": 4, "targets": ["q_proj", "v_proj"]}],
+        "preference": {"beta": 0.5}, "output_dir": str(tmp_path / "run"),
+        "train": {"epochs": 3, "batch_size": 6, "metric": "rewards/accuracies", "optimizer": {"lr": 0.01}}}))
+    assert main(["train", str(config)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    evals = [r for r in rows if r["kind"] in ("baseline", "eval")]
+    assert len(train_rows) == 9 and all("rewards/margins" in r for r in train_rows)
+    assert evals[0]["rewards/accuracies"] == 0.0 and evals[0]["loss"] == pytest.approx(0.6931, abs=1e-4)
+    assert evals[-1]["rewards/accuracies"] == 1.0 and evals[-1]["rewards/margins"] > 0
+    assert evals[-1]["loss"] < evals[0]["loss"]
+    result = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert result["metric"] == "rewards/accuracies" and result["best_validation"]["rewards/accuracies"] == 1.0
+    header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0]
+    assert "rewards/accuracies" in header and "logps/chosen" in header
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run"), "--split", "validation"]) == 0
+    assert "rewards/accuracies" in capsys.readouterr().out
