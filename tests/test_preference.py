@@ -366,7 +366,7 @@ def test_preference_defaults_and_metric_choices(tok):
 def test_preference_tasks_are_refused():
     from deltatune.config import validate_config
 
-    raw = run_config(tasks=[{"name": "p", "data": {"train": "x.jsonl", "format": "preference"}}])
+    raw = run_config(tasks=[{"name": "p", "data": {"train": "x.jsonl", "format": "preference"}, "metric": "loss"}])
     del raw["data"]
     with pytest.raises(ConfigError, match="preference data trains a single task"):
         validate_config(raw)

@@ -61,14 +61,14 @@ class TaskConfig(Schema):
 
     @model_validator(mode="after")
     def _metric_fits_format(self) -> TaskConfig:
+        if self.data.format == "preference":
+            raise ValueError("preference data trains a single task: use `data:` and `preference:` instead of `tasks:`")
         kind = FORMATS[self.data.format].task if self.data.format in FORMATS else "text"  # auto: an LM format
         if self.metric is not None and self.metric not in METRICS[kind]:
             raise ValueError(f"unknown metric {self.metric!r} for a {self.data.format} task; "
                              f"available: {', '.join(METRICS[kind])}")
         if self.data.packing:
             raise ValueError("data.packing is not supported in multi-task runs; remove it")
-        if self.data.format == "preference":
-            raise ValueError("preference data trains a single task: use `data:` and `preference:` instead of `tasks:`")
         return self
 
 
