@@ -19,6 +19,8 @@ from safetensors.torch import load_file
 
 import deltatune
 from deltatune.data import Collator, DataConfig, prepare_data
+from deltatune.data.conversations import RecordError
+from deltatune.data.preference import PairReader
 from deltatune.errors import ConfigError, DataError
 from deltatune.interop.peft import export_peft
 from deltatune.train import TrainConfig, train
@@ -104,6 +106,23 @@ def test_pairs_tokenize_as_trl_does(records, tok, tmp_path):
     labels = theirs["input_ids"].masked_fill(theirs["completion_mask"] == 0, -100)
     assert torch.equal(ours["labels"], labels)
     assert data.chat_template == (tok.chat_template if records is CHAT else None)
+
+
+def test_implicit_prompt_is_the_shared_beginning_as_trl_extracts_it(tok, tmp_path):
+    implicit = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in CHAT]
+    implicit += [{"chosen": "Say hi: hello there", "rejected": "Say hi: go away"}]
+    reader = PairReader.of(DataConfig(train="x.jsonl", format="preference"))
+    for record in implicit:
+        theirs = trl.data_utils.extract_prompt(dict(record))
+        pair = reader(record)
+        assert (pair.prompt, pair.chosen, pair.rejected) == (theirs["prompt"], theirs["chosen"], theirs["rejected"])
+    explicit = Collator(tok.pad_token_id)(list(pairs_data(tmp_path, tok, CHAT).train))
+    (tmp_path / "implicit").mkdir()
+    derived = Collator(tok.pad_token_id)(list(pairs_data(tmp_path / "implicit", tok, implicit[:-1]).train))
+    assert torch.equal(explicit["input_ids"], derived["input_ids"]) and torch.equal(explicit["labels"],
+                                                                                     derived["labels"])
+    with pytest.raises(RecordError, match="no 'prompt' column, and 'chosen' and 'rejected' do not begin with a"):
+        reader({"chosen": "yes", "rejected": "no"})
 
 
 def test_pair_rows_chosen_first_and_prompt_masked(tok, tmp_path):

@@ -1,4 +1,5 @@
-"""Preference data (`format: preference`): records of a `prompt`, a `chosen` and a `rejected` answer -> token ids.
+"""Preference data (`format: preference`): records of a `prompt`, a `chosen` and a `rejected` answer -> token ids
+(without a prompt column: the beginning chosen and rejected share, as in TRL).
 
 A record's parts are strings, or lists of chat turns (role/content) rendered with the chat template as SFT data is
 (a string answer to a chat prompt is one assistant turn; with `data.chat_template` set, string records are rendered
@@ -62,10 +63,17 @@ class PairReader:
         return cls(names, Reader("messages", turns, {**ROLES, **cfg.roles}))
 
     def __call__(self, record: dict[str, Any]) -> Pair:
-        """The record's pair; RecordError says what is wrong with it."""
-        prompt = self._part(record, "prompt")
+        """The record's pair; RecordError says what is wrong with it. Without a prompt column, the prompt is what
+        chosen and rejected begin with (TRL's extract_prompt: shared turns, or the shared text up to the space
+        before the first difference)."""
+        chosen, rejected = (self._part(record, part) for part in ("chosen", "rejected"))
+        if self.columns["prompt"] in record:
+            prompt = self._part(record, "prompt")
+        else:
+            prompt, chosen, rejected = self._implicit_prompt(chosen, rejected)
         chat = isinstance(prompt, list)
-        chosen, rejected = (self._answer(record, part, chat) for part in ("chosen", "rejected"))
+        chosen, rejected = (self._answer(answer, part, chat) for answer, part in ((chosen, "chosen"),
+                                                                                  (rejected, "rejected")))
         if chosen == rejected:
             raise RecordError(f"{self.columns['chosen']!r} and {self.columns['rejected']!r} are the same answer: "
                               "a pair teaches a preference only if they differ")
@@ -84,8 +92,19 @@ class PairReader:
         raise RecordError(f"{column!r} must be a string or a list of chat turns, got {type(value).__name__} "
                           f"{value!r:.60}")
 
-    def _answer(self, record: dict[str, Any], part: str, chat: bool) -> str | list[Message]:
-        answer = self._part(record, part)
+    def _implicit_prompt(self, chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
+        names = f"{self.columns['chosen']!r} and {self.columns['rejected']!r}"
+        cut = _common_prefix(chosen, rejected) if type(chosen) is type(rejected) else 0
+        if isinstance(chosen, str) and cut and chosen[cut - 1] == " ":
+            cut -= 1
+        if cut == 0:
+            raise RecordError(f"no {self.columns['prompt']!r} column, and {names} do not begin with a shared prompt; "
+                              "add the prompt column (or map it with data.columns.prompt)")
+        return chosen[:cut], chosen[cut:], rejected[cut:]
+
+    def _answer(self, answer: str | list[Message], part: str, chat: bool) -> str | list[Message]:
+        if not answer:
+            raise RecordError(f"{self.columns[part]!r} has no answer after the prompt")
         if isinstance(answer, list):
             if not chat:
                 raise RecordError(f"{self.columns[part]!r} is a list of chat turns but {self.columns['prompt']!r} is "
@@ -98,8 +117,7 @@ class PairReader:
 
 def is_chat(table: Table, cfg: DataConfig) -> bool:
     """Whether the file's pairs are rendered with a chat template (chat-turn prompts, or data.chat_template set)."""
-    prompts = table.data[PairReader.of(cfg).columns["prompt"]] if len(table.data) else []
-    return cfg.chat_template is not None or any(isinstance(p, list) for p in prompts[:1])
+    return cfg.chat_template is not None or (len(table.data) > 0 and PairReader.of(cfg)(table.data[0]).chat)
 
 
 def encode_preference(table: Table, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
