@@ -30,6 +30,7 @@ from torch import nn
 
 from deltatune.errors import ConfigError, DataError
 from deltatune.schema import MAX_SCALE, Schema
+from deltatune.train import speed
 from deltatune.train.metrics import logits_of
 
 if TYPE_CHECKING:
@@ -91,8 +92,6 @@ def sequence_logps(model: nn.Module, inputs: dict[str, torch.Tensor],
                    labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probability of each row's target tokens, their number): next-token targets are labels[:, 1:]
     where not -100. Only target positions go through the LM head (speed.output_head), not the whole sequence."""
-    from deltatune.train import speed
-
     targets = labels[:, 1:]
     keep = targets != -100
     where = speed.output_head(model)
