@@ -90,7 +90,7 @@ def measure(name: str, args: argparse.Namespace) -> dict:
     import deltatune
     from deltatune.methods.full import Full
     from deltatune.optim import OptimizerConfig, build_optimizer, build_scheduler
-    from deltatune.train.speed import rss_mb
+    from deltatune.train.memory import rss_mb
 
     torch.set_num_threads(args.threads)
     data = blocks(args.seq)

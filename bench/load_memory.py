@@ -41,7 +41,7 @@ def worker(spec: dict) -> dict:
 
     torch.set_num_threads(1)
     from deltatune.models.load import load_model
-    from deltatune.train.speed import rss_mb
+    from deltatune.train.memory import rss_mb
 
     before, anon_before = rss_mb(), anon_mb()
     sampler = AnonPeak()

@@ -85,6 +85,22 @@ def test_chatterbot_preference_conversion(tmp_cache: Path) -> None:
     assert rows[0]["prompt"][0]["content"] != rows[1]["prompt"][0]["content"]  # shuffled, not in file order
 
 
+def test_chatterbot_mc_conversion(tmp_cache: Path) -> None:
+    from deltatune.generation.choices import read_choices
+
+    records = read_choices("chatterbot_mc")  # every record passes the multiple-choice file checks
+    conversations = _read_jsonl(assets.resolve_data_path("chatterbot"))
+    assert len(records) == len(conversations) == 2025
+    for record, conv in zip(records, conversations):  # same order as `chatterbot`: skip N after training on N
+        assert record.question == conv["messages"][0]["content"]
+        assert record.choices[record.answer] == conv["messages"][1]["content"]
+        assert len(set(record.choices)) == 4
+    answers = Counter(r.answer for r in records)  # shuffled: the right choice is anywhere
+    assert set(answers) == {0, 1, 2, 3} and max(answers.values()) < 0.3 * len(records)
+    assets._chatterbot_mc(tmp_cache / "again.jsonl")  # seeded: the same file every time
+    assert _read_jsonl(tmp_cache / "again.jsonl") == _read_jsonl(assets.resolve_data_path("chatterbot_mc"))
+
+
 def test_resolve_data_path_existing_and_missing(tmp_path: Path) -> None:
     existing = tmp_path / "train.jsonl"
     existing.write_text("{}\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Callable
 
@@ -19,14 +20,9 @@ from tests.tiny import logits, tiny_batch, tiny_model
 
 ARCHS = ["gpt2", "llama", "bert"]
 METHODS = sorted(methods())
-# Methods whose defaults need a nudge to apply to a tiny classification model.
+# Methods whose defaults need a nudge to apply to a tiny classification model. A method's own test file may give
+# them instead, as CONTRACT_ARGS in tests/test_<method>.py (so a new method needs no edit here).
 CONFIG_ARGS: dict[str, dict] = {
-    # tiny Llama has no biases: add them (GPT-2, BERT: plain BitFit); not on the residual writers, whose zero-init
-    # biases move the random model's 0.02-scale residual stream ~50% per Adam step at lr 1e-2 (loss rises)
-    "bitfit": {"add_missing": True, "exclude": ["o_proj", "down_proj"]},
-    # a random model's sublayer outputs are ~0.1 in scale: a layer-normed adapter input and a wider bottleneck than
-    # 32 // 16 = 2 make 8 steps lower the loss clearly (defaults: by only ~3e-4 on tiny BERT); exercises houlsby
-    "adapter": {"placement": "houlsby", "bottleneck_size": 16, "layer_norm": True},
     # multi-task: calls without a `task` keyword compute the first task (a: the 2 labels loss_of uses)
     "task_heads": {"tasks": [{"name": "a", "num_labels": 2}, {"name": "b", "kind": "regression"}]},
     "per_task": {"tasks": ["a", "b"], "delta": {"method": "lora", "r": 2}},
@@ -37,8 +33,19 @@ CONFIG_ARGS: dict[str, dict] = {
 CONFIG_FACTORIES: dict[str, Callable[[str], dict]] = {"fusion": fusion_config_args}
 
 
+def contract_args(method: str) -> dict:
+    """The config arguments the shared suites use for `method`: CONFIG_ARGS, else its test file's CONTRACT_ARGS."""
+    if method in CONFIG_ARGS:
+        return CONFIG_ARGS[method]
+    try:
+        own_tests = importlib.import_module(f"tests.test_{method}")
+    except ModuleNotFoundError:
+        return {}
+    return getattr(own_tests, "CONTRACT_ARGS", {})
+
+
 def make_config(method: str, arch: str = "llama", **overrides):
-    args = CONFIG_FACTORIES[method](arch) if method in CONFIG_FACTORIES else CONFIG_ARGS.get(method, {})
+    args = CONFIG_FACTORIES[method](arch) if method in CONFIG_FACTORIES else contract_args(method)
     return methods()[method].config_class(**{**args, **overrides})
 
 

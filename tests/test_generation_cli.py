@@ -135,7 +135,7 @@ def test_eval_generate_reproduces_the_answers_of_training_and_scores_them(run, h
     printed = capsys.readouterr().out
     tuned, base = score([r["output"] for r in rows], references), score([r["base"] for r in rows], references)
     assert tuned["exact_match"] == pytest.approx(1 / 3) and 0 < base["rougeL"] < 1
-    for name in ("exact_match", "rougeL"):
+    for name in ("exact_match", "rougeL", "bleu"):
         line = next(line for line in printed.splitlines() if line.strip("│ ").startswith(name))
         assert [cell.strip() for cell in line.split("│")[2:4]] == [f"{base[name]:.4f}", f"{tuned[name]:.4f}"]
 

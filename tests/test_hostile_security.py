@@ -23,7 +23,7 @@ from tiny import save_tiny_model_dir
 from tiny_lm import save_tiny_lm
 
 import deltatune
-from deltatune import storage
+from deltatune import safety, storage
 from deltatune.models import load as models
 from deltatune.cli import main
 from deltatune.runs.compare import table_row
@@ -36,7 +36,7 @@ from deltatune.methods.fusion import Fusion
 from deltatune.models.load import load_model, load_tokenizer
 from deltatune.generation.prompts import PromptRecord, saved_template
 from deltatune.runs.report import read_metrics
-from deltatune.runs.session import load_run
+from deltatune.runs.run import Run
 from deltatune.safety import MAX_YAML_NODES
 from deltatune.train.checkpoint import CHECKSUMS, load_checkpoint
 from tests.saved_adapters import save_adapter
@@ -151,7 +151,7 @@ def test_a_run_folder_cannot_switch_on_remote_code(hostile_run, tmp_path, capsys
 
 def test_library_calls_on_a_run_folder_keep_remote_code_off(hostile_run, tmp_path):
     with refused(ConfigError, NO_SWITCH, tmp_path):
-        load_run(hostile_run)
+        Run.open(hostile_run)
     with refused(ConfigError, NO_SWITCH, tmp_path):
         open_generator(run=hostile_run)
     with refused(ConfigError, NO_SWITCH, tmp_path):
@@ -452,7 +452,7 @@ def test_absurd_sizes_are_config_errors_before_any_allocation(lm_run, tmp_path, 
 
 
 def test_absurd_sampling_and_evaluation_sizes_are_config_errors():
-    from deltatune.generation.evaluate import GenerationEval
+    from deltatune.generation.config import GenerationEval
     from deltatune.generation.sampling import Sampling
 
     with pytest.raises(ConfigError, match=r"max_new_tokens: Input should be less than or equal to 1048576"):
@@ -583,7 +583,7 @@ def test_a_huge_chat_template_is_refused(lm_run, tmp_path):
 
 
 @pytest.mark.parametrize("results, message", [
-    ("[1, 2]", r"results.json: not the results of finished runs \(TypeError: "),
+    ("[1, 2]", r"results.json: not the results of a finished run \(a JSON list, not an object\)"),
     ('{"metric": "accuracy"}', r"results.json: not the results of finished runs \(KeyError: 'trainable_params'\)"),
     ('{"metric": "accuracy", "trainable_params": 1, "total_params": 0}', r"ZeroDivisionError"),
 ])
@@ -615,9 +615,9 @@ def test_report_curves_skip_rows_of_the_wrong_types(tmp_path):
 
 
 def test_oversized_json_in_a_folder_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(io, "MAX_JSON_BYTES", 100)
+    monkeypatch.setattr(safety, "MAX_JSON_BYTES", 100)
     (tmp_path / CONFIG_FILE).write_text(json.dumps({"x": "y" * 200}))
-    with refused(CheckpointError, r"delta.json is 2\d\d bytes, too large for a deltatune JSON file \(at most 100\)",
+    with refused(CheckpointError, r"delta.json is 2\d\d bytes, too large for a JSON file deltatune reads \(at most 100",
                  tmp_path):
         storage.read_json(tmp_path / CONFIG_FILE)
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import deltatune
-from deltatune.methods.prompt import Prompt, PTuning
+from deltatune.methods.prompt import Prompt
+from deltatune.methods.ptuning import PTuning
 from tests.tiny import tiny_batch, tiny_model
 
 

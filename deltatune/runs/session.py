@@ -1,7 +1,7 @@
 """Runs from a config: load model and data, attach the deltas, train, and write the run folder.
 
 A run folder holds `config.yaml` (resolved), `metrics.jsonl/csv`, `checkpoints/`, `best/` (the delta),
-`results.json` and `report.html`. `load_run` reopens one for `eval`, `merge` and later commands.
+`results.json` and `report.html`. `run_session` loads a finished one (runs/run.py: `Run`) for `eval` and `export`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from deltatune.runs import folder as run_folder
-from deltatune.config import RunConfig, load_config
+from deltatune.config import RunConfig, check_files
 from deltatune.data import TEMPLATE_FILE, Collator, TaskData, prepare_data
 from deltatune.data.config import CHAT_FORMATS
 from deltatune.data.multitask import MultiTaskData, TaskCollator
@@ -23,8 +23,9 @@ from deltatune.data.packing import prepare_model
 from deltatune.delta import DeltaBase, attach, load
 from deltatune.errors import ConfigError
 from deltatune.storage import write_json, write_jsonl, write_text
-from deltatune.models.load import is_encoder_decoder, load_model, load_tokenizer, model_max_length, saved_num_labels
-from deltatune.safety import inside, read_yaml_file
+from deltatune.models.load import Pretrained
+from deltatune.runs.run import Run
+from deltatune.safety import read_yaml_file
 from deltatune.train import TrainResult, train
 from deltatune.train.checkpoint import Checkpoint, load_latest, save_delta
 from deltatune.train.distributed import is_main_process
@@ -53,10 +54,9 @@ class Session:
         return TaskCollator(collate) if isinstance(self.data, MultiTaskData) else collate
 
 
-def _check_encoder_decoder(config: RunConfig, data_format: str | None) -> None:
+def _check_encoder_decoder(config: RunConfig, base: Pretrained, data_format: str | None) -> None:
     """An encoder-decoder generates a response to a prompt: it trains on prompt -> response data, unpacked."""
-    if config.task != "causal_lm" or not is_encoder_decoder(config.model.path,
-                                                            trust_remote_code=config.model.trust_remote_code):
+    if config.task != "causal_lm" or not base.is_encoder_decoder:
         return
     formats = [data_format] if config.tasks is None else [t.data.format for t in config.tasks]
     if bad := sorted({f for f in formats if f not in (*CHAT_FORMATS, "auto")}):
@@ -89,22 +89,21 @@ def _packs(config: RunConfig) -> bool:
 def open_session(config: RunConfig, delta_dir: Path | None = None) -> Session:
     """Load tokenizer, data and model for `config`; attach fresh deltas, or the saved ones in `delta_dir`."""
     torch.manual_seed(config.train.seed)  # new heads and delta tensors start the same way every run
-    _check_encoder_decoder(config, config.data.format if config.tasks is None else None)
-    tokenizer = load_tokenizer(config.model.path, trust_remote_code=config.model.trust_remote_code)
-    limit = model_max_length(config.model.path, tokenizer, trust_remote_code=config.model.trust_remote_code)
+    base = Pretrained.open(config.model.path, trust_remote_code=config.model.trust_remote_code)
+    _check_encoder_decoder(config, base, config.data.format if config.tasks is None else None)
+    tokenizer = base.tokenizer()
+    limit = base.max_length(tokenizer)
     data = (prepare_data(config.data, tokenizer, seed=config.train.seed, model_max_length=limit)
             if config.tasks is None else
             prepare_tasks(config.tasks, config.multitask, tokenizer, seed=config.train.seed, model_max_length=limit))
     if isinstance(data, TaskData):
-        _check_encoder_decoder(config, data.format)  # the detected format of `format: auto`
+        _check_encoder_decoder(config, base, data.format)  # the detected format of `format: auto`
         data.preference = _preference(config, data)
     id2label = dict(enumerate(data.label_names)) if data.label_names else None
     # multi-task: the model keeps its saved head's size (task_heads replaces the head)
-    num_labels = data.num_labels if config.tasks is None else saved_num_labels(
-        config.model.path, trust_remote_code=config.model.trust_remote_code)
-    model, _ = load_model(config.model.path, config.task, num_labels, dtype=config.base_dtype(),
-                          quantize=config.model.quantize, trust_remote_code=config.model.trust_remote_code,
-                          id2label=id2label)
+    num_labels = data.num_labels if config.tasks is None else base.num_labels
+    model, _ = base.load(config.task, num_labels, dtype=config.base_dtype(), quantize=config.model.quantize,
+                         id2label=id2label, tokenizer=tokenizer)
     delta = load(model, delta_dir) if delta_dir else attach(model, task_deltas(config.delta, data))
     if _packs(config):
         prepare_model(model)  # no KV cache; ConfigError unless packed rows keep their examples apart
@@ -188,14 +187,8 @@ def _save_chat_template(session: Session, folder: Path) -> None:
         write_text(folder / TEMPLATE_FILE, session.data.chat_template)
 
 
-def load_run(run_dir: str | Path, overrides: list[str] = (), *, trust_remote_code: bool = False) -> Session:
-    """Reopen a finished run: its config, the base model and the best saved delta. The run's config.yaml cannot
-    switch on remote code: only the `trust_remote_code` argument (--trust-remote-code) can."""
-    run_dir = Path(run_dir)
-    if not (run_dir / CONFIG_NAME).is_file():
-        raise ConfigError(f"{run_dir} is not a run folder: {CONFIG_NAME} not found (train one with `deltatune train`)")
-    config = load_config(run_dir / CONFIG_NAME, overrides, trust_remote_code=trust_remote_code)
-    best = inside(run_dir, "best", str(run_dir))
-    if not best.is_dir():
-        raise ConfigError(f"{run_dir} has no trained delta yet ({best} missing): finish or resume the run first")
-    return open_session(config, delta_dir=best)
+def run_session(run: Run) -> Session:
+    """A finished run in memory for `eval` and `export`: its base model with the best delta, its tokenizer and data
+    (whose files must still exist)."""
+    check_files(run.config)
+    return open_session(run.config, delta_dir=run.best)

@@ -30,7 +30,7 @@ from torch import nn
 
 from deltatune.errors import ConfigError, DataError
 from deltatune.schema import MAX_SCALE, Schema
-from deltatune.train import speed
+from deltatune.train import compute
 from deltatune.train.metrics import logits_of
 
 if TYPE_CHECKING:
@@ -91,14 +91,14 @@ def simpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float, gamma:
 def sequence_logps(model: nn.Module, inputs: dict[str, torch.Tensor],
                    labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probability of each row's target tokens, their number): next-token targets are labels[:, 1:]
-    where not -100. Only target positions go through the LM head (speed.output_head), not the whole sequence."""
+    where not -100. Only target positions go through the LM head (compute.output_head), not the whole sequence."""
     targets = labels[:, 1:]
     keep = targets != -100
-    where = speed.output_head(model)
+    where = compute.output_head(model)
     if where is None:
         logits = logits_of(model(**inputs))[:, :-1][keep]
     else:
-        with speed.hidden_states_out(where) as head:
+        with compute.hidden_states_out(where) as head:
             logits = head(logits_of(model(**inputs))[:, :-1][keep])
     token_logps = logits.float().log_softmax(-1).gather(-1, targets[keep][:, None])[:, 0]
     rows = torch.arange(len(labels), device=labels.device)[:, None].expand_as(targets)[keep]
@@ -126,7 +126,7 @@ class Preference:
 
     def forward_loss_sum(self, model: nn.Module, inputs: dict[str, torch.Tensor],
                          batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The summed loss of the batch's pairs, with the reference and the training forward (speed.FastPath)."""
+        """The summed loss of the batch's pairs, with the reference and the training forward (compute.TrainingLoss)."""
         losses, stats = self.pair_losses(model, inputs, batch["labels"])
         self._window.append(stats)
         return losses.sum()
