@@ -11,6 +11,8 @@ import importlib
 import json
 from abc import ABC, abstractmethod
 from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Iterable, Literal, Sequence, TypeVar, get_args
 from weakref import WeakKeyDictionary
@@ -113,6 +115,24 @@ class DeltaBase:
             for part in self.parts():
                 part.load_saved(tensors)
 
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """The base model for the forwards inside (e.g. DPO's reference log-probs): every part switched off in
+        place, no copy of the model; switched on again on exit, also after an error. A merged delta is refused."""
+        parts = self.parts()
+        if merged := [part.method for part in parts if part.merged]:
+            raise ConfigError(f"cannot switch off a merged delta ({', '.join(merged)}): its weights are folded into "
+                              "the base; unmerge() it first")
+        off: list[Delta] = []
+        try:
+            for part in reversed(parts):
+                part.switch_off()
+                off.append(part)
+            yield
+        finally:
+            for part in reversed(off):
+                part.switch_on()
+
     def extra_loss(self) -> torch.Tensor | None:
         """Sum of the parts' auxiliary losses (e.g. a sparsity penalty), or None."""
         losses = [loss for part in self.parts() if (loss := part.extra_loss()) is not None]
@@ -196,6 +216,7 @@ class Delta(DeltaBase, ABC, Generic[C]):
         self._grad_flags: dict[nn.Parameter, bool] = {}
         self._kept: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._stat_hooks: list[Any] = []
+        self._off = False  # switched off (`disabled()`): swaps undone, hooks silent, in-place tensors exchanged
 
     def parts(self) -> list[Delta]:
         return [self]
@@ -234,6 +255,20 @@ class Delta(DeltaBase, ABC, Generic[C]):
         for name, p in self._params.items():
             p.copy_(tensors[name])
 
+    def switch_off(self) -> None:
+        """Make the model compute as if the delta were not attached: swapped modules out, `hook`s silent, tensors
+        trained in place exchanged with their originals (`keep_values`). Methods that change the model otherwise
+        extend this and `switch_on`; `DeltaBase.disabled()` is the public form."""
+        self._off = True
+        self.set_swapped(False)
+        _exchange(self._kept)
+
+    def switch_on(self) -> None:
+        """Exactly undo `switch_off`."""
+        _exchange(self._kept)
+        self.set_swapped(True)
+        self._off = False
+
     def saved_config(self, directory: Path) -> DeltaConfig:
         """The config to record when saving into `directory`; methods with `folder_fields` copy those folders into
         `directory` here and name the copies relative to it."""
@@ -245,6 +280,14 @@ class Delta(DeltaBase, ABC, Generic[C]):
         config records the simpler structure (e.g. `reparam="none"`) so a saved copy loads into it."""
         self.config = self.config.model_copy(update=config_update)
         self._params = {next(n for n, p in self.model.named_parameters() if p is param): param}
+
+    def hook(self, register: Callable[..., Any], fn: Callable[..., Any], **kwargs: Any) -> Any:
+        """`register(fn, **kwargs)` (e.g. `module.register_forward_pre_hook`) with `fn` silent while the delta is
+        switched off; returns the handle (the method removes it in `restore`)."""
+        def gated(*args: Any) -> Any:
+            return None if self._off else fn(*args)
+
+        return register(gated, **kwargs)
 
     def keep_values(self, tensors: Iterable[torch.Tensor]) -> None:
         """Tensors of the base the delta changes in place (weights it trains): `detach` copies these values back."""
@@ -361,6 +404,12 @@ class Delta(DeltaBase, ABC, Generic[C]):
         self._swaps.clear()
         for p, flag in self._grad_flags.items():
             p.requires_grad_(flag)
+
+
+def _exchange(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Swap the storage of each (tensor, other) pair: no copy, no version bump of a tensor autograd saved."""
+    for tensor, other in pairs:
+        tensor.data, other.data = other.data, tensor.data
 
 
 def freeze_running_stats(model: nn.Module) -> list[Any]:

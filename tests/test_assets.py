@@ -72,6 +72,19 @@ def test_chatterbot_topics_conversion(tmp_cache: Path) -> None:
         assert any(r["text"] == line.strip() and r["label"] == topic for line in conversation for r in rows)
 
 
+def test_chatterbot_preference_conversion(tmp_cache: Path) -> None:
+    rows = _read_jsonl(assets.resolve_data_path("chatterbot_preference"))
+    assert len(rows) == 1974
+    answers = {(c[0], c[1]): topic for topic, c in assets._chatterbot_conversations()}
+    topic_of = {c[1]: topic for topic, c in assets._chatterbot_conversations()}
+    for row in rows:
+        assert set(row) == {"prompt", "chosen", "rejected"} and row["chosen"] != row["rejected"]
+        question = row["prompt"][0]["content"]
+        assert row["prompt"] == [{"role": "user", "content": question}]
+        assert answers[question, row["chosen"]] != topic_of[row["rejected"]]  # the rejected answer is off-topic
+    assert rows[0]["prompt"][0]["content"] != rows[1]["prompt"][0]["content"]  # shuffled, not in file order
+
+
 def test_chatterbot_mc_conversion(tmp_cache: Path) -> None:
     from deltatune.generation.choices import read_choices
 

@@ -242,3 +242,26 @@ def test_for_inference_keeps_outputs_and_saves_what_reloads(method, tmp_path):
     fresh = tiny_model("llama")
     deltatune.load(fresh, tmp_path)
     torch.testing.assert_close(logits(fresh, batch), expected, rtol=1e-6, atol=1e-6)
+
+
+@every_method
+@cases
+def test_disabled_computes_the_base_model_in_place(method, arch):
+    """delta.disabled() (DPO's reference model without a copy): the base's outputs inside, the delta's after."""
+    model, batch = tiny_model(arch), tiny_batch()
+    base = logits(model, batch)
+    delta = deltatune.attach(model, make_config(method, arch))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in delta.trainable_parameters().values():
+            p.add_(0.5 * torch.randn_like(p))
+    tuned = logits(model, batch)
+    assert not torch.allclose(tuned, base)
+    with delta.disabled():
+        torch.testing.assert_close(logits(model, batch), base, rtol=0, atol=0)
+    torch.testing.assert_close(logits(model, batch), tuned, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="inside"), delta.disabled():
+        raise RuntimeError("an error inside")
+    torch.testing.assert_close(logits(model, batch), tuned, rtol=0, atol=0)
+    delta.detach()
+    torch.testing.assert_close(logits(model, batch), base, rtol=0, atol=0)

@@ -26,10 +26,12 @@ from deltatune.registry import parse_delta_config
 from deltatune.safety import REMOTE_CODE_FLAG, load_yaml, read_yaml_file
 from deltatune.schema import Schema, nested
 from deltatune.train import TrainConfig
+from deltatune.train.preference import PreferenceConfig
 from deltatune.train.tasks import MultiTaskConfig, TaskConfig, check_run_tasks, parse_task_configs
 
 TASK_OF_FORMAT = {"classification": "classification", "regression": "regression", "text": "causal_lm",
-                  "auto": "causal_lm", "alpaca": "causal_lm", "sharegpt": "causal_lm", "messages": "causal_lm"}
+                  "auto": "causal_lm", "alpaca": "causal_lm", "sharegpt": "causal_lm", "messages": "causal_lm",
+                  "preference": "causal_lm"}
 
 
 class ModelConfig(Schema):
@@ -68,6 +70,8 @@ class RunConfig(Schema):
         None, description="after training: exact match / ROUGE-L of generated answers")
     tasks: list[TaskConfig] | None = Field(None, description="multi-task training: instead of `data`")
     multitask: MultiTaskConfig | None = Field(None, description="with `tasks`: sampling and loss weighting")
+    preference: PreferenceConfig | None = Field(None, description="with data.format preference: the objective "
+                                                                  "(DPO or SimPO) and its settings")
 
     @field_validator("delta", mode="before")
     @classmethod
@@ -81,6 +85,7 @@ class RunConfig(Schema):
     _parse_tasks = field_validator("tasks", mode="before")(parse_task_configs)
 
     _multitask_schema = nested("multitask", MultiTaskConfig)
+    _preference_schema = nested("preference", PreferenceConfig)
 
     @model_validator(mode="after")
     def _data_or_tasks(self) -> RunConfig:
@@ -90,6 +95,11 @@ class RunConfig(Schema):
             raise ValueError("`multitask:` goes with `tasks:`; remove it or list the tasks")
         if self.tasks is not None and self.eval_generation is not None:
             raise ValueError("eval_generation goes with a single-task `data:` run, not with `tasks:`")
+        if self.preference is not None and (self.data is None or self.data.format not in ("preference", "auto")):
+            raise ValueError(f"`preference:` sets the objective of preference pairs; it needs data.format: preference "
+                             f"(or auto), not {'tasks' if self.data is None else self.data.format}")
+        if self.data is not None and self.data.format == "preference":
+            self.preference = self.preference or PreferenceConfig()
         if self.tasks is not None:
             self.multitask = self.multitask or MultiTaskConfig()
             check_run_tasks(self.tasks, self.multitask, self.delta)
@@ -126,7 +136,7 @@ class RunConfig(Schema):
     def to_dict(self) -> dict[str, Any]:
         """Plain data for writing back to YAML (the resolved config saved with every run)."""
         out = self.model_dump(mode="json", exclude={"delta"})
-        optional = {k: out[k] for k in ("tasks", "multitask", "eval_generation") if out[k] is not None}
+        optional = {k: out[k] for k in ("tasks", "multitask", "eval_generation", "preference") if out[k] is not None}
         return {"model": out["model"], **({"data": out["data"]} if self.data is not None else {}),
                 "delta": [d.to_dict() for d in self.delta], "train": out["train"], "output_dir": self.output_dir,
                 **optional}

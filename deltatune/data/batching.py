@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from deltatune.data.packing import pack_examples
+from deltatune.data.preference import pair_rows
 from deltatune.errors import ConfigError
 
 
@@ -23,7 +24,8 @@ class Collator:
     With `pack_to` (causal-LM examples; data.packing) the examples are first packed into rows of at most that many
     tokens (packing.pack_examples). Packed rows (with position_ids) give input_ids, labels, position_ids and
     num_tokens (the real tokens, a 0-d tensor the loop counts) and no attention_mask: the padding is one more short
-    sequence at the end.
+    sequence at the end. Preference pairs (data/preference.py) become 2B rows: the chosen sequences, then the
+    rejected ones.
     """
 
     tokenizer_pad_id: int
@@ -35,6 +37,8 @@ class Collator:
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if self.decoder_start is not None:
             return self._seq2seq(examples)
+        if "rejected_input_ids" in examples[0]:  # preference pairs: the chosen sequences, then the rejected ones
+            examples = pair_rows(examples)
         if self.pack_to:
             examples = pack_examples(examples, self.pack_to)
         length = self._length([ex["input_ids"] for ex in examples])

@@ -28,6 +28,9 @@ class Columns(Schema):
     input: str | None = Field(None, description="the optional input column (alpaca)")
     output: str | None = Field(None, description="the answer column (alpaca)")
     system: str | None = Field(None, description="an optional system prompt column (all chat formats)")
+    prompt: str | None = Field(None, description="the prompt column (preference)")
+    chosen: str | None = Field(None, description="the preferred answer column (preference)")
+    rejected: str | None = Field(None, description="the rejected answer column (preference)")
 
 
 class DataConfig(Schema):
@@ -42,8 +45,10 @@ class DataConfig(Schema):
     split: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train, validation, test fractions of "
                                                                             "the train file for missing splits")
     split_seed: int | None = Field(None, description="seed of the split permutation; unset: train.seed")
-    format: Literal["classification", "regression", "auto", "text", "alpaca", "sharegpt", "messages"] = Field(
-        "classification", description="record format; auto: detect text / alpaca / sharegpt / messages")
+    format: Literal["classification", "regression", "auto", "text", "alpaca", "sharegpt", "messages",
+                    "preference"] = Field(
+        "classification", description="record format; auto: detect preference / text / alpaca / sharegpt / "
+                                      "messages; preference: prompt, chosen, rejected (DPO, SimPO)")
     text_column: str = Field("text", description="the input text column")
     text_pair_column: str | None = Field(None, description="a second text column (sentence pairs)")
     label_column: str = Field("label", description="the label (classification) or target (regression) column")
@@ -73,7 +78,10 @@ class DataConfig(Schema):
         lm_only = [k for k in ("packing", "skip_bad_records", "train_on_prompt", "roles", "chat_template")
                    if getattr(self, k)]
         lm_only += ["columns"] if self.columns != Columns() else []
-        if lm_only and self.format not in LM_FORMATS:
+        if self.format == "preference" and (bad := [k for k in ("packing", "train_on_prompt") if getattr(self, k)]):
+            raise ValueError(f"{', '.join(bad)} do not apply to format preference: a pair's chosen and rejected "
+                             "sequences share one padded batch, and the loss is on the answers only")
+        if lm_only and self.format not in (*LM_FORMATS, "preference"):
             raise ValueError(f"{', '.join(lm_only)} apply to the language-modelling formats "
                              f"({', '.join(LM_FORMATS)}), not to format {self.format!r}: a {self.format} example "
                              "is one sequence with one label")

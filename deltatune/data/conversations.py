@@ -91,8 +91,10 @@ class Reader:
 
 
 def detect_format(table: Table, cfg: DataConfig) -> str:
-    """The SFT format of a file: the first of messages, sharegpt, alpaca, text whose columns it has."""
+    """The format of a file: the first of preference, messages, sharegpt, alpaca, text whose columns it has."""
     names = set(table.data.column_names)
+    if {cfg.columns.chosen or "chosen", cfg.columns.rejected or "rejected"} <= names:
+        return "preference"
     for fmt in ("messages", "sharegpt"):
         c = Reader.of(fmt, cfg).columns
         turn = next((t[0] for t in table.data[c.messages] if t), None) if c.messages in names else None
@@ -105,7 +107,8 @@ def detect_format(table: Table, cfg: DataConfig) -> str:
         return "text"
     raise DataError(
         f"{table.path}: cannot tell the data format from its columns ({', '.join(sorted(names))}); expected "
-        "messages (a 'messages' list of role/content turns), sharegpt (a 'conversations' list of from/value turns), "
+        "preference (prompt, chosen, rejected), messages (a 'messages' list of role/content turns), sharegpt (a "
+        "'conversations' list of from/value turns), "
         f"alpaca (instruction, input, output) or text ({cfg.text_column!r}). Name the format with data.format and "
         "map other column names with data.columns, e.g. {messages: dialog, role: speaker, content: text}")
 

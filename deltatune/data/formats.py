@@ -12,6 +12,7 @@ from deltatune.data.chat import encode_conversations, resolve_template
 from deltatune.data.config import CHAT_FORMATS, DataConfig
 from deltatune.data.conversations import Reader, RecordError, missing, no_value
 from deltatune.data.load import Table
+from deltatune.data.preference import PairReader, encode_preference
 from deltatune.data.truncation import FULL_LENGTH
 from deltatune.errors import DataError
 
@@ -155,4 +156,5 @@ FORMATS: dict[str, Format] = {
     "regression": Format(_encode_regression, num_labels=1, task="regression"),
     "text": Format(_encode_text, reader=_text_reader),
     **{name: Format(_encode_chat, reader=_chat_reader) for name in CHAT_FORMATS},
+    "preference": Format(encode_preference, task="preference", reader=PairReader.of),
 }

@@ -17,11 +17,14 @@ from deltatune.data.config import CHAT_FORMATS, DataConfig
 from deltatune.data.conversations import RecordError, detect_format
 from deltatune.data.formats import FORMATS
 from deltatune.data.load import Table, read_table
+from deltatune.data.preference import is_chat, keep_pairs_with_targets
 from deltatune.data.truncation import check_truncation, effective_max_length
 from deltatune.errors import DataError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+    from deltatune.train.preference import PreferenceConfig
 
 SPLITS = ("train", "validation", "test")
 
@@ -42,6 +45,7 @@ class TaskData:
     source: dict[str, dict[str, Any]]
     format: str = ""  # the format used (the detected one for `format: auto`)
     chat_template: str | None = None  # the jinja chat template the examples were rendered with (chat formats)
+    preference: PreferenceConfig | None = None  # the objective of preference pairs (run config `preference:`)
 
     def epoch_batches(self, batch_size: int, seed: int, epoch: int,
                       lengths: Sequence[int] | None = None) -> list[list[int]]:
@@ -72,6 +76,8 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int 
             if len(tables[s].data) else empty for s in SPLITS}
     if cfg.format in CHAT_FORMATS:
         data = {s: _drop_without_targets(data[s]) for s in SPLITS}
+    if cfg.format == "preference":
+        data = {s: keep_pairs_with_targets(data[s]) if len(data[s]) else data[s] for s in SPLITS}
     if len(data["train"]) == 0:
         raise DataError(f"{tables['train'].path}: no training example has a target token within the first "
                         f"max_length={cfg.max_length} tokens; raise data.max_length")
@@ -82,7 +88,8 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int 
     if cfg.skip_bad_records:
         for s in SPLITS:
             source[s] |= {"skipped": len(skipped[s]), "first_skipped": skipped[s][0] if skipped[s] else None}
-    template = resolve_template(tokenizer, cfg.chat_template) if cfg.format in CHAT_FORMATS else None
+    chat = cfg.format in CHAT_FORMATS or (cfg.format == "preference" and is_chat(files["train"], cfg))
+    template = resolve_template(tokenizer, cfg.chat_template) if chat else None
     return TaskData(**data, task=fmt.task, label_names=names, num_labels=len(names) if names else fmt.num_labels,
                     source=source, format=cfg.format, chat_template=template)
 

@@ -141,9 +141,9 @@ class PrefixCacheDelta(Delta[P]):
         self.swap(name, self.carrier)
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._drop_cache = False
-        self._hooks = [self.model.register_forward_pre_hook(self._before, with_kwargs=True),
-                       self.model.register_forward_hook(self._after, with_kwargs=True)]
-        self._hooks += [m.register_forward_pre_hook(self._attention_before, with_kwargs=True)
+        self._hooks = [self.hook(self.model.register_forward_pre_hook, self._before, with_kwargs=True),
+                       self.hook(self.model.register_forward_hook, self._after, with_kwargs=True)]
+        self._hooks += [self.hook(m.register_forward_pre_hook, self._attention_before, with_kwargs=True)
                         for modules in attention.values() for m in modules]
         return list(prefix.parameters())
 

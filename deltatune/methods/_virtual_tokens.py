@@ -117,11 +117,11 @@ class InputTokensDelta(Delta[C]):
         self.carrier.register_buffer("literal_ids", ids, persistent=False)
         self._restore: torch.Tensor | None = None
         self._inside = False  # within the model's forward (its encoder then needs no hook of its own)
-        self._hooks = [self.model.register_forward_pre_hook(self._before, with_kwargs=True),
-                       self.model.register_forward_hook(self._after, with_kwargs=True)]
+        self._hooks = [self.hook(self.model.register_forward_pre_hook, self._before, with_kwargs=True),
+                       self.hook(self.model.register_forward_hook, self._after, with_kwargs=True)]
         if self.encoder_decoder:
-            self._hooks.append(self.model.get_encoder().register_forward_pre_hook(self._encoder_before,
-                                                                                  with_kwargs=True))
+            self._hooks.append(self.hook(self.model.get_encoder().register_forward_pre_hook, self._encoder_before,
+                                         with_kwargs=True))
         return list(self.carrier.tokens.parameters())
 
     def restore(self) -> None:

@@ -81,6 +81,17 @@ class BitFitDelta(Delta[BitFit]):
             linear.bias = None
         self._added = []
 
+    def switch_off(self) -> None:
+        super().switch_off()
+        self._added_biases = [linear.bias for linear in self._added]
+        for linear in self._added:  # the base has no bias there
+            linear.bias = None
+
+    def switch_on(self) -> None:
+        for linear, bias in zip(self._added, self._added_biases):
+            linear.bias = bias
+        super().switch_on()
+
     # ---- selection -----------------------------------------------------------------------------------------
     def _slots(self, name: str, module: nn.Module) -> list[str]:
         """Names of `module`'s own bias parameters to train (with add_missing, "bias" of a Linear that has none)."""

@@ -411,6 +411,20 @@ class LoRADelta(Delta[LoRA]):
                 roles[names[id(w.lora_magnitude_vector)]] = "B"
         return roles
 
+    def switch_off(self) -> None:
+        """After PiSSA / OLoRA the base layers hold the residual: their original weights come back while off."""
+        super().switch_off()
+        self._exchange_residuals()
+
+    def switch_on(self) -> None:
+        self._exchange_residuals()
+        super().switch_on()
+
+    def _exchange_residuals(self) -> None:
+        for wrapper, _, _ in self._residual_parts():
+            weight, original = wrapper.base_layer.weight, wrapper.initial.weight
+            weight.data, original.data = original.data, weight.data
+
     def restore(self) -> None:
         with torch.no_grad():
             for wrapper, _, _ in self._residual_parts():

@@ -126,6 +126,15 @@ class PerTaskDelta(Delta[PerTask]):
     def extra_loss(self) -> Any:
         return self.inner.extra_loss()
 
+    def switch_off(self) -> None:
+        if self.inner._kept or not self.inner._swaps:  # the routed task's tensors sit in the base's own slots
+            raise ConfigError(f"per_task over {self.config.delta.method} cannot be switched off: it trains the base "
+                              "tensors in place, one copy per task; use a method that wraps modules (e.g. lora)")
+        self.inner.switch_off()
+
+    def switch_on(self) -> None:
+        self.inner.switch_on()
+
     def merge(self) -> None:
         raise ConfigError("per_task cannot be merged into the base weights: every task has its own copy; "
                           "keep it attached and select the task (routing.set_task)")

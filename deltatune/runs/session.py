@@ -30,6 +30,7 @@ from deltatune.train import TrainResult, train
 from deltatune.train.checkpoint import Checkpoint, load_latest, save_delta
 from deltatune.train.distributed import is_main_process
 from deltatune.train.loop import TrainState, check_resumable, planned_steps
+from deltatune.train.preference import PreferenceConfig
 from deltatune.train.tasks import prepare_tasks, task_deltas
 
 CONFIG_NAME = run_folder.CONFIG_NAME
@@ -70,6 +71,16 @@ def _check_encoder_decoder(config: RunConfig, base: Pretrained, data_format: str
                           "can only be on the response: set train_on_prompt: false")
 
 
+def _preference(config: RunConfig, data: TaskData) -> PreferenceConfig | None:
+    """The objective settings of preference pairs (`format: auto` may detect them); refused for other data."""
+    if data.task == "preference":
+        return config.preference or PreferenceConfig()
+    if config.preference is not None:
+        raise ConfigError(f"`preference:` needs preference pairs (prompt, chosen, rejected), but {config.data.train} "
+                          f"holds {data.format} records; remove `preference:` or use preference data")
+    return None
+
+
 def _packs(config: RunConfig) -> bool:
     """Whether the run packs its batches (data.packing; multi-task runs never do)."""
     return config.tasks is None and config.data.packing
@@ -87,6 +98,7 @@ def open_session(config: RunConfig, delta_dir: Path | None = None) -> Session:
             prepare_tasks(config.tasks, config.multitask, tokenizer, seed=config.train.seed, model_max_length=limit))
     if isinstance(data, TaskData):
         _check_encoder_decoder(config, base, data.format)  # the detected format of `format: auto`
+        data.preference = _preference(config, data)
     id2label = dict(enumerate(data.label_names)) if data.label_names else None
     # multi-task: the model keeps its saved head's size (task_heads replaces the head)
     num_labels = data.num_labels if config.tasks is None else base.num_labels

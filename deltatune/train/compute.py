@@ -180,6 +180,8 @@ class TrainingLoss:
         inputs = model_inputs(batch)
         autocast = torch.autocast(_device(self.model).type, self.dtype) if self.dtype else nullcontext()
         with autocast, checkpointed(self.model) if self.checkpointing else nullcontext():
+            if hasattr(self.task, "forward_loss_sum"):  # an objective that runs the model itself (preference.py)
+                return self.task.forward_loss_sum(self.model, inputs, batch)
             if self.head is not None:
                 return lm_loss_sum(self.model, self.head, inputs, batch["labels"])
             return self.task.loss_sum(logits_of(self.model(**inputs)), batch)

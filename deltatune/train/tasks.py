@@ -35,6 +35,7 @@ from deltatune.schema import MAX_SCALE, Schema
 from deltatune.train.evaluation import evaluate
 from deltatune.train.distributed import rank_and_world
 from deltatune.train.metrics import METRICS, check_metric, check_task, default_metric, loss_sum, units
+from deltatune.train.preference import Preference, PreferenceConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -62,6 +63,8 @@ class TaskConfig(Schema):
 
     @model_validator(mode="after")
     def _metric_fits_format(self) -> TaskConfig:
+        if self.data.format == "preference":
+            raise ValueError("preference data trains a single task: use `data:` and `preference:` instead of `tasks:`")
         kind = FORMATS[self.data.format].task if self.data.format in FORMATS else "text"  # auto: an LM format
         if self.metric is not None and self.metric not in METRICS[kind]:
             raise ValueError(f"unknown metric {self.metric!r} for a {self.data.format} task; "
@@ -226,8 +229,14 @@ class MultiTask:
         return scores
 
 
-def objective(data: TaskData | MultiTaskData, delta: DeltaBase) -> SingleTask | MultiTask:
-    """The loop's objective for `data`; multi-task data needs the task_heads delta made for its tasks."""
+def objective(data: TaskData | MultiTaskData, delta: DeltaBase) -> SingleTask | MultiTask | Preference:
+    """The loop's objective for `data`; multi-task data needs the task_heads delta made for its tasks, preference
+    pairs get DPO / SimPO as `data.preference` says (train/preference.py)."""
+    if not isinstance(data, MultiTaskData) and data.task == "preference":
+        if rank_and_world()[1] > 1:
+            raise ConfigError("preference training runs in one process (the reference forward switches the delta "
+                              "off inside the model, which DDP/FSDP do not expect); run without torchrun")
+        return Preference(data.preference or PreferenceConfig(), delta)
     if not isinstance(data, MultiTaskData):
         return SingleTask(data.task)
     if rank_and_world()[1] > 1:
