@@ -76,10 +76,10 @@ def load_model(path: str, task: str, num_labels: int | None = None, *, dtype: st
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     model.deltatune_new_weights = _new_weights(model, info, folder)
     _check_tokenizer_fits(model, tokenizer, folder)
+    if quantize:  # before anything reads all weights: the pages of the checkpoint leave RSS layer by layer
+        quantize_base(model, quantize, DTYPES[dtype])
     if task == "causal_lm" and auto is not AutoModelForSeq2SeqLM:  # an encoder-decoder's decoder is causal
         _check_causal(model, folder)
-    if quantize:
-        quantize_base(model, quantize, DTYPES[dtype])
     compute_in(model, DTYPES[dtype])
     _ensure_pad_token(model, tokenizer)
     return model, tokenizer
