@@ -74,7 +74,7 @@ def blocks(seq: int):
     import torch
     from transformers import AutoTokenizer
 
-    from deltatune.assets import resolve_data_path, resolve_model_path
+    from deltatune.models.assets import resolve_data_path, resolve_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
     rows = [json.loads(line)["text"] for line in resolve_data_path("rotten_tomatoes").read_text().splitlines()]
@@ -90,7 +90,7 @@ def measure(name: str, args: argparse.Namespace) -> dict:
     import deltatune
     from deltatune.methods.full import Full
     from deltatune.optim import OptimizerConfig, build_optimizer, build_scheduler
-    from deltatune.train.speed import rss_mb
+    from deltatune.train.memory import rss_mb
 
     torch.set_num_threads(args.threads)
     data = blocks(args.seq)

@@ -15,9 +15,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import deltatune
-from deltatune.generate import Sampling, generate
+from deltatune.generation.sampling import Sampling, generate
 from deltatune.interop.llamacpp import export_gguf, export_gguf_lora
-from deltatune.models import load_model
+from deltatune.models.load import load_model
 
 QUESTIONS = ["What is the capital of France?", "Name three colors.", "What is 2 plus 2?"]
 

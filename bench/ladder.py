@@ -36,12 +36,12 @@ def worker(spec: dict) -> dict:
     from torch import nn
 
     torch.set_num_threads(spec["threads"])
-    from deltatune.models import load_model
+    from deltatune.models.load import load_model
     from workloads import build_data
 
     quantize = spec["base"] if spec["base"] in ("int8", "int4") else None
     dtype = "auto" if quantize else spec["base"]
-    from deltatune.precision import DTYPE_NAMES, resolve_base_dtype
+    from deltatune.models.precision import DTYPE_NAMES, resolve_base_dtype
 
     model, _ = load_model(spec["path"], "causal_lm", dtype=DTYPE_NAMES[resolve_base_dtype(dtype, trains_base=False)],
                           quantize=quantize)

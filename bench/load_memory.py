@@ -40,8 +40,8 @@ def worker(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from deltatune.models import load_model
-    from deltatune.train.speed import rss_mb
+    from deltatune.models.load import load_model
+    from deltatune.train.memory import rss_mb
 
     before, anon_before = rss_mb(), anon_mb()
     sampler = AnonPeak()

@@ -1,7 +1,7 @@
 """Where a LoRA run's memory goes, phase by phase: RSS / RssAnon / RssFile (MB) now and their peaks (sampled every
 10 ms) after imports, load_model, data, attach and each training step (then again after a malloc_trim, to tell
 freed heap from live memory), plus the bytes of live CPU tensors by dtype (a gc census). Same model, data and
-LoRA as ladder.py; the allocator is tuned as the CLI does unless NO_TUNE=1 (the Python API's default: glibc's).
+LoRA as ladder.py; train()'s heap settings (deltatune/train/memory.py) apply unless NO_TUNE=1 (glibc's defaults).
 
     python bench/memory_phases.py 1b int4 fp32 --length 128 --steps 2
 The model is a folder under /tmp/deltatune-bench-models (or $BENCH_MODELS); quantize is none | int8 | int4.
@@ -85,8 +85,7 @@ def main() -> None:
     import deltatune
     from datasets import Dataset
     from deltatune.data import Collator, TaskData
-    from deltatune.models import load_model
-    from deltatune.train.speed import tune_allocator
+    from deltatune.models.load import load_model
     from workloads import build_data, tokenizer
 
     model, _ = load_model(str(MODELS / args.model), "causal_lm", dtype=args.dtype,
@@ -97,8 +96,8 @@ def main() -> None:
     empty = Dataset.from_dict({"input_ids": [], "attention_mask": [], "labels": []})
     data = TaskData(rows, empty, empty, task="text", label_names=None, num_labels=None, source={})
     report("data", peaks)
-    if "NO_TUNE" not in os.environ:
-        tune_allocator()
+    if "NO_TUNE" in os.environ:  # opt out of train()'s heap settings, as bench/throughput.py's allocator lever does
+        os.environ.update(MALLOC_MMAP_MAX_="65536", MALLOC_TRIM_THRESHOLD_="131072")
     delta = deltatune.attach(model, throughput.method_config({"method": "lora"}))
     report("attach", peaks)
 

@@ -138,7 +138,7 @@ def reference_bf16(side: str) -> bool:
     bf16 = SIDES[side].get("bf16", False)
     if bf16 != "native":
         return bf16
-    from deltatune.train.speed import cpu_has_bf16
+    from deltatune.train.compute import cpu_has_bf16
 
     return cpu_has_bf16()
 
@@ -215,15 +215,13 @@ def run_deltatune(model, train: list[dict], spec: dict):
     Variable-length data is packed (data.packing): each step's examples (the same batches as without packing) go
     into rows of at most max_length tokens. Prompt tuning rewrites the inputs and cannot be packed: it is padded."""
     lever = SIDES[spec["side"]]
-    if lever.get("allocator", True):
-        from deltatune.train.speed import tune_allocator
-
-        tune_allocator()  # what the `deltatune` CLI does at start-up
+    if not lever.get("allocator", True):  # opt out of train()'s heap settings: glibc's defaults, set by hand
+        os.environ.update(MALLOC_MMAP_MAX_="65536", MALLOC_TRIM_THRESHOLD_="131072")
     from datasets import Dataset
 
     import deltatune
     from deltatune.data import Collator, TaskData
-    from deltatune.train.speed import resolve_precision
+    from deltatune.train.compute import resolve_precision
     from workloads import tokenizer
 
     delta = deltatune.attach(model, method_config(spec))

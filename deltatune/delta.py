@@ -7,22 +7,24 @@ bit-for-bit, saving only the delta's tensors, loading with key/shape checks agai
 
 from __future__ import annotations
 
+import importlib
 import json
 from abc import ABC, abstractmethod
 from collections import Counter
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Sequence
+from typing import Any, ClassVar, Generic, Iterable, Literal, Sequence, TypeVar, get_args
 from weakref import WeakKeyDictionary
 
 import torch
 from pydantic import BaseModel, ValidationError
 from torch import nn
 
-from deltatune import io
+from deltatune import storage
 from deltatune.errors import CheckpointError, ConfigError, TargetError
 from deltatune.fingerprint import Fingerprint, check_finite, check_same_base, fingerprint
+from deltatune.registry import method_of, methods, parse_delta_config
 from deltatune.safety import inside
-from deltatune.quantize import quantized_layers
+from deltatune.models.quantize import quantized_layers
 from deltatune.schema import Schema
 from deltatune.targeting import check_not_taken
 
@@ -30,6 +32,9 @@ FORMAT = "deltatune-delta"
 FORMAT_VERSION = 2  # 2: the base fingerprint holds sampled weights (version 1 files load, checked by shapes)
 CONFIG_FILE = "delta.json"
 TENSOR_FILE = "delta.safetensors"
+# Other folder formats `load` reads, by the file that marks them: "module:function(model, folder)", imported on use,
+# so that the core imports no interop (or method) module.
+FOREIGN_FORMATS = {"adapter_config.json": "deltatune.interop.peft:load_peft"}  # Hugging Face PEFT adapters
 
 _ATTACHED: WeakKeyDictionary[nn.Module, list[Delta]] = WeakKeyDictionary()
 _BASE_FINGERPRINT: WeakKeyDictionary[nn.Module, dict[str, Any]] = WeakKeyDictionary()
@@ -137,7 +142,7 @@ class DeltaBase:
         tensors = self.state_dict()
         if not tensors:
             raise CheckpointError("refusing to save an empty delta: it has no tensors")
-        io.save_tensors(directory / TENSOR_FILE, tensors, metadata={"format": FORMAT})
+        storage.save_tensors(directory / TENSOR_FILE, tensors, metadata={"format": FORMAT})
         from deltatune import __version__
 
         meta = {
@@ -147,30 +152,47 @@ class DeltaBase:
             "deltas": [{"config": part.saved_config(directory).to_dict(), "tensors": sorted(part._params)}
                        for part in self.parts()],
             "base": _BASE_FINGERPRINT[self.model],
-            "sha256": io.sha256(directory / TENSOR_FILE),
+            "sha256": storage.sha256(directory / TENSOR_FILE),
         }
-        io.write_json(directory / CONFIG_FILE, meta)
+        storage.write_json(directory / CONFIG_FILE, meta)
         return directory
 
 
-class Delta(DeltaBase, ABC):
-    """Contract for one method. Subclasses set `config_class`, and implement `build()` (+ merge hooks if mergeable)."""
+C = TypeVar("C", bound=DeltaConfig)
+
+
+class Delta(DeltaBase, ABC, Generic[C]):
+    """Contract for one method: `class LoRADelta(Delta[LoRA])` (the type argument is its `config_class`) implements
+    `build()` (+ merge hooks if mergeable). The class attributes below say what the method is; code outside the
+    method's file reads them (never a list of method names)."""
 
     config_class: ClassVar[type[DeltaConfig]]
-    method: ClassVar[str] = ""
-    mergeable: ClassVar[bool] = False
+    method: ClassVar[str] = ""  # set by @register
+    mergeable: ClassVar[bool] = False  # merge() folds it into the base weights (no added latency)
     role: ClassVar[str] = "delta"  # "head" for new task heads: the optimizer may give them their own LR
     preserves_output: ClassVar[bool] = True  # attaching leaves the model's outputs unchanged until trained
+    rewrites_inputs: ClassVar[bool] = False  # extends the model's input / attention cache (virtual tokens, prefixes)
+    fsdp: ClassVar[bool] = False  # trains whole weights in place (full fine-tuning, heads): FSDP can shard it
+    per_task: ClassVar[bool] = True  # per_task may hold one copy of it per task (heads are per task already)
+    peft_type: ClassVar[str | None] = None  # its Hugging Face PEFT adapter type (interop/peft.py), if it has one
+    peft_options: ClassVar[dict[str, bool]] = {}  # adapter-config flags that tell it from others of its peft_type
     extra_positions: int = 0  # sequence positions the delta occupies (virtual tokens, prefixes), set by build()
 
-    def __init__(self, model: nn.Module, config: DeltaConfig):
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for base in getattr(cls, "__orig_bases__", ()):
+            if (args := get_args(base)) and isinstance(args[0], type) and issubclass(args[0], DeltaConfig):
+                cls.config_class = args[0]
+
+    def __init__(self, model: nn.Module, config: C):
         self.model = model
-        self.config = config
+        self.config: C = config
         self.attached = False
         self.merged = False
         self._params: dict[str, nn.Parameter] = {}
         self._swaps: list[tuple[nn.Module, str, nn.Module, nn.Module]] = []
         self._grad_flags: dict[nn.Parameter, bool] = {}
+        self._kept: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._stat_hooks: list[Any] = []
 
     def parts(self) -> list[Delta]:
@@ -207,6 +229,10 @@ class Delta(DeltaBase, ABC):
         config records the simpler structure (e.g. `reparam="none"`) so a saved copy loads into it."""
         self.config = self.config.model_copy(update=config_update)
         self._params = {next(n for n, p in self.model.named_parameters() if p is param): param}
+
+    def keep_values(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Tensors of the base the delta changes in place (weights it trains): `detach` copies these values back."""
+        self._kept = [(t, t.detach().clone()) for t in tensors]
 
     def swap(self, name: str, new: nn.Module) -> None:
         """Replace the submodule `name` by `new`, remembering the original for `detach`."""
@@ -297,7 +323,7 @@ class Delta(DeltaBase, ABC):
         if quantized := quantized_layers(self.model):
             raise ConfigError(f"cannot merge {self.method} into a quantized base ({len(quantized)} int8/int4 layers, "
                               f"e.g. {quantized[0]}): save the delta, then load it onto a dequantized base (the model loaded without "
-                              "model.quantize, or deltatune.quantize.dequantize_base(model) before attaching) and "
+                              "model.quantize, or deltatune.models.quantize.dequantize_base(model) before attaching) and "
                               "merge there")
         with torch.no_grad():
             self.merge_weights()
@@ -311,6 +337,10 @@ class Delta(DeltaBase, ABC):
         self.merged = False
 
     def _undo(self) -> None:
+        with torch.no_grad():
+            for tensor, value in self._kept:
+                tensor.copy_(value)
+        self._kept = []
         self.set_swapped(False)
         self._swaps.clear()
         for p, flag in self._grad_flags.items():
@@ -354,8 +384,6 @@ class DeltaGroup(DeltaBase):
 
 def attach(model: nn.Module, config: DeltaConfig | Sequence[DeltaConfig]) -> Delta | DeltaGroup:
     """Attach one method (or several, in order) to `model`; returns the delta handle."""
-    from deltatune.registry import method_of
-
     configs = [config] if isinstance(config, DeltaConfig) else list(config)
     if not configs:
         raise ConfigError("attach() needs at least one method config, e.g. deltatune.LoRA(r=8)")
@@ -380,7 +408,7 @@ def read_delta_config(path: str | Path) -> dict[str, Any]:
         hint = " (it looks like a Hugging Face PEFT adapter)" if (path / "adapter_config.json").exists() else ""
         raise CheckpointError(f"{path} is not a saved deltatune delta: {CONFIG_FILE} not found{hint}")
     try:
-        meta = io.read_json(file)
+        meta = storage.read_json(file)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{file} is corrupted: {exc}") from None
     if isinstance(meta, dict) and meta.get("format") == FORMAT and isinstance(meta.get("version"), int) \
@@ -400,21 +428,20 @@ def read_delta_config(path: str | Path) -> dict[str, Any]:
 def load(model: nn.Module, path: str | Path) -> Delta | DeltaGroup:
     """Attach the delta saved in folder `path` to `model` (a fresh copy of the same base) and load its tensors.
     A Hugging Face PEFT adapter folder (`adapter_config.json`) loads as the equivalent deltas."""
-    from deltatune.registry import parse_delta_config
-
     path = Path(path)
-    if not (path / CONFIG_FILE).is_file() and (path / "adapter_config.json").is_file():
-        from deltatune.interop.peft import load_peft
-
-        return load_peft(model, path)
+    if not (path / CONFIG_FILE).is_file():
+        for marker, loader in FOREIGN_FORMATS.items():
+            if (path / marker).is_file():
+                module, _, function = loader.partition(":")
+                return getattr(importlib.import_module(module), function)(model, path)
     meta = read_delta_config(path)
     check_same_base(meta["base"], base_fingerprint(model))
     tensor_file = inside(path, TENSOR_FILE, str(path / CONFIG_FILE))
-    if not tensor_file.is_file() or io.sha256(tensor_file) != meta.get("sha256"):
+    if not tensor_file.is_file() or storage.sha256(tensor_file) != meta.get("sha256"):
         raise CheckpointError(f"{tensor_file} is missing or corrupted (checksum differs from {CONFIG_FILE})")
     where = str(path / CONFIG_FILE)
     configs = [parse_delta_config(_in_folder(d["config"], path, where), where=where) for d in meta["deltas"]]
-    tensors = io.load_tensors(tensor_file)
+    tensors = storage.load_tensors(tensor_file)
     check_finite(tensors, str(tensor_file))
     delta = attach(model, configs)
     try:
@@ -427,8 +454,6 @@ def load(model: nn.Module, path: str | Path) -> Delta | DeltaGroup:
 
 def _in_folder(raw: Any, folder: Path, where: str) -> Any:
     """A saved method config with its `folder_fields` resolved inside `folder` (CheckpointError if one leaves it)."""
-    from deltatune.registry import methods
-
     method = methods().get(raw.get("method")) if isinstance(raw, dict) else None
     fields = method.config_class.folder_fields if method else ()
     return {**raw, **{f: [str(inside(folder, name, f"{where}: {f}")) for name in raw[f]]

@@ -1,8 +1,15 @@
-"""The registry: the one list of fine-tuning methods. `@register("lora")` on a Delta subclass adds it."""
+"""The registry: the one list of fine-tuning methods. `@register("lora")` on a Delta subclass adds it.
+
+The registry imports no method: on the first lookup it imports every module of the `deltatune.methods` package
+(plugin discovery; modules whose name starts with `_` hold shared plumbing and are skipped), and each method module
+registers itself. A method defined anywhere else (a test, a user's module) registers the same way.
+"""
 
 from __future__ import annotations
 
 import difflib
+import importlib
+import pkgutil
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -45,8 +52,24 @@ def register(name: str) -> Callable[[type[Delta]], type[Delta]]:
     return add
 
 
+METHOD_PACKAGE = "deltatune.methods"  # discovered, never imported statically: the core depends on no method
+_discovered = False
+
+
 def _ensure_loaded() -> None:
-    import deltatune.methods  # noqa: F401  (importing registers every method)
+    """Import the built-in method modules once (each registers its method)."""
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True  # before importing: a method module's own registry calls must not recurse
+    try:
+        package = importlib.import_module(METHOD_PACKAGE)
+        for module in pkgutil.iter_modules(package.__path__):
+            if not module.name.startswith("_"):
+                importlib.import_module(f"{METHOD_PACKAGE}.{module.name}")
+    except BaseException:
+        _discovered = False
+        raise
 
 
 def methods() -> dict[str, Method]:

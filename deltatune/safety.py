@@ -19,7 +19,7 @@ from typing import Any
 import regex
 import yaml
 
-from deltatune.errors import CheckpointError, ConfigError
+from deltatune.errors import CheckpointError, ConfigError, DeltaTuneError
 
 REMOTE_CODE_FLAG = "--trust-remote-code"
 # Attention / MoE-experts implementations transformers ships; anything else ("org/repo", "flash_attention_2"
@@ -118,13 +118,19 @@ def _lower_bound_params(config: dict) -> int:
     return size("vocab_size") * hidden + layers * (2 * hidden * hidden + 2 * hidden * inner)
 
 
+def read_json(path: str | Path, error: type[DeltaTuneError] = CheckpointError) -> Any:
+    """The data of a small JSON file (configs, checksums, results); one larger than any such file is `error`."""
+    path = Path(path)
+    if (size := path.stat().st_size) > MAX_JSON_BYTES:
+        raise error(f"{path} is {size:,} bytes, too large for a JSON file deltatune reads (at most {MAX_JSON_BYTES:,}; "
+                    "configs, checksums and results are kilobytes): the folder is damaged or hostile")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def _read_json_or_none(file: Path) -> Any:
     """The data of a model folder's JSON file; None if it is not JSON (transformers then reports it)."""
-    if file.stat().st_size > MAX_JSON_BYTES:
-        raise ConfigError(f"{file} is {file.stat().st_size:,} bytes, more than any model configuration "
-                          f"({MAX_JSON_BYTES:,}); the model folder is damaged")
     try:
-        return json.loads(file.read_text(encoding="utf-8"))
+        return read_json(file, ConfigError)
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
 

@@ -3,9 +3,9 @@ whose keys read like `--set` paths (`train.optimizer.lr`), also when the model i
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from deltatune.errors import config_error
 
@@ -48,10 +48,12 @@ def nested(field: str, schema: type[Schema]) -> Any:
     return field_validator(field, mode="before")(build)
 
 
-def one_or_many(*fields: str) -> Any:
-    """A before-validator that lets YAML give a single pattern as a plain string (`targets: all-linear` is
-    `targets: [all-linear]`); the JSON schema says so too. Use as `_one_pattern = one_or_many("targets")`."""
-    def as_list(value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
 
-    return field_validator(*fields, mode="before", json_schema_input_type=str | list[str] | None)(as_list)
+
+# A list of module patterns (targeting.py's forms); YAML may give a single one as a plain string (`targets:
+# all-linear` is `targets: [all-linear]`), and the JSON schema says so too.
+_ONE_OR_MANY = BeforeValidator(_as_list, json_schema_input_type=str | list[str])
+Patterns = Annotated[list[str], _ONE_OR_MANY]
+NonEmptyPatterns = Annotated[list[str], Field(min_length=1), _ONE_OR_MANY]

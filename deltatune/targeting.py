@@ -16,6 +16,7 @@ import difflib
 import re
 from typing import Iterable, Sequence, Union
 
+import torch
 from torch import nn
 
 from deltatune.arch import LINEAR, describe, short_name
@@ -50,6 +51,28 @@ class WrapperModule(DeltaModule):
     out_channels = _wrapped("out_channels")
     num_embeddings = _wrapped("num_embeddings")
     embedding_dim = _wrapped("embedding_dim")
+
+
+class MergeableWrapper(WrapperModule):
+    """A wrapper whose effect folds into its base layer's own tensors: `merge()` writes `merged_tensors()` into them
+    and keeps the originals, which `unmerge()` copies back bit for bit. Used through `Delta.fold_wrappers`."""
+
+    _original: dict[str, torch.Tensor] | None = None
+
+    def merged_tensors(self) -> dict[str, torch.Tensor]:
+        """The base layer's tensors (by attribute name, e.g. `weight`) with this wrapper folded in."""
+        raise NotImplementedError
+
+    def merge(self) -> None:
+        merged = self.merged_tensors()
+        self._original = {attr: getattr(self.base_layer, attr).detach().clone() for attr in merged}
+        for attr, value in merged.items():
+            getattr(self.base_layer, attr).copy_(value)
+
+    def unmerge(self) -> None:
+        for attr, value in (self._original or {}).items():
+            getattr(self.base_layer, attr).copy_(value)
+        self._original = None
 
 
 def find_modules(
@@ -178,3 +201,22 @@ def _layer_set(layers: LayerSpec, count: int) -> set[int] | None:
             raise TargetError(f"layer index {i} is out of range: the model has {count} layers (0..{count - 1})")
         out.add(i % count)
     return out
+
+
+def head_module_name(model: nn.Module, module: str | None = None) -> str:
+    """The name of the task head `module` names (a pattern matching one module), or of the model's known head."""
+    if module is not None:
+        found = find_modules(model, [module])
+        if len(found) > 1:
+            raise TargetError(f"module {module!r} matches {len(found)} modules ({', '.join(list(found)[:4])}); "
+                              "give the full name of the one head module")
+        return next(iter(found))
+    arch = describe(model)
+    if arch.heads:
+        return arch.heads[-1]  # the last one is the output (DistilBERT: pre_classifier, then classifier)
+    outside = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and arch.layer_index(n) is None]
+    linears = outside or [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    raise TargetError(f"{type(model).__name__} has no known task head; name the module to replace with "
+                      f"`module`. Candidate Linear modules near the output: {', '.join(linears[-5:]) or '(none)'}. "
+                      "A model without a head (AutoModel) cannot get one added: load it with "
+                      "AutoModelForSequenceClassification / ForTokenClassification instead")

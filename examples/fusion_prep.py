@@ -20,9 +20,9 @@ from pathlib import Path
 
 import yaml
 
-from deltatune.assets import package_dir
+from deltatune.models.assets import package_dir
 from deltatune.config import load_config
-from deltatune.run import run_training
+from deltatune.runs.session import run_training
 
 ROOT = Path("runs/fusion")
 TOPICS = ("ai", "coding", "emotion", "trivia")

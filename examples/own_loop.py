@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 import deltatune
-from deltatune.assets import resolve_data_path
-from deltatune.models import load_model
+from deltatune.models.assets import resolve_data_path
+from deltatune.models.load import load_model
 
 LABELS = ["negative", "positive"]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 
 from deltatune.config import load_config
-from deltatune.run import run_training
+from deltatune.runs.session import run_training
 
 
 class Interrupt(Exception):

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from deltatune.io import load_tensors
+from deltatune.storage import load_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = ("elapsed", "tokens_per_s")  # the only logged values that may differ between identical runs

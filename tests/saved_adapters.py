@@ -22,7 +22,7 @@ _SAVED: dict[str, list[str]] = {}
 def base_model(arch: str) -> torch.nn.Module:
     """A tiny random model, or the packaged MiniLM with a 2-label head ("minilm")."""
     if arch == "minilm":
-        from deltatune.models import load_model
+        from deltatune.models.load import load_model
 
         return load_model("minilm", "classification", 2)[0].eval()
     return tiny_model(arch)

@@ -21,9 +21,11 @@ from torch import nn
 
 import deltatune
 from deltatune.arch import describe, short_name
+from deltatune.methods._prefix_cache import PrefixCacheDelta
 from deltatune.registry import methods
 from deltatune.targeting import DeltaModule
 from tests.saved_adapters import save_adapter
+from tests.test_contract import contract_args
 
 VOCAB = 96
 SIZES = {"vocab_size": VOCAB, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
@@ -58,16 +60,18 @@ ARCHITECTURES: dict[str, tuple[type, str, dict]] = {
 }
 ARCHS = [*ARCHITECTURES, "cnn"]
 METHODS = sorted(methods())
+INPUT_METHODS = [m for m in METHODS if methods()[m].delta_class.rewrites_inputs]  # virtual tokens, prefixes
+CACHE_METHODS = [m for m in METHODS if issubclass(methods()[m].delta_class, PrefixCacheDelta)]  # prefixes
 
 # Pairs refused by design: (method, arch) -> (error class, what the message must say).
 NOT_TOKENS = "needs a model that takes token ids"
 REFUSED: dict[tuple[str, str], tuple[type[Exception], str]] = {
-    **{(m, "cnn"): (deltatune.TargetError, NOT_TOKENS) for m in ("prompt", "ptuning", "prefix", "ptuning_v2")},
+    **{(m, "cnn"): (deltatune.TargetError, NOT_TOKENS) for m in INPUT_METHODS},
     **{(m, "cnn"): (deltatune.TargetError, "adapter places .* no transformer layers") for m in ("adapter", "fusion")},
     ("ia3", "cnn"): (deltatune.TargetError, "ia3 found no attention layers"),
     ("side", "cnn"): (deltatune.TargetError, "TinyCNN has no layer stack"),
     **{(m, "distilbert"): (deltatune.ConfigError, "attention layers of DistilBert.* take no cache.*use prompt")
-       for m in ("prefix", "ptuning_v2")},
+       for m in CACHE_METHODS},
     ("task_heads", "bart"): (deltatune.TargetError, "adds 'final_logits_bias' .* load the model for sequence "
                                                     "classification"),
 }
@@ -136,14 +140,14 @@ def adapter_root(tmp_path_factory) -> Path:
 
 
 def method_config(method: str, arch: str, adapter_root: Path):
-    """The registry's default config of `method`, plus what a method needs without a default."""
-    needs = {
-        "fusion": lambda: {"adapters": [str(save_adapter(build(arch), adapter_root / arch / f"a{i}", seed=i,
-                                                         layer_norm=True)) for i in range(2)]},
-        "per_task": lambda: {"tasks": ["a", "b"], "delta": {"method": "lora", "r": 2}},
-        "task_heads": lambda: {"tasks": [{"name": "a", "num_labels": 2}, {"name": "b", "kind": "regression"}]},
-    }
-    return methods()[method].config_class(**needs.get(method, dict)())
+    """The registry's default config of `method`; a config with fields without a default gets the contract suite's
+    arguments (fusion: adapters saved for this architecture)."""
+    config_class = methods()[method].config_class
+    if method == "fusion":
+        return config_class(adapters=[str(save_adapter(build(arch), adapter_root / arch / f"a{i}", seed=i,
+                                                       layer_norm=True)) for i in range(2)])
+    required = any(field.is_required() for field in config_class.model_fields.values())
+    return config_class(**(contract_args(method) if required else {}))
 
 
 def module_tree(model: nn.Module) -> list[tuple[str, str]]:
@@ -207,7 +211,7 @@ def greedy_by_full_forwards(model: nn.Module, batch: dict, steps: int) -> torch.
 
 
 @pytest.mark.parametrize("arch", ["t5", "bart"])
-@pytest.mark.parametrize("method", ["prompt", "ptuning", "prefix", "ptuning_v2", "lora", "side"])
+@pytest.mark.parametrize("method", [*INPUT_METHODS, "lora", "side"])
 def test_generate_on_encoder_decoders_matches_full_forwards(method, arch, adapter_root):
     """generate() (which runs the encoder on its own, then decodes with the cache) sees the same delta."""
     model, batch = build(arch), batch_for(arch)

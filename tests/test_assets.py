@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from deltatune import assets
+from deltatune.models import assets
 from deltatune.errors import DataError, DeltaTuneError
 
 
@@ -70,6 +70,22 @@ def test_chatterbot_topics_conversion(tmp_cache: Path) -> None:
     assert len(set(texts)) == len(texts) and all(t == t.strip() and t for t in texts)  # distinct, one topic each
     for topic, conversation in assets._chatterbot_conversations()[:50]:
         assert any(r["text"] == line.strip() and r["label"] == topic for line in conversation for r in rows)
+
+
+def test_chatterbot_mc_conversion(tmp_cache: Path) -> None:
+    from deltatune.generation.choices import read_choices
+
+    records = read_choices("chatterbot_mc")  # every record passes the multiple-choice file checks
+    conversations = _read_jsonl(assets.resolve_data_path("chatterbot"))
+    assert len(records) == len(conversations) == 2025
+    for record, conv in zip(records, conversations):  # same order as `chatterbot`: skip N after training on N
+        assert record.question == conv["messages"][0]["content"]
+        assert record.choices[record.answer] == conv["messages"][1]["content"]
+        assert len(set(record.choices)) == 4
+    answers = Counter(r.answer for r in records)  # shuffled: the right choice is anywhere
+    assert set(answers) == {0, 1, 2, 3} and max(answers.values()) < 0.3 * len(records)
+    assets._chatterbot_mc(tmp_cache / "again.jsonl")  # seeded: the same file every time
+    assert _read_jsonl(tmp_cache / "again.jsonl") == _read_jsonl(assets.resolve_data_path("chatterbot_mc"))
 
 
 def test_resolve_data_path_existing_and_missing(tmp_path: Path) -> None:

@@ -19,6 +19,11 @@ from tests.tiny import tiny_batch, tiny_model
 
 _MODELS: dict[str, nn.Module] = {}
 
+# For the shared suites (test_contract.py, ...): tiny Llama has no biases: add them (GPT-2, BERT: plain BitFit); not
+# on the residual writers, whose zero-init biases move the random model's 0.02-scale residual stream ~50% per Adam
+# step at lr 1e-2 (loss rises)
+CONTRACT_ARGS = {"add_missing": True, "exclude": ["o_proj", "down_proj"]}
+
 
 def model(arch: str) -> nn.Module:
     """A fresh copy of one cached tiny classification model (building from config is the slow part)."""

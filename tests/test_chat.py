@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from deltatune.errors import ConfigError
-from deltatune.generate import Sampling, generate
-from deltatune.inference import Conversation, Generator
-from deltatune.prompts import render_chat
+from deltatune.generation.sampling import Sampling, generate
+from deltatune.generation.generator import Conversation, Generator
+from deltatune.generation.prompts import render_chat
 from tests.tiny_lm import CHATML, tiny_llama, tiny_tokenizer
 
 

@@ -10,7 +10,7 @@ import torch
 import yaml
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig
 
-from deltatune.assets import resolve_model_path
+from deltatune.models.assets import resolve_model_path
 from deltatune.cli import main
 from deltatune.config import load_config
 from deltatune.errors import ConfigError
@@ -82,9 +82,10 @@ def test_train_eval_merge_end_to_end(tmp_path, tiny_bert_dir, reviews, capsys):
     assert f"{results['test']['accuracy']:.4f}" in capsys.readouterr().out
 
     assert main(["merge", str(run), str(tmp_path / "merged")]) == 0
-    from deltatune.run import load_run
+    from deltatune.runs.run import Run
+    from deltatune.runs.session import run_session
 
-    session = load_run(run)
+    session = run_session(Run.open(run))
     batch = session.tokenizer(["the plot was good", "the film was bad"], return_tensors="pt", padding=True)
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from deltatune.cli import main
-from deltatune.compare import CompareConfig, method_config, run_compare
+from deltatune.runs.compare import CompareConfig, method_config, run_compare
 from deltatune.config import read_config
 from deltatune.errors import ConfigError
 from tests.test_cli import reviews, tiny_bert_dir, wide_terminal, write_config  # noqa: F401  (fixtures)
@@ -162,8 +162,8 @@ def test_seeds_give_mean_and_spread_and_the_table_is_whole_off_a_terminal(config
 
 
 def test_compare_chart_starts_at_zero_and_draws_the_baselines():
-    from deltatune.compare import Row
-    from deltatune.report import compare_figure, compare_note
+    from deltatune.runs.compare import Row
+    from deltatune.runs.report import compare_figure, compare_note
 
     def row(method, tests, base):
         return Row(method=method, deltas=method, metric="accuracy", test=statistics.fmean(tests),

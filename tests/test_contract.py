@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Callable
 
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 
 import deltatune
 from deltatune.delta import CONFIG_FILE, FORMAT_VERSION, TENSOR_FILE
-from deltatune.io import load_tensors
+from deltatune.storage import load_tensors
 from deltatune.registry import methods
 from deltatune.targeting import DeltaModule
 from tests.saved_adapters import fusion_config_args
@@ -19,14 +20,9 @@ from tests.tiny import logits, tiny_batch, tiny_model
 
 ARCHS = ["gpt2", "llama", "bert"]
 METHODS = sorted(methods())
-# Methods whose defaults need a nudge to apply to a tiny classification model.
+# Methods whose defaults need a nudge to apply to a tiny classification model. A method's own test file may give
+# them instead, as CONTRACT_ARGS in tests/test_<method>.py (so a new method needs no edit here).
 CONFIG_ARGS: dict[str, dict] = {
-    # tiny Llama has no biases: add them (GPT-2, BERT: plain BitFit); not on the residual writers, whose zero-init
-    # biases move the random model's 0.02-scale residual stream ~50% per Adam step at lr 1e-2 (loss rises)
-    "bitfit": {"add_missing": True, "exclude": ["o_proj", "down_proj"]},
-    # a random model's sublayer outputs are ~0.1 in scale: a layer-normed adapter input and a wider bottleneck than
-    # 32 // 16 = 2 make 8 steps lower the loss clearly (defaults: by only ~3e-4 on tiny BERT); exercises houlsby
-    "adapter": {"placement": "houlsby", "bottleneck_size": 16, "layer_norm": True},
     # multi-task: calls without a `task` keyword compute the first task (a: the 2 labels loss_of uses)
     "task_heads": {"tasks": [{"name": "a", "num_labels": 2}, {"name": "b", "kind": "regression"}]},
     "per_task": {"tasks": ["a", "b"], "delta": {"method": "lora", "r": 2}},
@@ -37,8 +33,19 @@ CONFIG_ARGS: dict[str, dict] = {
 CONFIG_FACTORIES: dict[str, Callable[[str], dict]] = {"fusion": fusion_config_args}
 
 
+def contract_args(method: str) -> dict:
+    """The config arguments the shared suites use for `method`: CONFIG_ARGS, else its test file's CONTRACT_ARGS."""
+    if method in CONFIG_ARGS:
+        return CONFIG_ARGS[method]
+    try:
+        own_tests = importlib.import_module(f"tests.test_{method}")
+    except ModuleNotFoundError:
+        return {}
+    return getattr(own_tests, "CONTRACT_ARGS", {})
+
+
 def make_config(method: str, arch: str = "llama", **overrides):
-    args = CONFIG_FACTORIES[method](arch) if method in CONFIG_FACTORIES else CONFIG_ARGS.get(method, {})
+    args = CONFIG_FACTORIES[method](arch) if method in CONFIG_FACTORIES else contract_args(method)
     return methods()[method].config_class(**{**args, **overrides})
 
 
@@ -191,7 +198,7 @@ def test_gradient_checkpointing_trains_the_delta(method, arch):
 def minilm_inputs():
     from transformers import AutoTokenizer
 
-    from deltatune.assets import resolve_model_path
+    from deltatune.models.assets import resolve_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
     return tokenizer(["a gripping, well acted film", "dull and far too long"], return_tensors="pt", padding=True)
@@ -200,7 +207,7 @@ def minilm_inputs():
 @every_method
 def test_contract_on_the_real_packaged_model(method, minilm_inputs, tmp_path):
     """Attach, save, reload into a fresh copy, detach: on the real MiniLM encoder, not only on tiny models."""
-    from deltatune.models import load_model
+    from deltatune.models.load import load_model
 
     model = load_model("minilm", "classification", 2)[0].eval()
     before, original = logits(model, minilm_inputs), weights(model)

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from deltatune import assets
+from deltatune.models import assets
 from deltatune.cli import main
 from deltatune.errors import DeltaTuneError
-from deltatune.models import load_model
+from deltatune.models.load import load_model
 from tests.tiny_lm import CHATML, tiny_llama, tiny_tokenizer, write_gguf
 
 TEXT = "hello world, how are you?\nI am fine"

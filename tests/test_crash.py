@@ -18,7 +18,7 @@ from launch import best_delta, env, metrics, text_rows, write_config, write_json
 from tiny import save_tiny_model_dir
 
 from deltatune.cli import main
-from deltatune.io import load_tensors
+from deltatune.storage import load_tensors
 from deltatune.train.checkpoint import checkpoint_dirs
 
 STEPS = 12  # 24 examples, batch 4, 2 epochs

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from deltatune.cli import main
-from deltatune.diagnostics import classification_summary, misclassified
-from deltatune.progress import GenerationLines, TrainLines, duration
+from deltatune.runs.diagnostics import classification_summary, misclassified
+from deltatune.runs.progress import GenerationLines, TrainLines, duration
 from tests.test_cli import reviews, tiny_bert_dir, wide_terminal, write_config  # noqa: F401  (fixtures)
 
 

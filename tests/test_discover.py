@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from deltatune import __version__
-from deltatune.assets import DATA_CARDS, MODEL_CARDS, PACKAGED_DATASETS, PACKAGED_MODELS
+from deltatune.models.assets import DATA_CARDS, MODEL_CARDS, PACKAGED_DATASETS, PACKAGED_MODELS
 from deltatune.cli import main
 from deltatune.config import RunConfig, validate_config
 from deltatune.registry import methods

@@ -25,7 +25,7 @@ from deltatune.cli import main
 from deltatune.data import Collator
 from deltatune.data.batching import real_tokens
 from deltatune.delta import base_fingerprint
-from deltatune.io import load_tensors
+from deltatune.storage import load_tensors
 from deltatune.train import distributed
 from deltatune.train.checkpoint import checkpoint_dirs
 from deltatune.train.metrics import loss_sum, units

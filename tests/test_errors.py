@@ -17,7 +17,7 @@ from tiny import AllParams, TrainAll, save_tiny_model_dir, tiny_model
 from torch import nn
 
 import deltatune
-from deltatune import io
+from deltatune import storage
 from deltatune.config import load_config, validate_config
 from deltatune.data import Collator, DataConfig, TaskData, prepare_data, read_table
 from deltatune.errors import (
@@ -27,7 +27,7 @@ from deltatune.errors import (
     DeltaTuneError,
     TargetError,
 )
-from deltatune.models import load_model, load_tokenizer
+from deltatune.models.load import load_model, load_tokenizer
 from deltatune.registry import get_method
 from deltatune.train import TrainConfig, train
 from deltatune.train.checkpoint import checkpoint_dirs, load_latest, save_checkpoint
@@ -210,7 +210,7 @@ def tokenizer_dir(tmp_path, **special) -> Path:
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from deltatune.assets import resolve_model_path
+    from deltatune.models.assets import resolve_model_path
 
     backend = Tokenizer.from_file(str(resolve_model_path("minilm") / "tokenizer.json"))
     backend.no_padding()
@@ -349,14 +349,14 @@ def test_disk_full_during_a_checkpoint_leaves_the_previous_one_intact(tmp_path, 
     optimizer = torch.optim.AdamW(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     parts = {"delta": delta, "optimizer": optimizer, "scheduler": scheduler, "state": {"epoch": 0}, "keep": 2}
-    monkeypatch.setattr(io.os, "fsync", disk_full)  # the disk fills up while the tensors are flushed
+    monkeypatch.setattr(storage.os, "fsync", disk_full)  # the disk fills up while the tensors are flushed
     with pytest.raises(CheckpointError, match=r"checkpoint step-00000001 was not written: No space left on device; "
                                               r"there is no earlier checkpoint. Free some space and start the run"):
         save_checkpoint(tmp_path, 1, **parts)
     monkeypatch.undo()
     save_checkpoint(tmp_path, 1, **parts)
     files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    monkeypatch.setattr(io.os, "fsync", disk_full)
+    monkeypatch.setattr(storage.os, "fsync", disk_full)
     with pytest.raises(CheckpointError, match=r"checkpoint step-00000002 was not written: No space left on device; "
                                               r"the previous checkpoint .*step-00000001 is unchanged. Free some "
                                               r"space and continue with --resume"):
@@ -368,9 +368,9 @@ def test_disk_full_during_a_checkpoint_leaves_the_previous_one_intact(tmp_path, 
 
 def test_disk_full_during_a_file_write_keeps_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "results.json"
-    io.write_json(path, {"accuracy": 0.5})
-    monkeypatch.setattr(io.os, "fsync", disk_full)
+    storage.write_json(path, {"accuracy": 0.5})
+    monkeypatch.setattr(storage.os, "fsync", disk_full)
     with pytest.raises(DeltaTuneError, match=r"no space left on device for .*results.json: nothing was written \(a "
                                              r"previous version is unchanged\); free some space and try again"):
-        io.write_json(path, {"accuracy": 0.9})
-    assert io.read_json(path) == {"accuracy": 0.5} and [p.name for p in tmp_path.iterdir()] == ["results.json"]
+        storage.write_json(path, {"accuracy": 0.9})
+    assert storage.read_json(path) == {"accuracy": 0.5} and [p.name for p in tmp_path.iterdir()] == ["results.json"]

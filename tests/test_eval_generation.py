@@ -6,12 +6,14 @@ import copy
 import json
 
 import pytest
+import sacrebleu
 
 from deltatune.config import validate_config
 from deltatune.errors import ConfigError, DataError
-from deltatune.eval_generation import evaluate_generation, exact_match, lcs_length, reference_records, rouge_l, score
-from deltatune.generate import Sampling, generate
-from deltatune.inference import Generator
+from deltatune.generation.evaluate import (corpus_bleu, evaluate_generation, exact_match, lcs_length,
+                                          reference_records, rouge_l, score)
+from deltatune.generation.generator import Generator
+from deltatune.generation.sampling import Sampling, generate
 from tests.tiny_lm import tiny_llama, tiny_tokenizer
 
 
@@ -37,8 +39,24 @@ def test_rouge_l_hand_computed(prediction, reference, expected):
 def test_exact_match_and_mean_scores():
     assert exact_match(" Paris\n", "paris") == 1.0
     assert exact_match("Paris.", "paris") == 0.0
-    assert score(["paris", "the cat sat on the mat"], ["Paris", "the cat is on the mat"]) == \
-        pytest.approx({"exact_match": 0.5, "rougeL": (1 + 5 / 6) / 2})
+    scores = score(["paris", "the cat sat on the mat"], ["Paris", "the cat is on the mat"])
+    assert {k: scores[k] for k in ("exact_match", "rougeL")} == pytest.approx({"exact_match": 0.5,
+                                                                               "rougeL": (1 + 5 / 6) / 2})
+
+
+def test_corpus_bleu_hand_computed_and_as_sacrebleu():
+    # one sentence, 4 of 5 unigrams, 3/4 bigrams, 2/3 trigrams, 1/2 4-grams match, same length (no brevity
+    # penalty): BLEU = 100 * (4/5 * 3/4 * 2/3 * 1/2) ** (1/4)
+    assert corpus_bleu(["a b c d e"], ["a b c d f"]) == pytest.approx(100 * 0.2 ** 0.25)
+    assert corpus_bleu(["the same words here"], ["the same words here"]) == pytest.approx(100.0)
+    assert corpus_bleu(["x y z w"], ["a b c d"]) == 0.0
+    predictions = ["The cat sat on the mat.", "It is raining today!", "hello"]
+    references = ["The cat is on the mat.", "Today it is raining.", "hello world"]
+    expected = sacrebleu.BLEU().corpus_score(predictions, [references]).score  # sacrebleu's own, defaults
+    assert score(predictions, references)["bleu"] == pytest.approx(expected) and 0 < expected < 100
+    # corpus BLEU pools the n-gram counts: not the mean of sentence BLEUs
+    sentences = [sacrebleu.sentence_bleu(p, [r]).score for p, r in zip(predictions, references)]
+    assert expected != pytest.approx(sum(sentences) / len(sentences))
 
 
 def test_reference_records_need_a_reference(tmp_path):

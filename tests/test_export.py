@@ -14,13 +14,13 @@ import yaml
 from safetensors import safe_open
 
 import deltatune
-from deltatune.assets import MODEL_CARDS, PACKAGED_MODELS, portable_model_name
+from deltatune.models.assets import MODEL_CARDS, PACKAGED_MODELS, portable_model_name
 from deltatune.cli import main
 from deltatune.config import load_config
 from deltatune.errors import ConfigError
 from deltatune.interop.peft import CONFIG_FILE, compact_names, export_peft
 from deltatune.methods.lora import LoRA
-from deltatune.run import open_session
+from deltatune.runs.session import open_session
 from tests.test_interop import perturb, run_dir  # noqa: F401  (fixture)
 from tests.test_cli import reviews, tiny_bert_dir  # noqa: F401  (fixtures)
 from tests.tiny import biased_tiny_model

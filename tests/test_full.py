@@ -13,7 +13,7 @@ from torch import nn  # noqa: E402
 
 import deltatune  # noqa: E402
 from deltatune.delta import TENSOR_FILE  # noqa: E402
-from deltatune.io import load_tensors  # noqa: E402
+from deltatune.storage import load_tensors  # noqa: E402
 from deltatune.methods.full import Full  # noqa: E402
 from tests.tiny import tiny_batch, tiny_model  # noqa: E402
 

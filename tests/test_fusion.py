@@ -14,7 +14,7 @@ from torch import nn
 import deltatune
 from deltatune.delta import CONFIG_FILE, TENSOR_FILE
 from deltatune.errors import CheckpointError, ConfigError
-from deltatune.io import load_tensors
+from deltatune.storage import load_tensors
 from deltatune.methods.adapter import Adapter
 from deltatune.methods.fusion import Fusion, FusionModule
 from tests.saved_adapters import save_adapter

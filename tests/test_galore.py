@@ -21,13 +21,14 @@ import torch  # noqa: E402
 import deltatune  # noqa: E402
 from deltatune.config import load_config  # noqa: E402
 from deltatune.errors import ConfigError, TargetError  # noqa: E402
-from deltatune.io import load_tensors  # noqa: E402
+from deltatune.storage import load_tensors  # noqa: E402
 from deltatune.methods.full import Full  # noqa: E402
 from deltatune.methods.lora import LoRA  # noqa: E402
 from deltatune.optim import (  # noqa: E402
     GaLoreAdamW,
     GaLoreAdamW8bit,
     OptimizerConfig,
+    OptimizerStep,
     build_optimizer,
     build_scheduler,
     check_train_settings,
@@ -260,6 +261,28 @@ def test_a_discarded_per_layer_optimizer_stops_updating():
     before = [p.detach().clone() for p in model.parameters()]
     model(**batch, labels=batch["input_ids"]).loss.backward()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_the_loops_optimizer_step_is_the_same_calls_with_or_without_per_layer_updates(per_layer):
+    """OptimizerStep: the loop's clip runs only where gradients are left after backward; close() takes the hooks off."""
+    model, _, optimizer, cfg = setup(per_layer=per_layer)
+    updates = OptimizerStep(optimizer, build_scheduler(optimizer, cfg, total_steps=10))
+    assert updates.in_backward is per_layer
+    batch, clipped = tiny_batch(), []
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    norm = updates.grad_norm(clip=lambda: clipped.append(1) or 7.0)
+    if per_layer:
+        assert clipped == [] and norm == updates.optimizer.grad_norm() and 0 < norm != 7.0
+    else:
+        assert clipped == [1] and norm == 7.0
+    lr = updates.lr
+    updates.step()
+    assert all(p.grad is None for p in model.parameters()) and updates.lr != lr  # zeroed, scheduled
+    updates.close()
+    before = [p.detach().clone() for p in model.parameters()]
+    model(**batch, labels=batch["input_ids"]).loss.backward()  # e.g. a later evaluation with gradients
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))  # nothing updated behind the loop
 
 
 # ---- exact resume --------------------------------------------------------------------------------------------

@@ -6,9 +6,11 @@ import pytest
 import torch
 
 import deltatune
-from deltatune.generate import Sampling, cut_at_stop, generate, generate_ids
-from deltatune.methods.prefix import Prefix, PTuningV2
-from deltatune.methods.prompt import Prompt, PTuning
+from deltatune.generation.sampling import Sampling, cut_at_stop, generate, generate_ids
+from deltatune.methods.prefix import Prefix
+from deltatune.methods.ptuning_v2 import PTuningV2
+from deltatune.methods.prompt import Prompt
+from deltatune.methods.ptuning import PTuning
 from tests.test_prompt import perturb
 from tests.tiny import tiny_model
 from tests.tiny_lm import tiny_llama, tiny_tokenizer

@@ -16,10 +16,10 @@ from rich.control import strip_control_codes
 
 from deltatune.cli import main
 from deltatune.errors import ConfigError
-from deltatune.eval_generation import score
-from deltatune.generate import Sampling
-from deltatune.inference import Conversation, open_generator
-from deltatune.prompts import PromptRecord
+from deltatune.generation.evaluate import score
+from deltatune.generation.sampling import Sampling
+from deltatune.generation.generator import Conversation, open_generator
+from deltatune.generation.prompts import PromptRecord
 from tests.tiny_lm import CHATML, CORPUS, save_tiny_lm
 
 PROMPTS = ["hello world", "the quick brown fox", "I am"]
@@ -110,7 +110,7 @@ def test_train_with_eval_generation_scores_base_and_fine_tuned(run, lm_dir, held
 
 
 def _complete_held_out(generator, held_out: Path) -> list[str]:
-    from deltatune.eval_generation import reference_records
+    from deltatune.generation.evaluate import reference_records
 
     return generator.complete(reference_records(held_out), SAMPLING)
 
@@ -135,7 +135,7 @@ def test_eval_generate_reproduces_the_answers_of_training_and_scores_them(run, h
     printed = capsys.readouterr().out
     tuned, base = score([r["output"] for r in rows], references), score([r["base"] for r in rows], references)
     assert tuned["exact_match"] == pytest.approx(1 / 3) and 0 < base["rougeL"] < 1
-    for name in ("exact_match", "rougeL"):
+    for name in ("exact_match", "rougeL", "bleu"):
         line = next(line for line in printed.splitlines() if line.strip("│ ").startswith(name))
         assert [cell.strip() for cell in line.split("│")[2:4]] == [f"{base[name]:.4f}", f"{tuned[name]:.4f}"]
 
@@ -178,7 +178,7 @@ def test_a_run_that_saved_its_chat_template_generates_with_it_by_default(run, tm
 
 def test_a_run_loads_its_base_model_with_the_run_settings(run, tmp_path, monkeypatch):
     """dtype comes from the run's config, as in training; remote code only from the caller's explicit argument."""
-    from deltatune import models
+    from deltatune.models import load as models
 
     trusted = tmp_path / "trusted"
     shutil.copytree(run, trusted)

@@ -24,14 +24,14 @@ from tiny import AllParams, TrainAll, save_tiny_model_dir, tiny_model
 from torch import nn
 
 import deltatune
-from deltatune import io
+from deltatune import storage
 from deltatune.cli import main
 from deltatune.data import Collator, TaskData
 from deltatune.delta import CONFIG_FILE, TENSOR_FILE
 from deltatune.errors import CheckpointError, ConfigError, DeltaTuneError
 from deltatune.fingerprint import SAMPLED_TENSORS, SAMPLES, fingerprint
 from deltatune.methods.fusion import Fusion
-from deltatune.models import load_model
+from deltatune.models.load import load_model
 from deltatune.registry import get_method
 from deltatune.train import TrainConfig, train
 from tests.saved_adapters import save_adapter
@@ -142,9 +142,9 @@ def test_a_base_loaded_in_lower_precision_still_matches(tmp_path):
 
 def test_deltas_saved_before_weight_fingerprints_load_by_names_and_shapes(tmp_path):
     saved = deltatune.attach(lm(), lora()).save(tmp_path / "lora")
-    meta = io.read_json(saved / CONFIG_FILE)
+    meta = storage.read_json(saved / CONFIG_FILE)
     del meta["base"]["weights"]
-    io.write_json(saved / CONFIG_FILE, {**meta, "version": 1})
+    storage.write_json(saved / CONFIG_FILE, {**meta, "version": 1})
     deltatune.load(lm(seed=1), saved)  # format 1 recorded names and shapes only
 
 
@@ -278,7 +278,7 @@ def test_a_delta_holding_non_finite_values_is_refused(tmp_path, value):
     name = sorted(tensors)[1]
     tensors[name][0, 0] = value
     save_file(tensors, saved / TENSOR_FILE)
-    io.write_json(saved / CONFIG_FILE, {**io.read_json(saved / CONFIG_FILE), "sha256": io.sha256(saved / TENSOR_FILE)})
+    storage.write_json(saved / CONFIG_FILE, {**storage.read_json(saved / CONFIG_FILE), "sha256": storage.sha256(saved / TENSOR_FILE)})
     model = lm()
     with pytest.raises(CheckpointError, match=rf"delta.safetensors holds NaN or infinite values in 1 tensor\(s\), "
                                               rf"e.g. {name}: the delta is damaged"):
@@ -321,7 +321,7 @@ def test_damaged_model_folders(tmp_path, bert_dir, reviews, capsys, file, conten
 ])
 def test_delta_json_of_the_wrong_structure(tmp_path, change, message):
     saved = deltatune.attach(lm(), lora()).save(tmp_path / "lora")
-    io.write_json(saved / CONFIG_FILE, change(io.read_json(saved / CONFIG_FILE)))
+    storage.write_json(saved / CONFIG_FILE, change(storage.read_json(saved / CONFIG_FILE)))
     with pytest.raises(CheckpointError, match=message):
         deltatune.load(lm(), saved)
 

@@ -19,12 +19,12 @@ import yaml
 from launch import ROOT, best_delta, cli_run, env, metrics, snapshot, text_rows, write_config, write_jsonl
 from tiny import save_tiny_model_dir
 
-from deltatune import cli, io
+from deltatune import cli, storage
 from deltatune.config import load_config
 from deltatune.errors import ConfigError
 from deltatune.optim.schedule import lr_factor
-from deltatune.run import run_training
-from deltatune.runfolder import LOCK_NAME, output_folder, run_lock
+from deltatune.runs.session import run_training
+from deltatune.runs.folder import LOCK_NAME, output_folder, run_lock
 from deltatune.train.checkpoint import checkpoint_dirs, load_checkpoint, replace_dir
 
 STEPS = 12  # 24 examples, batch 4, 2 epochs
@@ -175,7 +175,7 @@ def test_resume_with_changed_data_contents_is_refused(setup, run, tmp_path):
     rows[3]["text"] = "an edited record"
     write_jsonl(data, rows)
     config = yaml.safe_load(setup.read_text())
-    digest = io.sha256(config["data"]["train"])
+    digest = storage.sha256(config["data"]["train"])
     shutil.copy(config["data"]["train"], tmp_path / "kept.jsonl")
     shutil.copy(data, config["data"]["train"])  # same path, other contents
     try:
@@ -183,7 +183,7 @@ def test_resume_with_changed_data_contents_is_refused(setup, run, tmp_path):
     finally:
         shutil.copy(tmp_path / "kept.jsonl", config["data"]["train"])
     assert f"data.train: the contents of {config['data']['train']} changed since the run started " \
-           f"(sha256 {digest[:12]}… → {io.sha256(data)[:12]}…)" in out
+           f"(sha256 {digest[:12]}… → {storage.sha256(data)[:12]}…)" in out
 
 
 def test_eval_after_a_refused_resume_uses_the_runs_own_data(setup, run, tmp_path):
@@ -202,9 +202,9 @@ def test_resume_cannot_shorten_below_the_step_reached(setup, run):
 def test_an_early_stopped_run_is_not_extended_silently(setup, run):
     state_file = checkpoint_dirs(run / "checkpoints")[-1] / "state.json"
     state = json.loads(state_file.read_text())
-    io.write_json(state_file, {**state, "stopped_early": True})
+    storage.write_json(state_file, {**state, "stopped_early": True})
     sums = json.loads((state_file.parent / "checksums.json").read_text())
-    io.write_json(state_file.parent / "checksums.json", {**sums, "state.json": io.sha256(state_file)})
+    storage.write_json(state_file.parent / "checksums.json", {**sums, "state.json": storage.sha256(state_file)})
     out = refused(run, "train", str(setup), "--set", f"output_dir={run}", "--set", "train.epochs=3", "--resume")
     assert f"error: cannot extend {run}: it stopped early at step {STEPS} (train.patience: no improvement), " \
            "so more epochs / max_steps would train nothing" in out
@@ -232,13 +232,13 @@ def test_checkpoints_record_the_config_and_data_hashes(setup, finished):
     config = yaml.safe_load(setup.read_text())
     assert state["run"]["config"]["train"]["optimizer"]["lr"] == 0.01
     assert state["run"]["data"] == {
-        f"data.{split}": {"path": config["data"][key], "sha256": io.sha256(config["data"][key])}
+        f"data.{split}": {"path": config["data"][key], "sha256": storage.sha256(config["data"][key])}
         for split, key in (("train", "train"), ("validation", "validation"))}
 
 
 def test_the_library_refuses_a_changed_optimizer_on_resume(setup, run):
     """`train(resume=True)` called directly (no run folder checks) still refuses another LR than the run's."""
-    from deltatune.run import open_session
+    from deltatune.runs.session import open_session
     from deltatune.train import train
 
     config = load_config(setup, [f"output_dir={run}", "train.optimizer.lr=0.5"])
@@ -252,7 +252,7 @@ def test_the_library_refuses_a_changed_optimizer_on_resume(setup, run):
 # ---- 3. one writer per run folder -------------------------------------------------------------------------------
 def test_a_second_writer_is_refused_naming_the_holder(setup, run):
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
-                               "from deltatune.runfolder import run_lock\n"
+                               "from deltatune.runs.folder import run_lock\n"
                                f"with run_lock(Path({str(run)!r})):\n    print('held', flush=True)\n"
                                "    time.sleep(600)"], env=env(), stdout=subprocess.PIPE, text=True)
     try:
@@ -387,7 +387,7 @@ def test_best_is_swapped_in_one_step(tmp_path):
     best.mkdir()
     (new / "delta.json").write_text("new")
     (best / "delta.json").write_text("old")
-    assert io.exchange(new, best)
+    assert storage.exchange(new, best)
     assert (best / "delta.json").read_text() == "new" and (new / "delta.json").read_text() == "old"
     replace_dir(new, best)  # swaps back, removes the other
     assert (best / "delta.json").read_text() == "old" and not new.exists()
@@ -431,7 +431,7 @@ def test_generate_output_never_replaces_an_existing_file(finished, tmp_path):
 
 
 def test_interrupt_before_any_checkpoint_says_nothing_was_saved(setup, tmp_path, monkeypatch):
-    import deltatune.run as run_module
+    import deltatune.runs.session as run_module
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

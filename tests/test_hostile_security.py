@@ -23,19 +23,20 @@ from tiny import save_tiny_model_dir
 from tiny_lm import save_tiny_lm
 
 import deltatune
-from deltatune import io, models
+from deltatune import safety, storage
+from deltatune.models import load as models
 from deltatune.cli import main
-from deltatune.compare import table_row
+from deltatune.runs.compare import table_row
 from deltatune.config import load_config, validate_config
 from deltatune.delta import CONFIG_FILE, TENSOR_FILE
 from deltatune.errors import CheckpointError, ConfigError
-from deltatune.inference import open_generator
+from deltatune.generation.generator import open_generator
 from deltatune.interop import export
 from deltatune.methods.fusion import Fusion
-from deltatune.models import load_model, load_tokenizer
-from deltatune.prompts import PromptRecord, saved_template
-from deltatune.report import read_metrics
-from deltatune.run import load_run
+from deltatune.models.load import load_model, load_tokenizer
+from deltatune.generation.prompts import PromptRecord, saved_template
+from deltatune.runs.report import read_metrics
+from deltatune.runs.run import Run
 from deltatune.safety import MAX_YAML_NODES
 from deltatune.train.checkpoint import CHECKSUMS, load_checkpoint
 from tests.saved_adapters import save_adapter
@@ -150,7 +151,7 @@ def test_a_run_folder_cannot_switch_on_remote_code(hostile_run, tmp_path, capsys
 
 def test_library_calls_on_a_run_folder_keep_remote_code_off(hostile_run, tmp_path):
     with refused(ConfigError, NO_SWITCH, tmp_path):
-        load_run(hostile_run)
+        Run.open(hostile_run)
     with refused(ConfigError, NO_SWITCH, tmp_path):
         open_generator(run=hostile_run)
     with refused(ConfigError, NO_SWITCH, tmp_path):
@@ -408,14 +409,14 @@ def test_hostile_safetensors_headers_are_refused_before_parsing(tmp_path, header
     file = tmp_path / TENSOR_FILE
     file.write_bytes(header)
     with refused(CheckpointError, message, tmp_path):
-        io.load_tensors(file)
+        storage.load_tensors(file)
 
 
 def test_a_delta_with_a_huge_header_and_a_matching_checksum_is_refused(lm_run, tmp_path):
     run = Path(shutil.copytree(lm_run, tmp_path / "run"))
     bomb = run / "best" / TENSOR_FILE
     bomb.write_bytes(struct.pack("<Q", 1 << 62) + b"{}")
-    edit_json(run / "best" / CONFIG_FILE, sha256=io.sha256(bomb))
+    edit_json(run / "best" / CONFIG_FILE, sha256=storage.sha256(bomb))
     with refused(CheckpointError, r"delta.safetensors is not a valid safetensors file: it states a header of "
                                   r"4,611,686,018,427,387,904 bytes", tmp_path):
         open_generator(run=run)
@@ -451,8 +452,8 @@ def test_absurd_sizes_are_config_errors_before_any_allocation(lm_run, tmp_path, 
 
 
 def test_absurd_sampling_and_evaluation_sizes_are_config_errors():
-    from deltatune.eval_generation import GenerationEval
-    from deltatune.generate import Sampling
+    from deltatune.generation.config import GenerationEval
+    from deltatune.generation.sampling import Sampling
 
     with pytest.raises(ConfigError, match=r"max_new_tokens: Input should be less than or equal to 1048576"):
         Sampling(max_new_tokens=10**12)
@@ -542,7 +543,7 @@ def test_a_pickle_next_to_safetensors_is_never_loaded(bert_dir, tmp_path):
     ("{{ 1 // 0 }}MARKER", r"ZeroDivisionError: integer division or modulo by zero"),
 ])
 def test_a_run_chat_template_renders_sandboxed(lm_run, tmp_path, template, message):
-    from deltatune.generate import Sampling
+    from deltatune.generation.sampling import Sampling
 
     run = Path(shutil.copytree(lm_run, tmp_path / "run"))
     marker = tmp_path / "pwned"
@@ -559,7 +560,7 @@ def test_a_run_chat_template_renders_sandboxed(lm_run, tmp_path, template, messa
     {"no_repeat_ngram_size": 1, "min_new_tokens": 5, "bad_words_ids": [[5]]},
 ])
 def test_a_model_generation_config_cannot_change_generation(lm_run, tmp_path, settings):
-    from deltatune.generate import Sampling, generate
+    from deltatune.generation.sampling import Sampling, generate
 
     lm = Path(yaml.safe_load((lm_run / "config.yaml").read_text())["model"]["path"])
     model, tokenizer = load_model(str(lm), "causal_lm")
@@ -582,7 +583,7 @@ def test_a_huge_chat_template_is_refused(lm_run, tmp_path):
 
 
 @pytest.mark.parametrize("results, message", [
-    ("[1, 2]", r"results.json: not the results of finished runs \(TypeError: "),
+    ("[1, 2]", r"results.json: not the results of a finished run \(a JSON list, not an object\)"),
     ('{"metric": "accuracy"}', r"results.json: not the results of finished runs \(KeyError: 'trainable_params'\)"),
     ('{"metric": "accuracy", "trainable_params": 1, "total_params": 0}', r"ZeroDivisionError"),
 ])
@@ -605,7 +606,7 @@ def test_a_damaged_metrics_log_is_one_error(tmp_path, lines, message):
 
 
 def test_report_curves_skip_rows_of_the_wrong_types(tmp_path):
-    from deltatune.report import _curves_png
+    from deltatune.runs.report import _curves_png
 
     rows = [{"kind": "train", "step": "x", "loss": 1.0}, {"kind": "train", "step": 1, "loss": "nan?"},
             {"kind": "train", "step": 2, "loss": 0.5}, {"kind": "eval", "split": "validation", "step": 2,
@@ -614,13 +615,13 @@ def test_report_curves_skip_rows_of_the_wrong_types(tmp_path):
 
 
 def test_oversized_json_in_a_folder_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(io, "MAX_JSON_BYTES", 100)
+    monkeypatch.setattr(safety, "MAX_JSON_BYTES", 100)
     (tmp_path / CONFIG_FILE).write_text(json.dumps({"x": "y" * 200}))
-    with refused(CheckpointError, r"delta.json is 2\d\d bytes, too large for a deltatune JSON file \(at most 100\)",
+    with refused(CheckpointError, r"delta.json is 2\d\d bytes, too large for a JSON file deltatune reads \(at most 100",
                  tmp_path):
-        io.read_json(tmp_path / CONFIG_FILE)
+        storage.read_json(tmp_path / CONFIG_FILE)
 
 
 def test_tensor_files_are_still_written_and_read(tmp_path):
     save_file({"a": torch.ones(2)}, str(tmp_path / "t.safetensors"))
-    assert torch.equal(io.load_tensors(tmp_path / "t.safetensors")["a"], torch.ones(2))
+    assert torch.equal(storage.load_tensors(tmp_path / "t.safetensors")["a"], torch.ones(2))

@@ -17,14 +17,17 @@ from deltatune.cli import main
 from deltatune.config import load_config
 from deltatune.errors import CheckpointError, ConfigError
 from deltatune.interop.peft import CONFIG_FILE, WEIGHTS_FILE, export_peft
-from deltatune.io import load_tensors
+from deltatune.storage import load_tensors
 from deltatune.methods.adapter import Adapter
 from deltatune.methods.head import Head
 from deltatune.methods.ia3 import IA3
 from deltatune.methods.lora import LoRA
-from deltatune.methods.prefix import Prefix, PTuningV2
-from deltatune.methods.prompt import Prompt, PTuning
-from deltatune.run import load_run, open_session
+from deltatune.methods.prefix import Prefix
+from deltatune.methods.prompt import Prompt
+from deltatune.methods.ptuning import PTuning
+from deltatune.methods.ptuning_v2 import PTuningV2
+from deltatune.runs.run import Run
+from deltatune.runs.session import open_session, run_session
 from tests.test_cli import reviews, tiny_bert_dir, write_config  # noqa: F401  (fixtures)
 from tests.tiny import biased_tiny_model, logits, tiny_batch
 
@@ -114,8 +117,8 @@ def test_peft_trained_adapter_loads_into_deltatune(tmp_path):
 
 
 @pytest.mark.parametrize("configs, message", [
-    ([Adapter(), Head()], ("PEFT has no format for adapter. PEFT formats exist for lora, ia3, prompt, ptuning, "
-                           "prefix, ptuning_v2")),
+    ([Adapter(), Head()], ("PEFT has no format for adapter. PEFT formats exist for ia3, lora, prefix, prompt, "
+                           "ptuning, ptuning_v2")),
     ([Head()], "a PEFT adapter holds exactly one method, this delta has only a task head"),
     ([LoRA(targets=["query"]), IA3()], "a PEFT adapter holds exactly one method, this delta has lora + ia3"),
     ([Prompt(n_tokens=2)], ("this delta has virtual tokens after the first token (position 'auto' keeps an "
@@ -186,7 +189,7 @@ def test_merged_export_loads_without_deltatune(run_dir, tmp_path, capsys):
     assert "merged model written to" in capsys.readouterr().out
     assert (tmp_path / "merged" / "model.safetensors").is_file()
     assert (tmp_path / "merged" / "tokenizer.json").is_file()
-    session = load_run(run_dir)
+    session = run_session(Run.open(run_dir))
     batch = session.tokenizer(SENTENCES, return_tensors="pt", padding=True)
     expected = logits(session.model.eval(), batch)
     done = subprocess.run([sys.executable, "-I", "-c", STANDALONE, str(tmp_path / "merged"), json.dumps(SENTENCES)],
@@ -206,7 +209,7 @@ def test_peft_export_of_a_run_and_of_its_delta_folder(run_dir, tiny_bert_dir, tm
     a, b = (load_tensors(tmp_path / name / WEIGHTS_FILE) for name in ("from-run", "from-delta"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert "base_model.model.classifier.weight" in a
-    session = load_run(run_dir)
+    session = run_session(Run.open(run_dir))
     batch = session.tokenizer(SENTENCES, return_tensors="pt", padding=True)
     from transformers import AutoModelForSequenceClassification
 

@@ -18,7 +18,7 @@ from torch import nn  # noqa: E402
 import deltatune  # noqa: E402
 from deltatune.data import Collator, TaskData  # noqa: E402
 from deltatune.errors import CheckpointError, ConfigError, DeltaTuneError  # noqa: E402
-from deltatune.io import load_tensors  # noqa: E402
+from deltatune.storage import load_tensors, sha256  # noqa: E402
 from deltatune.methods.full import Full  # noqa: E402
 from deltatune.optim import OptimizerConfig  # noqa: E402
 from deltatune.train import TrainConfig, evaluate, train  # noqa: E402
@@ -247,6 +247,31 @@ def test_resume_skips_corrupted_newest_checkpoint(tmp_path, run_a):
     with pytest.warns(UserWarning, match="step-00000006"):
         result_b, state_b = _resume(tmp_path / "b")
     _assert_same_run(a_dir, tmp_path / "b", result_a, result_b, state_a, state_b)
+
+
+# state.json as every version so far has written it: renaming a TrainState field would strand old checkpoints
+STATE_KEYS = ["step", "epoch", "batch", "best", "best_step", "best_metrics", "bad_evals", "stopped_early", "elapsed",
+              "train_time", "tokens", "baseline", "config", "run"]
+
+
+def test_checkpoint_state_keeps_the_format_of_earlier_versions(run_a):
+    state = json.loads((checkpoint_dirs(run_a[0] / "checkpoints")[-1] / "state.json").read_text())
+    assert list(state) == STATE_KEYS
+    assert (state["step"], state["epoch"], state["batch"], state["best_step"]) == (12, 2, 0, 12)
+    assert state["config"] == TrainConfig(**RESUME_CFG).model_dump(mode="json") and state["run"] is None
+
+
+def test_a_checkpoint_state_of_the_wrong_types_is_one_clear_error(tmp_path):
+    _interrupted(tmp_path, at=5)  # checkpoint at step 4
+    folder = checkpoint_dirs(tmp_path / "checkpoints")[-1]
+    state = json.loads((folder / "state.json").read_text())
+    (folder / "state.json").write_text(json.dumps({**state, "epoch": "two", "best_metrics": [1]}))
+    sums = json.loads((folder / "checksums.json").read_text())
+    (folder / "checksums.json").write_text(json.dumps({**sums, "state.json": sha256(folder / "state.json")}))
+    with pytest.raises(CheckpointError, match=r"step-00000004/state.json is not a training state \(epoch: Input "
+                                              r"should be a valid integer.*; best_metrics: Input should be a valid "
+                                              r"dictionary\); resume from another checkpoint or start a new run"):
+        _resume(tmp_path)
 
 
 def test_resume_without_checkpoint_and_fresh_run_over_checkpoints(tmp_path):

@@ -14,7 +14,7 @@ from torch import nn  # noqa: E402
 import deltatune  # noqa: E402
 from deltatune.delta import TENSOR_FILE  # noqa: E402
 from deltatune.errors import ConfigError, TargetError  # noqa: E402
-from deltatune.io import load_tensors  # noqa: E402
+from deltatune.storage import load_tensors  # noqa: E402
 from deltatune.methods.lora import LoRA, LoRAModule  # noqa: E402
 from deltatune.registry import methods, parse_delta_config  # noqa: E402
 from tests.tiny import biased_tiny_model, logits, tiny_batch, tiny_model  # noqa: E402

@@ -15,7 +15,7 @@ from torch import nn  # noqa: E402
 
 import deltatune  # noqa: E402
 from deltatune.errors import CheckpointError, ConfigError  # noqa: E402
-from deltatune.io import load_tensors  # noqa: E402
+from deltatune.storage import load_tensors  # noqa: E402
 from deltatune.methods.mask import Mask, MaskModule, pack_bits, unpack_bits  # noqa: E402
 from deltatune.registry import parse_delta_config  # noqa: E402
 from tests.tiny import tiny_batch, tiny_model  # noqa: E402

@@ -13,9 +13,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from deltatune.assets import resolve_model_path
+from deltatune.models.assets import resolve_model_path
 from deltatune.errors import ConfigError, DeltaTuneError
-from deltatune.models import load_model
+from deltatune.models.load import load_model
 
 TEXTS = ["a fine film", "a long and very tedious piece of work"]
 

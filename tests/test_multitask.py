@@ -18,9 +18,9 @@ from deltatune.config import validate_config
 from deltatune.data import Collator, TaskData
 from deltatune.data.multitask import MultiTaskData, TaskCollator, TaskSpec, TaskStream, quotas, task_shares
 from deltatune.errors import ConfigError, TargetError
-from deltatune.io import load_tensors
+from deltatune.storage import load_tensors
 from deltatune.methods.lora import LoRA
-from deltatune.methods.per_task import NOT_PER_TASK, PerTask
+from deltatune.methods.per_task import PerTask
 from deltatune.methods.task_heads import TaskHeads
 from deltatune.registry import methods
 from deltatune.routing import set_task
@@ -330,7 +330,7 @@ def test_per_task_delta_saves_every_copy_and_reloads(tmp_path):
         delta.parts()[1].merge()
 
 
-@pytest.mark.parametrize("method", sorted(set(methods()) - {*NOT_PER_TASK, "fusion"}))
+@pytest.mark.parametrize("method", sorted(name for name, m in methods().items() if m.delta_class.per_task))
 def test_per_task_copies_of_any_method_are_independent(method):
     """Changing task b's copy changes task b's outputs and leaves task a's exactly as they were."""
     model, batch = tiny_model("bert", dropout=0.0), tiny_batch()

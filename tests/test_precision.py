@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from deltatune.config import validate_config
-from deltatune.precision import compute_in, resolve_base_dtype
-from deltatune.run import open_session, run_training
-from deltatune.train import speed
+from deltatune.models.precision import compute_in, resolve_base_dtype
+from deltatune.runs.session import open_session, run_training
+from deltatune.train import compute
 from tests.tiny_lm import CORPUS, save_tiny_lm
 
 NO_BF16 = {"avx2", "fma"}  # this CI machine: AVX2 only
@@ -60,7 +60,7 @@ def test_base_dtype_resolution(setting, native, trains_base, expected):
 
 def test_auto_follows_the_cpu_flags(monkeypatch, lm_dir, tmp_path):
     for flags, expected in ((NO_BF16, torch.float32), (AMX, torch.bfloat16)):
-        monkeypatch.setattr(speed, "cpu_flags", lambda flags=flags: flags)
+        monkeypatch.setattr(compute, "cpu_flags", lambda flags=flags: flags)
         session = open_session(validate_config(run_config(lm_dir, tmp_path)))
         assert base_dtypes(session.model) == {expected}
     full = run_config(lm_dir, tmp_path, delta={"method": "full"})
@@ -70,7 +70,7 @@ def test_auto_follows_the_cpu_flags(monkeypatch, lm_dir, tmp_path):
 def test_lora_on_a_bf16_base_trains_fp32_deltas_like_fp32(monkeypatch, lm_dir, tmp_path):
     results, losses = {}, {}
     for flags, name in ((NO_BF16, "fp32"), (AMX, "bf16")):  # auto -> fp32 here, bf16 as on an AMX machine
-        monkeypatch.setattr(speed, "cpu_flags", lambda flags=flags: flags)
+        monkeypatch.setattr(compute, "cpu_flags", lambda flags=flags: flags)
         session, results[name] = run_training(validate_config(run_config(lm_dir, tmp_path / name)))
         assert base_dtypes(session.model) == {torch.__dict__[{"fp32": "float32", "bf16": "bfloat16"}[name]]}
         assert {p.dtype for p in session.delta.trainable_parameters().values()} == {torch.float32}

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import deltatune
-from deltatune.methods.prefix import Prefix, PTuningV2
+from deltatune.methods.prefix import Prefix
+from deltatune.methods.ptuning_v2 import PTuningV2
 from tests.test_prompt import left_pad, perturb
 from tests.tiny import tiny_batch, tiny_model
 

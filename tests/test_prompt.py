@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import deltatune
-from deltatune.methods.prompt import Prompt, PTuning
+from deltatune.methods.prompt import Prompt
+from deltatune.methods.ptuning import PTuning
 from tests.tiny import tiny_batch, tiny_model
 
 
@@ -123,7 +124,7 @@ def test_template_words_equal_the_same_words_written_into_the_input(arch):
 
 
 def test_template_words_are_tokenized_once_and_saved(tmp_path):
-    from deltatune.models import load_model
+    from deltatune.models.load import load_model
 
     model, tokenizer = load_model("minilm", "classification", 2)
     delta = deltatune.attach(model, PTuning(template="[P][P] {text} [P] It was {mask}"))
@@ -144,7 +145,7 @@ def test_template_errors(monkeypatch):
     class NoMask:
         mask_token_id = None
 
-    monkeypatch.setattr("deltatune.models.load_tokenizer", lambda path: NoMask())
+    monkeypatch.setattr("deltatune.models.load.load_tokenizer", lambda path: NoMask())
     model = tiny_model("gpt2")
     model.config._name_or_path = "some/decoder"
     with pytest.raises(deltatune.ConfigError, match="has no mask token .*drop {mask}"):

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from deltatune.errors import ConfigError, DataError
-from deltatune.inference import Generator
-from deltatune.prompts import PromptRecord, chat_messages, read_prompts, render_chat, saved_template
+from deltatune.generation.generator import Generator
+from deltatune.generation.prompts import PromptRecord, chat_messages, read_prompts, render_chat, saved_template
 from tests.tiny_lm import CHATML, tiny_tokenizer
 
 

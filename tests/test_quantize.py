@@ -13,9 +13,9 @@ from torch import nn
 import deltatune
 from deltatune.config import validate_config
 from deltatune.errors import ConfigError
-from deltatune.quantize import QuantizedLinear, dequantize_base, quantize_base, quantized_layers
-from deltatune.models import load_model
-from deltatune.run import run_training
+from deltatune.models.quantize import dequantize_base, quantize_base, quantized_layers
+from deltatune.models.load import load_model
+from deltatune.runs.session import run_training
 from tests.test_precision import base_dtypes, lm_dir, logits, run_config  # noqa: F401 (fixture)
 from tests.tiny import tiny_model
 
@@ -136,7 +136,7 @@ def test_quantize_without_torchao_says_how_to_install(monkeypatch):
 
 
 def test_int4_unpacking_reads_the_cpu_kernels_layout():
-    from deltatune.quantize import _int4_by_matmul, _int4_layout_known
+    from deltatune.models.quantize import _int4_by_matmul, _int4_layout_known
 
     model = nn.Sequential(nn.Linear(128, 96))
     quantize_base(model, "int4")

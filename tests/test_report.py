@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers
 
-from deltatune.compare import run_compare
+from deltatune.runs.compare import run_compare
 from tests.test_cli import reviews, tiny_bert_dir, write_config  # noqa: F401  (fixtures)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

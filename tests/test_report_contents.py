@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from deltatune.report import curves_figure, write_report
+from deltatune.runs.report import curves_figure, write_report
 from deltatune.train import TrainResult
 
 

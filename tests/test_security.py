@@ -14,11 +14,11 @@ from hypothesis import strategies as st
 from tiny import save_tiny_model_dir
 
 import deltatune
-from deltatune import models
+from deltatune.models import load as models
 from deltatune.config import load_config, validate_config
 from deltatune.data import read_table
 from deltatune.errors import ConfigError, DataError
-from deltatune.run import open_session
+from deltatune.runs.session import open_session
 
 PACKAGE = Path(deltatune.__file__).parent
 FUZZ = settings(max_examples=100, deadline=None, database=None, derandomize=True,

@@ -13,9 +13,9 @@ import yaml
 
 from deltatune.cli import main
 from deltatune.data import Collator
-from deltatune.generate import Sampling
-from deltatune.inference import Conversation, open_generator
-from deltatune.prompts import PromptRecord
+from deltatune.generation.sampling import Sampling
+from deltatune.generation.generator import Conversation, open_generator
+from deltatune.generation.prompts import PromptRecord
 from tests.tiny import VOCAB, tiny_chat_tokenizer
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

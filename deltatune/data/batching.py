@@ -110,3 +110,22 @@ def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int, meg
         chunk = sorted(order[start:start + size].tolist(), key=lambda i: -lengths[i])
         batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
     return [i for b in rng.permutation(len(batches)) for i in batches[b]]
+
+
+def epoch_batches(examples: int, batch_size: int, seed: int, epoch: int,
+                  lengths: Sequence[int] | None = None) -> list[list[int]]:
+    """The batches (lists of example indices) of `epoch`: a seeded shuffle that depends only on (seed, epoch), or
+    with `lengths` (of the examples) a length-grouped one."""
+    epoch_seed = seed * 1_000_003 + epoch
+    if lengths is not None:
+        order = [int(i) for i in length_grouped_order(lengths, batch_size, epoch_seed)]
+    else:
+        order = torch.randperm(examples, generator=torch.Generator().manual_seed(epoch_seed)).tolist()
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def example_lengths(dataset: Sequence[dict[str, Any]]) -> list[int]:
+    """The token count of every example (for length grouping)."""
+    if hasattr(dataset, "column_names"):  # datasets.Dataset: read the column at once
+        return [len(ids) for ids in dataset["input_ids"]]
+    return [len(ex["input_ids"]) for ex in dataset]

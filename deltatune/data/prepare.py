@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 from datasets import Dataset
 
+from deltatune.data.batching import epoch_batches
 from deltatune.data.chat import assistant_spans, has_targets, resolve_template
 from deltatune.data.config import CHAT_FORMATS, DataConfig
 from deltatune.data.conversations import RecordError, detect_format
@@ -40,6 +42,11 @@ class TaskData:
     source: dict[str, dict[str, Any]]
     format: str = ""  # the format used (the detected one for `format: auto`)
     chat_template: str | None = None  # the jinja chat template the examples were rendered with (chat formats)
+
+    def epoch_batches(self, batch_size: int, seed: int, epoch: int,
+                      lengths: Sequence[int] | None = None) -> list[list[int]]:
+        """The training batches of `epoch` (see batching.epoch_batches; MultiTaskData has the same method)."""
+        return epoch_batches(len(self.train), batch_size, seed, epoch, lengths)
 
 
 def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0,
@@ -149,7 +156,7 @@ def split_table(table: Table, fractions: dict[str, float], seed: int) -> dict[st
 def _read(name: str, limit: int | None) -> Table:
     """Read a file, or a packaged dataset alias when no such file exists; keep the first `limit` records."""
     if not Path(name).exists():
-        from deltatune.assets import resolve_data_path
+        from deltatune.models.assets import resolve_data_path
 
         name = str(resolve_data_path(name))
     table = read_table(name)

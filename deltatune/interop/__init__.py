@@ -12,7 +12,7 @@ import torch
 
 from deltatune.delta import DeltaBase, load, read_delta_config
 from deltatune.errors import CheckpointError, ConfigError
-from deltatune.io import check_new_folder
+from deltatune.storage import check_new_folder
 
 FORMATS = ("peft", "hf", "gguf", "gguf-lora")
 DTYPES = ("fp32", "bf16", "fp16", "q8_0")
@@ -33,31 +33,34 @@ def open_source(path: str | Path, model_path: str | None = None, *, trust_remote
     """A run folder (its config and best/ delta), or a saved delta folder on `model_path` (default: the folder
     the delta was trained from, as recorded in its delta.json). Code from the model folder runs only with
     `trust_remote_code` (never because a file asks for it)."""
-    from deltatune.assets import portable_model_name
-    from deltatune.run import CONFIG_NAME, load_run
+    from deltatune.generation.prompts import saved_template
+    from deltatune.models.assets import portable_model_name
+    from deltatune.runs.folder import CONFIG_NAME
+    from deltatune.runs.run import Run
+    from deltatune.runs.session import run_session
 
     path = Path(path)
     if (path / CONFIG_NAME).is_file():
         if model_path is not None:
             raise ConfigError("--model goes with a delta folder; a run folder names its model in config.yaml")
-        session = load_run(path, trust_remote_code=trust_remote_code)
-        return Source(session.model, session.delta, _with_template(session.tokenizer, path / "best", path),
-                      portable_model_name(session.config.model.path))
+        run = Run.open(path, trust_remote_code=trust_remote_code)
+        session = run_session(run)
+        return Source(session.model, session.delta, _with_template(session.tokenizer, run.template),
+                      portable_model_name(run.config.model.path))
     base = read_delta_config(path)["base"]
     model_path = model_path or base["name_or_path"]
     if not Path(model_path).is_dir():
         raise ConfigError(f"{path} is a delta folder whose base model {model_path!r} is not a folder here: "
                           "pass the base model folder with --model")
     model, tokenizer = _load_base(model_path, base["class"], trust_remote_code)
-    return Source(model, load(model, path), _with_template(tokenizer, path), portable_model_name(model_path))
+    return Source(model, load(model, path), _with_template(tokenizer, saved_template(path)),
+                  portable_model_name(model_path))
 
 
-def _with_template(tokenizer: Any, *folders: Path) -> Any:
+def _with_template(tokenizer: Any, template: str | None) -> Any:
     """The tokenizer with the chat template the run trained with (saved next to the delta), if any."""
-    from deltatune.prompts import saved_template
-
     if tokenizer is not None:
-        tokenizer.chat_template = saved_template(*folders) or tokenizer.chat_template
+        tokenizer.chat_template = template or tokenizer.chat_template
     return tokenizer
 
 
@@ -65,14 +68,15 @@ def _load_base(folder: str, class_name: str, trust_remote_code: bool) -> tuple[t
     import transformers
 
     from deltatune.errors import DeltaTuneError
-    from deltatune.models import load_tokenizer, load_weights, model_folder
+    from deltatune.models.load import Pretrained, load_weights
 
     model_class = getattr(transformers, class_name, None)
     if not (isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)):
         raise CheckpointError(f"the delta was trained on a {class_name!r}, which is not a transformers model class")
-    model = load_weights(model_class, model_folder(folder, trust_remote_code), trust_remote_code).eval()
+    base = Pretrained.open(folder, trust_remote_code=trust_remote_code)
+    model = load_weights(model_class, base.folder, trust_remote_code).eval()
     try:
-        tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
+        tokenizer = base.tokenizer()
     except DeltaTuneError:
         tokenizer = None
     return model, tokenizer

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from deltatune import io
+from deltatune import storage
 from deltatune.delta import DeltaBase
 from deltatune.errors import ConfigError
 from deltatune.registry import methods
@@ -26,7 +26,7 @@ def export_merged(delta: DeltaBase, tokenizer: Any, out: str | Path, *, dtype: s
     model = merged_model(delta)
     if dtype is not None:
         model.to(TORCH_DTYPES[dtype])
-    with io.new_folder(out) as tmp:
+    with storage.new_folder(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return Path(out)

@@ -23,7 +23,7 @@ from torch import nn
 from deltatune.delta import DeltaBase
 from deltatune.errors import ConfigError
 from deltatune.interop.hf import merged_model
-from deltatune.io import atomic_path
+from deltatune.storage import atomic_path
 
 ARCHS = {"LlamaForCausalLM": gguf.MODEL_ARCH.LLAMA, "MistralForCausalLM": gguf.MODEL_ARCH.LLAMA}
 QTYPES = {"fp32": gguf.GGMLQuantizationType.F32, "fp16": gguf.GGMLQuantizationType.F16,
@@ -63,14 +63,12 @@ def write_gguf(model: nn.Module, tokenizer: Any, out: str | Path, *, dtype: str 
 def export_gguf_lora(delta: DeltaBase, out: str | Path, *, dtype: str = "fp32", name: str = "") -> Path:
     """Write a LoRA delta as a llama.cpp adapter file `out` (`llama-cli -m BASE.gguf --lora out`): for every
     adapted weight W, `.lora_a` = A (r x in) and `.lora_b` = B (out x r), applied as W + alpha / r * B A."""
-    from deltatune.methods.lora import LoRA
-
     arch = _arch(delta.model)
     parts = delta.parts()
-    if [p.method for p in parts] != ["lora"]:
+    if [p.peft_type for p in parts] != ["LORA"]:  # LoRA's form: A and B factors per weight
         raise ConfigError(f"a GGUF LoRA adapter holds one LoRA delta; this one has {' + '.join(p.method for p in parts)}"
                           ". Export the merged model instead (--format gguf)")
-    config: LoRA = parts[0].config  # type: ignore[assignment]
+    config = parts[0].config
     if config.dora or config.scaling != "standard":
         raise ConfigError("llama.cpp applies a LoRA as W + alpha / r * B A: DoRA and rsLoRA have no GGUF adapter "
                           "form. Export the merged model instead (--format gguf)")

@@ -2,9 +2,11 @@
 `adapter_model.safetensors` that `peft.PeftModel.from_pretrained` loads with the same outputs; `load_peft` (what
 `deltatune.load` does with such a folder) attaches the equivalent deltas.
 
-deltatune's tensors already follow PEFT's layouts, so the format is a table, `SPECS`: per PEFT adapter type, the
-deltatune methods it holds, its adapter-config fields, and the PEFT key of every tensor. One adapter holds one
-method; a task head goes along as PEFT's `modules_to_save`. Prompt-learning adapters are written in the
+deltatune's tensors already follow PEFT's layouts, so the format is a table, `SPECS`: per PEFT adapter type, its
+adapter-config fields and the PEFT key of every tensor. Which method a PEFT type is comes from the registry: a
+method's `peft_type` (and `peft_options`, e.g. prefix-tuning's `prefix_projection`) class attributes; no method is
+imported here. One adapter holds one method; a task head (`peft_type = "modules_to_save"`) goes along as PEFT's
+`modules_to_save`. Prompt-learning adapters are written in the
 inference form PEFT itself saves: P-tuning as the prompt encoder's output, prefix-tuning as the prefix its MLP
 computes. They load back as plain virtual tokens / prefixes (the same outputs; the encoder or MLP is not in the
 file, in PEFT either).
@@ -21,21 +23,18 @@ from torch import nn
 from transformers.models.auto import modeling_auto
 from transformers.pytorch_utils import Conv1D
 
-from deltatune import io
+from deltatune import storage
 from deltatune.arch import describe
 from deltatune.delta import Delta, DeltaBase, DeltaConfig, DeltaGroup, attach
 from deltatune.errors import CheckpointError, ConfigError
-from deltatune.methods.head import Head
-from deltatune.methods.ia3 import IA3
-from deltatune.methods.lora import LoRA
-from deltatune.methods.prefix import Prefix, PTuningV2, Shape
-from deltatune.methods.prompt import Prompt, PTuning
+from deltatune.registry import Method, methods
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 TUNER_PREFIX = "base_model.model."  # LoRA / IA3 keys: PEFT wraps the model in a LoraModel / IA3Model
 PROMPT_PREFIX = "base_model."  # modules_to_save keys of prompt-learning adapters
 PROMPT_KEY = "prompt_embeddings"
+MODULES_TO_SAVE = "modules_to_save"  # the `peft_type` of a method PEFT saves as whole modules (a task head)
 # PEFT task types by the model class that the transformers Auto classes build for them
 TASK_TYPES = {"SEQ_CLS": modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
               "CAUSAL_LM": modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
@@ -45,10 +44,9 @@ TASK_TYPES = {"SEQ_CLS": modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
 
 class Spec:
-    """One PEFT adapter type: which deltatune methods it holds and how their configs and tensors map."""
+    """One PEFT adapter type: how the configs and tensors of the methods of that `peft_type` map."""
 
     peft_type: ClassVar[str]
-    methods: ClassVar[tuple[str, ...]]
     head_prefix: ClassVar[str] = TUNER_PREFIX
     needs_task_type: ClassVar[bool] = False
 
@@ -56,8 +54,8 @@ class Spec:
         """The adapter-config fields of this method (PEFT's names)."""
         raise NotImplementedError
 
-    def delta_config(self, peft: dict[str, Any]) -> DeltaConfig:
-        """The deltatune config of a PEFT adapter config."""
+    def delta_config(self, peft: dict[str, Any], config_class: type[DeltaConfig]) -> DeltaConfig:
+        """The deltatune config (of the method's `config_class`) of a PEFT adapter config."""
         raise NotImplementedError
 
     def keys(self, delta: Delta) -> dict[str, str]:
@@ -109,20 +107,20 @@ def refuse(peft: dict[str, Any], defaults: dict[str, Any]) -> None:
 
 
 class LoRASpec(Spec):
-    peft_type, methods = "LORA", ("lora",)
+    peft_type = "LORA"
     UNSUPPORTED: ClassVar[dict[str, Any]] = {  # PEFT options without a deltatune form, and their defaults
         "bias": "none", "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False, "layers_to_transform": None,
         "target_parameters": None, "layer_replication": None, "trainable_token_indices": None, "use_qalora": False,
         "alora_invocation_tokens": None}
 
     def config(self, delta: Delta) -> dict[str, Any]:
-        cfg: LoRA = delta.config  # type: ignore[assignment]
+        cfg = delta.config
         return {"r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.scaling == "rslora",
                 "use_dora": cfg.dora, "bias": "none", **tuner_fields(delta)}
 
-    def delta_config(self, peft: dict[str, Any]) -> DeltaConfig:
+    def delta_config(self, peft: dict[str, Any], config_class: type[DeltaConfig]) -> DeltaConfig:
         refuse(peft, self.UNSUPPORTED)
-        return LoRA(r=peft["r"], alpha=peft.get("lora_alpha", 8), dropout=peft.get("lora_dropout", 0.0),
+        return config_class(r=peft["r"], alpha=peft.get("lora_alpha", 8), dropout=peft.get("lora_dropout", 0.0),
                     scaling="rslora" if peft.get("use_rslora") else "standard", dora=bool(peft.get("use_dora")),
                     targets=patterns(peft["target_modules"]), exclude=patterns(peft.get("exclude_modules")) or [])
 
@@ -140,7 +138,7 @@ class LoRASpec(Spec):
 
 
 class IA3Spec(Spec):
-    peft_type, methods = "IA3", ("ia3",)
+    peft_type = "IA3"
 
     def config(self, delta: Delta) -> dict[str, Any]:
         modules, fields = wrapped_modules(delta), tuner_fields(delta)
@@ -150,8 +148,8 @@ class IA3Spec(Spec):
             return {**fields, "target_modules": sorted(modules), "feedforward_modules": sorted(feedforward)}
         return {**fields, "feedforward_modules": short}
 
-    def delta_config(self, peft: dict[str, Any]) -> DeltaConfig:
-        return IA3(targets=patterns(peft["target_modules"]),
+    def delta_config(self, peft: dict[str, Any], config_class: type[DeltaConfig]) -> DeltaConfig:
+        return config_class(targets=patterns(peft["target_modules"]),
                    feedforward=patterns(peft.get("feedforward_modules")) or [], exclude=patterns(peft.get("exclude_modules")) or [])
 
 
@@ -206,26 +204,26 @@ class VirtualTokensSpec(PromptLearningSpec):
 
 
 class PromptSpec(VirtualTokensSpec):
-    peft_type, methods = "PROMPT_TUNING", ("prompt",)
+    peft_type = "PROMPT_TUNING"
 
     def config(self, delta: Delta) -> dict[str, Any]:
         return {**super().config(delta), "prompt_tuning_init": "RANDOM"}
 
-    def delta_config(self, peft: dict[str, Any]) -> DeltaConfig:
-        return Prompt(n_tokens=peft["num_virtual_tokens"], init="random", position="start")
+    def delta_config(self, peft: dict[str, Any], config_class: type[DeltaConfig]) -> DeltaConfig:
+        return config_class(n_tokens=peft["num_virtual_tokens"], init="random", position="start")
 
 
 class PTuningSpec(VirtualTokensSpec):
-    peft_type, methods = "P_TUNING", ("ptuning",)
+    peft_type = "P_TUNING"
 
     def config(self, delta: Delta) -> dict[str, Any]:
-        cfg: PTuning = delta.config  # type: ignore[assignment]
+        cfg = delta.config
         return {**super().config(delta), "encoder_hidden_size": cfg.hidden_size,
                 "encoder_reparameterization_type": "LSTM" if cfg.encoder == "lstm" else "MLP"}
 
-    def delta_config(self, peft: dict[str, Any]) -> DeltaConfig:
+    def delta_config(self, peft: dict[str, Any], config_class: type[DeltaConfig]) -> DeltaConfig:
         template = "[P]" * peft["num_virtual_tokens"] + " {text}"
-        return PTuning(template=template, encoder="none", position="start",
+        return config_class(template=template, encoder="none", position="start",
                        hidden_size=peft.get("encoder_hidden_size") or 128)
 
 
@@ -233,19 +231,18 @@ class PrefixSpec(PromptLearningSpec):
     """Prefix-tuning (`prefix_projection`: trained through an MLP) and P-tuning v2 (without); the tensor is
     (n, layers·2·kv width)."""
 
-    peft_type, methods = "PREFIX_TUNING", ("prefix", "ptuning_v2")
+    peft_type = "PREFIX_TUNING"
 
     def config(self, delta: Delta) -> dict[str, Any]:
-        shape, cfg = Shape(delta.model), delta.config
+        shape, cfg = delta.shape, delta.config  # type: ignore[attr-defined]
         return {**super().config(delta), "token_dim": shape.kv_heads * shape.head_dim,
-                "num_attention_heads": shape.kv_heads, "prefix_projection": delta.method == "prefix",
-                "encoder_hidden_size": cfg.hidden_size}  # type: ignore[attr-defined]
+                "num_attention_heads": shape.kv_heads, "encoder_hidden_size": cfg.hidden_size}
 
-    def delta_config(self, peft: dict[str, Any]) -> DeltaConfig:
+    def delta_config(self, peft: dict[str, Any], config_class: type[DeltaConfig]) -> DeltaConfig:
         n = peft["num_virtual_tokens"]
-        if peft.get("prefix_projection"):
-            return Prefix(n_tokens=n, reparam="none", hidden_size=peft.get("encoder_hidden_size") or 512)
-        return PTuningV2(n_tokens=n)
+        if peft.get("prefix_projection"):  # the MLP is not in the file: its output loads as a plain prefix
+            return config_class(n_tokens=n, reparam="none", hidden_size=peft.get("encoder_hidden_size") or 512)
+        return config_class(n_tokens=n)
 
     def inference_parameter(self, delta: Delta) -> nn.Parameter:
         return delta.carrier.prefix.weight  # type: ignore[attr-defined]  (a plain prefix after for_inference)
@@ -256,9 +253,24 @@ class PrefixSpec(PromptLearningSpec):
 
 SPECS: dict[str, Spec] = {spec.peft_type: spec for spec in (LoRASpec(), IA3Spec(), PromptSpec(), PTuningSpec(),
                                                                PrefixSpec())}
-SPEC_OF_METHOD = {method: spec for spec in SPECS.values() for method in spec.methods}
-SUPPORTED = (f"PEFT formats exist for {', '.join(SPEC_OF_METHOD)} (one of them per adapter; a task head "
-             "goes along as modules_to_save)")
+
+
+def supported() -> str:
+    """Which methods have a PEFT form (from the registry)."""
+    names = [name for name, method in methods().items() if method.delta_class.peft_type in SPECS]
+    return f"PEFT formats exist for {', '.join(names)} (one of them per adapter; a task head goes along as " \
+           f"{MODULES_TO_SAVE})"
+
+
+def method_of_peft(peft: dict[str, Any], where: str | Path) -> Method:
+    """The registered method of a PEFT adapter config: its `peft_type`, and its `peft_options` flags."""
+    found = [m for m in methods().values() if m.delta_class.peft_type == peft.get("peft_type")
+             and all(bool(peft.get(key)) is value for key, value in m.delta_class.peft_options.items())]
+    if len(found) != 1:
+        names = f" ({' or '.join(m.name for m in found)})" if found else ""
+        raise CheckpointError(f"{where}: PEFT type {peft.get('peft_type')!r} matches {len(found)} deltatune methods"
+                              f"{names}; set exactly one method's peft_type / peft_options for it")
+    return found[0]
 
 
 # ---- export ------------------------------------------------------------------------------------------------
@@ -267,7 +279,7 @@ def export_peft(delta: DeltaBase, out: str | Path, *, base_name: str | None = No
     given. Prompt/prefix deltas are put in inference form. `base_name` is the adapter's
     `base_model_name_or_path` (default: the model's `name_or_path`)."""
     main, heads = _split(delta)
-    spec = SPEC_OF_METHOD[main.method]
+    spec = SPECS[main.peft_type]  # type: ignore[index]
     delta.for_inference()
     task_type = peft_task_type(delta.model)
     if spec.needs_task_type and task_type is None:
@@ -279,10 +291,11 @@ def export_peft(delta: DeltaBase, out: str | Path, *, base_name: str | None = No
     tensors |= {spec.head_prefix + name: t for name, t in head_tensors.items()}
     config = {"peft_type": spec.peft_type, "task_type": task_type, "inference_mode": True,
               "base_model_name_or_path": base_name or getattr(delta.model.config, "_name_or_path", None) or None,
-              "modules_to_save": sorted({n.rsplit(".", 1)[0] for n in head_tensors}) or None, **spec.config(main)}
-    with io.new_folder(out) as tmp:
-        io.save_tensors(tmp / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
-        io.write_json(tmp / CONFIG_FILE, config)
+              "modules_to_save": sorted({n.rsplit(".", 1)[0] for n in head_tensors}) or None, **spec.config(main),
+              **main.peft_options}
+    with storage.new_folder(out) as tmp:
+        storage.save_tensors(tmp / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
+        storage.write_json(tmp / CONFIG_FILE, config)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out)
@@ -291,13 +304,13 @@ def export_peft(delta: DeltaBase, out: str | Path, *, base_name: str | None = No
 def _split(delta: DeltaBase) -> tuple[Delta, list[Delta]]:
     """(the one method PEFT has a format for, the task heads); anything else is one ConfigError."""
     parts = delta.parts()
-    heads = [p for p in parts if p.method == "head"]
-    convertible = [p for p in parts if p.method in SPEC_OF_METHOD]
+    heads = [p for p in parts if p.peft_type == MODULES_TO_SAVE]
+    convertible = [p for p in parts if p.peft_type in SPECS]
     if other := [p.method for p in parts if p not in heads and p not in convertible]:
-        raise ConfigError(f"PEFT has no format for {', '.join(other)}. {SUPPORTED}")
+        raise ConfigError(f"PEFT has no format for {', '.join(other)}. {supported()}")
     if len(convertible) != 1:
         found = " + ".join(p.method for p in convertible) or "only a task head"
-        raise ConfigError(f"a PEFT adapter holds exactly one method, this delta has {found}. {SUPPORTED}")
+        raise ConfigError(f"a PEFT adapter holds exactly one method, this delta has {found}. {supported()}")
     return convertible[0], heads
 
 
@@ -322,7 +335,7 @@ def load_peft(model: nn.Module, folder: str | Path) -> Delta | DeltaGroup:
     if peft.get("num_transformer_submodules", 1) != 1:
         raise CheckpointError(f"{folder / CONFIG_FILE}: encoder-decoder prompt learning "
                               "(num_transformer_submodules=2) is not supported")
-    config = spec.delta_config(peft)
+    config = spec.delta_config(peft, method_of_peft(peft, folder / CONFIG_FILE).config_class)
     tensors = _read_tensors(folder)
     main = attach(model, config)
     parts: list[Delta] = [main]  # type: ignore[list-item]
@@ -330,7 +343,7 @@ def load_peft(model: nn.Module, folder: str | Path) -> Delta | DeltaGroup:
         keys = spec.keys(main)  # type: ignore[arg-type]
         rest = {k.removeprefix(spec.head_prefix): v for k, v in tensors.items() if k not in keys.values()}
         if rest:
-            parts.append(attach(model, _head_config(model, rest)))  # type: ignore[arg-type]
+            parts.append(attach(model, _head_config(model, rest, folder / CONFIG_FILE)))  # type: ignore[arg-type]
             keys |= {name: spec.head_prefix + name for name in parts[-1].trainable_parameters()}
         _check_keys(folder, set(keys.values()), set(tensors))
         for part in parts:
@@ -342,13 +355,14 @@ def load_peft(model: nn.Module, folder: str | Path) -> Delta | DeltaGroup:
     return parts[0] if len(parts) == 1 else DeltaGroup(model, parts)
 
 
-def _head_config(model: nn.Module, tensors: dict[str, torch.Tensor]) -> Head:
+def _head_config(model: nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> DeltaConfig:
     """A head owning the modules_to_save tensors: the model's known head is the output, others train along."""
     modules = sorted({name.rsplit(".", 1)[0] for name in tensors})
     known = [m for m in modules if m in describe(model).heads]
     output = known[-1] if known else modules[-1]
     weight = tensors.get(f"{output}.weight")
-    return Head(module=output, num_labels=None if weight is None else weight.shape[0],
+    head = method_of_peft({"peft_type": MODULES_TO_SAVE}, where).config_class
+    return head(module=output, num_labels=None if weight is None else weight.shape[0],
                 also_train=[m for m in modules if m != output])
 
 
@@ -362,7 +376,7 @@ def _check_keys(folder: Path, expected: set[str], found: set[str]) -> None:
 
 def _read_config(folder: Path) -> dict[str, Any]:
     try:
-        peft = io.read_json(folder / CONFIG_FILE)
+        peft = storage.read_json(folder / CONFIG_FILE)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read {folder / CONFIG_FILE}: {exc}") from None
     if not isinstance(peft, dict):
@@ -376,4 +390,4 @@ def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
         pickled = " (only adapter_model.bin, a pickle: re-save it with safe_serialization=True)" \
             if (folder / "adapter_model.bin").exists() else ""
         raise CheckpointError(f"{file} not found{pickled}")
-    return io.load_tensors(file)
+    return storage.load_tensors(file)

@@ -1,7 +1,2 @@
-"""Every method module; importing this package registers them all."""
-
-import importlib
-import pkgutil
-
-for _module in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_module.name}")
+"""The built-in methods, one module per method name; the registry discovers and imports them on first lookup.
+Modules named `_*` hold plumbing shared by several methods (they register nothing)."""

@@ -26,7 +26,7 @@ from deltatune.arch import describe
 from deltatune.delta import Delta, DeltaConfig
 from deltatune.errors import TargetError
 from deltatune.registry import register
-from deltatune.schema import MAX_WIDTH, one_or_many
+from deltatune.schema import MAX_WIDTH, NonEmptyPatterns
 from deltatune.targeting import WrapperModule, exact_pattern, find_modules
 
 PLACEMENTS: dict[str, tuple[str, ...]] = {"houlsby": ("attention_output", "ffn_output"), "pfeiffer": ("ffn_output",)}
@@ -49,10 +49,8 @@ class Adapter(DeltaConfig):
     layer_norm: bool = Field(False, description="a LayerNorm on the adapter input, before the down-projection "
                              "(helps where sublayer outputs are small, e.g. randomly initialised models)")
     layers: str | list[int] | None = Field(None, description="restrict to these layer indices, e.g. '0-3' or [0, -1]")
-    modules: list[str] | None = Field(None, min_length=1, description="wrap these modules (name, dot-suffix, "
-                                      "'re:...') instead of the placement's arch roles; needed for unknown models")
-
-    _one_pattern = one_or_many("modules")
+    modules: NonEmptyPatterns | None = Field(None, description="wrap these modules (name, dot-suffix, 're:...') "
+                                             "instead of the placement's arch roles; needed for unknown models")
 
     @model_validator(mode="after")
     def _one_size(self) -> Adapter:
@@ -138,13 +136,11 @@ def like(module: nn.Module) -> dict:
 
 
 @register("adapter")
-class AdapterDelta(Delta):
+class AdapterDelta(Delta[Adapter]):
     """Bottleneck adapters after attention/FFN outputs (Houlsby: both; Pfeiffer: FFN only); not mergeable."""
 
-    config_class = Adapter
-
     def build(self) -> list[nn.Parameter]:
-        cfg: Adapter = self.config  # type: ignore[assignment]
+        cfg = self.config
         sites = adapter_sites(self.model, cfg)
         # every branch is built (and every size checked) before the model is changed
         branches = {name: Bottleneck.from_config(cfg, output_size(name, m), like(m)) for name, m in sites.items()}

@@ -26,25 +26,22 @@ from deltatune.arch import describe, short_name
 from deltatune.delta import Delta, DeltaConfig, owned_tensors
 from deltatune.errors import TargetError
 from deltatune.registry import register
-from deltatune.schema import one_or_many
+from deltatune.schema import NonEmptyPatterns, Patterns
 from deltatune.targeting import DeltaModule, exact_pattern, find_modules, plain_modules
 
 
 class BitFit(DeltaConfig):
     """BitFit settings: whose biases, the task head's or not, and adding biases where a Linear has none."""
 
-    targets: list[str] | None = Field(None, min_length=1,
-                                      description="modules whose biases are trained (name, dot-suffix, 're:...', "
-                                                  "'type:...'); default: every module with a bias")
+    targets: NonEmptyPatterns | None = Field(None, description="modules whose biases are trained (name, dot-suffix, "
+                                             "'re:...', 'type:...'); default: every module with a bias")
     layers: str | list[int] | None = Field(None, description="restrict to these layer indices, e.g. '0-3' or [0, -1]")
-    exclude: list[str] = Field(default_factory=list, description="patterns of modules whose biases stay frozen")
+    exclude: Patterns = Field(default_factory=list, description="patterns of modules whose biases stay frozen")
     include_head: bool = Field(False, description="also train the task head's bias (usually the `head` method "
                                                   "trains the whole head)")
     add_missing: bool | Literal["auto"] = Field(
         "auto", description="give targeted nn.Linear layers without a bias a zero-initialised one; 'auto': only when "
                             "the model has no bias terms of its own (bias-free models such as Llama, T5)")
-
-    _one_pattern = one_or_many("targets", "exclude")
 
 
 def is_bias(param_name: str) -> bool:
@@ -52,14 +49,13 @@ def is_bias(param_name: str) -> bool:
 
 
 @register("bitfit")
-class BitFitDelta(Delta):
+class BitFitDelta(Delta[BitFit]):
     """BitFit: train only the bias terms (all, or those of chosen modules); optionally add missing ones; mergeable."""
 
-    config_class = BitFit
     mergeable = True  # biases are trained in place (added ones are real Linear biases): merge is a no-op
 
     def build(self) -> list[nn.Parameter]:
-        cfg: BitFit = self.config  # type: ignore[assignment]
+        cfg = self.config
         self._heads = [] if cfg.include_head else describe(self.model).heads
         self._taken, self._add = owned_tensors(self.model), cfg.add_missing is True
         if cfg.add_missing == "auto":
@@ -73,7 +69,7 @@ class BitFitDelta(Delta):
                     added[id(module)] = module
                 else:
                     existing[id(p)] = p
-        self._snapshot = [(p, p.detach().clone()) for p in existing.values()]
+        self.keep_values(existing.values())
         self._added = list(added.values())
         for linear in self._added:  # last: nothing after this can fail
             w = linear.weight
@@ -81,12 +77,9 @@ class BitFitDelta(Delta):
         return [*existing.values(), *(linear.bias for linear in self._added)]
 
     def restore(self) -> None:
-        with torch.no_grad():
-            for p, original in self._snapshot:
-                p.copy_(original)
         for linear in self._added:
             linear.bias = None
-        self._snapshot, self._added = [], []
+        self._added = []
 
     # ---- selection -----------------------------------------------------------------------------------------
     def _slots(self, name: str, module: nn.Module) -> list[str]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import torch
 from pydantic import Field
 from torch import nn
 
@@ -26,7 +25,7 @@ from deltatune.errors import TargetError
 from deltatune.optim.groups import stack_depths
 from deltatune.registry import register
 from deltatune.safety import fullmatch
-from deltatune.schema import MAX_WIDTH, one_or_many
+from deltatune.schema import MAX_WIDTH, Patterns
 from deltatune.targeting import no_match_error, plain_modules
 
 
@@ -34,9 +33,9 @@ class Full(DeltaConfig):
     """Full fine-tuning settings: what stays frozen."""
 
     trains_base: ClassVar[bool] = True
-    freeze: list[str] = Field(default_factory=list,
-                              description="module or parameter patterns to keep frozen (name, dot-suffix, 're:...', "
-                                          "'type:...'); each must match something")
+    freeze: Patterns = Field(default_factory=list,
+                             description="module or parameter patterns to keep frozen (name, dot-suffix, 're:...', "
+                                         "'type:...'); each must match something")
     freeze_first: int = Field(0, ge=0, le=MAX_WIDTH,
                               description="freeze the embeddings and the first k layers of the stack")
     train_last: int | None = Field(None, ge=0, le=MAX_WIDTH,
@@ -44,19 +43,17 @@ class Full(DeltaConfig):
                                                "the stack (final norm, head)")
     freeze_embeddings: bool = Field(False, description="freeze everything before the layer stack")
 
-    _one_pattern = one_or_many("freeze")
-
 
 @register("full")
-class FullDelta(Delta):
+class FullDelta(Delta[Full]):
     """Full fine-tuning: train all parameters except frozen modules, embeddings or early layers."""
 
-    config_class = Full
     mergeable = True  # the trained weights already live in the model: merge and unmerge are no-ops
     preserves_output = True
+    fsdp = True
 
     def build(self) -> list[nn.Parameter]:
-        cfg: Full = self.config  # type: ignore[assignment]
+        cfg = self.config
         frozen: set[int] = set()
         for pattern in cfg.freeze:
             frozen |= self._matching(pattern)
@@ -64,14 +61,8 @@ class FullDelta(Delta):
         others = owned_tensors(self.model)
         owned = [p for p in self.model.parameters() if id(p) not in frozen and id(p) not in others]
         # buffers too: BatchNorm running statistics change in train mode even where weights are frozen
-        self._snapshot = [(t, t.detach().clone()) for t in [*owned, *self.model.buffers()]]
+        self.keep_values([*owned, *self.model.buffers()])
         return owned
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            for p, original in self._snapshot:
-                p.copy_(original)
-        self._snapshot = []
 
     def _matching(self, pattern: str) -> set[int]:
         """ids of the parameters of every module, and of every parameter, whose name matches `pattern`."""

@@ -37,7 +37,7 @@ from deltatune.arch import describe
 from deltatune.delta import CONFIG_FILE, TENSOR_FILE, Delta, DeltaConfig, base_fingerprint, read_delta_config
 from deltatune.errors import CheckpointError, ConfigError, TargetError
 from deltatune.fingerprint import check_finite, check_same_base
-from deltatune.io import atomic_path, load_tensors, sha256
+from deltatune.storage import atomic_path, load_tensors, sha256
 from deltatune.methods.adapter import Adapter, Bottleneck, like, on_output, output_size
 from deltatune.registry import register
 from deltatune.safety import inside
@@ -193,14 +193,13 @@ class FusionModule(WrapperModule):
 
 
 @register("fusion")
-class FusionDelta(Delta):
+class FusionDelta(Delta[Fusion]):
     """AdapterFusion: learned attention over several trained, frozen adapters (stage 2 of two); not mergeable."""
 
-    config_class = Fusion
     preserves_output = False  # the fused adapters are trained: attaching adds their mean output to the base
 
     def build(self) -> list[nn.Parameter]:
-        cfg: Fusion = self.config  # type: ignore[assignment]
+        cfg = self.config
         saved = [SavedAdapter.read(folder) for folder in cfg.adapters]
         pinned = cfg.adapter_sha256 or [s.sha256 for s in saved]
         if changed := [str(s.path) for s, digest in zip(saved, pinned) if s.sha256 != digest]:
@@ -234,7 +233,7 @@ class FusionDelta(Delta):
     def saved_config(self, directory: Path) -> Fusion:
         """Copy the fused adapters into `directory/adapters/<i>` and name those copies (relative to `directory`)."""
         names = []
-        for i, folder in enumerate(self.config.adapters):  # type: ignore[attr-defined]
+        for i, folder in enumerate(self.config.adapters):
             name, source = f"adapters/{i}", Path(folder)
             if source.resolve() != (directory / name).resolve():
                 for file in (CONFIG_FILE, TENSOR_FILE):
@@ -248,7 +247,7 @@ class FusionDelta(Delta):
         return {site: w.last_weights for site, w in self.wrappers.items() if w.last_weights is not None}
 
     def extra_loss(self) -> torch.Tensor | None:
-        reg = self.config.value_regularization  # type: ignore[attr-defined]
+        reg = self.config.value_regularization
         if not reg:
             return None
         value = [w.fusion.value.weight for w in self.wrappers.values()]

@@ -19,12 +19,11 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from deltatune.arch import describe
 from deltatune.delta import Delta, DeltaConfig, owned_tensors
 from deltatune.errors import ConfigError, TargetError
 from deltatune.registry import register
-from deltatune.schema import MAX_LABELS, one_or_many
-from deltatune.targeting import DeltaModule, check_not_taken, find_modules
+from deltatune.schema import MAX_LABELS, Patterns
+from deltatune.targeting import DeltaModule, check_not_taken, find_modules, head_module_name
 
 CONFIG_KEYS = ("id2label", "label2id", "problem_type")
 
@@ -42,10 +41,8 @@ class Head(DeltaConfig):
                                                  "default: the model's known head (classifier, score, ...)")
     reinit: bool = Field(True, description="a fresh Linear (normal(0, initializer_range), zero bias); "
                                            "False trains a copy of the existing head")
-    also_train: list[str] = Field(default_factory=list, description="module patterns trained with the head, "
-                                                                    "e.g. ['pooler']")
-
-    _one_pattern = one_or_many("also_train")
+    also_train: Patterns = Field(default_factory=list, description="module patterns trained with the head, "
+                                                                   "e.g. ['pooler']")
 
     @model_validator(mode="after")
     def _labels_fit(self) -> Head:
@@ -71,19 +68,21 @@ class TaskHead(nn.Linear, DeltaModule):
 
 
 @register("head")
-class HeadDelta(Delta):
+class HeadDelta(Delta[Head]):
     """Task head: replace or retrain the classification / regression / token-classification head."""
 
-    config_class = Head
     role = "head"
     mergeable = True  # the head lives in the model: merge only swaps the TaskHead for a plain Linear
+    fsdp = True
+    per_task = False  # multi-task runs get a head per task from task_heads
+    peft_type = "modules_to_save"  # PEFT saves a task head whole, next to the adapter
 
     @property
     def preserves_output(self) -> bool:  # type: ignore[override]
-        return not self.config.reinit  # type: ignore[attr-defined]
+        return not self.config.reinit
 
     def build(self) -> list[nn.Parameter]:
-        cfg: Head = self.config  # type: ignore[assignment]
+        cfg = self.config
         head_name = head_module_name(self.model, cfg.module)
         head = self.model.get_submodule(head_name)
         name, old = head_name, head
@@ -111,15 +110,11 @@ class HeadDelta(Delta):
         new = self._new_head(old, outputs, cfg.reinit)
         self.swap(name, new)
         self._head, self._home = new, (self.model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2])
-        self._snapshot = [(p, p.detach().clone()) for p in in_place.values()]
+        self.keep_values(in_place.values())
         self._update_config(cfg, outputs)  # last: nothing after this can fail
         return [p for p in new.parameters()] + list(in_place.values())
 
     def restore(self) -> None:
-        with torch.no_grad():
-            for p, original in self._snapshot:
-                p.copy_(original)
-        self._snapshot = []
         config = getattr(self.model, "config", None)
         for key, value in self._saved_config.items():
             setattr(config, key, value)
@@ -165,22 +160,3 @@ class HeadDelta(Delta):
             config.problem_type = "regression"
         elif config.problem_type == "regression":
             config.problem_type = None  # let the model infer single/multi-label classification from the labels
-
-
-def head_module_name(model: nn.Module, module: str | None = None) -> str:
-    """The name of the task head `module` names (a pattern matching one module), or of the model's known head."""
-    if module is not None:
-        found = find_modules(model, [module])
-        if len(found) > 1:
-            raise TargetError(f"module {module!r} matches {len(found)} modules ({', '.join(list(found)[:4])}); "
-                              "give the full name of the one head module")
-        return next(iter(found))
-    arch = describe(model)
-    if arch.heads:
-        return arch.heads[-1]  # the last one is the output (DistilBERT: pre_classifier, then classifier)
-    outside = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and arch.layer_index(n) is None]
-    linears = outside or [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    raise TargetError(f"{type(model).__name__} has no known task head; name the module to replace with "
-                      f"`module`. Candidate Linear modules near the output: {', '.join(linears[-5:]) or '(none)'}. "
-                      "A model without a head (AutoModel) cannot get one added: load it with "
-                      "AutoModelForSequenceClassification / ForTokenClassification instead")

@@ -23,8 +23,8 @@ from deltatune.arch import describe, short_name
 from deltatune.delta import Delta, DeltaConfig
 from deltatune.errors import TargetError
 from deltatune.registry import register
-from deltatune.schema import one_or_many
-from deltatune.targeting import DeltaModule, WrapperModule, exact_pattern, find_modules, plain_modules
+from deltatune.schema import NonEmptyPatterns, Patterns
+from deltatune.targeting import DeltaModule, MergeableWrapper, exact_pattern, find_modules, plain_modules
 
 TYPES = (nn.Linear, Conv1D)
 
@@ -45,19 +45,17 @@ DEFAULTS: dict[str, tuple[list[str], list[str]]] = {
 class IA3(DeltaConfig):
     """(IA)^3 settings: which modules get a scaling vector, and which of them scale their input."""
 
-    targets: list[str] | None = Field(None, min_length=1,
-                                      description="module patterns (name, dot-suffix, 're:...', 'type:...'); "
-                                                  "default: keys, values and the FFN's second linear of the model type")
-    feedforward: list[str] | None = Field(None, description="patterns of targeted modules whose INPUT is scaled "
-                                                            "(PEFT's feedforward_modules); default: the model type's "
-                                                            "FFN second linear, where targeted")
+    targets: NonEmptyPatterns | None = Field(None, description="module patterns (name, dot-suffix, 're:...', "
+                                             "'type:...'); default: keys, values and the FFN's second linear of the "
+                                             "model type")
+    feedforward: Patterns | None = Field(None, description="patterns of targeted modules whose INPUT is scaled "
+                                                           "(PEFT's feedforward_modules); default: the model type's "
+                                                           "FFN second linear, where targeted")
     layers: str | list[int] | None = Field(None, description="restrict to these layer indices, e.g. '0-3' or [0, -1]")
-    exclude: list[str] = Field(default_factory=list, description="patterns of modules to leave alone")
-
-    _one_pattern = one_or_many("targets", "feedforward", "exclude")
+    exclude: Patterns = Field(default_factory=list, description="patterns of modules to leave alone")
 
 
-class IA3Module(WrapperModule):
+class IA3Module(MergeableWrapper):
     """A frozen `base_layer` whose output (or, for feed-forward modules, input) is scaled by the vector `ia3_l`."""
 
     owner_method = "ia3"
@@ -70,7 +68,6 @@ class IA3Module(WrapperModule):
         n_out, n_in = base.weight.shape[::-1] if self.transposed else base.weight.shape
         shape = (1, n_in) if feedforward else (n_out, 1)  # PEFT's shapes
         self.ia3_l = nn.Parameter(torch.ones(shape, device=base.weight.device, dtype=base.weight.dtype))
-        self._original: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         scale = self.ia3_l.flatten()
@@ -78,33 +75,26 @@ class IA3Module(WrapperModule):
             return self.base_layer(x * scale, *args, **kwargs)
         return self.base_layer(x, *args, **kwargs) * scale
 
-    def merge(self) -> None:
+    def merged_tensors(self) -> dict[str, torch.Tensor]:
         weight, bias = self.base_layer.weight, getattr(self.base_layer, "bias", None)
-        self._original = (weight.detach().clone(), None if bias is None else bias.detach().clone())
-        weight.copy_(weight * (self.ia3_l.T if self.transposed else self.ia3_l).to(weight.dtype))
+        merged = {"weight": weight * (self.ia3_l.T if self.transposed else self.ia3_l).to(weight.dtype)}
         if bias is not None and not self.is_feedforward:  # an input scale leaves the bias alone
-            bias.copy_(bias * self.ia3_l.flatten().to(bias.dtype))
-
-    def unmerge(self) -> None:
-        weight, bias = self._original
-        self.base_layer.weight.copy_(weight)
-        if bias is not None:
-            self.base_layer.bias.copy_(bias)
-        self._original = None
+            merged["bias"] = bias * self.ia3_l.flatten().to(bias.dtype)
+        return merged
 
     def extra_repr(self) -> str:
         return f"scales={'input' if self.is_feedforward else 'output'}, size={self.ia3_l.numel()}"
 
 
 @register("ia3")
-class IA3Delta(Delta):
+class IA3Delta(Delta[IA3]):
     """(IA)^3: learned vectors rescaling keys, values and feed-forward activations (ones at start); mergeable."""
 
-    config_class = IA3
     mergeable = True
+    peft_type = "IA3"
 
     def build(self) -> list[nn.Parameter]:
-        cfg: IA3 = self.config  # type: ignore[assignment]
+        cfg = self.config
         targets = cfg.targets or self._defaults()[0]
         # the model type's feed-forward modules among the targets, unless `feedforward` names them (strictly)
         explicit = cfg.feedforward is not None
@@ -158,4 +148,3 @@ class IA3Delta(Delta):
 
     def unmerge_weights(self) -> None:
         self.unfold_wrappers(self.wrappers)
-

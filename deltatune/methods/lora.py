@@ -25,8 +25,8 @@ from transformers.pytorch_utils import Conv1D
 from deltatune.delta import Delta, DeltaConfig
 from deltatune.errors import TargetError
 from deltatune.registry import register
-from deltatune.schema import MAX_SCALE, MAX_WIDTH, one_or_many
-from deltatune.targeting import WrapperModule, find_modules
+from deltatune.schema import MAX_SCALE, MAX_WIDTH, NonEmptyPatterns, Patterns
+from deltatune.targeting import MergeableWrapper, find_modules
 
 
 class LoRA(DeltaConfig):
@@ -36,16 +36,14 @@ class LoRA(DeltaConfig):
     alpha: float = Field(16.0, gt=0, le=MAX_SCALE,
                          description="scale numerator: s = alpha/r (or alpha/sqrt(r) with rslora)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA branch input")
-    targets: list[str] = Field(default_factory=lambda: ["all-linear"], min_length=1,
-                               description="module patterns (name, dot-suffix, 're:...', 'type:...', 'all-linear')")
+    targets: NonEmptyPatterns = Field(default_factory=lambda: ["all-linear"], description="module patterns (name, "
+                                      "dot-suffix, 're:...', 'type:...', 'all-linear')")
     layers: str | list[int] | None = Field(None, description="restrict to these layer indices, e.g. '0-3' or [0, -1]")
-    exclude: list[str] = Field(default_factory=list, description="patterns of modules to leave alone")
+    exclude: Patterns = Field(default_factory=list, description="patterns of modules to leave alone")
     scaling: Literal["standard", "rslora"] = Field("standard", description="alpha / r (standard) or "
                                                                            "alpha / sqrt(r) (rsLoRA)")
     dora: bool = Field(False, description="weight-decomposed LoRA (learned magnitude per output unit)")
     init: Literal["kaiming", "gaussian"] = Field("kaiming", description="init of A (B starts at zero either way)")
-
-    _one_pattern = one_or_many("targets", "exclude")
 
 
 SCALINGS: dict[str, Callable[[float, int], float]] = {
@@ -206,7 +204,7 @@ class DoRA:
 VARIANTS: dict[bool, type] = {False: Plain, True: DoRA}  # keyed by LoRA.dora
 
 
-class LoRAModule(WrapperModule):
+class LoRAModule(MergeableWrapper):
     """A frozen `base_layer` plus a low-rank update (`lora_A`, `lora_B`), applied per its kind and variant."""
 
     owner_method = "lora"
@@ -221,7 +219,6 @@ class LoRAModule(WrapperModule):
         # dropout 0 means no module at all: the forward skips it instead of calling an identity
         self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 and kind.takes_dropout else None
         variant.setup(self)
-        self._original: torch.Tensor | None = None  # base weight before merge, restored bit for bit
 
     def delta_weight(self) -> torch.Tensor:
         """s·B·A in the base weight's layout."""
@@ -232,15 +229,8 @@ class LoRAModule(WrapperModule):
         lora_in = x if self.lora_dropout is None else self.lora_dropout(x)
         return self.variant.forward(self, lora_in, out)
 
-    def merge(self) -> None:
-        weight = self.base_layer.weight
-        merged = self.variant.merged_weight(self, weight)
-        self._original = weight.detach().clone()
-        weight.copy_(merged)
-
-    def unmerge(self) -> None:
-        self.base_layer.weight.copy_(self._original)
-        self._original = None
+    def merged_tensors(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.variant.merged_weight(self, self.base_layer.weight)}
 
     def extra_repr(self) -> str:
         return (f"r={self.lora_A.weight.shape[0]}, scaling={self.scaling:g}, "
@@ -248,14 +238,14 @@ class LoRAModule(WrapperModule):
 
 
 @register("lora")
-class LoRADelta(Delta):
+class LoRADelta(Delta[LoRA]):
     """Low-rank updates B·A added to chosen linear/conv/embedding weights (LoRA, rsLoRA, DoRA); mergeable."""
 
-    config_class = LoRA
     mergeable = True
+    peft_type = "LORA"
 
     def build(self) -> list[nn.Parameter]:
-        cfg: LoRA = self.config  # type: ignore[assignment]
+        cfg = self.config
         found = self._find(cfg)
         kinds = {name: kind_of(name, module) for name, module in found.items()}  # check all before changing any
         self.wrappers: list[LoRAModule] = []

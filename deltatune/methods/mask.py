@@ -25,12 +25,12 @@ from pydantic import Field, model_validator
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from deltatune import io
+from deltatune import storage
 from deltatune.delta import Delta, DeltaConfig
 from deltatune.errors import CheckpointError, ConfigError
 from deltatune.registry import register
-from deltatune.schema import MAX_SCALE, one_or_many
-from deltatune.targeting import WrapperModule, find_modules
+from deltatune.schema import MAX_SCALE, NonEmptyPatterns, Patterns
+from deltatune.targeting import MergeableWrapper, find_modules
 
 MASK_FORMAT = "deltatune-mask"
 
@@ -42,12 +42,10 @@ class Mask(DeltaConfig):
     init_score: float = Field(1e-2, ge=-MAX_SCALE, le=MAX_SCALE,
                               description="starting value of every score; above threshold, so the mask "
                                           "starts all ones")
-    targets: list[str] = Field(default_factory=lambda: ["all-linear"], min_length=1,
-                               description="module patterns (name, dot-suffix, 're:...', 'type:...', 'all-linear')")
+    targets: NonEmptyPatterns = Field(default_factory=lambda: ["all-linear"], description="module patterns (name, "
+                                      "dot-suffix, 're:...', 'type:...', 'all-linear')")
     layers: str | list[int] | None = Field(None, description="restrict to these layer indices, e.g. '0-3' or [0, -1]")
-    exclude: list[str] = Field(default_factory=list, description="patterns of modules to leave alone")
-
-    _one_pattern = one_or_many("targets", "exclude")
+    exclude: Patterns = Field(default_factory=list, description="patterns of modules to leave alone")
 
     @model_validator(mode="after")
     def _starts_all_ones(self) -> Mask:
@@ -81,7 +79,7 @@ def binarize(scores: torch.Tensor, threshold: float, dtype: torch.dtype) -> torc
     return hard + (scores - scores.detach()).to(dtype)
 
 
-class MaskModule(WrapperModule):
+class MaskModule(MergeableWrapper):
     """A frozen `base_layer` whose weight is multiplied by the binarised `mask_scores`."""
 
     owner_method = "mask"
@@ -94,7 +92,6 @@ class MaskModule(WrapperModule):
         weight = base.weight
         dtype = torch.promote_types(weight.dtype, torch.float32)  # small score updates survive in half precision
         self.mask_scores = nn.Parameter(torch.full(weight.shape, config.init_score, dtype=dtype, device=weight.device))
-        self._original: torch.Tensor | None = None
         self.train(base.training)  # a new module starts in training mode: take the model's
 
     def mask(self) -> torch.Tensor:
@@ -103,28 +100,22 @@ class MaskModule(WrapperModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.apply_weight(self.base_layer, x, self.base_layer.weight * self.mask())
 
-    def merge(self) -> None:
-        weight = self.base_layer.weight
-        self._original = weight.detach().clone()
-        weight.copy_(weight * self.mask())  # the same product as the forward: merged outputs are identical
-
-    def unmerge(self) -> None:
-        self.base_layer.weight.copy_(self._original)
-        self._original = None
+    def merged_tensors(self) -> dict[str, torch.Tensor]:
+        # the same product as the forward: merged outputs are identical
+        return {"weight": self.base_layer.weight * self.mask()}
 
     def extra_repr(self) -> str:
         return f"threshold={self.threshold:g}"
 
 
 @register("mask")
-class MaskDelta(Delta):
+class MaskDelta(Delta[Mask]):
     """Mask tuning: learn a binary keep/drop mask over frozen linear weights (straight-through scores); mergeable."""
 
-    config_class = Mask
     mergeable = True
 
     def build(self) -> list[nn.Parameter]:
-        cfg: Mask = self.config  # type: ignore[assignment]
+        cfg = self.config
         found = find_modules(self.model, cfg.targets, tuple(FORWARDS), cfg.layers, cfg.exclude)
         self.wrappers: dict[str, MaskModule] = {}
         for name, module in found.items():
@@ -164,12 +155,12 @@ class MaskDelta(Delta):
         for name, mask in self.masks().items():
             tensors[f"{name}.mask_bits"] = pack_bits(mask)
             tensors[f"{name}.mask_shape"] = torch.tensor(mask.shape, dtype=torch.int64)
-        io.save_tensors(path, tensors, metadata={"format": MASK_FORMAT})
+        storage.save_tensors(path, tensors, metadata={"format": MASK_FORMAT})
         return Path(path)
 
     def import_mask(self, path: str | Path) -> None:
         """Load a mask written by `export_mask`: scores become init_score where kept, 0 where dropped."""
-        saved = io.load_tensors(path)
+        saved = storage.load_tensors(path)
         names = {k.rsplit(".", 1)[0] for k in saved}
         missing, unexpected = sorted(set(self.wrappers) - names), sorted(names - set(self.wrappers))
         shapes = [f"{n}: saved {saved[f'{n}.mask_shape'].tolist()}, model {list(w.mask_scores.shape)}"
@@ -178,7 +169,7 @@ class MaskDelta(Delta):
         if missing or unexpected or shapes:
             raise CheckpointError(f"mask file {path} does not fit this delta: missing {missing[:3]}, "
                                   f"unexpected {unexpected[:3]}, shape mismatch {shapes[:3]}")
-        init = self.config.init_score  # type: ignore[attr-defined]
+        init = self.config.init_score
         with torch.no_grad():
             for name, w in self.wrappers.items():
                 mask = unpack_bits(saved[f"{name}.mask_bits"], w.mask_scores.shape)

@@ -10,7 +10,8 @@ Every bank also stays in the module tree, under a child named after its task: th
 is `a.b.<t>.weight` in `model.named_parameters()` and in the saved delta (the active task's is also `a.b.weight`).
 
 Any method whose forward reads its tensors from module attributes works unchanged; tests/test_multitask.py checks
-every registered one (but fusion). The per-task delta is not mergeable (no single set of weights serves every task).
+every registered one whose class attribute `per_task` allows copies (heads do not: task_heads is per task already).
+The per-task delta is not mergeable (no single set of weights serves every task).
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ from deltatune.delta import Delta, DeltaConfig
 from deltatune.errors import ConfigError
 from deltatune.registry import method_of, parse_delta_config, register
 
-NOT_PER_TASK = ("per_task", "task_heads", "head")  # heads are per task already (task_heads)
-
 
 class PerTask(DeltaConfig):
     """Per-task copies of one method: the method's config and the task names."""
@@ -40,7 +39,7 @@ class PerTask(DeltaConfig):
     @classmethod
     def _parse_inner(cls, value: Any) -> Any:
         inner = value if isinstance(value, DeltaConfig) else parse_delta_config(value, where="delta")
-        if inner.method in NOT_PER_TASK:
+        if not method_of(inner).delta_class.per_task:
             raise ValueError(f"per_task cannot copy {inner.method!r}; multi-task heads come from task_heads")
         return inner
 
@@ -56,13 +55,13 @@ class PerTask(DeltaConfig):
 
 
 @register("per_task")
-class PerTaskDelta(Delta):
+class PerTaskDelta(Delta[PerTask]):
     """Per-task deltas: one copy of a method (e.g. LoRA) per task, the active task's copy in the forward."""
 
-    config_class = PerTask
+    per_task = False  # no copies of copies
 
     def build(self) -> list[nn.Parameter]:
-        cfg: PerTask = self.config  # type: ignore[assignment]
+        cfg = self.config
         self.inner = method_of(cfg.delta).delta_class(self.model, cfg.delta)
         try:
             owned = self.inner.build()

@@ -169,17 +169,15 @@ class SideBlend(DeltaModule):
 
 
 @register("side")
-class SideDelta(Delta):
+class SideDelta(Delta[Side]):
     """Side-tuning: a small network on the input embeddings, blended into the last hidden state by a learned alpha."""
-
-    config_class = Side
 
     @property
     def preserves_output(self) -> bool:  # type: ignore[override]
-        return self.config.alpha_schedule == "linear"  # type: ignore[attr-defined]  # floor 1: alpha is exactly 1
+        return self.config.alpha_schedule == "linear"  # floor 1: alpha is exactly 1
 
     def build(self) -> list[nn.Parameter]:
-        cfg: Side = self.config  # type: ignore[assignment]
+        cfg = self.config
         arch = describe(self.model)
         if not arch.layers:
             raise TargetError(f"side-tuning blends at the output of the last layer of the layer stack, and "

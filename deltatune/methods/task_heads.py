@@ -23,10 +23,9 @@ from torch import nn
 from deltatune import routing
 from deltatune.delta import Delta, DeltaConfig
 from deltatune.errors import TargetError
-from deltatune.methods.head import head_module_name
 from deltatune.registry import register
 from deltatune.schema import MAX_LABELS, Schema
-from deltatune.targeting import DeltaModule, check_not_taken
+from deltatune.targeting import DeltaModule, check_not_taken, head_module_name
 
 
 class TaskHead(Schema):
@@ -123,15 +122,15 @@ def last_token(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 @register("task_heads")
-class TaskHeadsDelta(Delta):
+class TaskHeadsDelta(Delta[TaskHeads]):
     """Multi-task heads: one classification / regression / LM head per task, chosen by the forward's task."""
 
-    config_class = TaskHeads
     role = "head"
     preserves_output = False
+    per_task = False  # it is the per-task head already
 
     def build(self) -> list[nn.Parameter]:
-        cfg: TaskHeads = self.config  # type: ignore[assignment]
+        cfg = self.config
         name = head_module_name(self.model, cfg.module)
         head = self.model.get_submodule(name)
         if not isinstance(head, nn.Linear):  # e.g. RoBERTa's classifier: dense + out_proj; replace the last Linear

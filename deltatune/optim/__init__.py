@@ -83,6 +83,7 @@ class OptimizerConfig(Schema):
 from deltatune.optim.galore import GaLoreAdamW, GaLoreAdamW8bit, check_train_settings  # noqa: E402
 from deltatune.optim.groups import build_optimizer, describe_groups, stack_depths  # noqa: E402
 from deltatune.optim.schedule import build_scheduler, lr_factor  # noqa: E402
+from deltatune.optim.step import OptimizerStep, build_step  # noqa: E402
 
-__all__ = ["GaLoreAdamW", "GaLoreAdamW8bit", "GaLoreConfig", "OptimizerConfig", "build_optimizer", "build_scheduler",
-           "check_train_settings", "describe_groups", "lr_factor", "stack_depths"]
+__all__ = ["GaLoreAdamW", "GaLoreAdamW8bit", "GaLoreConfig", "OptimizerConfig", "OptimizerStep", "build_optimizer",
+           "build_scheduler", "build_step", "check_train_settings", "describe_groups", "lr_factor", "stack_depths"]

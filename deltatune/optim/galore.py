@@ -19,8 +19,9 @@ and frees the gradient, so the gradients of all layers never exist at once. `ste
 tensors. Consequences for a training loop (`check_train_settings` refuses the impossible ones):
   * no gradient clipping: the global norm is unknown until every tensor has already been updated;
   * no gradient accumulation: every backward pass updates (a second backward before `step()` raises);
-  * the gradients are gone after `backward()`: read the norm from `optimizer.grad_norm()`. A tensor with a
-    non-finite gradient is not updated, and `grad_norm()` is then non-finite, so the loop can stop.
+  * the gradients are gone after `backward()`: read the norm from `optimizer.grad_norm()` (the training loop does,
+    through optim/step.py's OptimizerStep). A tensor with a non-finite gradient is not updated, and `grad_norm()`
+    is then non-finite, so the loop can stop.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ from deltatune.train.checkpoint import (
            load_latest,
            save_checkpoint,
 )
-from deltatune.train.loop import TrainConfig, TrainResult, evaluate, train
+from deltatune.train.evaluation import evaluate
+from deltatune.train.loop import TrainConfig, TrainResult, train
 from deltatune.train.metrics import METRICS, MINIMISED
 
 __all__ = ["METRICS", "MINIMISED", "Checkpoint", "TrainConfig", "TrainResult", "evaluate", "load_checkpoint",

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deltatune import io
+from deltatune import storage
 from deltatune.delta import TENSOR_FILE, DeltaBase, read_delta_config
 from deltatune.fingerprint import check_finite
 from deltatune.errors import CheckpointError, DeltaTuneError
@@ -71,17 +71,17 @@ def save_checkpoint(root: str | Path, step: int, *, delta: DeltaBase, optimizer:
     try:
         delta.save(tmp)
         tensors, meta = encode(optimizer.state_dict(), "optimizer")
-        io.save_tensors(tmp / "optimizer.safetensors", tensors)
-        io.write_json(tmp / "optimizer.json", meta)
+        storage.save_tensors(tmp / "optimizer.safetensors", tensors)
+        storage.write_json(tmp / "optimizer.json", meta)
         tensors, meta = encode(scheduler.state_dict(), "scheduler")
         if tensors:
             raise CheckpointError("the LR scheduler state holds tensors; only plain values are supported")
-        io.write_json(tmp / "scheduler.json", meta)
+        storage.write_json(tmp / "scheduler.json", meta)
         rng_tensors, rng_json = get_rng_state()
-        io.save_tensors(tmp / "rng.safetensors", rng_tensors)
-        io.write_json(tmp / "rng.json", rng_json)
-        io.write_json(tmp / "state.json", {"step": step, **state})
-        io.write_json(tmp / CHECKSUMS, {p.name: io.sha256(p) for p in sorted(tmp.iterdir())})
+        storage.save_tensors(tmp / "rng.safetensors", rng_tensors)
+        storage.write_json(tmp / "rng.json", rng_json)
+        storage.write_json(tmp / "state.json", {"step": step, **state})
+        storage.write_json(tmp / CHECKSUMS, {p.name: storage.sha256(p) for p in sorted(tmp.iterdir())})
         replace_dir(tmp, final)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -124,7 +124,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     """Verify the checksums of one checkpoint folder and read it; CheckpointError if anything is off."""
     path = Path(path)
     try:
-        sums = io.read_json(path / CHECKSUMS)
+        sums = storage.read_json(path / CHECKSUMS)
         if not isinstance(sums, dict):
             raise CheckpointError(f"{path / CHECKSUMS}: expected an object of file name -> SHA-256")
         required = {TENSOR_FILE, "optimizer.safetensors", "optimizer.json", "scheduler.json", "rng.safetensors",
@@ -132,16 +132,16 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         if missing := sorted(required - set(sums)):
             raise CheckpointError(f"{path.name} lacks {', '.join(missing)}")
         for name, digest in sums.items():
-            if not inside(path, name, str(path / CHECKSUMS)).is_file() or io.sha256(path / name) != digest:
+            if not inside(path, name, str(path / CHECKSUMS)).is_file() or storage.sha256(path / name) != digest:
                 raise CheckpointError(f"{path / name} is missing or corrupted (checksum mismatch)")
-        optimizer = decode(io.read_json(path / "optimizer.json"), io.load_tensors(path / "optimizer.safetensors"))
-        state = io.read_json(path / "state.json")
-        delta = io.load_tensors(path / TENSOR_FILE)
+        optimizer = decode(storage.read_json(path / "optimizer.json"), storage.load_tensors(path / "optimizer.safetensors"))
+        state = storage.read_json(path / "state.json")
+        delta = storage.load_tensors(path / TENSOR_FILE)
         check_finite(delta, str(path / TENSOR_FILE))
         return Checkpoint(path=path, step=int(state["step"]), delta=delta, base=read_delta_config(path)["base"],
-                          optimizer=optimizer, scheduler=decode(io.read_json(path / "scheduler.json"), {}),
-                          rng={"tensors": io.load_tensors(path / "rng.safetensors"),
-                               **io.read_json(path / "rng.json")}, state=state)
+                          optimizer=optimizer, scheduler=decode(storage.read_json(path / "scheduler.json"), {}),
+                          rng={"tensors": storage.load_tensors(path / "rng.safetensors"),
+                               **storage.read_json(path / "rng.json")}, state=state)
     except CheckpointError:
         raise
     except Exception as exc:  # unreadable JSON/safetensors, missing keys: the checkpoint is unusable
@@ -233,7 +233,7 @@ def save_delta(delta: DeltaBase, folder: Path, files: dict[str, str] | None = No
     try:
         delta.save(tmp)
         for name, text in (files or {}).items():
-            io.write_text(tmp / name, text)
+            storage.write_text(tmp / name, text)
         replace_dir(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -242,7 +242,7 @@ def save_delta(delta: DeltaBase, folder: Path, files: dict[str, str] | None = No
 def replace_dir(src: Path, dst: Path) -> None:
     """Rename folder `src` onto `dst`. An existing `dst` is swapped with `src` in one step where the file system
     can (renameat2 RENAME_EXCHANGE), else moved aside first; then the old contents are removed."""
-    if dst.exists() and io.exchange(src, dst):
+    if dst.exists() and storage.exchange(src, dst):
         shutil.rmtree(src, ignore_errors=True)
     else:
         old = dst.with_name(f".{dst.name}.old-{os.getpid()}")

@@ -39,13 +39,12 @@ from torch import nn
 from deltatune.delta import base_fingerprint
 from deltatune.errors import CheckpointError, ConfigError
 from deltatune.fingerprint import check_same_base
+from deltatune.registry import methods
 from deltatune.train import checkpoint
 
 if TYPE_CHECKING:
     from deltatune.delta import DeltaBase
     from deltatune.train.metrics import MetricState
-
-FSDP_METHODS = ("full", "head")  # deltas that train weights in place; small deltas train well with DDP
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -251,8 +250,9 @@ def _join_group() -> torch.device:
 
 
 def _check_fsdp(delta: DeltaBase, optimizer_name: str) -> None:
-    if others := sorted({part.method for part in delta.parts()} - set(FSDP_METHODS)):
-        raise ConfigError(f"train.parallel: fsdp shards full fine-tuning ({', '.join(FSDP_METHODS)}); "
+    if others := sorted({part.method for part in delta.parts() if not part.fsdp}):
+        sharded = ", ".join(name for name, m in methods().items() if m.delta_class.fsdp)
+        raise ConfigError(f"train.parallel: fsdp shards full fine-tuning ({sharded}); "
                           f"{', '.join(others)} trains few parameters: use train.parallel: ddp")
     if optimizer_name.startswith("galore"):
         raise ConfigError("train.parallel: fsdp cannot shard GaLore's projected optimizer states; "

@@ -7,38 +7,40 @@ Outputs in `out_dir`:
                        the last weights, so no separate `last/` folder is written.
   metrics.jsonl/.csv   logged train steps and evaluations (see metrics.MetricsLog)
   results.json         the TrainResult
+
+The loop talks to everything else through small objects: the objective (tasks.py: loss, units, metrics), the
+delta's contract (`extra_loss`), `compute.TrainingLoss` (a micro-batch's loss), `optim.OptimizerStep` (gradient
+norm and update, for optimizers that update after backward or inside it), `distributed.Parallel` (ranks),
+`memory.HeapPolicy` (once per step) and `TrainState` (what a checkpoint restores).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import resource
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, TypeAdapter, ValidationError
 from torch import nn
 
-from deltatune import io
-from deltatune.data.batching import real_tokens
+from deltatune import storage
+from deltatune.data.batching import example_lengths, real_tokens
 from deltatune.delta import TENSOR_FILE, DeltaBase
 from deltatune.errors import CheckpointError, ConfigError, DataError, DeltaTuneError
-from deltatune.optim import OptimizerConfig, build_optimizer, build_scheduler, check_train_settings
+from deltatune.optim import OptimizerConfig, OptimizerStep, build_step, check_train_settings
 from deltatune.schema import MAX_BATCH, MAX_COUNT, MAX_SCALE, MAX_SEED, MAX_THREADS, Schema
-from deltatune.train import checkpoint, distributed, speed
+from deltatune.train import checkpoint, compute, distributed
 from deltatune.train.interrupt import StopRequests, TrainingInterrupted
-from deltatune.train.metrics import (
-    MetricsLog,
-    MetricState,
-    check_task,
-    improved,
-)
+from deltatune.train.memory import HeapPolicy
+from deltatune.train.metrics import MetricsLog, improved
 from deltatune.train.tasks import objective
 
 if TYPE_CHECKING:
@@ -87,8 +89,8 @@ class TrainConfig(Schema):
     parallel: Literal["ddp", "fsdp"] = Field("ddp",
                                              description="under torchrun (see distributed.py); fsdp: full fine-tuning")
     eval_baseline: bool = Field(True, description="evaluate the untrained model first (validation + test)")
-    # Speed and memory levers (train/speed.py; measured in bench/README.md)
-    precision: speed.Precision = Field("auto",
+    # Speed and memory levers (train/compute.py; measured in bench/README.md)
+    precision: compute.Precision = Field("auto",
                                        description="bf16 autocast (fp32 master weights) where the CPU has native bf16")
     chunked_loss: bool = Field(True, description="causal LM: loss through the head in chunks, never the full logits")
     gradient_checkpointing: bool = Field(False,
@@ -115,6 +117,47 @@ class TrainResult:
     predictions: dict[str, Any] | None = None  # predictions.jsonl: split, examples, majority-class baseline
 
 
+@dataclass
+class TrainState:
+    """Everything the loop needs to continue exactly where a checkpoint was taken (a checkpoint's state.json)."""
+
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0  # the data position: an epoch's order depends only on (seed, epoch), so it is just
+    batch: int = 0  # (epoch, index of the next batch in that order)
+    best: float | None = None  # the best validation `metric` so far, its step and all metrics of that validation
+    best_step: int | None = None
+    best_metrics: dict[str, float] | None = None
+    bad_evals: int = 0  # validations since the best one (train.patience)
+    stopped_early: bool = False
+    elapsed: float = 0.0  # wall time so far, across resumes
+    train_time: float = 0.0  # seconds inside training steps, and the real tokens they saw (tokens/s)
+    tokens: int = 0
+    baseline: dict[str, dict[str, float]] | None = None  # split -> metrics of the model before training
+    config: dict[str, Any] = field(default_factory=dict)  # the TrainConfig (JSON): what a resume may change
+    run: dict[str, Any] | None = None  # the caller's record of the run (config and data hashes)
+
+    @classmethod
+    def of(cls, ck: checkpoint.Checkpoint) -> TrainState:
+        """The state saved in checkpoint `ck` (the same keys since checkpoints were first written)."""
+        try:
+            return TypeAdapter(cls).validate_python({**ck.state, "step": ck.step})
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise CheckpointError(f"{ck.path / 'state.json'} is not a training state ({problems}); resume from "
+                                  "another checkpoint or start a new run") from None
+
+    def validated(self, scores: dict[str, float], metric: str, patience: int | None) -> bool:
+        """Record a validation at this step: True when it is the best so far; `patience` validations without
+        improvement stop the run early."""
+        if improved(scores[metric], self.best, metric):
+            self.best, self.best_step, self.best_metrics, self.bad_evals = scores[metric], self.step, scores, 0
+            return True
+        self.bad_evals += 1
+        if patience and self.bad_evals >= patience:
+            self.stopped_early = True
+        return False
+
+
 def train(model: nn.Module, delta: DeltaBase, data: TaskData | MultiTaskData, cfg: TrainConfig,
           out_dir: str | Path, *, collate: Collate, resume: bool = False,
           on_event: Callable[[str, dict[str, Any]], None] | None = None,
@@ -127,15 +170,15 @@ def train(model: nn.Module, delta: DeltaBase, data: TaskData | MultiTaskData, cf
     change (`epochs`, `max_steps`): the LR schedule is then the one of a run planned with the new length from the
     start (same warmup steps), continued from the step reached. `record` (the run's config and data hashes) is
     saved in every checkpoint. SIGINT / SIGTERM stop at the next step boundary after saving a checkpoint
-    (`TrainingInterrupted`).
+    (`TrainingInterrupted`). The process's heap follows `memory.HeapPolicy` while training.
     """
-    with StopRequests() as stop:
-        return _train(model, delta, data, cfg, Path(out_dir), collate, resume, on_event, record, stop)
+    with StopRequests() as stop, HeapPolicy() as heap:
+        return _train(model, delta, data, cfg, Path(out_dir), collate, resume, on_event, record, stop, heap)
 
 
 def _train(model: nn.Module, delta: DeltaBase, data: TaskData | MultiTaskData, cfg: TrainConfig, out_dir: Path,
            collate: Collate, resume: bool, on_event: Callable[[str, dict[str, Any]], None] | None,
-           record: dict[str, Any] | None, stop: StopRequests) -> TrainResult:
+           record: dict[str, Any] | None, stop: StopRequests, heap: HeapPolicy) -> TrainResult:
     emit = on_event or (lambda kind, info: None)
     task = objective(data, delta)  # loss, units and metrics of the task, or of several tasks (tasks.py)
     metric = cfg.metric or task.default_metric
@@ -156,216 +199,152 @@ def _train(model: nn.Module, delta: DeltaBase, data: TaskData | MultiTaskData, c
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     params = list(delta.trainable_parameters().values())
-    speed.fp32_master_weights(params)  # a bf16 base trains fp32 deltas, with fp32 optimizer states
+    compute.fp32_master_weights(params)  # a bf16 base trains fp32 deltas, with fp32 optimizer states
     trainable, total = delta.parameter_counts()
-    optimizer = build_optimizer(model, delta, cfg.optimizer)
-    per_layer = getattr(optimizer, "per_layer", False)  # updates in gradient hooks during backward (galore.py)
+    steps_per_epoch, total_steps = _steps_per_epoch(cfg, len(data.train)), planned_steps(cfg, len(data.train))
+    updates = build_step(model, delta, cfg.optimizer, total_steps)  # optimizer + LR schedule
     par = distributed.setup(model, delta, cfg.parallel, cfg.optimizer.name)  # torchrun: DDP / FSDP; else no-op
     train_collate = par.sharded(collate)  # this rank's shard of each global batch
-    fast = speed.FastPath(par.model, task, cfg.precision, cfg.chunked_loss, cfg.gradient_checkpointing)
-    steps_per_epoch, total_steps = _steps_per_epoch(cfg, len(data.train)), planned_steps(cfg, len(data.train))
-    scheduler = build_scheduler(optimizer, cfg.optimizer, total_steps)
-    lengths = _lengths(data.train) if cfg.length_grouping else None
+    loss_of = compute.TrainingLoss(par.model, task, cfg.precision, cfg.chunked_loss, cfg.gradient_checkpointing)
+    lengths = example_lengths(data.train) if cfg.length_grouping else None
+    epoch_batches = functools.lru_cache(1)(lambda epoch: data.epoch_batches(cfg.batch_size, cfg.seed, epoch, lengths))
     log = MetricsLog(out_dir, task.metrics) if par.main else distributed.NO_LOG
     has_validation, has_test = len(data.validation) > 0, len(data.test) > 0
 
-    # Loop state: everything needed to continue exactly where a checkpoint was taken.
-    st: dict[str, Any] = {"epoch": 0, "batch": 0, "best": None, "best_step": None, "best_metrics": None,
-                          "bad_evals": 0, "stopped_early": False, "elapsed": 0.0, "train_time": 0.0, "tokens": 0,
-                          "baseline": None, "config": cfg.model_dump(mode="json"), "run": record}
-    step, last_ckpt = 0, None
-    if resume:
-        ck = checkpoint.load_latest(ckpt_root)
-        check_resumable(ck, cfg, total_steps, out_dir)
-        par.load_checkpoint(ck, delta, optimizer)
-        scheduler.load_state_dict(ck.scheduler)
-        _extend_schedule(scheduler, total_steps)
-        checkpoint.set_rng_state(ck.rng)
-        par.barrier()  # every rank has read it before rank 0 renames anything
-        if par.main:
-            checkpoint.set_aside_newer(ckpt_root, ck.step)  # broken newer ones would shadow the new checkpoints
-        st, step, last_ckpt = {**ck.state, "config": cfg.model_dump(mode="json"), "run": record}, ck.step, ck.path
-        del st["step"]
-    log.start(resume_step=step if resume else None)
-    clock = time.perf_counter() - st["elapsed"]  # elapsed time continues across resumes
+    st, last_ckpt = TrainState(config=cfg.model_dump(mode="json"), run=record), None
+    if resume:  # the delta, optimizer, schedule, RNG and loop state of the newest good checkpoint
+        saved, last_ckpt = _restore(ckpt_root, cfg, total_steps, out_dir, par, delta, updates)
+        st = replace(saved, config=st.config, run=record)
+    clock = time.perf_counter() - st.elapsed  # elapsed time continues across resumes
+
+    def save_checkpoint() -> Path:
+        st.elapsed = time.perf_counter() - clock
+        return par.save_checkpoint(ckpt_root, st.step, delta=delta, optimizer=updates.optimizer,
+                                   scheduler=updates.scheduler, state=asdict(st), keep=cfg.keep_checkpoints)
+
+    log.start(resume_step=st.step if resume else None)
     emit("start", {"total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "epochs": cfg.epochs,
-                   "trainable": trainable, "total": total, "resumed_from_step": step if resume else None})
+                   "trainable": trainable, "total": total, "resumed_from_step": st.step if resume else None})
     if not resume and cfg.eval_baseline:  # the "base" column of the base vs fine-tuned table
-        st["baseline"] = {}
+        st.baseline = {}
         for split in [s for s, present in (("validation", has_validation), ("test", has_test)) if present]:
-            st["baseline"][split] = task.evaluate(par.model, getattr(data, split), collate, eval_bs)
-            log.write({"kind": "baseline", "split": split, "step": 0, "epoch": 0.0, **st["baseline"][split]})
-            emit("eval", {"split": split, "step": 0, "epoch": 0.0, "baseline": True, "metrics": st["baseline"][split]})
+            st.baseline[split] = task.evaluate(par.model, getattr(data, split), collate, eval_bs)
+            log.write({"kind": "baseline", "split": split, "step": 0, "epoch": 0.0, **st.baseline[split]})
+            emit("eval", {"split": split, "step": 0, "epoch": 0.0, "baseline": True, "metrics": st.baseline[split]})
 
     model.train()
     window_tokens, window_time = 0, 0.0
-    while not st["stopped_early"] and step < total_steps:
-        # The order of an epoch depends only on (seed, epoch): the data position is just (epoch, batch index).
-        epoch, batches = st["epoch"], _epoch_batches(data, cfg, st["epoch"], lengths)
-        while st["epoch"] == epoch and not st["stopped_early"] and step < total_steps:
-            if par.sum(float(stop.signum is not None))[0]:  # every rank stops at the same step boundary
-                st["elapsed"] = time.perf_counter() - clock
-                if last_ckpt != checkpoint.checkpoint_path(ckpt_root, step):
-                    last_ckpt = par.save_checkpoint(ckpt_root, step, delta=delta, optimizer=optimizer,
-                                                    scheduler=scheduler, state=st, keep=cfg.keep_checkpoints)
-                raise TrainingInterrupted(stop.signum or signal.SIGTERM, step, last_ckpt)
-            t0 = time.perf_counter()
-            par.seed_step(cfg.seed, step)
-            group = [train_collate([data.train[i] for i in idx])
-                     for idx in batches[st["batch"]:st["batch"] + cfg.grad_accum]]
-            # Normalise by the units (examples or target tokens) of the whole step, over all ranks: accumulating
-            # (or splitting the batch over ranks) equals one big batch.
-            step_units = max(par.sum(sum(task.units(b) for b in group))[0], 1)
-            step_loss, tokens, batch_losses = 0.0, 0, []
-            for batch in group:
-                batch = _to_device(batch, params[0].device)
-                part = task.units(batch) / step_units
-                loss = fast.loss_sum(par.model, _model_inputs(batch), batch) / step_units
-                if (extra := delta.extra_loss()) is not None:
-                    loss = loss + extra * part
-                par.backward(loss)
-                batch_losses.append(float(loss.detach()))
-                step_loss += batch_losses[-1]
-                tokens += real_tokens(batch)
-            step_loss, tokens = par.sum(step_loss, tokens)
-            grad_norm = (optimizer.grad_norm() if per_layer  # the hooks consumed (and freed) the gradients
-                         else par.clip_grad_norm(params, cfg.max_grad_norm))
-            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):  # never step into NaN weights
-                raise DeltaTuneError(
-                    f"the training loss is {step_loss} (gradient norm {float(grad_norm)}) at step {step + 1} "
-                    f"(epoch {epoch + 1}); training stopped before the weights were updated"
-                    f"{' (per-layer: tensors with finite gradients were)' if per_layer else ''}. The last good "
-                    f"checkpoint is kept: {last_ckpt or 'none written yet'}. "
-                    "Try a lower learning rate or check the data.")
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            speed.trim_heap_if_grown()
-            step += 1
-            st["batch"] += len(group)
-            end_of_epoch = st["batch"] >= len(batches)
-            epoch_pos = st["epoch"] + st["batch"] / len(batches)
-            if end_of_epoch:
-                st["epoch"], st["batch"] = st["epoch"] + 1, 0
-            seconds = time.perf_counter() - t0
-            st["tokens"] += tokens
-            st["train_time"] += seconds
-            window_tokens, window_time = window_tokens + tokens, window_time + seconds
-            emit("step", {"step": step, "epoch": epoch_pos, "loss": step_loss, "lr": lr, "tokens": tokens,
-                          "seconds": seconds})
-            if step % cfg.log_every == 0 or step == total_steps:
-                log.write({"kind": "train", "step": step, "epoch": epoch_pos, "loss": step_loss, "lr": lr,
-                           "grad_norm": float(grad_norm), "tokens_per_s": window_tokens / max(window_time, 1e-9),
-                           "elapsed": time.perf_counter() - clock,
-                           **task.step_losses(group, [x * step_units for x in batch_losses])})
-                window_tokens, window_time = 0, 0.0
+    while not st.stopped_early and st.step < total_steps:
+        if par.sum(float(stop.signum is not None))[0]:  # every rank stops at the same step boundary
+            if last_ckpt != checkpoint.checkpoint_path(ckpt_root, st.step):
+                last_ckpt = save_checkpoint()
+            raise TrainingInterrupted(stop.signum or signal.SIGTERM, st.step, last_ckpt)
+        batches = epoch_batches(st.epoch)
+        t0 = time.perf_counter()
+        par.seed_step(cfg.seed, st.step)
+        group = [train_collate([data.train[i] for i in idx]) for idx in batches[st.batch:st.batch + cfg.grad_accum]]
+        # Normalise by the units (examples or target tokens) of the whole step, over all ranks: accumulating
+        # (or splitting the batch over ranks) equals one big batch.
+        step_units = max(par.sum(sum(task.units(b) for b in group))[0], 1)
+        step_loss, tokens, batch_losses = 0.0, 0, []
+        for batch in group:
+            batch = compute.to_device(batch, params[0].device)
+            part = task.units(batch) / step_units
+            loss = loss_of(batch) / step_units
+            if (extra := delta.extra_loss()) is not None:  # a method's auxiliary loss (the contract)
+                loss = loss + extra * part
+            par.backward(loss)
+            batch_losses.append(float(loss.detach()))
+            step_loss += batch_losses[-1]
+            tokens += real_tokens(batch)
+        step_loss, tokens = par.sum(step_loss, tokens)
+        grad_norm = updates.grad_norm(clip=lambda: par.clip_grad_norm(params, cfg.max_grad_norm))
+        if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):  # never step into NaN weights
+            raise _non_finite(step_loss, grad_norm, st, updates, last_ckpt)
+        lr = updates.lr
+        updates.step()
+        heap.after_step()
+        st.step, st.batch = st.step + 1, st.batch + len(group)
+        epoch_pos = st.epoch + st.batch / len(batches)
+        end_of_epoch = st.batch >= len(batches)
+        if end_of_epoch:
+            st.epoch, st.batch = st.epoch + 1, 0
+        seconds = time.perf_counter() - t0
+        st.tokens, st.train_time = st.tokens + tokens, st.train_time + seconds
+        window_tokens, window_time = window_tokens + tokens, window_time + seconds
+        emit("step", {"step": st.step, "epoch": epoch_pos, "loss": step_loss, "lr": lr, "tokens": tokens,
+                      "seconds": seconds})
+        last = st.step == total_steps
+        if st.step % cfg.log_every == 0 or last:
+            log.write({"kind": "train", "step": st.step, "epoch": epoch_pos, "loss": step_loss, "lr": lr,
+                       "grad_norm": float(grad_norm), "tokens_per_s": window_tokens / max(window_time, 1e-9),
+                       "elapsed": time.perf_counter() - clock,
+                       **task.step_losses(group, [x * step_units for x in batch_losses])})
+            window_tokens, window_time = 0, 0.0
 
-            last = step == total_steps
-            if has_validation and (end_of_epoch or last or (cfg.eval_every and step % cfg.eval_every == 0)):
-                scores = task.evaluate(par.model, data.validation, collate, eval_bs)
-                log.write({"kind": "eval", "split": "validation", "step": step, "epoch": epoch_pos, **scores,
-                           "elapsed": time.perf_counter() - clock})
-                emit("eval", {"split": "validation", "step": step, "epoch": epoch_pos, "metrics": scores})
-                if improved(scores[metric], st["best"], metric):
-                    st["best"], st["best_step"], st["best_metrics"], st["bad_evals"] = scores[metric], step, scores, 0
-                    _save_delta(delta, out_dir / "best", par)
-                else:
-                    st["bad_evals"] += 1
-                    if cfg.patience and st["bad_evals"] >= cfg.patience:
-                        st["stopped_early"] = True
-            periodic = cfg.checkpoint_every and step % cfg.checkpoint_every == 0
-            if end_of_epoch or last or st["stopped_early"] or periodic:
-                st["elapsed"] = time.perf_counter() - clock
-                last_ckpt = par.save_checkpoint(ckpt_root, step, delta=delta, optimizer=optimizer,
-                                                scheduler=scheduler, state=st, keep=cfg.keep_checkpoints)
-                emit("checkpoint", {"step": step, "path": str(last_ckpt)})
-            if st["stopped_early"]:
-                emit("early_stop", {"step": step, "epoch": epoch_pos, "metric": metric, "best": st["best"],
-                                    "best_step": st["best_step"], "patience": cfg.patience})
+        if has_validation and (end_of_epoch or last or (cfg.eval_every and st.step % cfg.eval_every == 0)):
+            scores = task.evaluate(par.model, data.validation, collate, eval_bs)
+            log.write({"kind": "eval", "split": "validation", "step": st.step, "epoch": epoch_pos, **scores,
+                       "elapsed": time.perf_counter() - clock})
+            emit("eval", {"split": "validation", "step": st.step, "epoch": epoch_pos, "metrics": scores})
+            if st.validated(scores, metric, cfg.patience):
+                _save_delta(delta, out_dir / "best", par)
+        if end_of_epoch or last or st.stopped_early or (cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0):
+            last_ckpt = save_checkpoint()
+            emit("checkpoint", {"step": st.step, "path": str(last_ckpt)})
+        if st.stopped_early:
+            emit("early_stop", {"step": st.step, "epoch": epoch_pos, "metric": metric, "best": st.best,
+                                "best_step": st.best_step, "patience": cfg.patience})
 
     if par.sum(float(stop.signum is not None))[0]:  # during the last step: its checkpoint is saved already
-        raise TrainingInterrupted(stop.signum or signal.SIGTERM, step, last_ckpt)
-    if per_layer:
-        optimizer.remove_hooks()  # a later backward pass on the model must not update the weights
+        raise TrainingInterrupted(stop.signum or signal.SIGTERM, st.step, last_ckpt)
+    updates.close()  # a later backward pass on the model must not update the weights
     par.finish()  # plain full weights on every rank again; rank 0's files are written
     # The result is the best delta (or the final one without a validation split); test it with those weights.
-    if st["best_step"] is None:
+    if st.best_step is None:
         _save_delta(delta, out_dir / "best", par)
         par.barrier()
     else:
-        delta.load_state_dict(io.load_tensors(out_dir / "best" / TENSOR_FILE))
+        delta.load_state_dict(storage.load_tensors(out_dir / "best" / TENSOR_FILE))
+    epochs = st.step / steps_per_epoch
     test = task.evaluate(model, data.test, collate, eval_bs) if has_test else None
     if test is not None:
-        log.write({"kind": "final", "split": "test", "step": step, "epoch": step / steps_per_epoch, **test,
+        log.write({"kind": "final", "split": "test", "step": st.step, "epoch": epochs, **test,
                    "elapsed": time.perf_counter() - clock})
-        emit("eval", {"split": "test", "step": step, "epoch": step / steps_per_epoch, "metrics": test,
-                      "final": True})
+        emit("eval", {"split": "test", "step": st.step, "epoch": epochs, "metrics": test, "final": True})
     result = TrainResult(
-        metric=metric, baseline=st["baseline"], best_validation=st["best_metrics"], best_step=st["best_step"],
-        test=test, steps=step, epochs=round(step / steps_per_epoch, 4), stopped_early=st["stopped_early"],
-        wall_time_s=time.perf_counter() - clock,
-        train_tokens_per_s=st["tokens"] / max(st["train_time"], 1e-9),
+        metric=metric, baseline=st.baseline, best_validation=st.best_metrics, best_step=st.best_step, test=test,
+        steps=st.step, epochs=round(epochs, 4), stopped_early=st.stopped_early,
+        wall_time_s=time.perf_counter() - clock, train_tokens_per_s=st.tokens / max(st.train_time, 1e-9),
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         trainable_params=trainable, total_params=total,
         examples={split: len(getattr(data, split)) for split in ("train", "validation", "test")})
     if par.main:
-        io.write_json(out_dir / "results.json", asdict(result))
+        storage.write_json(out_dir / "results.json", asdict(result))
     emit("end", asdict(result))
     return result
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, dataset: Sequence[dict[str, Any]], collate: Collate, task: str,
-             batch_size: int) -> dict[str, float]:
-    """Metrics of `model` over a whole split (eval mode, no gradients; the previous mode is restored)."""
-    check_task(task)
-    if len(dataset) == 0:
-        raise DataError("cannot evaluate on an empty split")
-    was_training = model.training
-    model.eval()
-    state = MetricState(task)
-    device = next(model.parameters()).device
-    try:
-        for rows, counted in distributed.eval_batches(len(dataset), batch_size):  # this rank's share
-            batch = _to_device(collate([dataset[i] for i in rows]), device)
-            speed.update_metrics(state, model, _model_inputs(batch), batch["labels"], count=counted)
-    finally:
-        model.train(was_training)
-    return distributed.gather_metrics(state).result()
+def _restore(ckpt_root: Path, cfg: TrainConfig, total_steps: int, out_dir: Path, par: distributed.Parallel,
+             delta: DeltaBase, updates: OptimizerStep) -> tuple[TrainState, Path]:
+    ck = checkpoint.load_latest(ckpt_root)
+    check_resumable(ck, cfg, total_steps, out_dir)
+    par.load_checkpoint(ck, delta, updates.optimizer)
+    updates.restore_schedule(ck.scheduler, total_steps)
+    checkpoint.set_rng_state(ck.rng)
+    par.barrier()  # every rank has read it before rank 0 renames anything
+    if par.main:
+        checkpoint.set_aside_newer(ckpt_root, ck.step)  # broken newer ones would shadow the new checkpoints
+    return TrainState.of(ck), ck.path
 
 
-def _epoch_batches(data: TaskData | MultiTaskData, cfg: TrainConfig, epoch: int,
-                   lengths: list[int] | None) -> list[list[int]]:
-    """The batches (lists of example indices) of an epoch; multi-task data plans one-task batches itself."""
-    if hasattr(data, "epoch_batches"):
-        return data.epoch_batches(cfg.batch_size, cfg.seed, epoch, lengths)
-    order = _epoch_order(len(data.train), cfg, epoch, lengths)
-    return [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
-
-
-def _epoch_order(n: int, cfg: TrainConfig, epoch: int, lengths: list[int] | None) -> list[int]:
-    seed = cfg.seed * 1_000_003 + epoch
-    if lengths is not None:
-        from deltatune.data import length_grouped_order
-
-        return [int(i) for i in length_grouped_order(lengths, cfg.batch_size, seed)]
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def _lengths(dataset: Sequence[dict[str, Any]]) -> list[int]:
-    if hasattr(dataset, "column_names"):  # datasets.Dataset: read the column at once
-        return [len(ids) for ids in dataset["input_ids"]]
-    return [len(ex["input_ids"]) for ex in dataset]
-
-
-def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The batch without what is for the loop: labels, and the real-token count of packed batches."""
-    return {k: v for k, v in batch.items() if k not in ("labels", "num_tokens")}
-
-
-def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return batch if device.type == "cpu" else {k: v.to(device) for k, v in batch.items()}
+def _non_finite(loss: float, grad_norm: float, st: TrainState, updates: OptimizerStep,
+                last_ckpt: Path | None) -> DeltaTuneError:
+    return DeltaTuneError(
+        f"the training loss is {loss} (gradient norm {float(grad_norm)}) at step {st.step + 1} "
+        f"(epoch {st.epoch + 1}); training stopped before the weights were updated"
+        f"{' (per-layer: tensors with finite gradients were)' if updates.in_backward else ''}. The last good "
+        f"checkpoint is kept: {last_ckpt or 'none written yet'}. Try a lower learning rate or check the data.")
 
 
 def _save_delta(delta: DeltaBase, folder: Path, par: distributed.Parallel) -> None:
@@ -387,7 +366,8 @@ def _steps_per_epoch(cfg: TrainConfig, examples: int) -> int:
 def check_resumable(ck: checkpoint.Checkpoint, cfg: TrainConfig, total_steps: int, out_dir: Path) -> None:
     """ConfigError unless resuming `ck` with `cfg` (`total_steps` long) continues the same trajectory (data order,
     optimizer, LR) for at least the steps taken, and trains if it is longer."""
-    saved = ck.state["config"]
+    state = TrainState.of(ck)
+    saved = state.config
     changed = [f"{k}: {saved.get(k)!r} → {v!r}" for k, v in cfg.model_dump(mode="json").items()
                if k in (*TRAJECTORY_KEYS, "optimizer") and saved.get(k) != v]
     if changed:
@@ -395,15 +375,7 @@ def check_resumable(ck: checkpoint.Checkpoint, cfg: TrainConfig, total_steps: in
     if total_steps < ck.step:
         raise ConfigError(f"cannot resume {out_dir}: it is at step {ck.step} already, but epochs / max_steps now "
                           f"allow only {total_steps} steps")
-    if ck.state.get("stopped_early") and total_steps > ck.step:
+    if state.stopped_early and total_steps > ck.step:
         raise ConfigError(f"cannot extend {out_dir}: it stopped early at step {ck.step} (train.patience: no "
                           "improvement), so more epochs / max_steps would train nothing; start a new run in another "
                           "folder")
-
-
-def _extend_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, total_steps: int) -> None:
-    """Give the restored schedule the run's new length (warmup unchanged) and set the LRs of the current step."""
-    for schedule in {id(f): f for f in scheduler.lr_lambdas}.values():
-        schedule.total = total_steps
-    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-        group["lr"] = base * factor(scheduler.last_epoch)

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from deltatune import io
+from deltatune import storage
 from deltatune.errors import CheckpointError, ConfigError, DeltaTuneError
 from deltatune.train.tensorboard import open_tensorboard
 
@@ -147,8 +147,8 @@ class MetricsLog:
         rows = []
         if resume_step is not None and self.jsonl.exists():
             rows = [r for r in _read_rows(self.jsonl) if r["step"] <= resume_step and r["kind"] != "final"]
-        io.write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in rows))
-        with io.atomic_path(self.csv) as tmp, open(tmp, "w", newline="") as f:
+        storage.write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in rows))
+        with storage.atomic_path(self.csv) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, self.columns, restval="", extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
@@ -162,7 +162,7 @@ class MetricsLog:
             with open(self.csv, "a", newline="") as f:
                 csv.DictWriter(f, self.columns, restval="", extrasaction="ignore").writerow(row)
         except OSError as exc:
-            if exc.errno not in io.DISK_FULL:
+            if exc.errno not in storage.DISK_FULL:
                 raise
             raise DeltaTuneError(f"no space left on device for the metrics log in {self.jsonl.parent}: the last "
                                  "checkpoint is unchanged; free some space and continue with --resume") from exc

@@ -30,7 +30,9 @@ from deltatune.data import DataConfig, TaskData, prepare_data
 from deltatune.data.formats import FORMATS
 from deltatune.data.multitask import MixedSplit, MultiTaskData, TaskSpec
 from deltatune.errors import ConfigError, problems_error
+from deltatune.registry import method_of
 from deltatune.schema import MAX_SCALE, Schema
+from deltatune.train.evaluation import evaluate
 from deltatune.train.distributed import rank_and_world
 from deltatune.train.metrics import METRICS, check_metric, check_task, default_metric, loss_sum, units
 
@@ -102,7 +104,7 @@ def check_run_tasks(tasks: list[TaskConfig], multitask: MultiTaskConfig, deltas:
     if multitask.weighting == "uncertainty" and (fixed := [t.name for t in tasks if t.weight != 1]):
         raise ValueError(f"tasks {', '.join(fixed)} set a weight, but weighting: uncertainty learns the weights; "
                          "remove `weight` or use weighting: fixed")
-    if heads := [d.method for d in deltas if d.method in ("head", "task_heads")]:
+    if heads := [d.method for d in deltas if method_of(d).delta_class.role == "head"]:
         raise ValueError(f"delta: remove `{heads[0]}`: with `tasks:` every task gets its own head (task_heads) "
                          "from its data")
 
@@ -163,8 +165,6 @@ class SingleTask:
 
     def evaluate(self, model: nn.Module, dataset: Sequence[dict[str, Any]], collate: Collate,
                  batch_size: int) -> dict[str, float]:
-        from deltatune.train.loop import evaluate
-
         return evaluate(model, dataset, collate, self.kind, batch_size)
 
 
@@ -216,8 +216,6 @@ class MultiTask:
         return {name: sum(values) / len(values) for name, values in by_task.items()}
 
     def evaluate(self, model: nn.Module, dataset: MixedSplit, collate: Collate, batch_size: int) -> dict[str, float]:
-        from deltatune.train.loop import evaluate
-
         per_task = [evaluate(model, dataset.task_view(i), collate, t.kind, batch_size)
                     for i, t in enumerate(self.tasks)]
         scores = {"loss": sum(s["loss"] for s in per_task) / len(per_task)}
@@ -239,7 +237,7 @@ def objective(data: TaskData | MultiTaskData, delta: DeltaBase) -> SingleTask | 
 
     heads = [part for part in delta.parts() if isinstance(part, TaskHeadsDelta)]
     expected = [(t.name, t.kind) for t in data.tasks]
-    found = [(h.name, h.kind) for h in heads[0].config.tasks] if heads else None  # type: ignore[attr-defined]
+    found = [(h.name, h.kind) for h in heads[0].config.tasks] if heads else None
     if found != expected:
         raise ConfigError(f"multi-task data with tasks {expected} needs the task_heads delta for exactly these tasks "
                           f"(attached: {found or 'none'}); build it with train.tasks.task_deltas")

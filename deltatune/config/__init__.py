@@ -19,9 +19,9 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from deltatune.data import DataConfig
 from deltatune.delta import DeltaConfig
 from deltatune.errors import ConfigError
-from deltatune.precision import BaseDtype
-from deltatune.quantize import Quantize
-from deltatune.eval_generation import GenerationEval
+from deltatune.models.precision import BaseDtype
+from deltatune.models.quantize import Quantize
+from deltatune.generation.config import GenerationEval
 from deltatune.registry import parse_delta_config
 from deltatune.safety import REMOTE_CODE_FLAG, load_yaml, read_yaml_file
 from deltatune.schema import Schema, nested
@@ -105,7 +105,7 @@ class RunConfig(Schema):
 
     def base_dtype(self) -> str:
         """The dtype name (fp32 / bf16 / ...) the base loads in: `model.dtype`, with `auto` resolved for this CPU."""
-        from deltatune.precision import DTYPE_NAMES, resolve_base_dtype
+        from deltatune.models.precision import DTYPE_NAMES, resolve_base_dtype
 
         return DTYPE_NAMES[resolve_base_dtype(self.model.dtype, trains_base=self.trains_base)]
 
@@ -152,16 +152,18 @@ def read_config(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
     return raw
 
 
-def validate_config(raw: dict[str, Any], where: str = "config", *, trust_remote_code: bool = False) -> RunConfig:
-    """The RunConfig of plain data; `trust_remote_code` as in `load_config`."""
+def validate_config(raw: dict[str, Any], where: str = "config", *, trust_remote_code: bool = False,
+                    files: bool = True) -> RunConfig:
+    """The RunConfig of plain data; `trust_remote_code` as in `load_config`. `files=False` leaves out
+    `check_files` (a finished run reopened to generate needs none of its data files)."""
     if bad := non_string_keys(raw):
         raise ConfigError(f"{where}: keys must be names; {', '.join(bad)} is not (quote it, or fix the indentation)")
     try:
         config = RunConfig(**raw)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
-    _check_paths(config)
-    _check_generation_eval(config)
+    if files:
+        check_files(config)
     return allow_remote_code(config, trust_remote_code, where)
 
 
@@ -213,9 +215,14 @@ def _index(part: str, node: list, key: str) -> int:
     return int(part)
 
 
-def _check_paths(config: RunConfig) -> None:
+def check_files(config: RunConfig) -> None:
     """Fail before any heavy work if a named file or folder does not exist (packaged aliases are fine)."""
-    from deltatune.assets import PACKAGED_DATASETS, PACKAGED_MODELS
+    _check_paths(config)
+    _check_generation_eval(config)
+
+
+def _check_paths(config: RunConfig) -> None:
+    from deltatune.models.assets import PACKAGED_DATASETS, PACKAGED_MODELS
 
     if config.model.path not in PACKAGED_MODELS and not Path(config.model.path).is_dir():
         raise ConfigError(f"model.path: folder {config.model.path!r} not found "
@@ -230,7 +237,7 @@ def _check_paths(config: RunConfig) -> None:
 
 def _check_generation_eval(config: RunConfig) -> None:
     """`eval_generation` needs a text-generating run and an existing held-out file."""
-    from deltatune.assets import PACKAGED_DATASETS
+    from deltatune.models.assets import PACKAGED_DATASETS
 
     if config.eval_generation is None:
         return

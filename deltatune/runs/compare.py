@@ -37,17 +37,18 @@ from typing import Any, Callable
 import yaml
 from pydantic import Field
 
-from deltatune import io, runfolder
+from deltatune import storage
+from deltatune.runs import folder as run_folder
 from deltatune.config import RunConfig, read_config, validate_config
 from deltatune.delta import TENSOR_FILE
 from deltatune.errors import CheckpointError, ConfigError, DeltaTuneError
 from deltatune.methods.head import Head
 from deltatune.registry import get_method
-from deltatune.runfolder import flatten
+from deltatune.runs.folder import flatten
+from deltatune.runs.run import RESULTS_FILE, Run
 from deltatune.safety import REMOTE_CODE_FLAG, read_yaml_file
 from deltatune.schema import Schema
 
-RESULTS = "results.json"
 HEAD_TASKS = ("classification", "regression")
 
 
@@ -122,10 +123,10 @@ def run_compare(path: str | Path, methods: list[str] | None = None, overrides: l
     out = compare_folder(raw, path)
     todo = [(name, config) for name, configs in runs.items() for config in configs]
     for i, (name, config) in enumerate(todo):
-        run_dir = runfolder.output_folder(config.output_dir)
+        run_dir = run_folder.output_folder(config.output_dir)
         info = {"method": name, "seed": config.train.seed if seeds else None, "index": i + 1, "total": len(todo),
                 "run_dir": str(run_dir)}
-        if (run_dir / RESULTS).is_file() and not force:
+        if (run_dir / RESULTS_FILE).is_file() and not force:
             check_same_config(run_dir, config)
             emit("skip", info)
             continue
@@ -144,9 +145,9 @@ def run_compare(path: str | Path, methods: list[str] | None = None, overrides: l
 def compare_folder(raw: dict[str, Any], path: str | Path) -> Path:
     """The comparison's own folder (compare.json, ..., one run folder per method): any folder a run could use,
     except one that holds a single run."""
-    out = runfolder.output_folder(raw.get("output_dir", RunConfig.model_fields["output_dir"].default),
+    out = run_folder.output_folder(raw.get("output_dir", RunConfig.model_fields["output_dir"].default),
                                   config_path=path)
-    if entries := runfolder.run_entries(out):
+    if entries := run_folder.run_entries(out):
         raise ConfigError(f"output_dir {out} holds a single training run ({', '.join(entries)}), not a comparison: "
                           "give the comparison a folder of its own")
     return out
@@ -158,7 +159,7 @@ def method_config(raw: dict[str, Any], name: str, settings: MethodSettings | Non
     with `seed`, that train.seed in the folder seed-<seed>)."""
     settings = settings or MethodSettings()
     delta = {"method": name, **settings.delta}
-    get_method(str(delta["method"]))  # an unknown name is an error listing the registered methods
+    method = get_method(str(delta["method"]))  # an unknown name is an error listing the registered methods
     run = copy.deepcopy(raw)
     run["delta"] = [delta]
     run["train"] = deep_merge(run.get("train") or {}, settings.train)
@@ -169,7 +170,8 @@ def method_config(raw: dict[str, Any], name: str, settings: MethodSettings | Non
         run["train"]["seed"] = seed
         run["output_dir"] = str(Path(run["output_dir"]) / f"seed-{seed}")
     config = validate_config(run, where=f"{where} (compare: {name})", trust_remote_code=trust_remote_code)
-    head = settings.head if settings.head is not None else delta["method"] != "head" and config.task in HEAD_TASKS
+    is_head = method.delta_class.role == "head"
+    head = settings.head if settings.head is not None else not is_head and config.task in HEAD_TASKS
     return config.model_copy(update={"delta": [Head(), *config.delta]}) if head else config
 
 
@@ -198,16 +200,16 @@ def train_one(config: RunConfig, *, resume: bool, overwrite: bool, isolate: bool
     train.log and `on_line`), or in this process (the training loop's events go to `on_event`)."""
     run_dir = Path(config.output_dir).expanduser()
     if not isolate:
-        from deltatune.run import run_training
+        from deltatune.runs.session import run_training
 
         run_training(config, resume=resume, overwrite=overwrite, on_event=on_event)
         return
     # the method's config goes next to its run folder (a new run must start in a folder without config.yaml)
     config_file = run_dir.with_name(f".{run_dir.name}.config.yaml")
-    io.write_text(config_file, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    storage.write_text(config_file, yaml.safe_dump(config.to_dict(), sort_keys=False))
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "train.log"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[2]),
                                                                       os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "deltatune", "train", str(config_file),
                "--resume" if resume else "--overwrite",
@@ -229,15 +231,17 @@ def train_one(config: RunConfig, *, resume: bool, overwrite: bool, isolate: bool
 
 def table_row(name: str, configs: list[RunConfig]) -> Row:
     """One method's row: its run's results, or the mean (and spread) of its runs over several seeds."""
-    files = [Path(c.output_dir) / RESULTS for c in configs]
+    runs = [Run.open(Path(c.output_dir).expanduser(), trust_remote_code=c.model.trust_remote_code) for c in configs]
     try:
-        return _row(name, configs, [io.read_json(file) for file in files])
+        return _row(name, configs, runs)
     except (ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError, OSError) as exc:
-        raise CheckpointError(f"{', '.join(map(str, files))}: not the results of finished runs "
-                              f"({type(exc).__name__}: {exc}); re-train that method with --force") from None
+        files = ", ".join(str(run.folder / RESULTS_FILE) for run in runs)
+        raise CheckpointError(f"{files}: not the results of finished runs ({type(exc).__name__}: {exc}); re-train "
+                              "that method with --force") from None
 
 
-def _row(name: str, configs: list[RunConfig], results: list[dict[str, Any]]) -> Row:
+def _row(name: str, configs: list[RunConfig], runs: list[Run]) -> Row:
+    results = [run.results for run in runs]
     first, metric = results[0], results[0]["metric"]
     tests, bases = _test_scores(results, metric), _test_scores(results, metric, baseline=True)
     examples, predictions = first.get("examples") or {}, first.get("predictions") or {}
@@ -249,7 +253,7 @@ def _row(name: str, configs: list[RunConfig], results: list[dict[str, Any]]) -> 
                base=statistics.fmean(bases) if bases else None,
                trainable_params=first["trainable_params"], total_params=first["total_params"],
                trainable_pct=100 * first["trainable_params"] / first["total_params"],
-               delta_bytes=(Path(configs[0].output_dir) / "best" / TENSOR_FILE).stat().st_size,
+               delta_bytes=(runs[0].best / TENSOR_FILE).stat().st_size,
                wall_time_s=statistics.fmean(r["wall_time_s"] for r in results),
                tokens_per_s=statistics.fmean(r["train_tokens_per_s"] for r in results),
                peak_rss_mb=max(r["peak_rss_mb"] for r in results), steps=first["steps"])
@@ -263,14 +267,14 @@ def _test_scores(results: list[dict[str, Any]], metric: str, baseline: bool = Fa
 
 def write_outputs(out: Path, rows: list[Row], configs: dict[str, RunConfig], *, isolated: bool) -> None:
     """compare.json and compare.csv (the table), compare.png (metric vs trainable %), compare.html (the report)."""
-    from deltatune.report import compare_chart, write_compare_report
+    from deltatune.runs.report import compare_chart, write_compare_report
 
-    io.write_json(out / "compare.json", {"isolated_processes": isolated, "rows": [asdict(r) for r in rows]})
-    with io.atomic_path(out / "compare.csv") as tmp, open(tmp, "w", newline="") as f:
+    storage.write_json(out / "compare.json", {"isolated_processes": isolated, "rows": [asdict(r) for r in rows]})
+    with storage.atomic_path(out / "compare.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, list(asdict(rows[0])))
         writer.writeheader()
         writer.writerows({**asdict(r), "tests": " ".join(map(str, r.tests)), "seeds": " ".join(map(str, r.seeds))}
                          for r in rows)
-    with io.atomic_path(out / "compare.png") as tmp:
+    with storage.atomic_path(out / "compare.png") as tmp:
         tmp.write_bytes(compare_chart(rows))
     write_compare_report(out, rows, configs, isolated=isolated)

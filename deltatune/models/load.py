@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +20,15 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedTokenizerBase,
 )
 
 from deltatune.arch import describe
-from deltatune.assets import resolve_model_path
+from deltatune.models.assets import resolve_model_path
 from deltatune.errors import CheckpointError, ConfigError, DeltaTuneError
-from deltatune.precision import DTYPES, compute_in
-from deltatune.quantize import Quantize, quantize_base
+from deltatune.models.precision import DTYPES, compute_in
+from deltatune.models.quantize import Quantize, quantize_base
 from deltatune.safety import check_model_folder
 
 TASKS = {"classification": AutoModelForSequenceClassification, "regression": AutoModelForSequenceClassification,
@@ -38,6 +41,73 @@ UNLIMITED = 1_000_000  # tokenizers without a known maximum report a huge model_
 LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError, SafetensorError)
 
 
+@dataclass(frozen=True)
+class Pretrained:
+    """A pretrained model folder (or packaged alias), resolved and checked once (`model_folder`); its config is
+    read once, when first asked for. Code from the folder runs only with `trust_remote_code`."""
+
+    folder: Path
+    trust_remote_code: bool = False
+
+    @classmethod
+    def open(cls, path: str, *, trust_remote_code: bool = False) -> Pretrained:
+        return cls(model_folder(path, trust_remote_code), trust_remote_code)
+
+    @cached_property
+    def config(self) -> PretrainedConfig:
+        try:
+            return AutoConfig.from_pretrained(self.folder, trust_remote_code=self.trust_remote_code)
+        except LOAD_ERRORS as e:
+            raise CheckpointError(f"cannot read the model config in {str(self.folder)!r}: {e}") from None
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        """Whether the model is an encoder-decoder (its config says so)."""
+        return bool(getattr(self.config, "is_encoder_decoder", False))
+
+    @property
+    def num_labels(self) -> int:
+        """The size of the classification head saved with the model (its config's num_labels; 2 when it has none)."""
+        return self.config.num_labels
+
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return _load_tokenizer(self.folder, self.trust_remote_code)
+
+    def max_length(self, tokenizer: PreTrainedTokenizerBase) -> int | None:
+        """The longest sequence the model takes: its position embeddings or the tokenizer's limit (the smaller)."""
+        limits = [getattr(self.config, "max_position_embeddings", None), tokenizer.model_max_length]
+        known = [n for n in limits if isinstance(n, int) and 0 < n < UNLIMITED]
+        return min(known) if known else None
+
+    def load(self, task: str, num_labels: int | None = None, *, dtype: str = "float32",
+             quantize: Quantize | None = None, id2label: dict[int, str] | None = None,
+             tokenizer: PreTrainedTokenizerBase | None = None) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+        """`(model, tokenizer)` as `load_model` describes; `tokenizer`: the folder's tokenizer, already loaded."""
+        if task not in TASKS:
+            raise ConfigError(f"unknown task {task!r}; allowed tasks: {', '.join(TASKS)}")
+        if dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+        # quantized: read the weights as stored (memory-mapped, no copy), quantize / convert them layer by layer
+        head = _head_kwargs(task, num_labels, id2label)
+        kwargs = {"dtype": "auto" if quantize else DTYPES[dtype], **head}
+        auto = TASKS[task]
+        if task == "causal_lm" and self.is_encoder_decoder:
+            auto = AutoModelForSeq2SeqLM  # text generation by an encoder-decoder (T5, BART): prompt in, response out
+        # a task head of another size than the saved one is re-initialised; mismatches elsewhere are errors
+        model, info = load_weights(auto, self.folder, self.trust_remote_code, f" for task {task!r}",
+                                   output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+        tokenizer = tokenizer or self.tokenizer()
+        model.deltatune_new_weights = _new_weights(model, info, self.folder)
+        _check_tokenizer_fits(model, tokenizer, self.folder)
+        if quantize:  # before anything reads all weights: the pages of the checkpoint leave RSS layer by layer
+            quantize_base(model, quantize, DTYPES[dtype])
+        if task == "causal_lm" and auto is not AutoModelForSeq2SeqLM:  # an encoder-decoder's decoder is causal
+            _check_causal(model, self.folder)
+        compute_in(model, DTYPES[dtype])
+        _ensure_pad_token(model, tokenizer)
+        return model, tokenizer
+
+
 def load_model(path: str, task: str, num_labels: int | None = None, *, dtype: str = "float32",
                quantize: Quantize | None = None, trust_remote_code: bool = False,
                id2label: dict[int, str] | None = None) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
@@ -48,46 +118,25 @@ def load_model(path: str, task: str, num_labels: int | None = None, *, dtype: st
     (the output head excepted) weight-only int8 / int4 (quantize.py).
     `model.deltatune_new_weights` lists the parameters that were freshly initialised (e.g. a new task head).
     """
-    if task not in TASKS:
-        raise ConfigError(f"unknown task {task!r}; allowed tasks: {', '.join(TASKS)}")
-    if dtype not in DTYPES:
-        raise ConfigError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
-    folder = model_folder(path, trust_remote_code)
-    # quantized: read the weights as stored (memory-mapped, no copy), quantize / convert them layer by layer
-    kwargs: dict[str, Any] = {"dtype": "auto" if quantize else DTYPES[dtype]}
-    if task == "classification":
-        if id2label is not None:
-            if num_labels is not None and num_labels != len(id2label):
-                raise ConfigError(f"num_labels={num_labels} but id2label has {len(id2label)} labels")
-            num_labels = len(id2label)
-            kwargs |= {"id2label": dict(id2label), "label2id": {v: k for k, v in id2label.items()}}
-        if num_labels is None:
-            raise ConfigError("task 'classification' needs num_labels or id2label")
-        kwargs["num_labels"] = num_labels
-    elif task == "regression":
-        kwargs |= {"num_labels": num_labels or 1, "problem_type": "regression"}
-
-    auto = TASKS[task]
-    if task == "causal_lm" and is_encoder_decoder(path, trust_remote_code=trust_remote_code):
-        auto = AutoModelForSeq2SeqLM  # text generation by an encoder-decoder (T5, BART): prompt in, response out
-    # a task head of another size than the saved one is re-initialised; mismatches elsewhere are errors
-    model, info = load_weights(auto, folder, trust_remote_code, f" for task {task!r}",
-                               output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
-    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-    model.deltatune_new_weights = _new_weights(model, info, folder)
-    _check_tokenizer_fits(model, tokenizer, folder)
-    if quantize:  # before anything reads all weights: the pages of the checkpoint leave RSS layer by layer
-        quantize_base(model, quantize, DTYPES[dtype])
-    if task == "causal_lm" and auto is not AutoModelForSeq2SeqLM:  # an encoder-decoder's decoder is causal
-        _check_causal(model, folder)
-    compute_in(model, DTYPES[dtype])
-    _ensure_pad_token(model, tokenizer)
-    return model, tokenizer
+    return Pretrained.open(path, trust_remote_code=trust_remote_code).load(task, num_labels, dtype=dtype,
+                                                                             quantize=quantize, id2label=id2label)
 
 
-def is_encoder_decoder(path: str, *, trust_remote_code: bool = False) -> bool:
-    """Whether the model saved at `path` is an encoder-decoder (its config says so)."""
-    return bool(getattr(_auto_config(path, trust_remote_code), "is_encoder_decoder", False))
+def _head_kwargs(task: str, num_labels: int | None, id2label: dict[int, str] | None) -> dict[str, Any]:
+    """from_pretrained's config overrides for the task head of `task`."""
+    if task == "regression":
+        return {"num_labels": num_labels or 1, "problem_type": "regression"}
+    if task != "classification":
+        return {}
+    kwargs: dict[str, Any] = {}
+    if id2label is not None:
+        if num_labels is not None and num_labels != len(id2label):
+            raise ConfigError(f"num_labels={num_labels} but id2label has {len(id2label)} labels")
+        num_labels = len(id2label)
+        kwargs |= {"id2label": dict(id2label), "label2id": {v: k for k, v in id2label.items()}}
+    if num_labels is None:
+        raise ConfigError("task 'classification' needs num_labels or id2label")
+    return kwargs | {"num_labels": num_labels}
 
 
 def load_weights(model_class: Any, folder: Path, trust_remote_code: bool = False, purpose: str = "",
@@ -99,11 +148,6 @@ def load_weights(model_class: Any, folder: Path, trust_remote_code: bool = False
                                            **kwargs)
     except LOAD_ERRORS as e:
         raise DeltaTuneError(f"cannot load model from {str(folder)!r}{purpose}: {e}") from e
-
-
-def saved_num_labels(path: str, *, trust_remote_code: bool = False) -> int:
-    """The size of the classification head saved with a model (its config's num_labels; 2 when it has none)."""
-    return _auto_config(path, trust_remote_code).num_labels
 
 
 def model_folder(path: str, trust_remote_code: bool = False, *, config: bool = True) -> Path:
@@ -135,14 +179,6 @@ def model_folder(path: str, trust_remote_code: bool = False, *, config: bool = T
                               "knows no such architecture (e.g. bert, gpt2, llama, qwen2); fix model_type or "
                               "upgrade transformers")
     return folder
-
-
-def _auto_config(path: str, trust_remote_code: bool) -> Any:
-    folder = model_folder(path, trust_remote_code)
-    try:
-        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except LOAD_ERRORS as e:
-        raise CheckpointError(f"cannot read the model config in {str(folder)!r}: {e}") from None
 
 
 def _new_weights(model: torch.nn.Module, info: dict[str, Any], folder: Path) -> list[str]:
@@ -202,7 +238,10 @@ def _check_causal(model: torch.nn.Module, folder: Path) -> None:
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer saved with a model folder (or packaged alias), given a pad token if it has none."""
-    folder = model_folder(path, trust_remote_code, config=False)
+    return _load_tokenizer(model_folder(path, trust_remote_code, config=False), trust_remote_code)
+
+
+def _load_tokenizer(folder: Path, trust_remote_code: bool) -> PreTrainedTokenizerBase:
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise DeltaTuneError(f"no tokenizer in {str(folder)!r} (none of {', '.join(TOKENIZER_FILES)}); save it next "
                              "to the model with tokenizer.save_pretrained(folder)")
@@ -218,14 +257,6 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> PreTrainedT
         raise DeltaTuneError(f"the tokenizer in {str(folder)!r} has no pad, eos, unk or bos token to pad batches "
                              "with; add one (tokenizer.add_special_tokens({'pad_token': '<pad>'})) and save it")
     return tokenizer
-
-
-def model_max_length(path: str, tokenizer: PreTrainedTokenizerBase, *, trust_remote_code: bool = False) -> int | None:
-    """The longest sequence the model takes: its position embeddings or the tokenizer's limit (the smaller)."""
-    config = _auto_config(path, trust_remote_code)
-    limits = [getattr(config, "max_position_embeddings", None), tokenizer.model_max_length]
-    known = [n for n in limits if isinstance(n, int) and 0 < n < UNLIMITED]
-    return min(known) if known else None
 
 
 def _ensure_pad_token(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:

@@ -1,13 +1,8 @@
-"""Speed levers (train/speed.py): chunked LM loss equals the plain one, bf16 autocast with fp32 master weights,
-activation checkpointing with every method, no gradient work for frozen weights, the allocator settings."""
+"""The loop's compute (train/compute.py): chunked LM loss equals the plain one, bf16 autocast with fp32 master
+weights, activation checkpointing with every method, no gradient work for frozen weights."""
 
 from __future__ import annotations
 
-import json
-import resource
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -17,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import deltatune
 from deltatune.errors import ConfigError
 from deltatune.registry import methods
-from deltatune.train import TrainConfig, evaluate, speed, train
+from deltatune.train import TrainConfig, compute, evaluate, train
 from deltatune.train.metrics import logits_of, loss_sum
 from deltatune.train.tasks import SingleTask
 from tests.test_contract import make_config
@@ -49,17 +44,13 @@ def inputs_of(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
-def fast_loss(fast: speed.FastPath, model, batch) -> torch.Tensor:
-    return fast.loss_sum(model, inputs_of(batch), batch)
-
-
 def plain_loss(model, batch, task="text"):
     return loss_sum(logits_of(model(**inputs_of(batch))), batch["labels"], task)
 
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    monkeypatch.setattr(speed, "CHUNK_ELEMENTS", VOCAB * 5)  # 5 target rows per chunk: several chunks per batch
+    monkeypatch.setattr(compute, "CHUNK_ELEMENTS", VOCAB * 5)  # 5 target rows per chunk: several chunks per batch
 
 
 # ---- chunked causal-LM loss ----------------------------------------------------------------------------------
@@ -69,10 +60,10 @@ def small_chunks(monkeypatch):
 def test_chunked_loss_equals_plain_loss_and_gradients(arch, method, small_chunks):
     model, batch = tiny_model(arch, head="lm", dropout=0.0).train(), lm_batch()
     delta = deltatune.attach(model, method)
-    fast = speed.FastPath(model, TEXT, precision="fp32")
+    fast = compute.TrainingLoss(model, TEXT, precision="fp32")
     assert (fast.head is None) == ("lm_head" in getattr(method, "targets", []))  # a wrapped head: the plain loss
     expected, expected_grads = loss_and_grads(model, delta, lambda: plain_loss(model, batch))
-    got, grads = loss_and_grads(model, delta, lambda: fast_loss(fast, model, batch))
+    got, grads = loss_and_grads(model, delta, lambda: fast(batch))
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-5)
     assert grads.keys() == expected_grads.keys()
     for name in grads:
@@ -97,7 +88,7 @@ def test_chunked_loss_never_builds_the_full_logits(small_chunks):
     model, batch = tiny_model("llama", head="lm").train(), lm_batch()
     deltatune.attach(model, deltatune.LoRA(r=4))
     with VocabSizedResults() as seen:
-        fast_loss(speed.FastPath(model, TEXT, precision="fp32"), model, batch).backward()
+        compute.TrainingLoss(model, TEXT, precision="fp32")(batch).backward()
     targets = int((batch["labels"][:, 1:] != -100).sum())
     assert targets > 10 and seen.shapes
     assert all(len(shape) == 2 and shape[0] <= 5 for shape in seen.shapes)  # chunks of target rows only
@@ -119,9 +110,9 @@ def test_evaluate_uses_the_chunked_loss_and_matches_the_plain_one(small_chunks):
 
 
 def test_models_outside_the_checked_list_get_the_plain_loss():
-    assert speed.output_head(tiny_model("bert", head="lm")) is None  # masked LM: not a causal LM
-    assert speed.FastPath(tiny_model("llama", head="lm"), TEXT, chunked_loss=False).head is None
-    assert speed.FastPath(tiny_model("llama"), SingleTask("classification")).head is None
+    assert compute.output_head(tiny_model("bert", head="lm")) is None  # masked LM: not a causal LM
+    assert compute.TrainingLoss(tiny_model("llama", head="lm"), TEXT, chunked_loss=False).head is None
+    assert compute.TrainingLoss(tiny_model("llama"), SingleTask("classification")).head is None
 
 
 # ---- precision ------------------------------------------------------------------------------------------------
@@ -132,17 +123,17 @@ def test_models_outside_the_checked_list_get_the_plain_loss():
     (set(), None),  # no /proc/cpuinfo
 ])
 def test_auto_precision_picks_bf16_where_the_cpu_has_it(monkeypatch, flags, expected):
-    monkeypatch.setattr(speed, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(compute, "cpu_flags", lambda: flags)
     model = tiny_model("llama", head="lm")
-    assert speed.resolve_precision("auto", model) is expected
-    assert speed.resolve_precision("fp32", model) is None
-    assert speed.resolve_precision("bf16", model) is torch.bfloat16
+    assert compute.resolve_precision("auto", model) is expected
+    assert compute.resolve_precision("fp32", model) is None
+    assert compute.resolve_precision("bf16", model) is torch.bfloat16
 
 
 def test_cpu_flags_are_read_from_cpuinfo():
     text = open("/proc/cpuinfo").read()
     line = next(line for line in text.splitlines() if line.startswith("flags"))
-    assert speed.cpu_flags() == set(line.split(":")[1].split())
+    assert compute.cpu_flags() == set(line.split(":")[1].split())
 
 
 def test_bf16_training_keeps_fp32_master_weights_and_stays_close_to_fp32(tmp_path):
@@ -165,7 +156,8 @@ def test_bf16_training_keeps_fp32_master_weights_and_stays_close_to_fp32(tmp_pat
 
 # ---- activation checkpointing -------------------------------------------------------------------------------------
 TASK = "classification"  # every method applies to a classifier
-NO_GRADIENT_THROUGH_LAYERS = {"head", "side", "task_heads"}  # they train only what sits after / beside the layers
+# they train only what sits after (heads) / beside (side-tuning) the layers
+NO_GRADIENT_THROUGH_LAYERS = {name for name, m in methods().items() if m.delta_class.role == "head"} | {"side"}
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -177,11 +169,11 @@ def test_checkpointing_gives_the_same_gradients_for_every_method(method, arch):
     layer = model.get_submodule(f"{'transformer.h' if arch == 'gpt2' else 'model.layers'}.0.mlp")
     calls = []
     layer.register_forward_pre_hook(lambda *a: calls.append(1))  # (recompute stops early: not a forward hook)
-    paths = {flag: speed.FastPath(model, SingleTask(TASK), precision="fp32", checkpointing=flag)
+    paths = {flag: compute.TrainingLoss(model, SingleTask(TASK), precision="fp32", checkpointing=flag)
              for flag in (False, True)}
-    expected, expected_grads = loss_and_grads(model, delta, lambda: fast_loss(paths[False], model, batch))
+    expected, expected_grads = loss_and_grads(model, delta, lambda: paths[False](batch))
     calls.clear()
-    got, grads = loss_and_grads(model, delta, lambda: fast_loss(paths[True], model, batch))
+    got, grads = loss_and_grads(model, delta, lambda: paths[True](batch))
     # the layer ran again in backward (it was checkpointed), unless no gradient flows through it
     assert len(calls) == (1 if method in NO_GRADIENT_THROUGH_LAYERS else 2)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
@@ -209,26 +201,26 @@ def test_checkpointing_a_model_that_cannot_is_a_config_error():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     with pytest.raises(ConfigError, match="Sequential does not support activation checkpointing.*"
                                           "gradient_checkpointing: false"):
-        speed.FastPath(model, SingleTask("regression"), checkpointing=True)
+        compute.TrainingLoss(model, SingleTask("regression"), checkpointing=True)
 
 
 # ---- frozen weights get no gradient work --------------------------------------------------------------------------
 def fwd_bwd_flops(method) -> tuple[int, int]:
     model, batch = tiny_model("llama", head="lm").train(), lm_batch()
     deltatune.attach(model, method)
-    fast = speed.FastPath(model, TEXT, precision="fp32", chunked_loss=False)  # model FLOPs only
+    fast = compute.TrainingLoss(model, TEXT, precision="fp32", chunked_loss=False)  # model FLOPs only
     with FlopCounterMode(display=False) as forward:
         with torch.no_grad():
-            fast_loss(fast, model, batch)
+            fast(batch)
     with FlopCounterMode(display=False) as both:
-        fast_loss(fast, model, batch).backward()
+        fast(batch).backward()
     return forward.get_total_flops(), both.get_total_flops()
 
 
 def test_frozen_weights_get_no_gradient_work():
     model, batch = tiny_model("llama", head="lm").train(), lm_batch()
     delta = deltatune.attach(model, deltatune.LoRA(r=4))
-    fast_loss(speed.FastPath(model, TEXT), model, batch).backward()
+    compute.TrainingLoss(model, TEXT)(batch).backward()
     owned = {id(p) for p in delta.trainable_parameters().values()}
     frozen = [p for p in model.parameters() if id(p) not in owned]
     assert frozen and all(not p.requires_grad and p.grad is None for p in frozen)
@@ -238,97 +230,3 @@ def test_frozen_weights_get_no_gradient_work():
     assert 1.9 < both / forward < 2.3
     forward, both = fwd_bwd_flops(deltatune.Full())
     assert both / forward > 2.8
-
-
-# ---- allocator ----------------------------------------------------------------------------------------------------
-ALLOC_PROBE = textwrap.dedent("""
-    import ctypes, json, os
-    import torch
-
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [(n, ctypes.c_size_t) for n in
-                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
-
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = MallInfo2
-
-    def mmapped_blocks_for_64_mib():
-        before = libc.mallinfo2().hblks
-        block = torch.ones(16 * 1024 * 1024)
-        return libc.mallinfo2().hblks - before
-
-    plain = mmapped_blocks_for_64_mib()
-    from deltatune.train.speed import tune_allocator
-    applied = tune_allocator()
-    print(json.dumps({"plain": plain, "tuned": mmapped_blocks_for_64_mib(), "applied": applied,
-                      "env": {k: os.environ.get(k) for k in applied}}))
-""")
-
-
-@pytest.mark.slow  # a subprocess importing torch: ~6 s on a loaded machine
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallinfo2")
-def test_tune_allocator_keeps_big_blocks_out_of_mmap():
-    out = subprocess.run([sys.executable, "-c", ALLOC_PROBE], capture_output=True, text=True, check=True)
-    probe = json.loads(out.stdout.splitlines()[-1])
-    assert (probe["plain"], probe["tuned"]) == (1, 0)  # glibc's default mmaps a 64 MiB block; tuned it does not
-    assert probe["applied"] == speed.ALLOCATOR_ENV
-    assert probe["env"] == {k: str(v) for k, v in speed.ALLOCATOR_ENV.items()}  # inherited by child processes
-
-
-def test_tune_allocator_keeps_the_users_own_settings(monkeypatch):
-    calls = []
-
-    class FakeLibc:
-        def mallopt(self, param, value):
-            calls.append((param, value))
-            return 1
-
-    monkeypatch.setattr(speed.ctypes, "CDLL", lambda name: FakeLibc())
-    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")  # glibc applied it at start-up
-    monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
-    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "1024")
-    assert speed.tune_allocator() == {"MALLOC_MMAP_MAX_": 0}
-    assert calls == [(-4, 0)]  # M_MMAP_MAX only
-    assert speed.os.environ["MALLOC_TRIM_THRESHOLD_"] == "12345"
-    assert speed.os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "1024"
-
-
-def test_cli_tunes_the_allocator_only_as_its_own_process(monkeypatch):
-    from deltatune import cli
-
-    calls = []
-    monkeypatch.setattr(speed, "tune_allocator", lambda: calls.append(1) or {})
-    assert cli.main(["methods"]) == 0
-    assert calls == []  # called from Python (tests, notebooks): the host process is left alone
-    monkeypatch.setattr(sys, "argv", ["deltatune", "methods"])
-    assert cli.main() == 0
-    assert calls == [1]
-
-
-def test_heap_is_trimmed_only_when_the_rss_grew_by_the_slack(monkeypatch):
-    """tune_allocator keeps freed blocks; trim_heap_if_grown gives them back once the RSS grew HEAP_SLACK_MB."""
-    trims = []
-
-    class FakeLibc:
-        def mallopt(self, param, value):
-            return 1
-
-        def malloc_trim(self, pad):
-            trims.append(pad)
-
-    for name in speed.ALLOCATOR_ENV:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(speed.ctypes, "CDLL", lambda name: FakeLibc())
-    monkeypatch.setattr(speed, "_HEAP", {"libc": None, "floor_mb": None})
-    readings = iter([1000, 1200, 1000 + speed.HEAP_SLACK_MB + 1, 1100, 1300])
-    monkeypatch.setattr(speed, "rss_mb", lambda: next(readings))
-    assert speed.trim_heap_if_grown() is False  # tune_allocator has not run: never (nothing is read)
-    speed.tune_allocator()
-    assert [speed.trim_heap_if_grown() for _ in range(3)] == [False, False, True]  # floor 1000; 1200; 1513
-    assert trims == [0]
-    assert speed.trim_heap_if_grown() is False and speed._HEAP["floor_mb"] == 1100  # the step after a trim: floor
-    assert speed.trim_heap_if_grown() is False  # 1300: within the slack of 1100
-
-
-def test_rss_mb_reads_this_process():
-    assert 10 < speed.rss_mb() < resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 + 1

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from deltatune.errors import CheckpointError
-from deltatune.io import write_text
+from deltatune.storage import write_text
 
 STYLE = ("body{font-family:system-ui,sans-serif;max-width:1180px;margin:2em auto;color:#222}"
          "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right;"
@@ -236,7 +236,7 @@ def _summary_table(res: dict[str, Any]) -> str:
 def _diagnostics_section(res: dict[str, Any], out_dir: Path, config: Any, shown: int = 20) -> str:
     """Classification: confusion matrix, per-class precision/recall/F1 and the most confident mistakes, from
     predictions.jsonl (the best delta on the test split, else validation)."""
-    from deltatune.diagnostics import classification_summary, misclassified
+    from deltatune.runs.diagnostics import classification_summary, misclassified
 
     info = res.get("predictions")
     if not info or config.task != "classification" or not (out_dir / info["file"]).is_file():

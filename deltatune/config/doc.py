@@ -148,7 +148,7 @@ def json_schema() -> dict[str, Any]:
 
     A config gives `data` or `tasks`; a `deltatune compare` config may leave out `delta` and has a `compare`
     section."""
-    from deltatune.compare import CompareConfig
+    from deltatune.runs.compare import CompareConfig
 
     schema = RunConfig.model_json_schema(ref_template="#/$defs/{model}")
     defs = schema.setdefault("$defs", {})

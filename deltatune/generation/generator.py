@@ -6,18 +6,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from torch import nn
 
 from deltatune.delta import DeltaBase
 from deltatune.errors import ConfigError
-from deltatune.generate import Sampling, context_length, generate
-from deltatune.prompts import PromptRecord, chat_messages, chat_template, render_chat, saved_template
-from deltatune.safety import inside
-
-if TYPE_CHECKING:
-    from deltatune.config import RunConfig
+from deltatune.generation.sampling import Sampling, context_length, generate
+from deltatune.generation.prompts import PromptRecord, chat_messages, chat_template, render_chat, saved_template
 
 
 @dataclass
@@ -94,19 +90,16 @@ def open_generator(*, run: str | Path | None = None, model: str | None = None, d
     leaves the delta unloaded (call `attach_delta` later, e.g. after generating with the base).
     `trust_remote_code` allows code from the model folder (a run's config.yaml cannot).
     """
-    from deltatune.models import load_model
+    from deltatune.models.load import load_model
+    from deltatune.runs.run import Run
 
     if (run is None) == (model is None):
         raise ConfigError("give either a run folder or a model")
     if run is not None:
         if delta is not None:
             raise ConfigError("--delta goes with --model; a --run already has its delta (best/)")
-        run = Path(run)
-        trained = _causal_lm_run(run, trust_remote_code)
-        model, delta = trained.model.path, inside(run, "best", str(run))
-        options = dict(dtype=trained.base_dtype(), quantize=trained.model.quantize,
-                       trust_remote_code=trained.model.trust_remote_code)
-        saved = saved_template(delta, run)
+        trained = Run.open(run, trust_remote_code=trust_remote_code).causal_lm()
+        model, delta, options, saved = trained.config.model.path, trained.best, trained.base_options(), trained.template
     else:
         options = dict(trust_remote_code=trust_remote_code)
         saved = saved_template(Path(delta)) if delta is not None else None
@@ -128,32 +121,6 @@ def _template_option(tokenizer: Any, template: str) -> str:
             raise ConfigError(f"--template: no such file {template!r}")
         template = Path(template).read_text(encoding="utf-8")
     return resolve_template(tokenizer, template, option="--template")
-
-
-def _causal_lm_run(run: Path, trust_remote_code: bool) -> RunConfig:
-    """The config of a finished causal-LM run; a clear error for anything else."""
-    from deltatune.config import RunConfig, allow_remote_code
-    from deltatune.run import CONFIG_NAME
-    from deltatune.safety import read_yaml_file
-
-    file = run / CONFIG_NAME
-    if not file.is_file():
-        raise ConfigError(f"{run} is not a run folder: {CONFIG_NAME} not found (train one with `deltatune train`)")
-    raw = read_yaml_file(file)
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{file}: expected a mapping with keys model, data, delta, train; got {type(raw).__name__}")
-    try:
-        config = RunConfig(**raw)
-    except ConfigError as e:
-        raise ConfigError(f"{file}: {e}") from None
-    config = allow_remote_code(config, trust_remote_code, str(file))
-    if config.task != "causal_lm":
-        formats = ", ".join(d.format for d in config.data_configs().values())
-        raise ConfigError(f"{run} is a {config.task} run (data.format: {formats}); generating text needs "
-                          "a run trained on text or chat data")
-    if not (run / "best").is_dir():
-        raise ConfigError(f"{run} has no trained delta yet ({run / 'best'} missing): finish or resume the run first")
-    return config
 
 
 class Conversation:

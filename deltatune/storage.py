@@ -20,7 +20,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from deltatune.errors import CheckpointError, ConfigError, DeltaTuneError
-from deltatune.safety import MAX_JSON_BYTES, check_safetensors_header
+from deltatune.safety import check_safetensors_header
+from deltatune.safety import read_json as read_json  # the one size-capped JSON reader, also storage.read_json
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -120,15 +121,6 @@ def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
-
-
-def read_json(path: str | Path) -> Any:
-    """The data of a small JSON file (configs, checksums, results); one too large to be one is a CheckpointError."""
-    path = Path(path)
-    if path.stat().st_size > MAX_JSON_BYTES:
-        raise CheckpointError(f"{path} is {path.stat().st_size:,} bytes, too large for a deltatune JSON file "
-                              f"(at most {MAX_JSON_BYTES:,}); the folder is damaged or hostile")
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

@@ -1,7 +1,8 @@
 """Generation-based evaluation: greedy outputs on held-out prompts scored against reference answers.
 
-Metrics (means over the examples, in [0, 1]): `exact_match` (same text after lower-casing and collapsing
-whitespace) and `rougeL` (ROUGE-L F1: longest common subsequence of the lower-cased whitespace tokens).
+Metrics: `exact_match` (same text after lower-casing and collapsing whitespace) and `rougeL` (ROUGE-L F1: longest
+common subsequence of the lower-cased whitespace tokens), means over the examples in [0, 1]; `bleu`, sacrebleu's
+corpus BLEU (0-100, its default 13a tokenisation, case-sensitive, exponential smoothing) of all answers at once.
 Available as `deltatune eval RUN --generate FILE` and as the `eval_generation:` section of a run config.
 """
 
@@ -12,41 +13,18 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from pydantic import Field
-
 from deltatune.errors import ConfigError, DataError
-from deltatune.generate import Sampling
-from deltatune.inference import Generator
-from deltatune.io import write_json, write_jsonl
-from deltatune.prompts import PromptRecord, output_rows, read_prompts, saved_template
-from deltatune.schema import MAX_BATCH, MAX_COUNT, MAX_LENGTH, Schema
+from deltatune.generation.sampling import Sampling
+from deltatune.generation.generator import Generator
+from deltatune.storage import write_json, write_jsonl
+from deltatune.generation.prompts import PromptRecord, output_rows, read_prompts
 
 if TYPE_CHECKING:
-    from deltatune.run import Session
+    from deltatune.generation.config import GenerationEval
+    from deltatune.runs.session import Session
     from deltatune.train import TrainResult
 
 GENERATIONS_FILE = "generations.jsonl"
-
-
-class GenerationEval(Schema):
-    """`eval_generation:` after training, score greedy outputs on `file` (prompts with references), for the
-    fine-tuned model and (when the run evaluates a baseline) the base model; written to results.json."""
-
-    section = "eval_generation"
-
-    file: str = Field(description=".jsonl/.json/.csv/.parquet (or a packaged alias): prompt + reference, or "
-                                  "messages ending with the assistant's answer", examples=["held_out.jsonl"])
-    skip: int = Field(0, ge=0, le=MAX_COUNT,
-                      description="records to pass over first (e.g. those the training data took from "
-                                  "the same file)")
-    limit: int | None = Field(None, gt=0, le=MAX_COUNT, description="then N records at most")
-    max_new_tokens: int = Field(64, ge=1, le=MAX_LENGTH, description="longest answer, in tokens (greedy decoding)")
-    stop: list[str] = Field([], description="cut each answer at the first of these strings")
-    batch_size: int = Field(8, ge=1, le=MAX_BATCH, description="prompts generated together")
-    system: str | None = Field(None, description="system prompt for records without one")
-
-    def sampling(self) -> Sampling:
-        return Sampling(max_new_tokens=self.max_new_tokens, stop=self.stop)
 
 
 def tokens(text: str) -> list[str]:
@@ -79,17 +57,25 @@ def rouge_l(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def corpus_bleu(predictions: list[str], references: list[str]) -> float:
+    """sacrebleu's corpus BLEU (0-100) of the predictions against one reference each."""
+    import sacrebleu
+
+    return sacrebleu.corpus_bleu(predictions, [references]).score
+
+
 def score(predictions: list[str], references: list[str]) -> dict[str, float]:
-    """Mean exact match and ROUGE-L of paired predictions and references."""
+    """Mean exact match and ROUGE-L, and corpus BLEU, of paired predictions and references."""
     n = len(references)
     return {"exact_match": sum(map(exact_match, predictions, references)) / n,
-            "rougeL": sum(map(rouge_l, predictions, references)) / n}
+            "rougeL": sum(map(rouge_l, predictions, references)) / n,
+            "bleu": corpus_bleu(predictions, references)}
 
 
 def reference_records(path: str | Path, limit: int | None = None, skip: int = 0) -> list[PromptRecord]:
     """The prompts of an evaluation file (after the first `skip`), each with its reference answer: the given
     `reference`, or the last assistant turn of its messages (later turns are dropped)."""
-    from deltatune.assets import resolve_data_path
+    from deltatune.models.assets import resolve_data_path
 
     if skip < 0 or (limit is not None and limit < 1):
         raise ConfigError(f"skip must be 0 or more and limit 1 or more (got skip={skip}, limit={limit})")
@@ -126,8 +112,8 @@ def evaluate_after_training(session: Session, cfg: GenerationEval, out_dir: Path
     model into `result.generation`, rewrite results.json, and write every answer to generations.jsonl.
     Progress goes to `on_event` as "generation" events (model, done, total). The session keeps its delta attached."""
     records = reference_records(cfg.file, cfg.limit, cfg.skip)
-    best = out_dir / "best"
-    generator = Generator(session.model, session.tokenizer, best, saved_template(best, out_dir), session.delta)
+    # the template training rendered with (and saved into best/)
+    generator = Generator(session.model, session.tokenizer, out_dir / "best", session.data.chat_template, session.delta)
     emit = on_event or (lambda kind, info: None)
 
     def options(model: str) -> dict[str, Any]:
@@ -136,11 +122,12 @@ def evaluate_after_training(session: Session, cfg: GenerationEval, out_dir: Path
                     on_batch=lambda done, total: emit("generation", {"model": model, "done": done, "total": total,
                                                                      "elapsed": time.perf_counter() - started}))
 
-    tuned, outputs = evaluate_generation(generator, records, cfg.sampling(), **options("fine-tuned"))
+    sampling = Sampling(max_new_tokens=cfg.max_new_tokens, stop=cfg.stop)  # greedy
+    tuned, outputs = evaluate_generation(generator, records, sampling, **options("fine-tuned"))
     base, base_outputs = None, None
     if result.baseline is not None:
         generator.detach_delta()
-        base, base_outputs = evaluate_generation(generator, records, cfg.sampling(), **options("base"))
+        base, base_outputs = evaluate_generation(generator, records, sampling, **options("base"))
         generator.attach_delta()
         session.delta = generator.delta
     result.generation = {"file": cfg.file, "examples": len(records), "base": base, "fine_tuned": tuned}

@@ -1,7 +1,7 @@
 """Runs from a config: load model and data, attach the deltas, train, and write the run folder.
 
 A run folder holds `config.yaml` (resolved), `metrics.jsonl/csv`, `checkpoints/`, `best/` (the delta),
-`results.json` and `report.html`. `load_run` reopens one for `eval`, `merge` and later commands.
+`results.json` and `report.html`. `run_session` loads a finished one (runs/run.py: `Run`) for `eval` and `export`.
 """
 
 from __future__ import annotations
@@ -14,24 +14,25 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from deltatune import runfolder
-from deltatune.config import RunConfig, load_config
+from deltatune.runs import folder as run_folder
+from deltatune.config import RunConfig, check_files
 from deltatune.data import TEMPLATE_FILE, Collator, TaskData, prepare_data
 from deltatune.data.config import CHAT_FORMATS
 from deltatune.data.multitask import MultiTaskData, TaskCollator
 from deltatune.data.packing import prepare_model
 from deltatune.delta import DeltaBase, attach, load
 from deltatune.errors import ConfigError
-from deltatune.io import write_json, write_jsonl, write_text
-from deltatune.models import is_encoder_decoder, load_model, load_tokenizer, model_max_length, saved_num_labels
-from deltatune.safety import inside, read_yaml_file
+from deltatune.storage import write_json, write_jsonl, write_text
+from deltatune.models.load import Pretrained
+from deltatune.runs.run import Run
+from deltatune.safety import read_yaml_file
 from deltatune.train import TrainResult, train
 from deltatune.train.checkpoint import Checkpoint, load_latest, save_delta
 from deltatune.train.distributed import is_main_process
 from deltatune.train.loop import check_resumable, planned_steps
 from deltatune.train.tasks import prepare_tasks, task_deltas
 
-CONFIG_NAME = runfolder.CONFIG_NAME
+CONFIG_NAME = run_folder.CONFIG_NAME
 
 
 @dataclass
@@ -52,10 +53,9 @@ class Session:
         return TaskCollator(collate) if isinstance(self.data, MultiTaskData) else collate
 
 
-def _check_encoder_decoder(config: RunConfig, data_format: str | None) -> None:
+def _check_encoder_decoder(config: RunConfig, base: Pretrained, data_format: str | None) -> None:
     """An encoder-decoder generates a response to a prompt: it trains on prompt -> response data, unpacked."""
-    if config.task != "causal_lm" or not is_encoder_decoder(config.model.path,
-                                                            trust_remote_code=config.model.trust_remote_code):
+    if config.task != "causal_lm" or not base.is_encoder_decoder:
         return
     formats = [data_format] if config.tasks is None else [t.data.format for t in config.tasks]
     if bad := sorted({f for f in formats if f not in (*CHAT_FORMATS, "auto")}):
@@ -78,21 +78,20 @@ def _packs(config: RunConfig) -> bool:
 def open_session(config: RunConfig, delta_dir: Path | None = None) -> Session:
     """Load tokenizer, data and model for `config`; attach fresh deltas, or the saved ones in `delta_dir`."""
     torch.manual_seed(config.train.seed)  # new heads and delta tensors start the same way every run
-    _check_encoder_decoder(config, config.data.format if config.tasks is None else None)
-    tokenizer = load_tokenizer(config.model.path, trust_remote_code=config.model.trust_remote_code)
-    limit = model_max_length(config.model.path, tokenizer, trust_remote_code=config.model.trust_remote_code)
+    base = Pretrained.open(config.model.path, trust_remote_code=config.model.trust_remote_code)
+    _check_encoder_decoder(config, base, config.data.format if config.tasks is None else None)
+    tokenizer = base.tokenizer()
+    limit = base.max_length(tokenizer)
     data = (prepare_data(config.data, tokenizer, seed=config.train.seed, model_max_length=limit)
             if config.tasks is None else
             prepare_tasks(config.tasks, config.multitask, tokenizer, seed=config.train.seed, model_max_length=limit))
     if isinstance(data, TaskData):
-        _check_encoder_decoder(config, data.format)  # the detected format of `format: auto`
+        _check_encoder_decoder(config, base, data.format)  # the detected format of `format: auto`
     id2label = dict(enumerate(data.label_names)) if data.label_names else None
     # multi-task: the model keeps its saved head's size (task_heads replaces the head)
-    num_labels = data.num_labels if config.tasks is None else saved_num_labels(
-        config.model.path, trust_remote_code=config.model.trust_remote_code)
-    model, _ = load_model(config.model.path, config.task, num_labels, dtype=config.base_dtype(),
-                          quantize=config.model.quantize, trust_remote_code=config.model.trust_remote_code,
-                          id2label=id2label)
+    num_labels = data.num_labels if config.tasks is None else base.num_labels
+    model, _ = base.load(config.task, num_labels, dtype=config.base_dtype(), quantize=config.model.quantize,
+                         id2label=id2label, tokenizer=tokenizer)
     delta = load(model, delta_dir) if delta_dir else attach(model, task_deltas(config.delta, data))
     if _packs(config):
         prepare_model(model)  # no KV cache; ConfigError unless packed rows keep their examples apart
@@ -102,22 +101,22 @@ def open_session(config: RunConfig, delta_dir: Path | None = None) -> Session:
 def run_training(config: RunConfig, *, resume: bool = False, overwrite: bool = False,
                  config_path: str | Path | None = None,
                  on_event: Callable[[str, dict], None] | None = None) -> tuple[Session, TrainResult]:
-    """Train as `config` says, writing everything into `config.output_dir` (see runfolder.py for which folders
+    """Train as `config` says, writing everything into `config.output_dir` (see runs/folder.py for which folders
     are refused). `resume` continues the run there; `overwrite` first moves an earlier run's files aside.
     Everything is validated before the first write, so a refused command changes nothing on disk."""
-    out = runfolder.output_folder(config.output_dir, config_path=config_path, resume=resume)
+    out = run_folder.output_folder(config.output_dir, config_path=config_path, resume=resume)
     main = is_main_process()  # under torchrun only rank 0 checks the folder and writes (the others wait for it)
     if main:
-        runfolder.check_run_folder(out, resume=resume, overwrite=overwrite)
-    with runfolder.run_lock(out) if main else nullcontext():
-        record = runfolder.run_record(config)
+        run_folder.check_run_folder(out, resume=resume, overwrite=overwrite)
+    with run_folder.run_lock(out) if main else nullcontext():
+        record = run_folder.run_record(config)
         resumed = _check_resume(out, record) if resume and main else None
         session = open_session(config)
         if resumed is not None:
             check_resumable(resumed, config.train, planned_steps(config.train, len(session.data.train)), out)
         if main:
             if overwrite:
-                runfolder.set_aside(out)
+                run_folder.set_aside(out)
             write_text(out / CONFIG_NAME, yaml.safe_dump(config.to_dict(), sort_keys=False))
             _save_chat_template(session, out)
         result = train(session.model, session.delta, session.data, config.train, out,
@@ -128,10 +127,10 @@ def run_training(config: RunConfig, *, resume: bool = False, overwrite: bool = F
             save_delta(session.delta, out / "best", {TEMPLATE_FILE: template} if template is not None else {})
             _write_predictions(session, out, result)
             if config.eval_generation is not None:
-                from deltatune.eval_generation import evaluate_after_training
+                from deltatune.generation.evaluate import evaluate_after_training
 
                 evaluate_after_training(session, config.eval_generation, out, result, on_event)
-            from deltatune.report import write_report
+            from deltatune.runs.report import write_report
 
             write_report(out, config, result)
     return session, result
@@ -140,7 +139,7 @@ def run_training(config: RunConfig, *, resume: bool = False, overwrite: bool = F
 def _write_predictions(session: Session, out: Path, result: TrainResult) -> None:
     """Classification and regression runs: every prediction of the best delta on the test split (else validation)
     into predictions.jsonl, its size and majority-class baseline into results.json (the report's diagnostics)."""
-    from deltatune.diagnostics import (PREDICTED_TASKS, PREDICTIONS_FILE, class_names, classification_summary,
+    from deltatune.runs.diagnostics import (PREDICTED_TASKS, PREDICTIONS_FILE, class_names, classification_summary,
                                        predict)
 
     data = session.data
@@ -159,14 +158,14 @@ def _write_predictions(session: Session, out: Path, result: TrainResult) -> None
 
 
 def _check_resume(out: Path, record: dict) -> Checkpoint:
-    """Refuse a resume whose config or data differ from the run's (runfolder.check_resume); the checkpoint."""
+    """Refuse a resume whose config or data differ from the run's (run_folder.check_resume); the checkpoint."""
     ck = load_latest(out / "checkpoints")
     saved = ck.state.get("run")
     if saved is None:  # a checkpoint of an older deltatune: its train section, and config.yaml for the rest
         saved_config = read_yaml_file(out / CONFIG_NAME) if (out / CONFIG_NAME).is_file() else {}
         saved = {"config": {**(saved_config if isinstance(saved_config, dict) else {}),
                             "train": ck.state["config"]}, "data": {}}
-    runfolder.check_resume(out, saved, record)
+    run_folder.check_resume(out, saved, record)
     return ck
 
 
@@ -176,14 +175,8 @@ def _save_chat_template(session: Session, folder: Path) -> None:
         write_text(folder / TEMPLATE_FILE, session.data.chat_template)
 
 
-def load_run(run_dir: str | Path, overrides: list[str] = (), *, trust_remote_code: bool = False) -> Session:
-    """Reopen a finished run: its config, the base model and the best saved delta. The run's config.yaml cannot
-    switch on remote code: only the `trust_remote_code` argument (--trust-remote-code) can."""
-    run_dir = Path(run_dir)
-    if not (run_dir / CONFIG_NAME).is_file():
-        raise ConfigError(f"{run_dir} is not a run folder: {CONFIG_NAME} not found (train one with `deltatune train`)")
-    config = load_config(run_dir / CONFIG_NAME, overrides, trust_remote_code=trust_remote_code)
-    best = inside(run_dir, "best", str(run_dir))
-    if not best.is_dir():
-        raise ConfigError(f"{run_dir} has no trained delta yet ({best} missing): finish or resume the run first")
-    return open_session(config, delta_dir=best)
+def run_session(run: Run) -> Session:
+    """A finished run in memory for `eval` and `export`: its base model with the best delta, its tokenizer and data
+    (whose files must still exist)."""
+    check_files(run.config)
+    return open_session(run.config, delta_dir=run.best)

@@ -1,4 +1,5 @@
-"""Speed and memory levers of the training loop; bench/README.md records what each one measured.
+"""How the loop computes the training loss of a micro-batch (`TrainingLoss`), with the run's speed and memory
+levers; bench/README.md records what each one measured. (Evaluation uses the chunked loss too: evaluation.py.)
 
 * precision: bf16 autocast for forward and backward with fp32 master weights: every parameter (trainable or not)
   stays fp32, matmuls run in bf16, losses in fp32. `auto` picks bf16 where the device has native bf16 dot products
@@ -8,15 +9,10 @@
   (a fused linear + cross-entropy), so neither the full logits nor their gradient ever exist.
 * activation checkpointing: transformers' non-reentrant checkpointing of every layer, switched on for each
   training forward only (so nothing is left on the model); inputs need not require grad, whatever is frozen.
-* allocator: glibc keeps freed memory instead of returning it to the kernel every step, and oneDNN's cache of
-  per-shape matmul primitives stays small (`tune_allocator`).
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -27,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.errors import ConfigError
-from deltatune.train.metrics import MetricState, logits_of, units
+from deltatune.train.metrics import logits_of
 
 if TYPE_CHECKING:
     from deltatune.train.tasks import MultiTask, SingleTask
@@ -38,11 +34,6 @@ Precision = Literal["auto", "fp32", "bf16"]
 CHUNKABLE = frozenset({"gpt2", "llama", "mistral", "mixtral", "qwen2", "qwen3", "gpt_neox", "phi", "phi3", "olmo2",
                        "gemma", "smollm3"})
 CHUNK_ELEMENTS = 1 << 23  # logits per chunk (32 MiB in fp32)
-# oneDNN keeps a compiled primitive (with its buffers) per matmul shape it has seen, up to 1,024 by default: with
-# packed or padded batches every step brings new shapes and a bf16 run's memory grew by ~30 MB a step; 16 bounds it
-# at no measured speed cost. oneDNN reads the variable when it builds its first primitive.
-ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": 0, "MALLOC_TRIM_THRESHOLD_": 1 << 30, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": 16}
-_MALLOPT = {"MALLOC_MMAP_MAX_": -4, "MALLOC_TRIM_THRESHOLD_": -1}  # glibc M_MMAP_MAX, M_TRIM_THRESHOLD
 
 
 # ---- precision ----------------------------------------------------------------------------------------------
@@ -169,13 +160,14 @@ class _FusedLinearCE(torch.autograd.Function):
                 None if grad_bias is None else (grad_bias * grad_out).to(bias_dtype), None, None, None)
 
 
-# ---- the loop's hook --------------------------------------------------------------------------------------------
-class FastPath:
-    """How the training loop computes a micro-batch's summed loss: precision, chunked LM loss, checkpointing."""
+# ---- the loop's loss ---------------------------------------------------------------------------------------
+class TrainingLoss:
+    """The summed loss of a training micro-batch (`task.loss_sum` of the model's output), computed with the run's
+    precision (autocast), chunked LM-head loss and activation checkpointing settings."""
 
     def __init__(self, model: nn.Module, task: SingleTask | MultiTask, precision: Precision = "auto",
                  chunked_loss: bool = True, checkpointing: bool = False):
-        self.task = task
+        self.model, self.task = model, task
         self.dtype = resolve_precision(precision, model)
         self.head = output_head(model) if chunked_loss and getattr(task, "kind", None) == "text" else None
         self.checkpointing = checkpointing
@@ -183,14 +175,23 @@ class FastPath:
             raise ConfigError(f"gradient_checkpointing: {type(_unwrap(model)).__name__} does not support activation "
                               "checkpointing in transformers; set train.gradient_checkpointing: false")
 
-    def loss_sum(self, model: nn.Module, inputs: dict[str, torch.Tensor],
-                 batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The task's loss of one batch (`task.loss_sum` of `model(**inputs)`), computed the fast way."""
-        autocast = torch.autocast(_device(model).type, self.dtype) if self.dtype else nullcontext()
-        with autocast, checkpointed(model) if self.checkpointing else nullcontext():
+    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The summed loss of `batch` (its model inputs and its labels)."""
+        inputs = model_inputs(batch)
+        autocast = torch.autocast(_device(self.model).type, self.dtype) if self.dtype else nullcontext()
+        with autocast, checkpointed(self.model) if self.checkpointing else nullcontext():
             if self.head is not None:
-                return lm_loss_sum(model, self.head, inputs, batch["labels"])
-            return self.task.loss_sum(logits_of(model(**inputs)), batch)
+                return lm_loss_sum(self.model, self.head, inputs, batch["labels"])
+            return self.task.loss_sum(logits_of(self.model(**inputs)), batch)
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch without what is for the loop: labels, and the real-token count of packed batches."""
+    return {k: v for k, v in batch.items() if k not in ("labels", "num_tokens")}
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return batch if device.type == "cpu" else {k: v.to(device) for k, v in batch.items()}
 
 
 @contextmanager
@@ -208,79 +209,6 @@ def checkpointed(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         inner.activation_checkpointing_disable()
-
-
-def update_metrics(state: MetricState, model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor,
-                   count: bool = True) -> None:
-    """Run one evaluation batch and (if `count`) add it to `state`; causal-LM loss without materialising the
-    logits where possible. (Sharded evaluation runs uncounted batches too: every rank joins every forward.)"""
-    where = output_head(model) if state.task == "text" else None
-    if where is None:
-        logits = logits_of(model(**inputs))
-        if count:
-            state.update(logits, labels)
-        return
-    loss = float(lm_loss_sum(model, where, inputs, labels))
-    if count:
-        state.add_loss(loss, units(labels, "text"))
-
-
-# ---- allocator ---------------------------------------------------------------------------------------------------
-def tune_allocator() -> dict[str, int]:
-    """Stop glibc from returning freed memory to the kernel after every step (mmap'ed big blocks and heap trims
-    cost ~25% of a CPU training step here): set M_MMAP_MAX=0 and a 1 GiB M_TRIM_THRESHOLD in this process with
-    mallopt, and export the same MALLOC_* variables for child processes; also bound oneDNN's primitive cache
-    (ALLOCATOR_ENV). Call it before the first matmul. Values the user already set in the environment are kept
-    (glibc applied them at start-up). Returns what was applied (without glibc: only the oneDNN setting)."""
-    libc_name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(libc_name) if libc_name else None
-    applied = {}
-    for name, value in ALLOCATOR_ENV.items():
-        if name in os.environ or (name in _MALLOPT and not _mallopt(libc, _MALLOPT[name], value)):
-            continue
-        os.environ[name] = str(value)
-        applied[name] = value
-    if applied.keys() & _MALLOPT.keys() and hasattr(libc, "malloc_trim"):
-        _HEAP.update(libc=libc, floor_mb=None)
-    return applied
-
-
-# With the settings above glibc keeps freed blocks, and batches whose shapes change every step (packed or padded
-# variable-length data) fragment the heap: a full fine-tuning run's RSS grew by ~50 MB a step without bound (7.5 GB
-# after 120 steps, llama-small). Giving the free pages back (malloc_trim) costs the page faults the settings avoid,
-# so it is done only when the RSS has grown by HEAP_SLACK_MB past the step after the last trim: LoRA runs, whose
-# RSS stays flat, never pay for it.
-HEAP_SLACK_MB = 512
-_HEAP: dict[str, Any] = {"libc": None, "floor_mb": None}
-
-
-def trim_heap_if_grown() -> bool:
-    """After a training step: malloc_trim when tune_allocator ran in this process and the RSS grew by more than
-    HEAP_SLACK_MB since the first step after the last trim (or the first call). Returns whether it trimmed."""
-    if _HEAP["libc"] is None:
-        return False
-    rss = rss_mb()
-    if _HEAP["floor_mb"] is None:
-        _HEAP["floor_mb"] = rss
-    if rss - _HEAP["floor_mb"] <= HEAP_SLACK_MB:
-        return False
-    _HEAP["libc"].malloc_trim(0)
-    _HEAP["floor_mb"] = None  # the next step's RSS (its working set faulted in again) is the new floor
-    return True
-
-
-def rss_mb() -> float:
-    """This process's resident memory now, in MB (Linux; 0 elsewhere)."""
-    try:
-        with open("/proc/self/statm", encoding="ascii") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        return 0.0
-
-
-def _mallopt(libc: ctypes.CDLL | None, param: int, value: int) -> bool:
-    """glibc's mallopt(param, value); False where there is no glibc or it refuses."""
-    return libc is not None and hasattr(libc, "mallopt") and libc.mallopt(param, value) == 1
 
 
 def _sharded(model: nn.Module) -> bool:

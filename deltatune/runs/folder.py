@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from deltatune import io
+from deltatune import storage
 from deltatune.errors import ConfigError, DeltaTuneError
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ def output_folder(value: str, *, config_path: str | Path | None = None, resume: 
     empty, the current / home / root folder, the config file's own folder (except its run's `config.yaml` on
     --resume), a folder inside another run's folder, an existing file, or a folder this process cannot write
     into."""
-    io.check_not_special(value, "output_dir")
+    storage.check_not_special(value, "output_dir")
     path = Path(value).expanduser()
     where = path.resolve()
     if config_path is not None:
@@ -162,7 +162,7 @@ def _write_holder(fd: int, me: dict[str, Any], folder: Path) -> None:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(me).encode(), 0)
     except OSError as exc:
-        if exc.errno not in io.DISK_FULL:
+        if exc.errno not in storage.DISK_FULL:
             raise
         raise DeltaTuneError(f"no space left on device in {folder}: nothing was written; free some space and "
                              "try again") from exc
@@ -179,13 +179,13 @@ def _holder(fd: int) -> dict[str, Any]:
 # ---- what a resume may change --------------------------------------------------------------------------------
 def run_record(config: RunConfig) -> dict[str, Any]:
     """The resolved config and the SHA-256 of every data file it reads: saved in each checkpoint."""
-    from deltatune.assets import resolve_data_path
+    from deltatune.models.assets import resolve_data_path
 
     files = {}
     for where, data in config.data_configs().items():
         for split in ("train", "validation", "test"):
             if (name := getattr(data, split)) is not None and (path := resolve_data_path(name)).is_file():
-                files[f"{where}.{split}"] = {"path": str(path), "sha256": io.sha256(path)}
+                files[f"{where}.{split}"] = {"path": str(path), "sha256": storage.sha256(path)}
     return {"config": json.loads(json.dumps(config.to_dict(), default=str)), "data": files}
 
 

@@ -1,0 +1,1 @@
+"""Generation: sampling with a delta attached, generators over saved runs, prompt files, generation metrics."""
