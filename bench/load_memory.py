@@ -109,6 +109,7 @@ def main() -> None:
     p.add_argument("--sizes", default="0.5b,1b")
     p.add_argument("--dtypes", default="bf16,fp32")
     p.add_argument("--quantize", default="none,int8,int4")
+    p.add_argument("--out", type=Path, help="write all results as JSON here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -124,6 +125,8 @@ def main() -> None:
                 rows.append(spawn({"size": size, "path": str(path), "dtype": dtype, "quantize": quantize}))
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print(table(rows))
+    if args.out:
+        args.out.write_text(json.dumps({"load_average": os.getloadavg(), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -144,3 +144,36 @@ def test_int4_unpacking_reads_the_cpu_kernels_layout():
     layer = model[0]
     torch.testing.assert_close(layer.dequantized_weight(), _int4_by_matmul(layer.weight, 128, torch.float32),
                                atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_matmul_weights_are_unpacked_into_one_shared_scratch_buffer(mode):
+    model = lm()
+    quantize_base(model, mode)
+    layers = [model.get_submodule(name) for name in quantized_layers(model)]
+    assert len({id(layer.scratch) for layer in layers}) == 1
+    for layer in layers:
+        dense = layer.weight_for_matmul()
+        assert torch.equal(dense, layer.dequantized_weight())
+        if mode == "int8" or layer.out_features % 32 == 0:  # other int4 shapes take the kernel's slow exact path
+            assert dense.untyped_storage().data_ptr() == layer.scratch.buffer.untyped_storage().data_ptr()
+
+
+def test_a_16_bit_embedding_table_stays_as_stored_under_fp32_compute():
+    stored = lm(torch.bfloat16)
+    model, reference = copy.deepcopy(stored), copy.deepcopy(stored).float()
+    quantize_base(model, "int8", torch.float32)
+    quantize_base(reference, "int8", torch.float32)
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16  # half the memory of an fp32 table
+    assert model.get_output_embeddings().weight.dtype == torch.float32
+    assert model.get_input_embeddings()(torch.tensor([[1, 2]])).dtype == torch.float32
+    assert torch.equal(logits(model), logits(reference))  # bf16 -> fp32 is exact
+
+
+def test_a_tied_embedding_table_is_converted_with_the_head():
+    model = lm(torch.bfloat16)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    quantize_base(model, "int8", torch.float32)
+    assert model.get_input_embeddings().weight.dtype == torch.float32
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight

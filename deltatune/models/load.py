@@ -99,10 +99,10 @@ class Pretrained:
         tokenizer = tokenizer or self.tokenizer()
         model.deltatune_new_weights = _new_weights(model, info, self.folder)
         _check_tokenizer_fits(model, tokenizer, self.folder)
+        if quantize:  # before anything reads all weights: the pages of the checkpoint leave RSS layer by layer
+            quantize_base(model, quantize, DTYPES[dtype])
         if task == "causal_lm" and auto is not AutoModelForSeq2SeqLM:  # an encoder-decoder's decoder is causal
             _check_causal(model, self.folder)
-        if quantize:
-            quantize_base(model, quantize, DTYPES[dtype])
         compute_in(model, DTYPES[dtype])
         _ensure_pad_token(model, tokenizer)
         return model, tokenizer
