@@ -14,14 +14,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deltatune.data.chat import TEMPLATE_FILE
-
-MAX_TEMPLATE_BYTES = 1 << 20  # real chat templates are a few kilobytes
 from deltatune.errors import CheckpointError, ConfigError, DataError
 from deltatune.safety import inside
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+MAX_TEMPLATE_BYTES = 1 << 20  # real chat templates are a few kilobytes
 ROLES = ("system", "user", "assistant")
 
 
