@@ -261,11 +261,11 @@ class Delta(DeltaBase, ABC, Generic[C]):
         extend this and `switch_on`; `DeltaBase.disabled()` is the public form."""
         self._off = True
         self.set_swapped(False)
-        _exchange(self._kept)
+        exchange_storage(self._kept)
 
     def switch_on(self) -> None:
         """Exactly undo `switch_off`."""
-        _exchange(self._kept)
+        exchange_storage(self._kept)
         self.set_swapped(True)
         self._off = False
 
@@ -406,7 +406,7 @@ class Delta(DeltaBase, ABC, Generic[C]):
             p.requires_grad_(flag)
 
 
-def _exchange(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+def exchange_storage(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Swap the storage of each (tensor, other) pair: no copy, no version bump of a tensor autograd saved."""
     for tensor, other in pairs:
         tensor.data, other.data = other.data, tensor.data

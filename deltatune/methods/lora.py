@@ -32,7 +32,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from deltatune.delta import Delta, DeltaConfig
+from deltatune.delta import Delta, DeltaConfig, exchange_storage
 from deltatune.errors import ConfigError, TargetError
 from deltatune.models.quantize import QuantizedLinear
 from deltatune.registry import register
@@ -421,9 +421,7 @@ class LoRADelta(Delta[LoRA]):
         super().switch_on()
 
     def _exchange_residuals(self) -> None:
-        for wrapper, _, _ in self._residual_parts():
-            weight, original = wrapper.base_layer.weight, wrapper.initial.weight
-            weight.data, original.data = original.data, weight.data
+        exchange_storage([(part.base_layer.weight, part.initial.weight) for part, _, _ in self._residual_parts()])
 
     def restore(self) -> None:
         with torch.no_grad():
