@@ -65,7 +65,16 @@ class DeltaConfig(Schema):
     # Fields listing folders the delta reads (e.g. fusion's adapters): a saved delta holds copies of them and names
     # them relative to its own folder, and loading accepts only folders inside it.
     folder_fields: ClassVar[tuple[str, ...]] = ()
-    trains_base: ClassVar[bool] = False  # the method trains the base model's own weights (full fine-tuning)
+    trains_base: ClassVar[bool] = False  # the method trains the base model's own tensors (full fine-tuning, BitFit)
+    uses_base_weights: ClassVar[bool] = False  # computes with the base's weights themselves (mask tuning masks them)
+
+    def needs_dense_base(self) -> str | None:
+        """Why this method (so configured) cannot run on a quantized (int8 / int4) base, or None when it can."""
+        if self.trains_base:
+            return "trains the base weights, which cannot be quantized"
+        if self.uses_base_weights:
+            return "computes with the base weights themselves, which a quantized layer does not hold"
+        return None
 
     @classmethod
     def schema_name(cls) -> str:
@@ -113,6 +122,7 @@ class DeltaBase:
                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", shapes)) if items))
         with torch.no_grad():
             for part in self.parts():
+                part.widen_to(tensors)
                 part.load_saved(tensors)
 
     @contextmanager
@@ -250,6 +260,15 @@ class Delta(DeltaBase, ABC, Generic[C]):
         """The tensors `save` writes: the trainable ones as they are, unless the method saves another form."""
         return {name: p.detach() for name, p in self._params.items()}
 
+    def widen_to(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Trainable tensors created narrower than saved (on a bf16 base) take the saved dtype (fp32 master weights,
+        as the training loop keeps them), so a loaded delta computes as it did when trained."""
+        for name, p in self._params.items():
+            saved = tensors.get(name)
+            if saved is not None and p.is_floating_point() and saved.is_floating_point() \
+                    and saved.element_size() > p.element_size():
+                p.data = p.data.to(saved.dtype)
+
     def load_saved(self, tensors: dict[str, torch.Tensor]) -> None:
         """Set the trainable tensors from `tensors` (in `saved_tensors` form, keys and shapes already checked)."""
         for name, p in self._params.items():
@@ -330,6 +349,7 @@ class Delta(DeltaBase, ABC, Generic[C]):
         """Freeze the base, build the delta, mark only its tensors trainable."""
         if self.attached:
             raise ConfigError(f"this {self.method} delta is already attached")
+        self._check_base_precision()
         others = _ATTACHED.setdefault(self.model, [])
         if not others:
             _BASE_FINGERPRINT[self.model] = fingerprint(self.model)
@@ -357,6 +377,18 @@ class Delta(DeltaBase, ABC, Generic[C]):
         others.append(self)
         self.attached = True
         return self
+
+    def _check_base_precision(self) -> None:
+        """A quantized base holds no weights to train, mask or rewrite; a reduced-precision one (model.dtype: bf16)
+        none to train in fp32 next to its bf16 tensors."""
+        if (reason := self.config.needs_dense_base()) and (quantized := quantized_layers(self.model)):
+            raise ConfigError(f"{self.method} {reason} ({len(quantized)} int8/int4 layers, e.g. {quantized[0]}): "
+                              "load the base without model.quantize (model.dtype: bf16 halves its memory instead), "
+                              "or a method that leaves the base weights as they are (e.g. lora with init kaiming)")
+        compute = getattr(self.model, "deltatune_compute_dtype", torch.float32)
+        if self.config.trains_base and compute != torch.float32:
+            raise ConfigError(f"{self.method} trains the base's own tensors (in fp32), but this base computes in "
+                              f"{compute} (model.dtype): load it in fp32 (model.dtype: auto or fp32)")
 
     def detach(self) -> None:
         stack = _ATTACHED.get(self.model, [])

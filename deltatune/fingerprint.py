@@ -48,7 +48,8 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
     Freshly initialised parameters (`model.deltatune_new_weights`, e.g. a new task head) are not part of the base
     and are not sampled."""
     params = dict(model.named_parameters())
-    shapes = {name: list(p.shape) for name, p in params.items()}
+    # a quantized weight names the shape its checkpoint stores (GPT-2's Conv1D: transposed), so both bases match
+    shapes = {name: list(getattr(p, "checkpoint_shape", p.shape)) for name, p in params.items()}
     digest = hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()
     source = getattr(getattr(model, "config", None), "_name_or_path", None) or "an unknown source"
     return {"class": type(model).__name__, "name_or_path": source, "sha256": digest, "shapes": shapes,

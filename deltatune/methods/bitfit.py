@@ -16,7 +16,7 @@ merged model is plain modules; `detach()` removes it again. A merged model with 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -32,6 +32,8 @@ from deltatune.targeting import DeltaModule, exact_pattern, find_modules, plain_
 
 class BitFit(DeltaConfig):
     """BitFit settings: whose biases, the task head's or not, and adding biases where a Linear has none."""
+
+    trains_base: ClassVar[bool] = True  # the base's own bias tensors (fp32 base; no quantized base)
 
     targets: NonEmptyPatterns | None = Field(None, description="modules whose biases are trained (name, dot-suffix, "
                                              "'re:...', 'type:...'); default: every module with a bias")

@@ -74,6 +74,11 @@ class LoRA(DeltaConfig):
                              f"{MAX_WIDTH // 2} and alpha at most {MAX_SCALE / 2:g}")
         return self
 
+    def needs_dense_base(self) -> str | None:
+        if init_of(self.init).changes_base:
+            return f"init {self.init} writes the residual W - BA into the base weights, which cannot be quantized"
+        return None
+
 
 SCALINGS: dict[str, Callable[[float, int], float]] = {
     "standard": lambda alpha, r: alpha / r,

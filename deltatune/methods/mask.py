@@ -17,6 +17,7 @@ attached mask delta (scores become init_score where kept and 0 where dropped: sa
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -37,6 +38,8 @@ MASK_FORMAT = "deltatune-mask"
 
 class Mask(DeltaConfig):
     """Mask tuning settings: threshold, initial score, which modules."""
+
+    uses_base_weights: ClassVar[bool] = True  # W ⊙ m needs the real weights: no quantized base
 
     threshold: float = Field(5e-3, gt=0.0, lt=1.0, description="a weight is kept while its score >= threshold")
     init_score: float = Field(1e-2, ge=-MAX_SCALE, le=MAX_SCALE,

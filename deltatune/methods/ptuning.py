@@ -36,7 +36,10 @@ class LSTMEncoder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.lstm(x[None])[0])[0]
+        # in the LSTM's own dtype, outside a bf16 base's autocast: oneDNN has no bf16 LSTM on CPUs without bf16
+        with torch.autocast(x.device.type, enabled=False):
+            hidden = self.lstm(x[None].to(self.lstm.weight_ih_l0.dtype))[0]
+        return self.mlp(hidden)[0]
 
 
 def _mlp(dim: int, hidden: int) -> nn.Module:

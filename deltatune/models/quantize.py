@@ -6,7 +6,9 @@ The kernels are torchao's CPU paths (an optional dependency: `pip install 'delta
           (`aten._weight_int4pack_mm_for_cpu`) through torchao's `Int4OpaqueTensor` (prototype API in torchao 0.18:
           its stable int4 formats are CUDA/XPU only).
 A `QuantizedLinear` is an `nn.Linear` (so targeting, "all-linear" and LoRA/IA3/adapters see it as one) whose forward
-runs the quantized kernel; its backward gives the input gradient from a transient dequantized copy of one layer's
+runs the quantized kernel. It replaces nn.Linear layers, subclasses of it that compute the same (e.g. Falcon's
+FalconLinear: checked on the layer's own input size), and GPT-2's Conv1D (weight stored (in, out): quantized
+transposed; `checkpoint_shape` keeps the stored shape for base fingerprints); its backward gives the input gradient from a transient dequantized copy of one layer's
 weight (the kernels have no derivative), so deltas before it still train. The weight itself never trains.
 The output head stays unquantized (as in QLoRA). Merging a delta needs real weights: merging on a quantized base is
 an error; load the saved delta onto a dequantized base (`dequantize_base`, or the base loaded unquantized) instead.
@@ -25,11 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from transformers.pytorch_utils import Conv1D
+
+from deltatune.arch import describe
 from deltatune.errors import ConfigError
 from deltatune.targeting import DeltaModule
 
 Quantize = Literal["int8", "int4"]
 INT4_GROUP_SIZES = (128, 64, 32)  # what the CPU int4 kernel supports; the largest that divides in_features
+INT4_OUT_MULTIPLE = 16  # the CPU int4 packing needs out_features divisible by 16
 # torchao (imported by transformers too, whenever it is installed) logs a warning per CUDA-only extension it cannot
 # load on a CPU build, and torch one per enum torchao registers: noise on every run here, not a problem.
 for _name in ("torchao", "torch.utils._pytree"):
@@ -43,13 +49,15 @@ PAGE_SIZE = mmap.PAGESIZE
 class QuantizedLinear(nn.Linear):
     """A frozen Linear whose weight is a torchao weight-only quantized tensor; computes in `compute_dtype`."""
 
-    def __init__(self, linear: nn.Linear, weight: torch.Tensor, mode: Quantize, scratch: Scratch | None = None):
+    def __init__(self, linear: nn.Module, weight: torch.Tensor, mode: Quantize, scratch: Scratch | None = None):
         nn.Module.__init__(self)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.out_features, self.in_features = weight.shape
         self.mode = mode
         self.compute_dtype = weight.dtype
+        self.transposed = isinstance(linear, Conv1D)  # GPT-2 Conv1D: the checkpoint stores the weight (in, out)
         self.weight = nn.Parameter(weight, requires_grad=False)
-        self.bias = linear.bias
+        self.weight.checkpoint_shape = tuple(linear.weight.shape)  # fingerprints name the base's stored shapes
+        self.register_parameter("bias", linear.bias)  # a registered (possibly None) slot, as nn.Linear has
         # torch's CPU int4 kernel is fast for bf16 activations only: with fp32 ones it ran 85x slower than an fp32
         # matmul (AVX2, 512x576 @ 576x1536); unpacking the layer's weight first and multiplying in fp32 costs 1.3x.
         self.unpack_to_multiply = mode == "int4" and self.compute_dtype == torch.float32
@@ -84,7 +92,8 @@ class QuantizedLinear(nn.Linear):
         return self.mode == "int4" and _int4_layout_known() and self.out_features % INT4_BLOCK_N == 0
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.mode}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.mode}" + \
+            (", from Conv1D" if self.transposed else "")
 
 
 class _QuantizedMatmul(torch.autograd.Function):
@@ -95,7 +104,10 @@ class _QuantizedMatmul(torch.autograd.Function):
                 layer: QuantizedLinear) -> torch.Tensor:
         ctx.layer = layer
         with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x, layer.weight_for_matmul() if layer.unpack_to_multiply else weight, bias)
+            out = F.linear(x, layer.weight_for_matmul() if layer.unpack_to_multiply else weight, bias)
+        # torchao's kernels return a view for 3-d inputs; model code adding to the output in place (Falcon's
+        # `mlp_output += attention_output`) would then fail in autograd: a custom Function must return a base tensor
+        return out.clone() if out._is_view() else out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None, None]:
@@ -124,20 +136,21 @@ class Scratch:
 
 
 def quantize_base(model: nn.Module, mode: Quantize, dtype: torch.dtype | None = None) -> int:
-    """Replace every nn.Linear of `model` except the output head by a QuantizedLinear computing in `dtype` (default:
-    each layer's own), in place, one layer at a time; layers the kernel cannot take (int4: in_features not a
-    multiple of 32) stay as they are. The other floating-point tensors are converted to `dtype`.
-    Returns how many layers were quantized."""
+    """Replace every linear layer of `model` (nn.Linear, a subclass computing the same, GPT-2 Conv1D) outside its
+    task heads (output embeddings, classifiers: they stay as they are, as in QLoRA) by a QuantizedLinear computing
+    in `dtype` (default: each layer's own), in place, one layer at a time; layers the kernel cannot take (int4:
+    in_features not a multiple of 32 or out_features not one of 16) stay as they are. The other floating-point
+    tensors are converted to `dtype`. Returns how many layers were quantized."""
     configs = _torchao_configs()
-    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
-    targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear and m is not head]
+    targets = _quantizable(model)
     if not targets:
-        raise ConfigError(f"model.quantize: {type(model).__name__} has no nn.Linear layers besides its output head; "
-                          "remove model.quantize")
+        raise ConfigError(f"model.quantize: {type(model).__name__} has no linear layers (nn.Linear or GPT-2 Conv1D) "
+                          "outside its task heads; remove model.quantize")
     count, scratch = 0, Scratch()
     checkpoint = _CheckpointPages()
     for name, linear in targets:
-        weight = _quantized_weight(linear.weight.detach().to(dtype or linear.weight.dtype), mode, configs)
+        dense = linear.weight.detach().to(dtype or linear.weight.dtype)
+        weight = _quantized_weight(dense.T if isinstance(linear, Conv1D) else dense, mode, configs)
         if weight is None:
             continue
         parent, _, attr = name.rpartition(".")
@@ -149,6 +162,34 @@ def quantize_base(model: nn.Module, mode: Quantize, dtype: torch.dtype | None = 
     if dtype is not None:
         _convert_unquantized(model, dtype, checkpoint)
     return count
+
+
+def _quantizable(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of the linear layers quantize_base replaces: outside the heads, of a type computing F.linear."""
+    heads = describe(model).heads
+    linear_types: dict[type, bool] = {}
+    found = []
+    for name, module in model.named_modules():
+        if any(name == h or name.startswith(h + ".") for h in heads) or not isinstance(module, (nn.Linear, Conv1D)):
+            continue
+        if type(module) not in linear_types:
+            linear_types[type(module)] = _computes_linear(module)
+        if linear_types[type(module)]:
+            found.append((name, module))
+    return found
+
+
+def _computes_linear(module: nn.Module) -> bool:
+    """Whether `module` (an nn.Linear subclass or Conv1D) computes x @ W.T + b (W.T for Conv1D), on a probe input."""
+    if type(module) in (nn.Linear, Conv1D):
+        return True
+    weight = module.weight.detach().float()
+    weight = weight.T if isinstance(module, Conv1D) else weight
+    bias = None if module.bias is None else module.bias.detach().float()
+    x = torch.randn(2, weight.shape[1], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = module(x.to(module.weight.dtype)).float()
+    return torch.allclose(out, F.linear(x, weight, bias), rtol=1e-2, atol=1e-2 * float(out.abs().max()) + 1e-6)
 
 
 def _give_back_free_memory() -> None:
@@ -222,7 +263,12 @@ def dequantize_base(model: nn.Module, dtype: torch.dtype | None = None) -> int:
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantizedLinear)]
     for name, layer in layers:
         weight = layer.dequantized_weight().to(dtype or layer.compute_dtype)
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        if layer.transposed:  # back to the GPT-2 Conv1D it was
+            with torch.device("meta"):
+                linear = Conv1D(layer.out_features, layer.in_features)
+            weight = weight.T.contiguous()
+        else:
+            linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
         linear.weight = nn.Parameter(weight, requires_grad=False)
         linear.bias = layer.bias
         parent, _, attr = name.rpartition(".")
@@ -277,7 +323,9 @@ def _quantized_weight(weight: torch.Tensor, mode: Quantize, configs: dict[str, A
     if mode == "int8":
         return configs["int8"].from_hp(weight, configs["per_row"]())
     group = next((g for g in INT4_GROUP_SIZES if weight.shape[1] % g == 0), None)
-    return None if group is None else configs["int4"].from_hp(weight, [1, group])
+    if group is None or weight.shape[0] % INT4_OUT_MULTIPLE:
+        return None
+    return configs["int4"].from_hp(weight, [1, group])
 
 
 def _torchao_configs() -> dict[str, Any]:
