@@ -15,6 +15,7 @@ from deltatune.errors import CheckpointError, ConfigError
 from deltatune.storage import check_new_folder
 
 FORMATS = ("peft", "hf", "gguf", "gguf-lora")
+MERGED = ("hf", "gguf")  # formats that merge the delta into the base weights
 DTYPES = ("fp32", "bf16", "fp16", "q8_0")
 
 
@@ -29,10 +30,12 @@ class Source:
     name: str
 
 
-def open_source(path: str | Path, model_path: str | None = None, *, trust_remote_code: bool = False) -> Source:
+def open_source(path: str | Path, model_path: str | None = None, *, trust_remote_code: bool = False,
+                merge: bool = False) -> Source:
     """A run folder (its config and best/ delta), or a saved delta folder on `model_path` (default: the folder
     the delta was trained from, as recorded in its delta.json). Code from the model folder runs only with
-    `trust_remote_code` (never because a file asks for it)."""
+    `trust_remote_code` (never because a file asks for it). `merge`: the delta is going to be merged, so a run
+    that quantized its base (model.quantize) gets the checkpoint's own weights instead of the int8/int4 copy."""
     from deltatune.generation.prompts import saved_template
     from deltatune.models.assets import portable_model_name
     from deltatune.runs.folder import CONFIG_NAME
@@ -44,7 +47,7 @@ def open_source(path: str | Path, model_path: str | None = None, *, trust_remote
         if model_path is not None:
             raise ConfigError("--model goes with a delta folder; a run folder names its model in config.yaml")
         run = Run.open(path, trust_remote_code=trust_remote_code)
-        session = run_session(run)
+        session = run_session(run, dense=merge)
         return Source(session.model, session.delta, _with_template(session.tokenizer, run.template),
                       portable_model_name(run.config.model.path))
     base = read_delta_config(path)["base"]
@@ -99,7 +102,7 @@ def export(source: str | Path, out: str | Path, format: str, *, model_path: str 
         check_new_file(out)
     else:
         check_new_folder(Path(out))
-    src = open_source(source, model_path, trust_remote_code=trust_remote_code)
+    src = open_source(source, model_path, trust_remote_code=trust_remote_code, merge=format in MERGED)
     name = base_name or src.name
     if format == "peft":
         from deltatune.interop.peft import export_peft

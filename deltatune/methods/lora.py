@@ -303,15 +303,17 @@ class DoRA:
             m.lora_magnitude_vector = nn.Parameter(self._norm(m))
 
     def _norm(self, m: LoRAModule) -> torch.Tensor:
-        weight = m.base_layer.weight
+        base = m.base_layer  # a quantized layer's weight is read dequantized (as PEFT does for QLoRA + DoRA)
+        weight = base.dequantized_weight() if isinstance(base, QuantizedLinear) else base.weight
         return _out_norm(weight + m.delta_weight().detach().to(weight.dtype), m.kind.out_axis).detach()
 
     def forward(self, m: LoRAModule, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         scale = m.kind.out_view(m.lora_magnitude_vector / self._norm(m))
         bias = getattr(m.base_layer, "bias", None)
         plain = out if bias is None else out - m.kind.out_view(bias)
-        # out + (scale - 1)·Wx rather than scale·Wx + b: exactly `out` while m equals the norm (as in PEFT)
-        return out + (scale - 1) * plain + scale * m.kind.apply(m, x) * m.scaling
+        # out + (scale - 1)·Wx rather than scale·Wx + b: exactly `out` while m equals the norm (as in PEFT); the
+        # update in fp32 (m trains fp32), added in the base output's dtype (a bf16 base's next layers expect it)
+        return out + ((scale - 1) * plain + scale * m.kind.apply(m, x) * m.scaling).to(out.dtype)
 
     def merged_weight(self, m: LoRAModule, weight: torch.Tensor) -> torch.Tensor:
         scale = (m.lora_magnitude_vector / self._norm(m)).to(weight.dtype)

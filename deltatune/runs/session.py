@@ -188,9 +188,12 @@ def _save_chat_template(session: Session, folder: Path) -> None:
         write_text(folder / TEMPLATE_FILE, session.data.chat_template)
 
 
-def run_session(run: Run, delta: str | Path | None = None) -> Session:
+def run_session(run: Run, delta: str | Path | None = None, *, dense: bool = False) -> Session:
     """A finished run in memory for `eval` and `export`: its base model with the best delta (or `delta`, another
     saved delta of the same base, e.g. a merge-deltas result), its tokenizer and data (whose files must still
-    exist)."""
+    exist). `dense`: the base with its checkpoint's own weights even if the run quantized it (for merging)."""
     check_files(run.config)
-    return open_session(run.config, delta_dir=run.best if delta is None else Path(delta))
+    config = run.config
+    if dense and config.model.quantize:
+        config = config.model_copy(update={"model": config.model.model_copy(update={"quantize": None})})
+    return open_session(config, delta_dir=run.best if delta is None else Path(delta))
