@@ -49,12 +49,13 @@ FAMILIES = {**arch_suite.ARCHITECTURES, **FAMILIES_EXTRA}
 ALL = [*FAMILIES, "mlp", "cnn"]
 QUANTIZABLE = [f for f in ALL if f != "cnn"]
 # one family per class of input, for the every-method matrix
-CLASSES = ["gpt2", "falcon", "t5", "bert", "gemma", "llama", "mlp"]
+CLASSES = ["gpt2", "falcon", "t5", "bert", "gemma", "mlp"]  # Llama-likes: test_quantize.py and the LoRA matrix
 
 # Stated tolerances of the base's logits against the fp32 model (tiny random models, one 2x8 batch): the largest
-# error relative to the largest logit, and the cosine similarity of the flattened logits. Measured maxima over
-# all families: int8 0.028 / 0.9996, int4 0.16 / 0.985, bf16 0.019 / 0.9998.
-TOLERANCE = {"int8": (0.05, 0.999), "int4": (0.25, 0.97), "bf16": (0.03, 0.9995)}
+# error relative to the largest logit, and the cosine similarity of the flattened logits. Measured worst cases over
+# all families (torch 2.13, torchao 0.18): int8 0.012 (qwen3) / 0.99996 (t5), int4 0.133 / 0.9924 (t5),
+# bf16 0.011 (roberta) / 0.99997 (t5).
+TOLERANCE = {"int8": (0.03, 0.9995), "int4": (0.2, 0.985), "bf16": (0.02, 0.9995)}
 
 DENSE_ONLY = {  # method -> the refusal on a quantized base (exact message start)
     "full": r"full trains the base weights, which cannot be quantized \(\d+ int8/int4 layers, e\.g\. ",
@@ -466,6 +467,7 @@ def test_a_quantized_run_resumes_exactly(gpt2_dir, quantized_run, tmp_path):
 NO_BF16, AMX = {"avx2", "fma"}, {"avx512f", "amx_bf16", "amx_tile"}
 
 
+@pytest.mark.slow
 def test_auto_on_a_cpu_without_bf16_is_exactly_the_fp32_path(gpt2_dir, tmp_path, monkeypatch):
     losses = {}
     for name, flags, dtype in (("forced", NO_BF16, "auto"), ("fp32", AMX, "fp32"), ("amx", AMX, "auto")):
@@ -481,6 +483,7 @@ def test_auto_on_a_cpu_without_bf16_is_exactly_the_fp32_path(gpt2_dir, tmp_path,
     assert losses["amx"] == pytest.approx(losses["fp32"], rel=0.03)  # bf16 compute, as on an AMX machine
 
 
+@pytest.mark.slow
 def test_a_bf16_run_of_a_classifier_with_ia3_evaluates_as_trained(tmp_path, monkeypatch):
     """IA3 vectors train fp32 on a bf16 base; reopened for eval they load fp32 again (not rounded to bf16)."""
     from tests.tiny import save_tiny_model_dir
