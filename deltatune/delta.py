@@ -413,9 +413,9 @@ class Delta(DeltaBase, ABC, Generic[C]):
             raise ConfigError(f"this {self.method} delta is already merged")
         if quantized := quantized_layers(self.model):
             raise ConfigError(f"cannot merge {self.method} into a quantized base ({len(quantized)} int8/int4 layers, "
-                              f"e.g. {quantized[0]}): save the delta, then load it onto a dequantized base (the model loaded without "
-                              "model.quantize, or deltatune.models.quantize.dequantize_base(model) before attaching) and "
-                              "merge there")
+                              f"e.g. {quantized[0]}): save the delta, then load it onto the base loaded without "
+                              "model.quantize (`deltatune merge RUN OUT` does this for a quantized run), or onto "
+                              "deltatune.models.quantize.dequantize_base(model) before attaching, and merge there")
         with torch.no_grad():
             self.merge_weights()
         self.merged = True

@@ -104,8 +104,8 @@ class RunConfig(Schema):
             self.multitask = self.multitask or MultiTaskConfig()
             check_run_tasks(self.tasks, self.multitask, self.delta)
         if self.model.quantize and (dense := [d for d in self.delta if d.needs_dense_base()]):
-            raise ValueError(f"model.quantize: {dense[0].method} {dense[0].needs_dense_base()}; remove "
-                             "model.quantize or use a method that leaves the base weights as they are (e.g. lora with init kaiming)")
+            raise ValueError(f"model.quantize: {dense[0].method} {dense[0].needs_dense_base()}; remove model.quantize "
+                             "or use a method that leaves the base weights as they are (e.g. lora with init kaiming)")
         if self.model.dtype in ("bf16", "bfloat16") and (trained := [d.method for d in self.delta if d.trains_base]):
             raise ValueError(f"model.dtype: bf16 stores a frozen base in bf16, but {trained[0]} trains the base's own "
                              "tensors (in fp32, next to bf16 weights they would not fit); use model.dtype: auto "

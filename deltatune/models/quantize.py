@@ -7,11 +7,13 @@ The kernels are torchao's CPU paths (an optional dependency: `pip install 'delta
           its stable int4 formats are CUDA/XPU only).
 A `QuantizedLinear` is an `nn.Linear` (so targeting, "all-linear" and LoRA/IA3/adapters see it as one) whose forward
 runs the quantized kernel. It replaces nn.Linear layers, subclasses of it that compute the same (e.g. Falcon's
-FalconLinear: checked on the layer's own input size), and GPT-2's Conv1D (weight stored (in, out): quantized
-transposed; `checkpoint_shape` keeps the stored shape for base fingerprints); its backward gives the input gradient from a transient dequantized copy of one layer's
-weight (the kernels have no derivative), so deltas before it still train. The weight itself never trains.
-The output head stays unquantized (as in QLoRA). Merging a delta needs real weights: merging on a quantized base is
-an error; load the saved delta onto a dequantized base (`dequantize_base`, or the base loaded unquantized) instead.
+FalconLinear: checked on a probe input) and GPT-2's Conv1D (weight stored (in, out): quantized transposed, its
+`checkpoint_shape` keeps the stored shape for base fingerprints). Its backward gives the input gradient from a
+transient dequantized copy of one layer's weight (the kernels have no derivative), so deltas before it still train.
+The weight itself never trains. Task heads (output embeddings, classifiers) stay unquantized, as in QLoRA.
+Merging a delta needs real weights: merging on a quantized base is an error; load the saved delta onto the base
+loaded unquantized (what `deltatune merge` / `export --format hf` do for a quantized run) or `dequantize_base`.
+Methods that train, mask or rewrite the base weights are refused on a quantized base (DeltaConfig.needs_dense_base).
 """
 
 from __future__ import annotations
