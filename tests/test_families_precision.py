@@ -323,6 +323,17 @@ def test_methods_needing_real_weights_are_refused_on_a_quantized_base(method, mo
     assert [(n, type(m)) for n, m in model.named_modules()] == tree  # nothing changed
 
 
+@pytest.mark.parametrize(("inner", "message"), [
+    ({"method": "full"}, r"per_task \(of full\) trains the base weights, which cannot be quantized \(13 int8/int4"),
+    ({"method": "mask"}, r"per_task \(of mask\) computes with the base weights themselves"),
+    ({"method": "lora", "init": "olora"}, r"per_task \(of lora\) init olora writes the residual W - BA"),
+])
+def test_per_task_copies_of_such_methods_are_refused_too(inner, message):
+    config = parse_delta_config({"method": "per_task", "tasks": ["a", "b"], "delta": inner})
+    with pytest.raises(ConfigError, match=message):
+        deltatune.attach(reduced("bert", "int8"), config)
+
+
 @pytest.mark.parametrize("method", [*FP32_ONLY])
 def test_methods_training_the_base_are_refused_on_a_bf16_base(method):
     with pytest.raises(ConfigError, match=FP32_ONLY[method]):
