@@ -67,7 +67,8 @@ class QuantizedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        return _QuantizedMatmul.apply(x.to(self.compute_dtype), self.weight, bias, self)
+        rows = x.reshape(-1, x.shape[-1]).to(self.compute_dtype)
+        return _QuantizedMatmul.apply(rows, self.weight, bias, self).view(*x.shape[:-1], self.out_features)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The weight as a dense (out, in) tensor in `compute_dtype`."""
@@ -107,9 +108,12 @@ class _QuantizedMatmul(torch.autograd.Function):
         ctx.layer = layer
         with torch.autocast(x.device.type, enabled=False):
             out = F.linear(x, layer.weight_for_matmul() if layer.unpack_to_multiply else weight, bias)
-        # torchao's kernels return a view for 3-d inputs; model code adding to the output in place (Falcon's
-        # `mlp_output += attention_output`) would then fail in autograd: a custom Function must return a base tensor
-        return out.clone() if out._is_view() else out
+        # torchao's kernels return a view of their result; returned from a custom Function, a view cannot be changed
+        # in place by the model (Falcon: `mlp_output += attention_output`): return the result itself
+        base = out._base
+        if base is None or (base.shape, base.stride()) == (out.shape, out.stride()):
+            return out if base is None else base
+        return out.clone()
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None, None]:
