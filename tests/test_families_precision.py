@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as T
+from peft import PeftModel
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -450,14 +451,17 @@ def test_a_quantized_run_exports_peft_and_merges_into_the_checkpoint_weights(qua
     peft_out, merged_out = tmp_path / "peft", tmp_path / "merged"
     cli(capsys, "export", str(quantized_run), str(peft_out), "--format", "peft")
     config = json.loads((peft_out / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and config["r"] == 4
+    assert (config["peft_type"], config["r"], config["fan_in_fan_out"]) == ("LORA", 4, True)  # GPT-2's Conv1D
     cli(capsys, "merge", str(quantized_run), str(merged_out))
     merged = T.AutoModelForCausalLM.from_pretrained(merged_out).float().eval()
     base = T.AutoModelForCausalLM.from_pretrained(gpt2_dir).float().eval()  # unquantized + the delta, unmerged
     deltatune.load(base, quantized_run / "best")
+    peft_model = PeftModel.from_pretrained(T.AutoModelForCausalLM.from_pretrained(gpt2_dir).float(), peft_out).eval()
     ids = torch.arange(3, 35).reshape(2, 16)
     with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=ids).logits, base(input_ids=ids).logits, atol=2e-2, rtol=2e-2)
+        expected = base(input_ids=ids).logits
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4)  # merged in fp32
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
     quantized = load_model(str(gpt2_dir), "causal_lm", dtype="fp32", quantize="int8")[0]
     with pytest.raises(ConfigError, match=r"cannot merge lora into a quantized base \(8 int8/int4 layers"):
         deltatune.load(quantized, quantized_run / "best").merge()  # the library's merge stays explicit

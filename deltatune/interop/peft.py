@@ -76,7 +76,9 @@ def wrapped_modules(delta: Delta) -> dict[str, nn.Module]:
 def tuner_fields(delta: Delta) -> dict[str, Any]:
     modules = wrapped_modules(delta)
     return {"target_modules": compact_names(modules, base_module_names(delta.model, modules)),
-            "fan_in_fan_out": any(isinstance(w.base_layer, Conv1D) for w in modules.values())}
+            # GPT-2 Conv1D layers, also when the run quantized them (QuantizedLinear.transposed)
+            "fan_in_fan_out": any(isinstance(w.base_layer, Conv1D) or getattr(w.base_layer, "transposed", False)
+                                  for w in modules.values())}
 
 
 def base_module_names(model: nn.Module, wrapped: dict[str, nn.Module]) -> list[str]:
