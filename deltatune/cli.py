@@ -438,7 +438,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise DeltaTuneError("nothing to generate: give --prompt TEXT or --prompts-file FILE")
     sampling = _sampling(args)
     generator = open_generator(run=args.run, model=args.model, delta=args.delta, template=args.template,
-                               attach=False, trust_remote_code=args.trust_remote_code)
+                               attach=False, merge=args.merge, trust_remote_code=args.trust_remote_code)
     chat = generator.use_chat(args.chat, records)
     options = dict(chat=chat, system=args.system, batch_size=args.batch_size)
     if args.compare_base:

@@ -27,6 +27,7 @@ from deltatune.arch import describe
 from deltatune.cli import main
 from deltatune.config import validate_config
 from deltatune.errors import ConfigError
+from deltatune.generation.generator import open_generator
 from deltatune.models.load import load_model
 from deltatune.models.precision import compute_in
 from deltatune.models.quantize import QuantizedLinear, dequantize_base, quantize_base, quantized_layers
@@ -444,6 +445,11 @@ def test_a_quantized_run_learns_and_reopens_for_eval_and_generate(quantized_run,
     assert f"{results['test']['loss']:.4f}" in printed  # the same quantized base as in training
     generated = cli(capsys, "generate", "--run", str(quantized_run), "--prompt", "hello", "--max-new-tokens", "4")
     assert generated.strip()
+    assert cli(capsys, "generate", "--run", str(quantized_run), "--prompt", "hello", "--max-new-tokens", "4",
+               "--merge").strip()
+    merged = open_generator(run=quantized_run, merge=True)  # merging loads the checkpoint's weights, unquantized
+    assert not quantized_layers(merged.model) and not any("lora" in n for n, _ in merged.model.named_modules())
+    assert len(quantized_layers(open_generator(run=quantized_run).model)) == 8
 
 
 def test_a_quantized_run_exports_peft_and_merges_into_the_checkpoint_weights(quantized_run, gpt2_dir, tmp_path,

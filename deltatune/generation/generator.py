@@ -144,7 +144,8 @@ def open_generator(*, run: str | Path | None = None, model: str | None = None,
 
     `template` (a shipped name, a .jinja file or inline jinja) replaces the saved chat template. `attach=False`
     leaves the delta unloaded (call `attach_delta` later, e.g. after generating with the base).
-    `trust_remote_code` allows code from the model folder (a run's config.yaml cannot).
+    `trust_remote_code` allows code from the model folder (a run's config.yaml cannot). `merge` (now, or later by
+    `attach_delta(merge=True)`) loads a quantized run's base unquantized.
     """
     from deltatune.models.load import load_model
     from deltatune.runs.run import Run
@@ -157,6 +158,8 @@ def open_generator(*, run: str | Path | None = None, model: str | None = None,
             raise ConfigError("--delta goes with --model; a --run already has its delta (best/)")
         trained = Run.open(run, trust_remote_code=trust_remote_code).causal_lm()
         model, options, saved = trained.config.model.path, trained.base_options(), trained.template
+        if merge:  # merging needs real weights: a quantized run's base as its checkpoint stores it
+            options["quantize"] = None
         deltas = {delta_name(trained.best): trained.best}
     else:
         options = dict(trust_remote_code=trust_remote_code)
