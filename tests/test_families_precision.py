@@ -334,6 +334,7 @@ def test_per_task_copies_of_such_methods_are_refused_too(inner, message):
     config = parse_delta_config({"method": "per_task", "tasks": ["a", "b"], "delta": inner})
     with pytest.raises(ConfigError, match=message):
         deltatune.attach(reduced("bert", "int8"), config)
+    assert config.trains_base is (inner["method"] == "full")  # model.dtype auto keeps such runs fp32
 
 
 @pytest.mark.parametrize("method", [*FP32_ONLY])

@@ -53,6 +53,10 @@ class PerTask(DeltaConfig):
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "delta": self.delta.to_dict(), "tasks": self.tasks}
 
+    @property
+    def trains_base(self) -> bool:  # type: ignore[override]
+        return self.delta.trains_base  # per_task copies of full train the base too (model.dtype auto: fp32)
+
     def needs_dense_base(self) -> str | None:
         reason = self.delta.needs_dense_base()  # each copy is the inner method
         return reason and f"(of {self.delta.method}) {reason}"
