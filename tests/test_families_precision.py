@@ -167,6 +167,13 @@ def test_reduced_base_logits_are_within_the_stated_tolerance(family, mode):
     assert [n for n, m in model.named_modules() if type(m) is nn.Linear and not in_head(n) and fits(m)] == []
 
 
+def test_quantizing_twice_is_refused():
+    model = reduced("falcon", "int8")
+    with pytest.raises(ConfigError, match=r"model\.quantize: FalconForCausalLM is already quantized \(8 int8/int4 "
+                                          r"layers, e\.g\. transformer\.h\.0\.self_attention\.query_key_value\)"):
+        quantize_base(model, "int4")
+
+
 def test_gpt2_conv1d_layers_are_quantized_and_dequantize_back_to_conv1d():
     model = reduced("gpt2", "int8")
     conv1d = [n for n, m in build("gpt2").named_modules() if isinstance(m, Conv1D)]

@@ -148,6 +148,9 @@ def quantize_base(model: nn.Module, mode: Quantize, dtype: torch.dtype | None = 
     in_features not a multiple of 32 or out_features not one of 16) stay as they are. The other floating-point
     tensors are converted to `dtype`. Returns how many layers were quantized."""
     configs = _torchao_configs()
+    if done := quantized_layers(model):
+        raise ConfigError(f"model.quantize: {type(model).__name__} is already quantized ({len(done)} int8/int4 layers, "
+                          f"e.g. {done[0]}); quantize a model once, as it is loaded")
     targets = _quantizable(model)
     if not targets:
         raise ConfigError(f"model.quantize: {type(model).__name__} has no linear layers (nn.Linear or GPT-2 Conv1D) "
