@@ -201,6 +201,21 @@ def test_falcon_linear_subclass_is_quantized_but_a_subclass_computing_otherwise_
     assert len(quantized_layers(model)) == 7  # 4 FalconLinear per layer, one left alone
 
 
+@pytest.mark.parametrize("variant", [{}, {"multi_query": False}, {"new_decoder_architecture": True,
+                                                                   "num_kv_heads": 2}])
+@pytest.mark.parametrize("method", ["prefix", "ptuning_v2"])
+def test_prefixes_fit_each_falcon_attention_variant(variant, method, tmp_path):
+    """Falcon caches 1 key/value head (multi-query, the default), every head (multi_query false, or the new
+    decoder architecture, whatever num_kv_heads says): the prefixes must have the cache's shape."""
+    torch.manual_seed(0)
+    config = T.AutoConfig.for_model("falcon", **{**arch_suite.SIZES, **FAMILIES["falcon"][2], **variant})
+    model = T.AutoModelForCausalLM.from_config(config).eval()
+    quantize_base(model, "int8", torch.float32)
+    delta = deltatune.attach(model, parse_delta_config({"method": method}))
+    before, after = train_steps(model, delta, batch_for("falcon"))
+    assert after < before
+
+
 @pytest.mark.parametrize(("in_features", "out_features", "group"), [
     (128, 64, 128), (192, 48, 64), (96, 32, 32), (48, 64, None), (64, 40, None), (64, 8, None)])
 def test_int4_takes_the_largest_group_that_divides_and_leaves_unfit_shapes_dense(in_features, out_features, group):

@@ -86,9 +86,9 @@ class Shape:
         # an encoder-decoder's prefixes go to its decoder's self-attention layers
         self.layers = len(attention_modules(model)) if is_encoder_decoder(model) else cfg.num_hidden_layers
         heads = cfg.num_attention_heads
-        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_kv_heads", None) or heads
-        if getattr(cfg, "multi_query", False) and not getattr(cfg, "new_decoder_architecture", True):
-            self.kv_heads = 1  # Falcon's multi-query attention: one key/value head
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        if getattr(cfg, "new_decoder_architecture", None) is False:  # Falcon: its cache holds every query head,
+            self.kv_heads = 1 if cfg.multi_query else cfg.num_kv_heads  # except with multi-query attention (one)
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         self.width = self.layers * 2 * self.kv_heads * self.head_dim
 
