@@ -352,11 +352,21 @@ class Delta(DeltaBase, ABC, Generic[C]):
         self._params = {names[id(p)]: p for p in owned}
         for p in owned:
             p.requires_grad_(True)
+        self._match_compute_dtype(owned)
         if not others:  # the first delta freezes the base's running statistics until the last one detaches
             self._stat_hooks = freeze_running_stats(self.model)
         others.append(self)
         self.attached = True
         return self
+
+    def _match_compute_dtype(self, owned: list[nn.Parameter]) -> None:
+        """A base held in bf16 but computing in fp32 (models/precision.hold_in_bf16) gets fp32 delta tensors, however
+        a method sized them (many take the dtype of the weight they extend)."""
+        if getattr(self.model, "deltatune_compute_dtype", None) != torch.float32:
+            return
+        for p in owned:
+            if p not in self._grad_flags and p.is_floating_point() and p.dtype != torch.float32:
+                p.data = p.data.float()
 
     def detach(self) -> None:
         stack = _ATTACHED.get(self.model, [])

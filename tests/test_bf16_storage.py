@@ -1,0 +1,151 @@
+"""A frozen base held in bf16 that computes in fp32 (model.dtype: bf16 + model.compute_dtype: fp32, the default
+on CPUs without native bf16 matmuls): logits, training, save/load, merge/export, generation, config errors."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import deltatune
+from deltatune.config import validate_config
+from deltatune.errors import ConfigError
+from deltatune.generation.generator import open_generator
+from deltatune.generation.prompts import PromptRecord
+from deltatune.generation.sampling import Sampling
+from deltatune.interop import export
+from deltatune.models.load import load_model
+from deltatune.models.precision import resolve_base_precision
+from deltatune.models.quantize import QuantizedLinear, quantized_layers
+from deltatune.runs.session import open_session, run_training
+from deltatune.train import compute
+from tests.test_precision import AMX, logits, run_config
+from tests.tiny import tiny_model
+from tests.tiny_lm import save_tiny_lm
+
+BF16, FP32 = torch.bfloat16, torch.float32
+# Stated tolerance: a bf16-held base computing in fp32 gives the logits of an fp32 model with the same (bf16-rounded)
+# weights up to fp32 rounding (the same matmuls on the same numbers: in practice bit-equal).
+SAME_WEIGHTS = dict(atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def bf16_dir(tmp_path_factory) -> Path:
+    """A tiny Llama whose checkpoint is stored in bf16 (as most released LLMs are)."""
+    folder = save_tiny_lm(tmp_path_factory.mktemp("lm") / "model")
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=BF16)
+    model.save_pretrained(folder)
+    return folder
+
+
+def dtypes(model: nn.Module) -> dict[str, torch.dtype]:
+    return {name: p.dtype for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize(("dtype", "compute", "trains_base", "native", "too_big", "expected"), [
+    ("auto", "auto", False, True, False, (BF16, BF16)),  # AMX / AVX512_BF16: bf16 matmuls
+    ("auto", "auto", False, False, False, (FP32, FP32)),  # AVX2, fits in RAM: fp32 as before
+    ("auto", "auto", False, False, True, (BF16, FP32)),  # AVX2, fp32 weights > half the RAM: bf16 storage
+    ("auto", "auto", True, False, True, (FP32, FP32)),  # full fine-tuning keeps an fp32 model
+    ("auto", "bf16", False, False, False, (BF16, BF16)),  # bf16 compute asked for (emulated here)
+    ("bf16", "auto", False, False, False, (BF16, FP32)),
+    ("bf16", "auto", False, True, False, (BF16, BF16)),
+    ("bf16", "auto", True, False, False, (BF16, BF16)),  # a trained base is not held frozen: autocast as before
+    ("bf16", "fp32", False, True, False, (BF16, FP32)),  # fp32 activations on a bf16 CPU
+    ("fp32", "auto", False, True, False, (FP32, FP32)),
+    ("fp32", "fp32", False, True, False, (FP32, FP32)),
+])
+def test_storage_and_compute_resolution(dtype, compute, trains_base, native, too_big, expected):
+    ram = 8 << 30
+    resolved = resolve_base_precision(dtype, compute, trains_base=trains_base, bf16_native=native,
+                                      fp32_bytes=lambda: (5 if too_big else 3) << 30, ram_bytes=ram)
+    assert resolved == expected
+
+
+@pytest.mark.parametrize(("model", "message"), [
+    ({"dtype": "fp32", "compute_dtype": "bf16"}, "model.compute_dtype: bf16 needs a bf16 base (model.dtype: bf16)"),
+    ({"dtype": "bf16", "compute_dtype": "fp32", "delta": {"method": "full"}},
+     "model.compute_dtype: fp32 with model.dtype: bf16 holds the base's Linear weights frozen in bf16, but a delta "
+     "trains the base's weights"),
+    ({"dtype": "bf16", "compute_dtype": "fp16"}, "model.compute_dtype"),
+])
+def test_impossible_precision_settings_are_config_errors(bf16_dir, tmp_path, model, message):
+    config = run_config(bf16_dir, tmp_path, delta=model.pop("delta", None), **model)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_config(config)
+
+
+def test_bf16_storage_logits_equal_fp32_on_the_same_weights(bf16_dir):
+    held, _ = load_model(str(bf16_dir), "causal_lm", dtype="bf16", compute_dtype="fp32")
+    reference, _ = load_model(str(bf16_dir), "causal_lm", dtype="fp32")
+    linears = [n for n, m in held.named_modules() if isinstance(m, QuantizedLinear)]
+    assert len(linears) == 7 * held.config.num_hidden_layers and quantized_layers(held) == []  # exact, not lossy
+    kinds = dtypes(held)
+    assert {kinds[f"{n}.weight"] for n in linears} == {BF16}
+    assert kinds["model.embed_tokens.weight"] == BF16  # untied: looked up in bf16, rows cast to fp32
+    assert kinds["lm_head.weight"] == FP32 and kinds["model.norm.weight"] == FP32
+    out = logits(held)
+    assert out.dtype == FP32
+    torch.testing.assert_close(out, logits(reference), **SAME_WEIGHTS)
+    stored = sum(p.nbytes for p in held.parameters())
+    assert stored < 0.75 * sum(p.nbytes for p in reference.parameters())
+
+
+def test_bf16_storage_input_gradient_equals_fp32():
+    reference = nn.Linear(64, 96).bfloat16().float()  # fp32 layer with bf16-representable weights
+    held = nn.Sequential(nn.Linear(64, 96))
+    held[0].load_state_dict(reference.state_dict())
+    deltatune.models.quantize.quantize_base(held, "bf16", FP32)
+    assert isinstance(held[0], QuantizedLinear) and held[0].weight.dtype == BF16
+    x = torch.randn(5, 64, requires_grad=True)
+    y = x.detach().clone().requires_grad_()
+    reference(x).square().sum().backward()
+    held(y).square().sum().backward()
+    torch.testing.assert_close(y.grad, x.grad, **SAME_WEIGHTS)
+    assert held[0].weight.grad is None  # the frozen weight gets no gradient
+
+
+def test_lora_trains_saves_merges_and_generates_on_a_bf16_held_base(bf16_dir, tmp_path):
+    config = validate_config(run_config(bf16_dir, tmp_path, dtype="bf16", compute_dtype="fp32"))
+    session, _ = run_training(config)
+    trained = {n: p.dtype for n, p in session.delta.trainable_parameters().items()}
+    assert set(trained.values()) == {FP32}  # the factors were sized from bf16 weights: attach made them fp32
+    assert any(isinstance(m, QuantizedLinear) for m in session.model.modules())
+    run = Path(config.output_dir)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [row["loss"] for row in rows if row["kind"] == "train"]
+    assert max(losses[-3:]) < losses[0] - 0.05
+    expected = logits(session.model)
+
+    reopened = open_session(config, run / "best")  # save/load: the saved delta on a fresh bf16-held base
+    torch.testing.assert_close(logits(reopened.model), expected, **SAME_WEIGHTS)
+
+    for dtype, tolerance in (("fp32", 2e-2), ("bf16", 5e-2)):  # merged into bf16 weights: bf16 rounding
+        out = export(run, tmp_path / f"merged-{dtype}", "hf", dtype=dtype)
+        merged = transformers.AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+        assert {p.dtype for p in merged.parameters()} == {dict(fp32=FP32, bf16=BF16)[dtype]}
+        torch.testing.assert_close(logits(merged.float()), expected, atol=tolerance, rtol=tolerance)
+
+    generator = open_generator(run=run)
+    text, = generator.complete([PromptRecord("t", text="hello")], Sampling(max_new_tokens=4))
+    assert isinstance(text, str)
+
+
+def test_forced_fp32_has_no_bf16_anywhere(monkeypatch, bf16_dir, tmp_path):
+    monkeypatch.setattr(compute, "cpu_flags", lambda: AMX)  # even where bf16 would be fast
+    session = open_session(validate_config(run_config(bf16_dir, tmp_path, dtype="fp32", compute_dtype="fp32")))
+    assert set(dtypes(session.model).values()) == {FP32}
+    assert not any(isinstance(m, QuantizedLinear) for m in session.model.modules())
+    assert compute.resolve_precision("auto", session.model) is None  # the loop adds no bf16 autocast either
+
+
+def test_a_model_without_linear_layers_cannot_be_held_in_bf16(tmp_path):
+    model = tiny_model("gpt2", head="lm")  # GPT-2's layers are Conv1D
+    with pytest.raises(ConfigError, match="model.dtype: bf16 with model.compute_dtype: fp32: GPT2LMHeadModel has no "
+                                          "nn.Linear layers besides its output head; use model.dtype: fp32"):
+        deltatune.models.quantize.quantize_base(model, "bf16", FP32)
