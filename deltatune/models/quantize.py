@@ -283,6 +283,11 @@ def _int4_layout_known() -> bool:
     return _LAYOUT_KNOWN[0]
 
 
+def held_in_bf16(model: nn.Module) -> bool:
+    """Whether `model` holds Linear weights in bf16 for fp32 compute (QuantizedLinear in storage format bf16)."""
+    return any(isinstance(m, QuantizedLinear) and m.mode == "bf16" for m in model.modules())
+
+
 def quantized_layers(model: nn.Module) -> list[str]:
     """Names of the int8 / int4 QuantizedLinear layers in `model` (not the bf16 ones: their weights are exact)."""
     return [name for name, m in model.named_modules() if isinstance(m, QuantizedLinear) and m.mode != "bf16"]
