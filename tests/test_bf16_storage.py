@@ -20,6 +20,7 @@ from deltatune.generation.prompts import PromptRecord
 from deltatune.generation.sampling import Sampling
 from deltatune.interop import export
 from deltatune.models.load import load_model
+from deltatune.models import precision
 from deltatune.models.precision import resolve_base_precision
 from deltatune.models.quantize import QuantizedLinear, quantized_layers
 from deltatune.runs.session import open_session, run_training
@@ -149,3 +150,15 @@ def test_a_model_without_linear_layers_cannot_be_held_in_bf16(tmp_path):
     with pytest.raises(ConfigError, match="model.dtype: bf16 with model.compute_dtype: fp32: GPT2LMHeadModel has no "
                                           "nn.Linear layers besides its output head; use model.dtype: fp32"):
         deltatune.models.quantize.quantize_base(model, "bf16", FP32)
+
+
+def test_auto_holds_a_model_too_large_for_fp32_in_bf16(monkeypatch, bf16_dir, tmp_path):
+    monkeypatch.setattr(compute, "cpu_flags", lambda: {"avx2", "fma"})
+    size = precision.stored_fp32_bytes(bf16_dir)
+    assert size == 4 * sum(p.numel() for p in transformers.AutoModelForCausalLM.from_pretrained(bf16_dir).parameters())
+    lora, full = (validate_config(run_config(bf16_dir, tmp_path, delta=d)) for d in (None, {"method": "full"}))
+    monkeypatch.setattr(precision, "_ram_bytes", lambda: 4 * size)  # fits: fp32 as before
+    assert lora.base_precision() == {"dtype": "fp32", "compute_dtype": "fp32"}
+    monkeypatch.setattr(precision, "_ram_bytes", lambda: 3 * size // 2)  # fp32 weights > half the RAM
+    assert lora.base_precision() == {"dtype": "bf16", "compute_dtype": "fp32"}
+    assert full.base_precision() == {"dtype": "fp32", "compute_dtype": "fp32"}  # full fine-tuning: fp32 or nothing
