@@ -85,7 +85,8 @@ def test_lora_on_a_bf16_base_trains_fp32_deltas_like_fp32(monkeypatch, lm_dir, t
 
 
 def test_bf16_base_logits_are_close_to_fp32(lm_dir, tmp_path):
-    models = {dtype: open_session(validate_config(run_config(lm_dir, tmp_path, dtype=dtype, compute_dtype=compute))).model
+    models = {dtype: open_session(validate_config(run_config(lm_dir, tmp_path, dtype=dtype,
+                                                             compute_dtype=compute))).model
               for dtype, compute in (("fp32", "auto"), ("bf16", "bf16"))}  # bf16 autocast (emulated on AVX2)
     assert base_dtypes(models["bf16"]) == {torch.bfloat16}
     reference, bf16 = logits(models["fp32"]), logits(models["bf16"])

@@ -43,8 +43,8 @@ class ModelConfig(Schema):
                       examples=["minilm"])
     dtype: BaseDtype = Field("auto", description="how the frozen base's weights are held: auto = bf16 when no delta "
                              "trains the base weights and the CPU has native bf16 matmuls, compute_dtype is bf16, or "
-                             "the fp32 weights would take over half the RAM; else fp32 (float32 / bfloat16: the same as "
-                             "fp32 / bf16); trainable tensors stay fp32")
+                             "the fp32 weights would take over half the RAM; else fp32 (float32 / bfloat16: the same "
+                             "as fp32 / bf16); trainable tensors stay fp32")
     compute_dtype: ComputeDtype = Field("auto", description="what a bf16 base's matmuls run in: auto = bf16 where the "
                                         "CPU has native bf16 matmuls, else fp32 (bf16 weights upcast layer by layer: "
                                         "half the memory at fp32 speed); bf16 elsewhere is emulated, 100x slower")

@@ -8,8 +8,9 @@ The kernels are torchao's CPU paths (an optional dependency: `pip install 'delta
 The same wrapper holds bf16 weights for fp32 compute (storage format "bf16", models/precision.py `hold_in_bf16`): no
 kernel, each matmul unpacks (upcasts) the layer's weight into the shared fp32 scratch buffer; it merges like a plain
 bf16 layer. A `QuantizedLinear` is an `nn.Linear` (so targeting, "all-linear" and LoRA/IA3/adapters see it as one)
-whose forward runs the quantized kernel (or the fp32 matmul of its unpacked weight); its backward gives the input gradient from a transient dequantized copy of one layer's
-weight (the kernels have no derivative), so deltas before it still train. The weight itself never trains.
+whose forward runs the quantized kernel (or the fp32 matmul of its unpacked weight); its backward gives the input
+gradient from a transient dequantized copy of one layer's weight (the kernels have no derivative), so deltas
+before it still train. The weight itself never trains.
 The output head stays unquantized (as in QLoRA). Merging a delta needs real weights: merging on a quantized base is
 an error; load the saved delta onto a dequantized base (`dequantize_base`, or the base loaded unquantized) instead.
 """
@@ -188,7 +189,8 @@ def _convert_unquantized(model: nn.Module, dtype: torch.dtype, checkpoint: _Chec
         table.register_forward_hook(partial(_cast_output, dtype=dtype))
 
 
-def _lookup_only_embeddings(model: nn.Module, dtype: torch.dtype, table_dtype: torch.dtype | None) -> nn.Embedding | None:
+def _lookup_only_embeddings(model: nn.Module, dtype: torch.dtype,
+                            table_dtype: torch.dtype | None) -> nn.Embedding | None:
     """The model's input nn.Embedding if it is not shared with the output head and `table_dtype` (default: its
     weight's) is narrower than `dtype`."""
     table = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
