@@ -143,6 +143,8 @@ def test_forced_fp32_has_no_bf16_anywhere(monkeypatch, bf16_dir, tmp_path):
     assert set(dtypes(session.model).values()) == {FP32}
     assert not any(isinstance(m, QuantizedLinear) for m in session.model.modules())
     assert compute.resolve_precision("auto", session.model) is None  # the loop adds no bf16 autocast either
+    auto = open_session(validate_config(run_config(bf16_dir, tmp_path, dtype="fp32", delta={"method": "full"})))
+    assert compute.resolve_precision("auto", auto.model) is torch.bfloat16  # not asked for: bf16 autocast as before
 
 
 def test_a_model_without_linear_layers_cannot_be_held_in_bf16(tmp_path):
@@ -158,7 +160,7 @@ def test_auto_holds_a_model_too_large_for_fp32_in_bf16(monkeypatch, bf16_dir, tm
     assert size == 4 * sum(p.numel() for p in transformers.AutoModelForCausalLM.from_pretrained(bf16_dir).parameters())
     lora, full = (validate_config(run_config(bf16_dir, tmp_path, delta=d)) for d in (None, {"method": "full"}))
     monkeypatch.setattr(precision, "_ram_bytes", lambda: 4 * size)  # fits: fp32 as before
-    assert lora.base_precision() == {"dtype": "fp32", "compute_dtype": "fp32"}
+    assert lora.base_precision() == {"dtype": "fp32", "compute_dtype": "auto"}
     monkeypatch.setattr(precision, "_ram_bytes", lambda: 3 * size // 2)  # fp32 weights > half the RAM
     assert lora.base_precision() == {"dtype": "bf16", "compute_dtype": "fp32"}
-    assert full.base_precision() == {"dtype": "fp32", "compute_dtype": "fp32"}  # full fine-tuning: fp32 or nothing
+    assert full.base_precision() == {"dtype": "fp32", "compute_dtype": "auto"}  # full fine-tuning: fp32 or nothing

@@ -130,13 +130,16 @@ class RunConfig(Schema):
 
     def base_precision(self) -> dict[str, str]:
         """How the base loads: `load_model`'s dtype and compute_dtype names (fp32 / bf16 / ...), `auto` resolved for
-        this CPU and model; ConfigError for a combination that cannot work."""
+        this CPU and model (an fp32 base keeps the setting: fp32 asked for also keeps train.precision auto at fp32);
+        ConfigError for a combination that cannot work."""
         from deltatune.models.assets import resolve_model_path
         from deltatune.models.precision import DTYPE_NAMES, resolve_base_precision, stored_fp32_bytes
 
-        dtypes = resolve_base_precision(self.model.dtype, self.model.compute_dtype, trains_base=self.trains_base,
-                                        fp32_bytes=lambda: stored_fp32_bytes(resolve_model_path(self.model.path)))
-        return dict(zip(("dtype", "compute_dtype"), (DTYPE_NAMES[d] for d in dtypes)))
+        storage, compute = resolve_base_precision(
+            self.model.dtype, self.model.compute_dtype, trains_base=self.trains_base,
+            fp32_bytes=lambda: stored_fp32_bytes(resolve_model_path(self.model.path)))
+        dtype = DTYPE_NAMES[storage]
+        return {"dtype": dtype, "compute_dtype": DTYPE_NAMES[compute] if dtype == "bf16" else self.model.compute_dtype}
 
     @property
     def task(self) -> str:
