@@ -164,3 +164,15 @@ def test_auto_holds_a_model_too_large_for_fp32_in_bf16(monkeypatch, bf16_dir, tm
     monkeypatch.setattr(precision, "_ram_bytes", lambda: 3 * size // 2)  # fp32 weights > half the RAM
     assert lora.base_precision() == {"dtype": "bf16", "compute_dtype": "fp32"}
     assert full.base_precision() == {"dtype": "fp32", "compute_dtype": "auto"}  # full fine-tuning: fp32 or nothing
+
+
+def test_pissa_rewrites_bf16_held_weights_and_detach_restores_them(bf16_dir):
+    held, _ = load_model(str(bf16_dir), "causal_lm", dtype="bf16", compute_dtype="fp32")
+    original = {n: p.clone() for n, p in held.state_dict().items()}
+    before = logits(held)
+    delta = deltatune.attach(held, deltatune.LoRA(r=4, targets="all-linear", init="pissa"))
+    assert {p.dtype for p in delta.trainable_parameters().values()} == {FP32}
+    assert held.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == BF16  # the residual, held in bf16
+    torch.testing.assert_close(logits(held), before, atol=0.05, rtol=0.05)  # residual rounded to bf16 once
+    delta.detach()
+    assert all(torch.equal(original[n], p) for n, p in held.state_dict().items())
