@@ -361,10 +361,11 @@ class Delta(DeltaBase, ABC, Generic[C]):
 
     def _match_compute_dtype(self, owned: list[nn.Parameter]) -> None:
         """A base held in bf16 but computing in fp32 (models/precision.hold_in_bf16) gets fp32 delta tensors, however
-        a method sized them (many take the dtype of the weight they extend)."""
+        a method sized them (many take the dtype of the weight they extend): the trained ones and the frozen ones
+        of the modules it swapped in (e.g. fusion's adapters), never the base's own."""
         if getattr(self.model, "deltatune_compute_dtype", None) != torch.float32:
             return
-        for p in owned:
+        for p in {*owned, *(p for *_, new in self._swaps for p in new.parameters())}:
             if p not in self._grad_flags and p.is_floating_point() and p.dtype != torch.float32:
                 p.data = p.data.float()
 

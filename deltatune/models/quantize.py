@@ -55,7 +55,7 @@ class QuantizedLinear(nn.Linear):
         self.mode = mode
         self.compute_dtype = compute_dtype or weight.dtype
         self.weight = nn.Parameter(weight, requires_grad=False)
-        self.bias = linear.bias
+        self.register_parameter("bias", linear.bias)  # registered when None too (bitfit adds a missing bias)
         # torch's CPU int4 kernel is fast for bf16 activations only: with fp32 ones it ran 85x slower than an fp32
         # matmul (AVX2, 512x576 @ 576x1536); unpacking the layer's weight first and multiplying in fp32 costs 1.3x.
         self.unpack_to_multiply = mode in ("int4", "bf16") and self.compute_dtype == torch.float32
