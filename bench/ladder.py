@@ -41,10 +41,7 @@ def worker(spec: dict) -> dict:
 
     quantize = spec["base"] if spec["base"] in ("int8", "int4") else None
     dtype = "auto" if quantize else spec["base"]
-    from deltatune.models.precision import DTYPE_NAMES, resolve_base_dtype
-
-    model, _ = load_model(spec["path"], "causal_lm", dtype=DTYPE_NAMES[resolve_base_dtype(dtype, trains_base=False)],
-                          quantize=quantize)
+    model, _ = load_model(spec["path"], "causal_lm", dtype=dtype, quantize=quantize)  # bf16: fp32 compute here
     linear = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
     config = model.config
     flops = 4 * linear + 12 * config.num_hidden_layers * config.hidden_size * spec["length"]

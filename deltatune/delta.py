@@ -26,7 +26,7 @@ from deltatune.errors import CheckpointError, ConfigError, TargetError
 from deltatune.fingerprint import Fingerprint, check_finite, check_same_base, fingerprint
 from deltatune.registry import method_of, methods, parse_delta_config
 from deltatune.safety import inside
-from deltatune.models.quantize import quantized_layers
+from deltatune.models.quantize import QuantizedLinear, quantized_layers
 from deltatune.schema import Schema
 from deltatune.targeting import check_not_taken
 
@@ -361,6 +361,7 @@ class Delta(DeltaBase, ABC, Generic[C]):
             owned = self.build()
             if not owned:
                 raise TargetError(f"{self.method}: the config selects nothing to train in {type(self.model).__name__}")
+            self._check_held_weights(owned)
             if clash := [p for p in owned if p in owned_by_others]:
                 raise ConfigError(f"{self.method} would train {len(clash)} tensors another attached delta "
                                   "already owns: these methods cannot be combined on the same modules")
@@ -372,6 +373,7 @@ class Delta(DeltaBase, ABC, Generic[C]):
         self._params = {names[id(p)]: p for p in owned}
         for p in owned:
             p.requires_grad_(True)
+        self._match_compute_dtype(owned)
         if not others:  # the first delta freezes the base's running statistics until the last one detaches
             self._stat_hooks = freeze_running_stats(self.model)
         others.append(self)
@@ -389,6 +391,24 @@ class Delta(DeltaBase, ABC, Generic[C]):
         if self.config.trains_base and compute != torch.float32:
             raise ConfigError(f"{self.method} trains the base's own tensors (in fp32), but this base computes in "
                               f"{compute} (model.dtype): load it in fp32 (model.dtype: auto or fp32)")
+
+    def _check_held_weights(self, owned: list[nn.Parameter]) -> None:
+        """A QuantizedLinear's weight (int8 / int4 / bf16-held) has no gradient: no delta may train it."""
+        held = {id(m.weight): n for n, m in self.model.named_modules() if isinstance(m, QuantizedLinear)}
+        if names := [held[id(p)] for p in owned if id(p) in held]:
+            raise ConfigError(f"{self.method} would train the weights of {len(names)} layers held frozen in "
+                              f"{self.model.get_submodule(names[0]).mode} (e.g. {names[0]}): load the base in fp32 "
+                              "(model.dtype: fp32, no model.quantize) to train its weights")
+
+    def _match_compute_dtype(self, owned: list[nn.Parameter]) -> None:
+        """A base held in bf16 but computing in fp32 (models/precision.hold_in_bf16) gets fp32 delta tensors, however
+        a method sized them (many take the dtype of the weight they extend): the trained ones and the frozen ones
+        of the modules it swapped in (e.g. fusion's adapters), never the base's own."""
+        if getattr(self.model, "deltatune_compute_dtype", None) != torch.float32:
+            return
+        for p in {*owned, *(p for *_, new in self._swaps for p in new.parameters())}:
+            if p not in self._grad_flags and p.is_floating_point() and p.dtype != torch.float32:
+                p.data = p.data.float()
 
     def detach(self) -> None:
         stack = _ATTACHED.get(self.model, [])

@@ -192,8 +192,9 @@ def test_a_run_loads_its_base_model_with_the_run_settings(run, tmp_path, monkeyp
     open_generator(run=trusted, attach=False, trust_remote_code=True)
     open_generator(run=run, attach=False)
     open_generator(model=config["model"]["path"], attach=False)
-    assert seen == [{"dtype": "fp32", "quantize": None, "trust_remote_code": True},
-                    {"dtype": "fp32", "quantize": None, "trust_remote_code": False}, {"trust_remote_code": False}]
+    run_settings = {"dtype": "fp32", "compute_dtype": "auto", "quantize": None}
+    assert seen == [{**run_settings, "trust_remote_code": True}, {**run_settings, "trust_remote_code": False},
+                    {"trust_remote_code": False}]
 
 
 def test_batch_size_below_one_is_an_error(lm_dir):

@@ -61,7 +61,8 @@ def test_a_run_is_read_once_config_delta_template_and_results(lm_run, lm_dir):
     assert run.checkpoints.is_dir()
     assert run.template == CHATML == (lm_run / "best" / "chat_template.jinja").read_text()
     assert run.results["steps"] == 2 and run.results["metric"] == "loss"
-    assert run.base_options() == {"dtype": "fp32", "quantize": None, "trust_remote_code": False}
+    assert run.base_options() == {"dtype": "fp32", "compute_dtype": "auto", "quantize": None,
+                                  "trust_remote_code": False}
     assert run.causal_lm() is run
     assert Run.open(lm_run, ["train.seed=7"]).config.train.seed == 7
 

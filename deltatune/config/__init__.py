@@ -19,7 +19,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from deltatune.data import DataConfig
 from deltatune.delta import DeltaConfig
 from deltatune.errors import ConfigError
-from deltatune.models.precision import BaseDtype
+from deltatune.models.precision import BaseDtype, ComputeDtype
 from deltatune.models.quantize import Quantize
 from deltatune.generation.config import GenerationEval
 from deltatune.registry import parse_delta_config
@@ -41,9 +41,13 @@ class ModelConfig(Schema):
 
     path: str = Field(description="a local Hugging Face model folder or a packaged alias (`deltatune models`)",
                       examples=["minilm"])
-    dtype: BaseDtype = Field("auto", description="the frozen base's dtype: auto = bf16 where the CPU has native bf16 "
-                             "matmuls and no delta trains the base weights, else fp32 (float32 / bfloat16: the same as "
-                             "fp32 / bf16); trainable tensors stay fp32")
+    dtype: BaseDtype = Field("auto", description="how the frozen base's weights are held: auto = bf16 when no delta "
+                             "trains the base weights and the CPU has native bf16 matmuls, compute_dtype is bf16, or "
+                             "the fp32 weights would take over half the RAM; else fp32 (float32 / bfloat16: the same "
+                             "as fp32 / bf16); trainable tensors stay fp32")
+    compute_dtype: ComputeDtype = Field("auto", description="what a bf16 base's matmuls run in: auto = bf16 where the "
+                                        "CPU has native bf16 matmuls, else fp32 (bf16 weights upcast layer by layer: "
+                                        "half the memory at fp32 speed); bf16 elsewhere is emulated, 100x slower")
     quantize: Quantize | None = Field(None, description="weight-only int8 / int4 quantization of the base's Linear "
                                       "layers (QLoRA-style; needs torchao: pip install 'deltatune[quantize]')")
     trust_remote_code: bool = Field(False, description="run the model folder's own Python code: only together with "
@@ -110,18 +114,36 @@ class RunConfig(Schema):
             raise ValueError(f"model.dtype: bf16 stores a frozen base in bf16, but {trained[0]} trains the base's own "
                              "tensors (in fp32, next to bf16 weights they would not fit); use model.dtype: auto "
                              "(fp32 for this method) or fp32")
+        self._check_precision()
         return self
+
+    def _check_precision(self) -> None:
+        """model.dtype with model.compute_dtype: combinations that fail on every CPU are refused here."""
+        from deltatune.models.precision import resolve_base_precision
+
+        try:  # native bf16 assumed: what is refused there is refused everywhere
+            resolve_base_precision(self.model.dtype, self.model.compute_dtype, trains_base=self.trains_base,
+                                   bf16_native=True)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
 
     @property
     def trains_base(self) -> bool:
         """Whether a delta trains the base model's own weights (then `model.dtype: auto` keeps fp32)."""
         return any(d.trains_base for d in self.delta)
 
-    def base_dtype(self) -> str:
-        """The dtype name (fp32 / bf16 / ...) the base loads in: `model.dtype`, with `auto` resolved for this CPU."""
-        from deltatune.models.precision import DTYPE_NAMES, resolve_base_dtype
+    def base_precision(self) -> dict[str, str]:
+        """How the base loads: `load_model`'s dtype and compute_dtype names (fp32 / bf16 / ...), `auto` resolved for
+        this CPU and model (an fp32 base keeps the setting: fp32 asked for also keeps train.precision auto at fp32);
+        ConfigError for a combination that cannot work."""
+        from deltatune.models.assets import resolve_model_path
+        from deltatune.models.precision import DTYPE_NAMES, resolve_base_precision, stored_fp32_bytes
 
-        return DTYPE_NAMES[resolve_base_dtype(self.model.dtype, trains_base=self.trains_base)]
+        storage, compute = resolve_base_precision(
+            self.model.dtype, self.model.compute_dtype, trains_base=self.trains_base,
+            fp32_bytes=lambda: stored_fp32_bytes(resolve_model_path(self.model.path)))
+        dtype = DTYPE_NAMES[storage]
+        return {"dtype": dtype, "compute_dtype": DTYPE_NAMES[compute] if dtype == "bf16" else self.model.compute_dtype}
 
     @property
     def task(self) -> str:

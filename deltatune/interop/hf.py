@@ -11,6 +11,7 @@ import torch
 from deltatune import storage
 from deltatune.delta import DeltaBase
 from deltatune.errors import ConfigError
+from deltatune.models.quantize import held_in_bf16, quantized_layers
 from deltatune.registry import methods
 
 
@@ -20,9 +21,14 @@ TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.flo
 def export_merged(delta: DeltaBase, tokenizer: Any, out: str | Path, *, dtype: str | None = None) -> Path:
     """Merge `delta` into the model it is attached to and write the model (and `tokenizer`) to `out`, atomically.
 
-    `dtype` (fp32, bf16, fp16) casts the merged weights; default: the dtype the base was loaded in."""
+    `dtype` (fp32, bf16, fp16) casts the merged weights; default: the dtype the base was loaded in (bf16 for a base
+    held in bf16 that computed in fp32). For fp32 a 16-bit base is cast up before merging, so the merged weights
+    carry the whole update (no bf16 rounding)."""
     if tokenizer is None:
         raise ConfigError("the base model folder has no tokenizer to save with the merged model")
+    dtype = dtype or ("bf16" if held_in_bf16(delta.model) else None)
+    if dtype == "fp32" and not quantized_layers(delta.model):
+        delta.model.float()
     model = merged_model(delta)
     if dtype is not None:
         model.to(TORCH_DTYPES[dtype])

@@ -34,7 +34,7 @@ from transformers.pytorch_utils import Conv1D
 
 from deltatune.delta import Delta, DeltaConfig, exchange_storage
 from deltatune.errors import ConfigError, TargetError
-from deltatune.models.quantize import QuantizedLinear
+from deltatune.models.quantize import QuantizedLinear, quantized_layers
 from deltatune.registry import register
 from deltatune.schema import MAX_SCALE, MAX_WIDTH, NonEmptyPatterns, Patterns
 from deltatune.targeting import MergeableWrapper, find_modules
@@ -97,8 +97,8 @@ class LinearKind:
         return base.in_features, base.out_features
 
     def make(self, base: nn.Module, r: int) -> tuple[nn.Module, nn.Module]:
-        n_in, n_out = self.sizes(base)
-        like = dict(device=base.weight.device, dtype=base.weight.dtype)
+        n_in, n_out = self.sizes(base)  # a QuantizedLinear computes in compute_dtype (fp32 over bf16-held weights)
+        like = dict(device=base.weight.device, dtype=getattr(base, "compute_dtype", base.weight.dtype))
         return nn.Linear(n_in, r, bias=False, **like), nn.Linear(r, n_out, bias=False, **like)
 
     def init(self, a: nn.Module, b: nn.Module, how: str) -> None:
@@ -397,10 +397,11 @@ class LoRADelta(Delta[LoRA]):
         return find_modules(self.model, cfg.targets, tuple(KINDS), cfg.layers, cfg.exclude)
 
     def _check_residual(self, init: str, found: dict[str, nn.Module], kinds: dict[str, LinearKind]) -> None:
-        """A base-changing init needs plain float Linear / Conv1D weights that no other module shares."""
+        """A base-changing init needs float Linear / Conv1D weights (bf16-held ones too) that no other module shares."""
         shared = Counter(id(p) for _, p in self.model.named_parameters(remove_duplicate=False))
+        quantized = set(quantized_layers(self.model))
         for name, module in found.items():
-            if type(kinds[name]) not in (LinearKind, Conv1DKind) or isinstance(module, QuantizedLinear):
+            if type(kinds[name]) not in (LinearKind, Conv1DKind) or name in quantized:
                 raise TargetError(f"init {init} supports Linear and GPT-2 Conv1D layers with float weights; {name!r} "
                                   f"is a {type(module).__name__}: exclude it, or use init kaiming or gaussian")
             if shared[id(module.weight)] > 1:

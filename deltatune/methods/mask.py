@@ -59,7 +59,7 @@ class Mask(DeltaConfig):
 
 
 def _linear(base: nn.Linear, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, weight, base.bias)
+    return F.linear(x, weight.to(x.dtype), base.bias)  # a bf16-held layer (quantize.QuantizedLinear) gets fp32 x
 
 
 def _conv1d(base: Conv1D, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

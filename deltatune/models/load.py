@@ -27,7 +27,7 @@ from transformers import (
 from deltatune.arch import describe
 from deltatune.models.assets import resolve_model_path
 from deltatune.errors import CheckpointError, ConfigError, DeltaTuneError
-from deltatune.models.precision import DTYPES, compute_in
+from deltatune.models.precision import DTYPES, compute_in, hold_in_bf16, resolve_base_precision, stored_fp32_bytes
 from deltatune.models.quantize import Quantize, quantize_base
 from deltatune.safety import check_model_folder
 
@@ -79,17 +79,21 @@ class Pretrained:
         known = [n for n in limits if isinstance(n, int) and 0 < n < UNLIMITED]
         return min(known) if known else None
 
-    def load(self, task: str, num_labels: int | None = None, *, dtype: str = "float32",
+    def load(self, task: str, num_labels: int | None = None, *, dtype: str = "float32", compute_dtype: str = "auto",
              quantize: Quantize | None = None, id2label: dict[int, str] | None = None,
              tokenizer: PreTrainedTokenizerBase | None = None) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
         """`(model, tokenizer)` as `load_model` describes; `tokenizer`: the folder's tokenizer, already loaded."""
         if task not in TASKS:
             raise ConfigError(f"unknown task {task!r}; allowed tasks: {', '.join(TASKS)}")
-        if dtype not in DTYPES:
-            raise ConfigError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
-        # quantized: read the weights as stored (memory-mapped, no copy), quantize / convert them layer by layer
+        for name, value in (("dtype", dtype), ("compute_dtype", compute_dtype)):
+            if value not in DTYPES and value != "auto":
+                raise ConfigError(f"unknown {name} {value!r}; allowed: auto, {', '.join(DTYPES)}")
+        storage, compute = resolve_base_precision(dtype, compute_dtype, trains_base=False,
+                                                  fp32_bytes=lambda: stored_fp32_bytes(self.folder))
+        bf16_storage = storage == torch.bfloat16 and compute == torch.float32 and not quantize
+        # quantized / bf16 storage: read the weights as stored (memory-mapped, no copy), convert them layer by layer
         head = _head_kwargs(task, num_labels, id2label)
-        kwargs = {"dtype": "auto" if quantize else DTYPES[dtype], **head}
+        kwargs = {"dtype": "auto" if quantize or bf16_storage else storage, **head}
         auto = TASKS[task]
         if task == "causal_lm" and self.is_encoder_decoder:
             auto = AutoModelForSeq2SeqLM  # text generation by an encoder-decoder (T5, BART): prompt in, response out
@@ -100,26 +104,31 @@ class Pretrained:
         model.deltatune_new_weights = _new_weights(model, info, self.folder)
         _check_tokenizer_fits(model, tokenizer, self.folder)
         if quantize:  # before anything reads all weights: the pages of the checkpoint leave RSS layer by layer
-            quantize_base(model, quantize, DTYPES[dtype])
+            quantize_base(model, quantize, compute)
+        elif bf16_storage:
+            hold_in_bf16(model)
         if task == "causal_lm" and auto is not AutoModelForSeq2SeqLM:  # an encoder-decoder's decoder is causal
             _check_causal(model, self.folder)
-        compute_in(model, DTYPES[dtype])
+        compute_in(model, compute)
+        if compute_dtype == "fp32":  # asked for: no bf16 anywhere, the loop's train.precision: auto included
+            model.deltatune_compute_dtype = torch.float32
         _ensure_pad_token(model, tokenizer)
         return model, tokenizer
 
 
 def load_model(path: str, task: str, num_labels: int | None = None, *, dtype: str = "float32",
-               quantize: Quantize | None = None, trust_remote_code: bool = False,
+               compute_dtype: str = "auto", quantize: Quantize | None = None, trust_remote_code: bool = False,
                id2label: dict[int, str] | None = None) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """Load `(model, tokenizer)` for `task`; the tokenizer always gets a pad token when it has eos or unk.
 
-    The weights are read from the memory-mapped safetensors files straight into `dtype` (no full fp32 copy); a
-    reduced-precision model computes under autocast (precision.compute_in); `quantize` makes its Linear layers
-    (the output head excepted) weight-only int8 / int4 (quantize.py).
+    The weights are read from the memory-mapped safetensors files straight into `dtype` (no full fp32 copy). A bf16
+    model computes in `compute_dtype` (auto: bf16 where the CPU multiplies bf16 natively, else fp32; precision.py):
+    bf16 under autocast (precision.compute_in), fp32 from bf16-held Linear weights (precision.hold_in_bf16);
+    `quantize` makes its Linear layers (the output head excepted) weight-only int8 / int4 (quantize.py).
     `model.deltatune_new_weights` lists the parameters that were freshly initialised (e.g. a new task head).
     """
-    return Pretrained.open(path, trust_remote_code=trust_remote_code).load(task, num_labels, dtype=dtype,
-                                                                             quantize=quantize, id2label=id2label)
+    return Pretrained.open(path, trust_remote_code=trust_remote_code).load(
+        task, num_labels, dtype=dtype, compute_dtype=compute_dtype, quantize=quantize, id2label=id2label)
 
 
 def _head_kwargs(task: str, num_labels: int | None, id2label: dict[int, str] | None) -> dict[str, Any]:

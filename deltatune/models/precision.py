@@ -1,33 +1,113 @@
-"""The frozen base's dtype (`model.dtype: auto | bf16 | fp32`) and fp32 master weights for what trains.
+"""The frozen base's precision: how its weights are held (`model.dtype: auto | bf16 | fp32`) and what its matmuls
+run in (`model.compute_dtype: auto | bf16 | fp32`); fp32 master weights for what trains.
 
-A bf16 base halves the base's memory and needs no per-step weight cast: its matmuls run in bf16 as stored. The
-delta's tensors (and so the optimizer's states) stay fp32. The two meet under bf16 autocast, which the model's
-forward enters by itself (`compute_in`), so training, evaluation, generation and merging all work unchanged.
-`auto` picks bf16 only where the CPU multiplies bf16 natively (AVX512_BF16 / AMX, train/compute.py) and no delta
-trains the base's own weights (full fine-tuning keeps an fp32 model); elsewhere it is fp32, as before.
+Three ways to hold a base:
+  * fp32 storage, fp32 compute: the reference; 4 bytes a parameter.
+  * bf16 storage, bf16 compute: half the memory and no per-step weight cast; the forward runs under bf16 autocast
+    (`compute_in`), so the fp32 delta tensors meet bf16 base weights. Fast only where the CPU multiplies bf16
+    natively (AVX512_BF16 / AMX): elsewhere torch emulates bf16 matmuls, 100-300x slower than fp32 (bench/README.md).
+  * bf16 storage, fp32 compute: half the memory on any CPU. The base's Linear layers keep bf16 weights and each
+    matmul (forward, and the input gradient in backward) runs in fp32 from the layer's weight upcast into one
+    scratch buffer the model's layers share (`quantize.QuantizedLinear` in its "bf16" storage format; the output
+    head and norms stay fp32, an untied input embedding table stays bf16 with its rows cast on lookup).
+`compute_dtype: auto` = bf16 where the CPU has native bf16 matmuls, else fp32. `dtype: auto` = bf16 when no delta
+trains the base's own weights and either the CPU multiplies bf16 natively, `compute_dtype: bf16` asks for it, or
+the fp32 weights would take more than half of the machine's RAM (`FP32_RAM_SHARE`); else fp32. The delta's tensors
+(and so the optimizer's states) stay fp32 in every mode.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from deltatune.errors import ConfigError
+from deltatune.models.quantize import quantize_base
 from deltatune.train.compute import cpu_has_bf16
 
 BaseDtype = Literal["auto", "bf16", "fp32", "float32", "bfloat16"]  # float32 / bfloat16: the older spellings
+ComputeDtype = Literal["auto", "bf16", "fp32"]
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "float16"}
+FP32_RAM_SHARE = 0.5  # dtype auto holds the base in bf16 when its fp32 weights would take more of the RAM than this
 
 
-def resolve_base_dtype(setting: str, *, trains_base: bool, bf16_native: bool | None = None) -> torch.dtype:
-    """The dtype to load the base in. `bf16_native` defaults to this CPU's answer (`cpu_has_bf16`)."""
-    if setting != "auto":
-        return DTYPES[setting]
+def resolve_base_precision(dtype: str, compute: str = "auto", *, trains_base: bool, bf16_native: bool | None = None,
+                           fp32_bytes: Callable[[], int | None] | None = None,
+                           ram_bytes: int | None = None) -> tuple[torch.dtype, torch.dtype]:
+    """(storage, compute) dtypes of the base for `model.dtype` / `model.compute_dtype`; `bf16_native` defaults to
+    this CPU's answer (`cpu_has_bf16`), `ram_bytes` to its RAM; `fp32_bytes()` gives the base's fp32 size (only
+    asked when `dtype` is auto on a CPU without native bf16). ConfigError for a combination that cannot work."""
     native = cpu_has_bf16() if bf16_native is None else bf16_native
-    return torch.bfloat16 if native and not trains_base else torch.float32
+    if dtype == "auto":
+        wanted = native or compute == "bf16" or _too_big(fp32_bytes, ram_bytes)
+        storage = torch.bfloat16 if wanted and not trains_base else torch.float32
+    else:
+        storage = DTYPES[dtype]
+    if storage == torch.float32 and compute == "bf16":
+        raise ConfigError("model.compute_dtype: bf16 needs a bf16 base (model.dtype: bf16); an fp32 base computes "
+                          "in bf16 through train.precision: bf16")
+    if storage != torch.bfloat16:
+        return storage, storage
+    if trains_base:
+        raise ConfigError("model.dtype: bf16 stores a frozen base in bf16, but a delta trains the base's own tensors: "
+                          "use model.dtype: auto (fp32 for such a delta) or fp32")
+    return storage, DTYPES[compute] if compute != "auto" else (torch.bfloat16 if native else torch.float32)
+
+
+def _too_big(fp32_bytes: Callable[[], int | None] | None, ram_bytes: int | None) -> bool:
+    size = fp32_bytes() if fp32_bytes is not None else None
+    ram = ram_bytes if ram_bytes is not None else _ram_bytes()
+    return size is not None and ram is not None and size > FP32_RAM_SHARE * ram
+
+
+def _ram_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def stored_fp32_bytes(folder: str | Path) -> int | None:
+    """4 bytes for every floating-point weight in the *.safetensors files of `folder` (from their headers; None when
+    there are none or one cannot be read)."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    total = 0
+    try:
+        for file in files:
+            with safe_open(file, framework="pt") as weights:
+                for name in weights.keys():
+                    part = weights.get_slice(name)
+                    if part.get_dtype() in ("F32", "F16", "BF16", "F64"):
+                        total += 4 * _numel(part.get_shape())
+    except (OSError, SafetensorError):
+        return None
+    return total or None
+
+
+def _numel(shape: list[int]) -> int:
+    count = 1
+    for n in shape:
+        count *= n
+    return count
+
+
+def hold_in_bf16(model: nn.Module) -> int:
+    """bf16 storage with fp32 compute, in place: the Linear layers (the output head excepted) keep bf16 weights and
+    multiply in fp32 from a shared scratch buffer; everything else is fp32 but an untied input embedding table
+    (bf16, rows cast on lookup). A delta attached later builds its tensors in fp32 (`deltatune_compute_dtype`).
+    Returns how many layers hold bf16 weights."""
+    count = quantize_base(model, "bf16", torch.float32)
+    model.deltatune_compute_dtype = torch.float32
+    return count
 
 
 def compute_in(model: nn.Module, dtype: torch.dtype) -> None:
@@ -49,4 +129,3 @@ def compute_in(model: nn.Module, dtype: torch.dtype) -> None:
 
     model.register_forward_pre_hook(enter)
     model.register_forward_hook(leave, always_call=True)
-

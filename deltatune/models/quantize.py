@@ -6,12 +6,16 @@ The kernels are torchao's CPU paths (an optional dependency: `pip install 'delta
           (`aten._weight_int4pack_mm_for_cpu`) through torchao's `Int4OpaqueTensor` (prototype API in torchao 0.18:
           its stable int4 formats are CUDA/XPU only).
 A `QuantizedLinear` is an `nn.Linear` (so targeting, "all-linear" and LoRA/IA3/adapters see it as one) whose forward
-runs the quantized kernel. It replaces nn.Linear layers, subclasses of it that compute the same (e.g. Falcon's
-FalconLinear: checked on a probe input) and GPT-2's Conv1D (weight stored (in, out): quantized transposed, its
-`checkpoint_shape` keeps the stored shape for base fingerprints). Its backward gives the input gradient from a
-transient dequantized copy of one layer's weight (the kernels have no derivative), so deltas before it still train.
-The weight itself never trains. Task heads (output embeddings, classifiers) stay unquantized, as in QLoRA.
-Merging a delta needs real weights: merging on a quantized base is an error; load the saved delta onto the base
+runs the quantized kernel (or the fp32 matmul of its unpacked weight). It replaces nn.Linear layers, subclasses of
+it that compute the same (e.g. Falcon's FalconLinear: checked on a probe input) and GPT-2's Conv1D (weight stored
+(in, out): quantized transposed, its `checkpoint_shape` keeps the stored shape for base fingerprints). Its backward
+gives the input gradient from a transient dequantized copy of one layer's weight (the kernels have no derivative),
+so deltas before it still train. The weight itself never trains. Task heads (output embeddings, classifiers) stay
+unquantized, as in QLoRA.
+The same wrapper holds bf16 weights for fp32 compute (storage format "bf16", models/precision.py `hold_in_bf16`): no
+kernel, each matmul unpacks (upcasts) the layer's weight into the shared fp32 scratch buffer; it merges like a plain
+bf16 layer.
+Merging a delta needs real weights: merging on an int8/int4 base is an error; load the saved delta onto the base
 loaded unquantized (what `deltatune merge` / `export --format hf` do for a quantized run) or `dequantize_base`.
 Methods that train, mask or rewrite the base weights are refused on a quantized base (DeltaConfig.needs_dense_base).
 """
@@ -36,6 +40,7 @@ from deltatune.errors import ConfigError
 from deltatune.targeting import DeltaModule
 
 Quantize = Literal["int8", "int4"]
+Storage = Literal["int8", "int4", "bf16"]  # bf16: 16-bit weights multiplied in fp32 (no quantization)
 INT4_GROUP_SIZES = (128, 64, 32)  # what the CPU int4 kernel supports; the largest that divides in_features
 INT4_OUT_MULTIPLE = 16  # the CPU int4 packing needs out_features divisible by 16
 # torchao (imported by transformers too, whenever it is installed) logs a warning per CUDA-only extension it cannot
@@ -49,20 +54,22 @@ PAGE_SIZE = mmap.PAGESIZE
 
 
 class QuantizedLinear(nn.Linear):
-    """A frozen Linear whose weight is a torchao weight-only quantized tensor; computes in `compute_dtype`."""
+    """A frozen Linear whose weight is a torchao weight-only quantized tensor (or a bf16 one, `mode` "bf16");
+    computes in `compute_dtype` (default: the weight's dtype)."""
 
-    def __init__(self, linear: nn.Module, weight: torch.Tensor, mode: Quantize, scratch: Scratch | None = None):
+    def __init__(self, linear: nn.Module, weight: torch.Tensor, mode: Storage, scratch: Scratch | None = None,
+                 compute_dtype: torch.dtype | None = None):
         nn.Module.__init__(self)
         self.out_features, self.in_features = weight.shape
         self.mode = mode
-        self.compute_dtype = weight.dtype
+        self.compute_dtype = compute_dtype or weight.dtype
         self.transposed = isinstance(linear, Conv1D)  # GPT-2 Conv1D: the checkpoint stores the weight (in, out)
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.weight.checkpoint_shape = tuple(linear.weight.shape)  # fingerprints name the base's stored shapes
-        self.register_parameter("bias", linear.bias)  # a registered (possibly None) slot, as nn.Linear has
+        self.register_parameter("bias", linear.bias)  # registered when None too (bitfit adds a missing bias)
         # torch's CPU int4 kernel is fast for bf16 activations only: with fp32 ones it ran 85x slower than an fp32
         # matmul (AVX2, 512x576 @ 576x1536); unpacking the layer's weight first and multiplying in fp32 costs 1.3x.
-        self.unpack_to_multiply = mode == "int4" and self.compute_dtype == torch.float32
+        self.unpack_to_multiply = mode in ("int4", "bf16") and self.compute_dtype == torch.float32
         self.scratch = scratch or Scratch()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,6 +80,8 @@ class QuantizedLinear(nn.Linear):
     def dequantized_weight(self) -> torch.Tensor:
         """The weight as a dense (out, in) tensor in `compute_dtype`."""
         weight = self.weight.detach()
+        if self.mode == "bf16":
+            return weight.to(self.compute_dtype)
         if self.mode == "int8":
             return weight.dequantize().to(self.compute_dtype)
         if self._unpackable():
@@ -84,9 +93,11 @@ class QuantizedLinear(nn.Linear):
         share (valid until the next layer's call), so a step does not allocate and free one dense weight per layer
         (freed between the step's activations, they fragmented the heap: +0.4-0.7 GB RSS at 1B int4)."""
         weight = self.weight.detach()
-        if self.compute_dtype != torch.float32 or not (self.mode == "int8" or self._unpackable()):
+        if self.compute_dtype != torch.float32 or not (self.mode in ("int8", "bf16") or self._unpackable()):
             return self.dequantized_weight()
         out = self.scratch.take(self.out_features, self.in_features)
+        if self.mode == "bf16":
+            return out.copy_(weight)
         if self.mode == "int8":
             return torch.mul(weight.qdata, weight.scale.reshape(-1, 1), out=out)
         return _unpack_int4(weight.qdata, weight.scale_and_zero, weight.block_size[1], out=out)
@@ -141,35 +152,39 @@ class Scratch:
 
 
 
-def quantize_base(model: nn.Module, mode: Quantize, dtype: torch.dtype | None = None) -> int:
+def quantize_base(model: nn.Module, mode: Storage, dtype: torch.dtype | None = None) -> int:
     """Replace every linear layer of `model` (nn.Linear, a subclass computing the same, GPT-2 Conv1D) outside its
     task heads (output embeddings, classifiers: they stay as they are, as in QLoRA) by a QuantizedLinear computing
     in `dtype` (default: each layer's own), in place, one layer at a time; layers the kernel cannot take (int4:
     in_features not a multiple of 32 or out_features not one of 16) stay as they are. The other floating-point
-    tensors are converted to `dtype`. Returns how many layers were quantized."""
-    configs = _torchao_configs()
+    tensors are converted to `dtype` (mode "bf16": an untied input embedding table becomes bf16). Returns how many
+    layers were replaced."""
+    setting, fix = ("model.dtype: bf16 with model.compute_dtype: fp32", "use model.dtype: fp32") if mode == "bf16" \
+        else ("model.quantize", "remove model.quantize")
+    configs = {} if mode == "bf16" else _torchao_configs()
     if done := quantized_layers(model):
-        raise ConfigError(f"model.quantize: {type(model).__name__} is already quantized ({len(done)} int8/int4 layers, "
+        raise ConfigError(f"{setting}: {type(model).__name__} is already quantized ({len(done)} int8/int4 layers, "
                           f"e.g. {done[0]}); quantize a model once, as it is loaded")
     targets = _quantizable(model)
     if not targets:
-        raise ConfigError(f"model.quantize: {type(model).__name__} has no linear layers (nn.Linear or GPT-2 Conv1D) "
-                          "outside its task heads; remove model.quantize")
+        raise ConfigError(f"{setting}: {type(model).__name__} has no linear layers (nn.Linear or GPT-2 Conv1D) "
+                          f"outside its task heads; {fix}")
     count, scratch = 0, Scratch()
     checkpoint = _CheckpointPages()
     for name, linear in targets:
-        dense = linear.weight.detach().to(dtype or linear.weight.dtype)
-        weight = _quantized_weight(dense.T if isinstance(linear, Conv1D) else dense, mode, configs)
+        source = linear.weight.detach().T if isinstance(linear, Conv1D) else linear.weight.detach()
+        weight = source.to(torch.bfloat16, copy=True).contiguous() if mode == "bf16" \
+            else _quantized_weight(source.to(dtype or source.dtype), mode, configs)
         if weight is None:
             continue
         parent, _, attr = name.rpartition(".")
-        layer = QuantizedLinear(linear, weight, mode, scratch)
+        layer = QuantizedLinear(linear, weight, mode, scratch, dtype)
         setattr(model.get_submodule(parent), attr, layer)
         count += 1
         checkpoint.release(linear.weight)
         _give_back_free_memory()
     if dtype is not None:
-        _convert_unquantized(model, dtype, checkpoint)
+        _convert_unquantized(model, dtype, checkpoint, torch.bfloat16 if mode == "bf16" else None)
     return count
 
 
@@ -208,29 +223,33 @@ def _give_back_free_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
-def _convert_unquantized(model: nn.Module, dtype: torch.dtype, checkpoint: _CheckpointPages) -> None:
+def _convert_unquantized(model: nn.Module, dtype: torch.dtype, checkpoint: _CheckpointPages,
+                         table_dtype: torch.dtype | None = None) -> None:
     """Every floating-point parameter and buffer outside the QuantizedLinear weights in `dtype`, one at a time, as
     a copy: none may stay a view of the memory-mapped checkpoint, whose touched pages would stay resident with it.
-    A 16-bit input embedding table stays as stored when `dtype` is wider: it is only looked up, and its rows are
-    cast to `dtype` on the way out (exact), which saves half its memory (1 GB for Llama-3-8B's in fp32)."""
-    table = _lookup_only_embeddings(model, dtype)
+    The input embedding table becomes `table_dtype` (default: stays as stored) when that is narrower than `dtype`:
+    it is only looked up, and its rows are cast to `dtype` on the way out (exact), which saves half its memory
+    (1 GB for Llama-3-8B's in fp32)."""
+    table = _lookup_only_embeddings(model, dtype, table_dtype)
     for module in model.modules():
         tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
         for name, t in tensors:
             if t.is_floating_point() and not (isinstance(module, QuantizedLinear) and name == "weight"):
-                old, t.data = t.data, t.data.to(t.dtype if module is table else dtype, copy=True)
+                old, t.data = t.data, t.data.to((table_dtype or t.dtype) if module is table else dtype, copy=True)
                 checkpoint.release(old)
     if table is not None:
         table.register_forward_hook(partial(_cast_output, dtype=dtype))
 
 
-def _lookup_only_embeddings(model: nn.Module, dtype: torch.dtype) -> nn.Embedding | None:
-    """The model's input nn.Embedding if its weight is narrower than `dtype` and not shared with the output head."""
+def _lookup_only_embeddings(model: nn.Module, dtype: torch.dtype,
+                            table_dtype: torch.dtype | None) -> nn.Embedding | None:
+    """The model's input nn.Embedding if it is not shared with the output head and `table_dtype` (default: its
+    weight's) is narrower than `dtype`."""
     table = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
     head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
     if type(table) is not nn.Embedding or (head is not None and head.weight is table.weight):
         return None
-    return table if table.weight.element_size() < torch.empty((), dtype=dtype).element_size() else None
+    return table if (table_dtype or table.weight.dtype).itemsize < dtype.itemsize else None
 
 
 def _cast_output(module: nn.Module, args: Any, output: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -323,9 +342,14 @@ def _int4_layout_known() -> bool:
     return _LAYOUT_KNOWN[0]
 
 
+def held_in_bf16(model: nn.Module) -> bool:
+    """Whether `model` holds Linear weights in bf16 for fp32 compute (QuantizedLinear in storage format bf16)."""
+    return any(isinstance(m, QuantizedLinear) and m.mode == "bf16" for m in model.modules())
+
+
 def quantized_layers(model: nn.Module) -> list[str]:
-    """Names of the QuantizedLinear layers in `model`."""
-    return [name for name, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+    """Names of the int8 / int4 QuantizedLinear layers in `model` (not the bf16 ones: their weights are exact)."""
+    return [name for name, m in model.named_modules() if isinstance(m, QuantizedLinear) and m.mode != "bf16"]
 
 
 def _quantized_weight(weight: torch.Tensor, mode: Quantize, configs: dict[str, Any]) -> torch.Tensor | None:

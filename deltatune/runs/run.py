@@ -78,9 +78,10 @@ class Run:
         return results
 
     def base_options(self) -> dict[str, Any]:
-        """How the run loads its base model: `load_model`'s dtype (auto resolved), quantize, trust_remote_code."""
+        """How the run loads its base model: `load_model`'s dtype and compute_dtype (auto resolved), quantize,
+        trust_remote_code."""
         model = self.config.model
-        return dict(dtype=self.config.base_dtype(), quantize=model.quantize, trust_remote_code=model.trust_remote_code)
+        return dict(**self.config.base_precision(), quantize=model.quantize, trust_remote_code=model.trust_remote_code)
 
     def causal_lm(self) -> Run:
         """This run, if it trained a text generator; else a ConfigError."""

@@ -102,7 +102,7 @@ def open_session(config: RunConfig, delta_dir: Path | None = None) -> Session:
     id2label = dict(enumerate(data.label_names)) if data.label_names else None
     # multi-task: the model keeps its saved head's size (task_heads replaces the head)
     num_labels = data.num_labels if config.tasks is None else base.num_labels
-    model, _ = base.load(config.task, num_labels, dtype=config.base_dtype(), quantize=config.model.quantize,
+    model, _ = base.load(config.task, num_labels, **config.base_precision(), quantize=config.model.quantize,
                          id2label=id2label, tokenizer=tokenizer)
     delta = load(model, delta_dir) if delta_dir else attach(model, task_deltas(config.delta, data))
     if _packs(config):

@@ -52,8 +52,10 @@ def cpu_has_bf16() -> bool:
 
 
 def resolve_precision(setting: Precision, model: nn.Module) -> torch.dtype | None:
-    """The autocast dtype for `setting` (None = plain fp32)."""
-    if setting == "fp32":
+    """The autocast dtype for `setting` (None = plain fp32); `auto` is fp32 for a model asked to compute in fp32
+    (a bf16-held base with model.compute_dtype fp32)."""
+    if setting == "fp32" or (setting == "auto" and getattr(_unwrap(model), "deltatune_compute_dtype", None)
+                             == torch.float32):
         return None
     if setting == "bf16":
         return torch.bfloat16
