@@ -24,8 +24,12 @@ import ctypes.util
 import os
 from types import TracebackType
 
-HEAP_SETTINGS = {"MALLOC_MMAP_MAX_": 0, "MALLOC_TRIM_THRESHOLD_": 1 << 30}
-_MALLOPT = {"MALLOC_MMAP_MAX_": -4, "MALLOC_TRIM_THRESHOLD_": -1}  # glibc M_MMAP_MAX, M_TRIM_THRESHOLD
+HEAP_SETTINGS = {"MALLOC_MMAP_THRESHOLD_": 32 << 20, "MALLOC_TRIM_THRESHOLD_": 1 << 30}
+_MALLOPT = {"MALLOC_MMAP_MAX_": -4, "MALLOC_MMAP_THRESHOLD_": -3, "MALLOC_TRIM_THRESHOLD_": -1}  # glibc M_* params
+# a setting is left to the user who exported any of these (glibc applied them at start-up)
+_KEPT_BY = {"MALLOC_MMAP_MAX_": ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_"),
+            "MALLOC_MMAP_THRESHOLD_": ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_"),
+            "MALLOC_TRIM_THRESHOLD_": ("MALLOC_TRIM_THRESHOLD_",)}
 ONEDNN_CACHE = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", 16)
 HEAP_SLACK_MB = 512
 
@@ -44,7 +48,8 @@ class HeapPolicy:
     def __enter__(self) -> HeapPolicy:
         if hasattr(self.libc, "malloc_trim"):  # without a way to give memory back, glibc is left as it is
             self.applied = {name: value for name, value in HEAP_SETTINGS.items()
-                            if name not in os.environ and _mallopt(self.libc, _MALLOPT[name], value)}
+                            if not any(kept in os.environ for kept in _KEPT_BY[name])
+                            and _mallopt(self.libc, _MALLOPT[name], value)}
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
