@@ -69,12 +69,13 @@ SIDES = {
     "dt-nochunk": {"chunked_loss": False},
     "dt-noalloc": {"allocator": False},
     "dt-oldheap": {"heap": "old"},
-    **{f"dt-mmap{n}": {"heap": f"mmap{n}"} for n in (16, 64, 128, 256)},
+    "dt-mmap32": {"heap": "mmap32"},
     "dt-checkpointing": {"gradient_checkpointing": True},
 }
 REFERENCE_SIDES = ("peft", "peft-bf16", "hf-best", "trl")
-# train()'s glibc heap settings (deltatune/train/memory.py HEAP_SETTINGS) a side can swap in: "old" is the policy
-# before issue 18's 8B fix (no mmap at all, 1 GiB trim threshold); "mmapN" a fixed N MiB mmap threshold.
+# glibc heap settings a side can make train() apply instead of its own (deltatune/train/memory.py heap_settings):
+# "old" is the policy before issue 18's 8B fix (no mmap at all, 1 GiB trim threshold); "mmapN" a fixed N MiB
+# mmap threshold whatever the model.
 OLD_HEAP = {"MALLOC_MMAP_MAX_": 0, "MALLOC_TRIM_THRESHOLD_": 1 << 30}
 
 
@@ -82,10 +83,8 @@ def use_heap(name: str) -> None:
     """Make train()'s heap policy apply the named settings instead of its own."""
     from deltatune.train import memory
 
-    if name == "old":
-        memory.HEAP_SETTINGS = OLD_HEAP
-    elif name.startswith("mmap"):
-        memory.HEAP_SETTINGS = {**memory.HEAP_SETTINGS, "MALLOC_MMAP_THRESHOLD_": int(name[4:]) << 20}
+    settings = OLD_HEAP if name == "old" else {**memory.heap_settings(), "MALLOC_MMAP_THRESHOLD_": int(name[4:]) << 20}
+    memory.heap_settings = lambda model=None: settings
 
 
 # ------------------------------------------------------------------ worker (one training run, own process)

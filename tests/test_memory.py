@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 import deltatune
 from deltatune.cli import main
@@ -83,11 +84,22 @@ def test_the_policy_keeps_blocks_below_the_threshold_and_maps_bigger_ones():
     # back to the kernel as soon as it is freed (a big freed block never stays behind in the heap)
     assert probe["plain"] == [[1, 0], [1, 0]]
     assert probe["tuned"] == [[0, 0], [1, 0]]
-    assert probe["applied"] == memory.HEAP_SETTINGS == {"MALLOC_MMAP_THRESHOLD_": 32 << 20,
-                                                        "MALLOC_TRIM_THRESHOLD_": 1 << 30}
+    assert probe["applied"] == memory.heap_settings() == {"MALLOC_MMAP_THRESHOLD_": 32 << 20,
+                                                          "MALLOC_TRIM_THRESHOLD_": 1 << 30}
     # set in this process only (child processes that train apply it themselves); oneDNN's bound on import
     assert probe["env"] == {"MALLOC_MMAP_THRESHOLD_": None, "MALLOC_TRIM_THRESHOLD_": None,
                             "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "16"}
+
+
+def test_blocks_the_size_of_a_trainable_tensor_stay_in_the_heap(libc):
+    embedding = torch.nn.Embedding(49152, 512, device="meta")  # 96 MiB in fp32: full fine-tuning's largest tensor
+    assert memory.heap_settings(embedding)["MALLOC_MMAP_THRESHOLD_"] == 192 << 20  # twice that: its grad, AdamW's
+    embedding.requires_grad_(False)  # frozen (LoRA on a big base): big blocks are temporaries, mapped from 32 MiB
+    assert memory.heap_settings(embedding)["MALLOC_MMAP_THRESHOLD_"] == 32 << 20
+    huge = torch.nn.Linear(65536, 32768, device="meta")  # 8 GiB: capped at what mallopt (an int) takes
+    assert memory.heap_settings(huge)["MALLOC_MMAP_THRESHOLD_"] == 1 << 30
+    with memory.HeapPolicy(embedding.requires_grad_(True)):  # the policy applies the model's settings
+        assert libc == [("mallopt", M_MMAP_THRESHOLD, 192 << 20), SETTINGS[1]]
 
 
 def test_the_users_own_settings_are_kept(monkeypatch, libc):

@@ -3,10 +3,17 @@
 `train()` opens one `HeapPolicy` per call, whoever calls it (the `deltatune` command or Python code), and calls
 `after_step()` once per optimizer step; bench/README.md records what each setting measured.
 
-* glibc keeps freed memory instead of returning it to the kernel every step (mmap'ed big blocks and heap trims
-  cost ~25% of a CPU training step here): M_MMAP_MAX=0 and a 1 GiB M_TRIM_THRESHOLD, set with mallopt in the
-  running process. Values the user exported (MALLOC_MMAP_MAX_, MALLOC_TRIM_THRESHOLD_) are kept: glibc applied
-  them at start-up, and e.g. glibc's defaults there opt out.
+* glibc keeps freed blocks below 32 MiB for reuse instead of returning them to the kernel every step (its default
+  maps and unmaps blocks from 128 KiB up to a threshold that only adapts over time, and trims the heap's top
+  often; page faults and zeroing cost ~10-25% of a small model's CPU training step), and maps blocks of 32 MiB
+  and more, which go back to the kernel as soon as they are freed: a fixed M_MMAP_THRESHOLD of 32 MiB and a
+  1 GiB M_TRIM_THRESHOLD, set with mallopt in the running process. A small model's per-step tensors (the chunked
+  loss's logits are at most 32 MiB) stay below it; a large model's big temporaries (a dequantized int8 layer of an
+  8B model is 64-235 MB) are mapped, and never left behind in the heap, where they fragmented it into GBs (M_MMAP_MAX=0,
+  the earlier policy, took an 8B int8 LoRA step past 20 GB). The page faults of a mapped block cost time in
+  proportion to its size, so only models whose steps are long pay for them. Values the user exported are kept:
+  MALLOC_MMAP_MAX_ or MALLOC_MMAP_THRESHOLD_ keep glibc's mmap behaviour as set, MALLOC_TRIM_THRESHOLD_ its trim
+  threshold (glibc applied them at start-up; e.g. glibc's defaults there opt out).
 * Batches whose shapes change every step fragment that heap (a full fine-tuning run's RSS grew by ~50 MB a step
   without bound): once the RSS has grown by HEAP_SLACK_MB past the step after the last trim, `malloc_trim` gives
   the free pages back. LoRA runs, whose RSS stays flat, never pay for it. The end of training trims once, so a
@@ -23,8 +30,13 @@ import ctypes
 import ctypes.util
 import os
 from types import TracebackType
+from typing import TYPE_CHECKING
 
-HEAP_SETTINGS = {"MALLOC_MMAP_THRESHOLD_": 32 << 20, "MALLOC_TRIM_THRESHOLD_": 1 << 30}
+if TYPE_CHECKING:
+    from torch import nn
+
+MMAP_THRESHOLD = 32 << 20  # glibc's mmap threshold while training: at least this, see heap_settings()
+TRIM_THRESHOLD = 1 << 30
 _MALLOPT = {"MALLOC_MMAP_MAX_": -4, "MALLOC_MMAP_THRESHOLD_": -3, "MALLOC_TRIM_THRESHOLD_": -1}  # glibc M_* params
 # a setting is left to the user who exported any of these (glibc applied them at start-up)
 _KEPT_BY = {"MALLOC_MMAP_MAX_": ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_"),
@@ -36,18 +48,29 @@ HEAP_SLACK_MB = 512
 os.environ.setdefault(ONEDNN_CACHE[0], str(ONEDNN_CACHE[1]))
 
 
-class HeapPolicy:
-    """The heap settings for one training run: `with HeapPolicy() as heap:` applies them (process-wide, every run
-    alike), `heap.after_step()` trims a grown heap, leaving gives the free pages back."""
+def heap_settings(model: nn.Module | None = None) -> dict[str, int]:
+    """glibc's settings for training `model`: blocks below MMAP_THRESHOLD, or below twice the model's largest
+    trainable tensor (its gradient and optimizer temporaries come back every step; full fine-tuning), stay in the
+    heap; bigger ones are mapped and go back to the kernel when freed. A trim threshold of TRIM_THRESHOLD."""
+    trainable = [p for p in model.parameters() if p.requires_grad] if model is not None else []
+    largest = max((p.numel() * p.element_size() for p in trainable), default=0)
+    return {"MALLOC_MMAP_THRESHOLD_": min(max(MMAP_THRESHOLD, 2 * largest), 1 << 30),  # mallopt takes an int
+            "MALLOC_TRIM_THRESHOLD_": TRIM_THRESHOLD}
 
-    def __init__(self) -> None:
+
+class HeapPolicy:
+    """The heap settings for training `model` (heap_settings()): `with HeapPolicy(model) as heap:` applies them
+    (process-wide), `heap.after_step()` trims a grown heap, leaving gives the free pages back."""
+
+    def __init__(self, model: nn.Module | None = None) -> None:
+        self.settings = heap_settings(model)
         self.libc = load_libc()
         self.applied: dict[str, int] = {}
         self.floor_mb: float | None = None  # the RSS of the first step after the last trim
 
     def __enter__(self) -> HeapPolicy:
         if hasattr(self.libc, "malloc_trim"):  # without a way to give memory back, glibc is left as it is
-            self.applied = {name: value for name, value in HEAP_SETTINGS.items()
+            self.applied = {name: value for name, value in self.settings.items()
                             if not any(kept in os.environ for kept in _KEPT_BY[name])
                             and _mallopt(self.libc, _MALLOPT[name], value)}
         return self
