@@ -3,17 +3,18 @@
 `train()` opens one `HeapPolicy` per call, whoever calls it (the `deltatune` command or Python code), and calls
 `after_step()` once per optimizer step; bench/README.md records what each setting measured.
 
-* glibc keeps freed blocks below 32 MiB for reuse instead of returning them to the kernel every step (its default
-  maps and unmaps blocks from 128 KiB up to a threshold that only adapts over time, and trims the heap's top
-  often; page faults and zeroing cost ~10-25% of a small model's CPU training step), and maps blocks of 32 MiB
-  and more, which go back to the kernel as soon as they are freed: a fixed M_MMAP_THRESHOLD of 32 MiB and a
-  1 GiB M_TRIM_THRESHOLD, set with mallopt in the running process. A small model's per-step tensors (the chunked
-  loss's logits are at most 32 MiB) stay below it; a large model's big temporaries (a dequantized int8 layer of an
-  8B model is 64-235 MB) are mapped, and never left behind in the heap, where they fragmented it into GBs (M_MMAP_MAX=0,
-  the earlier policy, took an 8B int8 LoRA step past 20 GB). The page faults of a mapped block cost time in
-  proportion to its size, so only models whose steps are long pay for them. Values the user exported are kept:
-  MALLOC_MMAP_MAX_ or MALLOC_MMAP_THRESHOLD_ keep glibc's mmap behaviour as set, MALLOC_TRIM_THRESHOLD_ its trim
-  threshold (glibc applied them at start-up; e.g. glibc's defaults there opt out).
+* glibc keeps freed blocks below a fixed mmap threshold in the heap for reuse, and maps bigger ones, which go
+  back to the kernel as soon as they are freed: M_MMAP_THRESHOLD = 32 MiB, or twice the model's largest
+  trainable tensor when that is bigger (heap_settings()), and a 1 GiB M_TRIM_THRESHOLD, set with mallopt in the
+  running process. glibc's default maps blocks from 128 KiB up to a threshold that adapts only over time and
+  trims often (page faults and zeroing every step: ~10-25% of a small model's CPU step); with the fixed threshold
+  a small model's per-step tensors (the chunked loss's logits are at most 32 MiB) and full fine-tuning's gradients
+  and optimizer temporaries stay in the heap. Nothing mapped at all (M_MMAP_MAX=0, the policy before issue 18)
+  was as fast, but a large model's big temporaries (an 8B int8 layer dequantized for its matmul: 64-235 MB), once
+  freed and split by the small allocations after them, fragmented the heap: an 8B int8 LoRA step passed 20 GB;
+  mapped, it peaks at glibc's default memory. Values the user exported are kept: MALLOC_MMAP_MAX_ or
+  MALLOC_MMAP_THRESHOLD_ leave the mmap behaviour, MALLOC_TRIM_THRESHOLD_ the trim threshold as set (glibc
+  applied them at start-up; e.g. glibc's defaults there opt out).
 * Batches whose shapes change every step fragment that heap (a full fine-tuning run's RSS grew by ~50 MB a step
   without bound): once the RSS has grown by HEAP_SLACK_MB past the step after the last trim, `malloc_trim` gives
   the free pages back. LoRA runs, whose RSS stays flat, never pay for it. The end of training trims once, so a
