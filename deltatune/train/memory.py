@@ -7,7 +7,7 @@
   back to the kernel as soon as they are freed: M_MMAP_THRESHOLD = 32 MiB, or twice the model's largest
   trainable tensor when that is bigger (heap_settings()), and a 1 GiB M_TRIM_THRESHOLD, set with mallopt in the
   running process. glibc's default maps blocks from 128 KiB up to a threshold that adapts only over time and
-  trims often (page faults and zeroing every step: ~10-25% of a small model's CPU step); with the fixed threshold
+  trims often (page faults and zeroing every step: 10-45% of a small model's CPU step); with the fixed threshold
   a small model's per-step tensors (the chunked loss's logits are at most 32 MiB) and full fine-tuning's gradients
   and optimizer temporaries stay in the heap. Nothing mapped at all (M_MMAP_MAX=0, the policy before issue 18)
   was as fast, but a large model's big temporaries (an 8B int8 layer dequantized for its matmul: 64-235 MB), once
