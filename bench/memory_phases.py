@@ -1,7 +1,8 @@
 """Where a LoRA run's memory goes, phase by phase: RSS / RssAnon / RssFile (MB) now and their peaks (sampled every
 10 ms) after imports, load_model, data, attach and each training step (then again after a malloc_trim, to tell
 freed heap from live memory), plus the bytes of live CPU tensors by dtype (a gc census). Same model, data and
-LoRA as ladder.py; train()'s heap settings (deltatune/train/memory.py) apply unless NO_TUNE=1 (glibc's defaults).
+LoRA as ladder.py; train()'s heap settings (deltatune/train/memory.py) apply, or what --heap names: glibc (its
+defaults), old (the settings before the 8B fix), mmapN (a fixed N MiB mmap threshold).
 
     python bench/memory_phases.py 1b int4 fp32 --length 128 --steps 2
 The model is a folder under /tmp/deltatune-bench-models (or $BENCH_MODELS); quantize is none | int8 | int4.
@@ -17,6 +18,7 @@ import resource
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -25,6 +27,7 @@ sys.path.insert(0, str(BENCH.parent))
 import throughput  # noqa: E402
 import torch  # noqa: E402
 
+START = time.perf_counter()
 MODELS = Path(os.environ.get("BENCH_MODELS", "/tmp/deltatune-bench-models"))
 FIELDS = ("VmRSS", "RssAnon", "RssFile", "VmHWM")
 
@@ -68,7 +71,8 @@ def live_tensors_mb() -> dict[str, int]:
 
 
 def report(phase: str, peaks: Peaks) -> None:
-    print(f"{phase:12s} now {status()} peak since last {peaks.take()} live tensors {live_tensors_mb()}", flush=True)
+    print(f"{phase:12s} {time.perf_counter() - START:5.0f}s now {status()} peak since last {peaks.take()} "
+          f"live tensors {live_tensors_mb()}", flush=True)
 
 
 def main() -> None:
@@ -78,6 +82,8 @@ def main() -> None:
     p.add_argument("dtype", choices=["fp32", "bf16"])
     p.add_argument("--length", type=int, default=128)
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--heap", default="policy", help="policy | glibc | old | mmapN")
+    p.add_argument("--no-trim", action="store_true", help="no malloc_trim after each step (the run as it is)")
     args = p.parse_args()
     torch.set_num_threads(1)
     peaks = Peaks()
@@ -96,16 +102,19 @@ def main() -> None:
     empty = Dataset.from_dict({"input_ids": [], "attention_mask": [], "labels": []})
     data = TaskData(rows, empty, empty, task="text", label_names=None, num_labels=None, source={})
     report("data", peaks)
-    if "NO_TUNE" in os.environ:  # opt out of train()'s heap settings, as bench/throughput.py's allocator lever does
+    if args.heap == "glibc":  # opt out of train()'s heap settings, as bench/throughput.py's allocator lever does
         os.environ.update(MALLOC_MMAP_MAX_="65536", MALLOC_TRIM_THRESHOLD_="131072")
+    elif args.heap != "policy":
+        throughput.use_heap(args.heap)
     delta = deltatune.attach(model, throughput.method_config({"method": "lora"}))
     report("attach", peaks)
 
     def on_event(kind: str, info: dict) -> None:
         if kind == "step":
             report(f"step {info.get('step', '')}", peaks)
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-            report("  trimmed", peaks)
+            if not args.no_trim:
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+                report("  trimmed", peaks)
 
     config = deltatune.TrainConfig(epochs=1, batch_size=1, seed=0, log_every=10**6, eval_baseline=False,
                                    optimizer=deltatune.OptimizerConfig(lr=1e-4))

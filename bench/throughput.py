@@ -68,9 +68,23 @@ SIDES = {
     "dt-fp32": {"precision": "fp32"},
     "dt-nochunk": {"chunked_loss": False},
     "dt-noalloc": {"allocator": False},
+    "dt-oldheap": {"heap": "old"},
+    "dt-mmap32": {"heap": "mmap32"},
     "dt-checkpointing": {"gradient_checkpointing": True},
 }
 REFERENCE_SIDES = ("peft", "peft-bf16", "hf-best", "trl")
+# glibc heap settings a side can make train() apply instead of its own (deltatune/train/memory.py heap_settings):
+# "old" is the policy before issue 18's 8B fix (no mmap at all, 1 GiB trim threshold); "mmapN" a fixed N MiB
+# mmap threshold whatever the model.
+OLD_HEAP = {"MALLOC_MMAP_MAX_": 0, "MALLOC_TRIM_THRESHOLD_": 1 << 30}
+
+
+def use_heap(name: str) -> None:
+    """Make train()'s heap policy apply the named settings instead of its own."""
+    from deltatune.train import memory
+
+    settings = OLD_HEAP if name == "old" else {**memory.heap_settings(), "MALLOC_MMAP_THRESHOLD_": int(name[4:]) << 20}
+    memory.heap_settings = lambda model=None: settings
 
 
 # ------------------------------------------------------------------ worker (one training run, own process)
@@ -217,6 +231,8 @@ def run_deltatune(model, train: list[dict], spec: dict):
     lever = SIDES[spec["side"]]
     if not lever.get("allocator", True):  # opt out of train()'s heap settings: glibc's defaults, set by hand
         os.environ.update(MALLOC_MMAP_MAX_="65536", MALLOC_TRIM_THRESHOLD_="131072")
+    if "heap" in lever:
+        use_heap(lever["heap"])
     from datasets import Dataset
 
     import deltatune
@@ -235,7 +251,7 @@ def run_deltatune(model, train: list[dict], spec: dict):
     empty = Dataset.from_dict({"input_ids": [], "attention_mask": [], "labels": []})
     data = TaskData(rows, empty, empty, task="text", label_names=None, num_labels=None, source={})
     recorder = Recorder(Collator(tokenizer().pad_token_id, pack_to=spec["max_length"] if packing else None))
-    knobs = {k: v for k, v in lever.items() if k not in ("allocator", "packing")}
+    knobs = {k: v for k, v in lever.items() if k not in ("allocator", "packing", "heap")}
     cfg = deltatune.TrainConfig(epochs=1, batch_size=spec["batch"], seed=spec["seed"], log_every=10**6,
                                 eval_baseline=False, optimizer=deltatune.OptimizerConfig(lr=LR[spec["method"]]),
                                 **knobs)

@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 import deltatune
 from deltatune.cli import main
@@ -17,7 +18,8 @@ from deltatune.train import TrainConfig, memory
 from tests.test_cli import reviews, tiny_bert_dir, write_config  # noqa: F401  (fixtures)
 from tests.test_loop import COLLATE, setup, task_data
 
-M_MMAP_MAX, M_TRIM_THRESHOLD = -4, -1
+M_MMAP_THRESHOLD, M_TRIM_THRESHOLD = -3, -1
+SETTINGS = [("mallopt", M_MMAP_THRESHOLD, 32 << 20), ("mallopt", M_TRIM_THRESHOLD, 1 << 30)]
 
 ALLOC_PROBE = textwrap.dedent("""
     import ctypes, json, os
@@ -30,15 +32,17 @@ ALLOC_PROBE = textwrap.dedent("""
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = MallInfo2
 
-    def mmapped_blocks_for_64_mib():
+    def mmapped_blocks(mib):  # while a tensor of `mib` MiB lives, and after it is freed
         before = libc.mallinfo2().hblks
-        block = torch.ones(16 * 1024 * 1024)
-        return libc.mallinfo2().hblks - before
+        block = torch.ones(mib * 1024 * 1024 // 4)
+        alive = libc.mallinfo2().hblks - before
+        del block
+        return [alive, libc.mallinfo2().hblks - before]
 
-    plain = mmapped_blocks_for_64_mib()
+    plain = [mmapped_blocks(16), mmapped_blocks(64)]
     from deltatune.train.memory import HeapPolicy
     with HeapPolicy() as heap:
-        tuned = mmapped_blocks_for_64_mib()
+        tuned = [mmapped_blocks(16), mmapped_blocks(64)]
     print(json.dumps({"plain": plain, "tuned": tuned, "applied": heap.applied,
                       "env": {k: os.environ.get(k) for k in [*heap.applied, "ONEDNN_PRIMITIVE_CACHE_CAPACITY"]}}))
 """)
@@ -62,7 +66,7 @@ class FakeLibc:
 def libc(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
     """What the heap policy asks of glibc, with a fake libc and an RSS that grows by 300 MB a reading."""
     calls: list[tuple] = []
-    for name in memory.HEAP_SETTINGS:
+    for name in ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(memory, "load_libc", lambda: FakeLibc(calls))
     readings = iter(range(1000, 10**6, 300))
@@ -72,21 +76,45 @@ def libc(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
 
 @pytest.mark.slow  # a subprocess importing torch: ~6 s on a loaded machine
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallinfo2")
-def test_the_policy_keeps_big_blocks_out_of_mmap():
+def test_the_policy_keeps_blocks_below_the_threshold_and_maps_bigger_ones():
     out = subprocess.run([sys.executable, "-c", ALLOC_PROBE], capture_output=True, text=True, check=True)
     probe = json.loads(out.stdout.splitlines()[-1])
-    assert (probe["plain"], probe["tuned"]) == (1, 0)  # glibc's default mmaps a 64 MiB block; tuned it does not
-    assert probe["applied"] == memory.HEAP_SETTINGS
+    # [mmapped while alive, after free] for a 16 MiB and a 64 MiB tensor: glibc's default (a 128 KiB threshold at
+    # start) maps both; the policy keeps the 16 MiB one in the heap for reuse and maps the 64 MiB one, which goes
+    # back to the kernel as soon as it is freed (a big freed block never stays behind in the heap)
+    assert probe["plain"] == [[1, 0], [1, 0]]
+    assert probe["tuned"] == [[0, 0], [1, 0]]
+    assert probe["applied"] == memory.heap_settings() == {"MALLOC_MMAP_THRESHOLD_": 32 << 20,
+                                                          "MALLOC_TRIM_THRESHOLD_": 1 << 30}
     # set in this process only (child processes that train apply it themselves); oneDNN's bound on import
-    assert probe["env"] == {"MALLOC_MMAP_MAX_": None, "MALLOC_TRIM_THRESHOLD_": None,
+    assert probe["env"] == {"MALLOC_MMAP_THRESHOLD_": None, "MALLOC_TRIM_THRESHOLD_": None,
                             "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "16"}
+
+
+def test_blocks_the_size_of_a_trainable_tensor_stay_in_the_heap(libc):
+    embedding = torch.nn.Embedding(49152, 512, device="meta")  # 96 MiB in fp32: full fine-tuning's largest tensor
+    assert memory.heap_settings(embedding)["MALLOC_MMAP_THRESHOLD_"] == 192 << 20  # twice that: its grad, AdamW's
+    embedding.requires_grad_(False)  # frozen (LoRA on a big base): big blocks are temporaries, mapped from 32 MiB
+    assert memory.heap_settings(embedding)["MALLOC_MMAP_THRESHOLD_"] == 32 << 20
+    huge = torch.nn.Linear(65536, 32768, device="meta")  # 8 GiB: capped at what mallopt (an int) takes
+    assert memory.heap_settings(huge)["MALLOC_MMAP_THRESHOLD_"] == 1 << 30
+    with memory.HeapPolicy(embedding.requires_grad_(True)):  # the policy applies the model's settings
+        assert libc == [("mallopt", M_MMAP_THRESHOLD, 192 << 20), SETTINGS[1]]
 
 
 def test_the_users_own_settings_are_kept(monkeypatch, libc):
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")  # glibc applied it at start-up
     with memory.HeapPolicy() as heap:
-        assert heap.applied == {"MALLOC_MMAP_MAX_": 0}
-    assert libc == [("mallopt", M_MMAP_MAX, 0), ("malloc_trim", 0)]  # M_MMAP_MAX only; the end gives memory back
+        assert heap.applied == {"MALLOC_MMAP_THRESHOLD_": 32 << 20}
+    assert libc == [SETTINGS[0], ("malloc_trim", 0)]  # the mmap threshold only; the end gives memory back
+
+
+@pytest.mark.parametrize("name, value", [("MALLOC_MMAP_MAX_", "0"), ("MALLOC_MMAP_THRESHOLD_", "1048576")])
+def test_the_users_mmap_settings_keep_the_mmap_threshold(monkeypatch, libc, name, value):
+    monkeypatch.setenv(name, value)  # e.g. the settings before issue 18: no mmap at all
+    with memory.HeapPolicy() as heap:
+        assert heap.applied == {"MALLOC_TRIM_THRESHOLD_": 1 << 30}
+    assert libc == [SETTINGS[1], ("malloc_trim", 0)]
 
 
 def test_glibc_defaults_in_the_environment_opt_out(monkeypatch, libc):
@@ -104,8 +132,7 @@ def test_the_heap_is_trimmed_only_when_the_rss_grew_by_the_slack(monkeypatch, li
         assert [heap.after_step() for _ in range(3)] == [False, False, True]  # floor 1000; 1200; 1513
         assert heap.after_step() is False and heap.floor_mb == 1100  # the step after a trim: the new floor
         assert heap.after_step() is False  # 1300: within the slack of 1100
-    assert libc == [("mallopt", M_MMAP_MAX, 0), ("mallopt", M_TRIM_THRESHOLD, 1 << 30), ("malloc_trim", 0),
-                    ("malloc_trim", 0)]
+    assert libc == [*SETTINGS, ("malloc_trim", 0), ("malloc_trim", 0)]
 
 
 def test_rss_mb_reads_this_process():
@@ -113,7 +140,7 @@ def test_rss_mb_reads_this_process():
 
 
 # With the RSS growing 300 MB a step: the settings, a trim at steps 3 and 6 (floors at steps 1 and 4), one at the end.
-SIX_STEPS = [("mallopt", M_MMAP_MAX, 0), ("mallopt", M_TRIM_THRESHOLD, 1 << 30), *[("malloc_trim", 0)] * 3]
+SIX_STEPS = [*SETTINGS, *[("malloc_trim", 0)] * 3]
 
 
 def test_the_library_trains_under_the_same_heap_policy_as_the_command(

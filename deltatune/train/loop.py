@@ -176,7 +176,7 @@ def train(model: nn.Module, delta: DeltaBase, data: TaskData | MultiTaskData, cf
     saved in every checkpoint. SIGINT / SIGTERM stop at the next step boundary after saving a checkpoint
     (`TrainingInterrupted`). The process's heap follows `memory.HeapPolicy` while training.
     """
-    with StopRequests() as stop, HeapPolicy() as heap, NEFTune(model, cfg.neftune_alpha):
+    with StopRequests() as stop, HeapPolicy(model) as heap, NEFTune(model, cfg.neftune_alpha):
         return _train(model, delta, data, cfg, Path(out_dir), collate, resume, on_event, record, stop, heap)
 
 
