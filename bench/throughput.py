@@ -10,8 +10,9 @@ within each repeat, so machine load hits both alike; each repeat uses another se
 
 Reported per side: real tokens/s (padding excluded; steps after --warmup), peak RSS, time to first step (process
 start to the end of optimizer step 1), held-out loss after the epoch (mean per example, fp32, same code for
-both sides), and achieved model FLOP/s (matmul FLOPs per real token, counted once with torch's FlopCounterMode,
-times tokens/s) as a fraction of a matmul peak measured in the same run.
+both sides), and achieved model FLOP/s (the matmul FLOPs per real token every side must do, counted once with
+torch's FlopCounterMode: the output head only at target positions; times tokens/s) as a fraction of a matmul peak
+measured in the same run.
 """
 
 from __future__ import annotations
@@ -287,11 +288,15 @@ def heldout_loss(model, examples: list[dict]) -> float:
 
 
 def count_flops(spec: dict) -> dict:
-    """Matmul FLOPs per token of one forward + backward of the case's method (plain fp32 loss on every position)."""
+    """Matmul FLOPs per real token of the work every side must do: one forward + backward of the case's method on
+    an unpadded row of `length` tokens, with the output head counted only at target positions (a fraction
+    `targets` of the tokens). The head's share is measured as the difference between the plain loss at every
+    position and the same pass without the head; `all_positions` is the plain count."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     import deltatune
+    from deltatune.train.compute import hidden_states_out, output_head
     from deltatune.train.metrics import loss_sum
     from workloads import build_model
 
@@ -299,9 +304,19 @@ def count_flops(spec: dict) -> dict:
     model = build_model(spec["model"]).train()
     deltatune.attach(model, method_config(spec))
     ids = torch.randint(3, 1000, (1, spec["length"]))
-    with FlopCounterMode(display=False) as counter:
-        loss_sum(model(input_ids=ids).logits, ids, "text").backward()
-    return {"flops_per_token": counter.get_total_flops() / spec["length"]}
+
+    def flops(run) -> float:
+        with FlopCounterMode(display=False) as counter:
+            run().backward()
+        return counter.get_total_flops() / spec["length"]
+
+    every = flops(lambda: loss_sum(model(input_ids=ids).logits, ids, "text"))
+    head = output_head(model)
+    if head is None:  # a head LoRA wraps (or none): counted at every position
+        return {"flops_per_token": every, "all_positions": every}
+    with hidden_states_out(head):
+        body = flops(lambda: model(input_ids=ids).logits.sum())
+    return {"flops_per_token": body + (every - body) * spec["targets"], "all_positions": every}
 
 
 # ------------------------------------------------------------------ orchestration
@@ -354,7 +369,9 @@ def run_case(name: str, args: argparse.Namespace, tmp: Path, peak: dict[str, flo
             print(f"  {name} {side} #{repeat + 1}: {runs[side][-1]['tokens_per_s']:.0f} tokens/s "
                   f"{json.dumps(runs[side][-1])}", file=sys.stderr, flush=True)
     mean_length = sum(len(e["input_ids"]) for e in train) / len(train)
-    flops = spawn({**base, "side": "flops", "length": round(mean_length)})["flops_per_token"]
+    labels = [e["labels"] for e in train]
+    targets = sum(sum(label != -100 for label in row[1:]) for row in labels) / sum(map(len, labels))
+    flops = spawn({**base, "side": "flops", "length": round(mean_length), "targets": targets})["flops_per_token"]
     return summarise(name, runs, flops, peak, mean_length)
 
 

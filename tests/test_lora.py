@@ -288,3 +288,27 @@ def test_only_lora_trains_and_loss_drops():
         losses.append(loss.item())
     assert losses[-1] < losses[0]
     assert all(p.grad is None for n, p in m.named_parameters() if "lora_" not in n)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fused_update_matches_the_plain_sum(arch):
+    """Linear / Conv1D add the update with one addmm: same outputs and gradients (A, B, input) as out + s·B(A(x))."""
+    m = model(arch)
+    delta = deltatune.attach(m, LoRA(r=4, targets=["all-linear"]))
+    randomize(delta)
+    wrapper = next(iter(lora_modules(m).values()))
+    n_in = wrapper.lora_A.weight.shape[1]
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, n_in)
+    results = []
+    for fused in (True, False):
+        xi = x.clone().requires_grad_()
+        out = wrapper.base_layer(xi)
+        plain = out + wrapper.kind.apply(wrapper, xi) * wrapper.scaling
+        y = wrapper.kind.add_scaled(wrapper, xi, out) if fused else plain
+        (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+        results.append((y.detach(), xi.grad, wrapper.lora_A.weight.grad.clone(), wrapper.lora_B.weight.grad.clone()))
+        wrapper.lora_A.weight.grad = wrapper.lora_B.weight.grad = None
+    for fused, plain in zip(*results):
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    assert results[0][0].shape == (2, 5, wrapper.base_layer(x).shape[-1])

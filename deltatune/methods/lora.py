@@ -115,6 +115,14 @@ class LinearKind:
     def apply(self, m: LoRAModule, x: torch.Tensor) -> torch.Tensor:
         return m.lora_B(m.lora_A(x))
 
+    def add_scaled(self, m: LoRAModule, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out + s·B·A·x; for Linear and Conv1D one addmm (B's matmul, the scale and the sum at once: two passes
+        over the output fewer, forward and backward), as x and out are (..., in) and (..., out) rows."""
+        low = m.lora_A(x)
+        rows = torch.addmm(out.reshape(-1, out.shape[-1]), low.reshape(-1, low.shape[-1]), m.lora_B.weight.t(),
+                           alpha=m.scaling)
+        return rows.view(out.shape)
+
     def out_view(self, v: torch.Tensor) -> torch.Tensor:
         """A per-output-unit vector shaped to broadcast against the module's output."""
         return v
@@ -144,6 +152,9 @@ class Conv2dKind(LinearKind):
     def delta(self, a: nn.Module, b: nn.Module) -> torch.Tensor:
         return torch.einsum("or,rikl->oikl", b.weight[:, :, 0, 0], a.weight)
 
+    def add_scaled(self, m: LoRAModule, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return _add_applied(self, m, x, out)
+
     def out_view(self, v: torch.Tensor) -> torch.Tensor:
         return v.view(-1, 1, 1)  # (C, H, W) or (N, C, H, W) output
 
@@ -170,6 +181,14 @@ class EmbeddingKind(LinearKind):
                           base.scale_grad_by_freq, base.sparse) @ m.lora_B.weight.T
         scale = getattr(base, "embed_scale", None)  # scaled embeddings (e.g. Gemma) scale the update too
         return out if scale is None else out * scale.to(out.dtype)
+
+    def add_scaled(self, m: LoRAModule, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return _add_applied(self, m, x, out)
+
+
+def _add_applied(kind: LinearKind, m: LoRAModule, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out + s·apply(x): the plain sum, for kinds whose update is not one matmul on rows."""
+    return out + kind.apply(m, x) * m.scaling
 
 
 KINDS: dict[type, LinearKind] = {Conv1D: Conv1DKind(), nn.Linear: LinearKind(), nn.Conv2d: Conv2dKind(),
@@ -289,7 +308,7 @@ class Plain:
         pass
 
     def forward(self, m: LoRAModule, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return out + m.kind.apply(m, x) * m.scaling
+        return m.kind.add_scaled(m, x, out)
 
     def merged_weight(self, m: LoRAModule, weight: torch.Tensor) -> torch.Tensor:
         return weight + m.delta_weight().to(weight.dtype)
