@@ -33,15 +33,6 @@ sys.path.insert(0, str(BENCH.parent))
 MODELS = Path(os.environ.get("BENCH_MODELS", "/tmp/deltatune-bench-models"))
 
 
-def tensor_bytes(model) -> int:
-    """Bytes held by the model's tensors; quantized (torchao) weights count their inner tensors."""
-    total = 0
-    for t in [*model.parameters(), *model.buffers()]:
-        names = getattr(t, "tensor_data_names", None)
-        total += sum(getattr(t, n).nbytes for n in names) if names else t.nbytes
-    return total
-
-
 def worker(spec: dict) -> dict:
     import resource
 
@@ -50,6 +41,7 @@ def worker(spec: dict) -> dict:
 
     torch.set_num_threads(1)
     from deltatune.models.load import Pretrained
+    from deltatune.models.quantize import stored_bytes
     from deltatune.train.memory import rss_mb
 
     pretrained = Pretrained.open(spec["path"])
@@ -64,7 +56,7 @@ def worker(spec: dict) -> dict:
     seconds = time.perf_counter() - start
     anon_peak = sampler.stop()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
-    weights, after = tensor_bytes(model) / 2**20, rss_mb() - before
+    weights, after = stored_bytes(model) / 2**20, rss_mb() - before
     return {**spec, "params": sum(p.numel() for p in model.parameters()), "weights_mb": weights,
             "rss_before_mb": before, "load_peak_mb": peak, "rss_after_mb": after, "ratio": peak / weights,
             "ratio_after": peak / after, "anon_peak_mb": anon_peak - anon_before,

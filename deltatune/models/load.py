@@ -29,7 +29,7 @@ from deltatune.arch import describe
 from deltatune.models.assets import resolve_model_path
 from deltatune.errors import CheckpointError, ConfigError, DeltaTuneError
 from deltatune.models.precision import DTYPES, compute_in
-from deltatune.models.quantize import CheckpointPages, Quantize, convert_loaded, quantize_base
+from deltatune.models.quantize import CheckpointPages, Quantize, convert_loaded, give_back_free_memory, quantize_base
 from deltatune.safety import check_model_folder
 
 TASKS = {"classification": AutoModelForSequenceClassification, "regression": AutoModelForSequenceClassification,
@@ -104,8 +104,10 @@ class Pretrained:
             quantize_base(model, quantize, DTYPES[dtype])
         else:
             _convert_stored(model, DTYPES[dtype])
+        give_back_free_memory()
         if task == "causal_lm" and auto is not AutoModelForSeq2SeqLM:  # an encoder-decoder's decoder is causal
             _check_causal(model, self.folder)
+            give_back_free_memory()
         compute_in(model, DTYPES[dtype])
         _ensure_pad_token(model, tokenizer)
         return model, tokenizer
