@@ -168,9 +168,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("deltas", type=Path, nargs="+", metavar="DELTA", help="saved delta folders or run folders (best/)")
     p.add_argument("--weights", required=True, help="one weight per delta, comma-separated, e.g. 0.7,0.3 "
                                                     "(a negative weight subtracts)")
-    p.add_argument("--how", required=True, help="PEFT's combination type: linear, cat (exact, rank = sum), svd, ties, "
-                                                "dare_linear, dare_ties, magnitude_prune, or ties_svd, dare_linear_svd, "
-                                                "dare_ties_svd, magnitude_prune_svd")
+    p.add_argument("--how", required=True,
+                   help="PEFT's combination type: linear, cat (exact, rank = sum), svd, ties, dare_linear, dare_ties, "
+                        "magnitude_prune, or ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd")
     p.add_argument("--density", type=float, help="ties / dare / magnitude_prune: fraction of each delta's values kept")
     p.add_argument("--svd-rank", type=int, help="*svd: rank of the result (default: the largest input rank)")
     p.add_argument("--svd-clamp", type=float, help="*svd: clamp the factors at this quantile of their values")
@@ -840,8 +840,8 @@ def _print_results(result: Any, task: str) -> None:
     console.print(table)
     trainable, total = result.trainable_params, result.total_params
     console.print(f"trainable {trainable:,} / {total:,} parameters ({100 * trainable / total:.3f}%) · "
-                  f"{result.steps} steps · wall {result.wall_time_s:.1f}s · {result.train_tokens_per_s:,.0f} tokens/s · "
-                  f"peak memory {result.peak_rss_mb:,.0f} MB")
+                  f"{result.steps} steps · wall {result.wall_time_s:.1f}s · "
+                  f"{result.train_tokens_per_s:,.0f} tokens/s · peak memory {result.peak_rss_mb:,.0f} MB")
 
 
 def _show_warning(message: Warning | str, *args: Any, **kwargs: Any) -> None:

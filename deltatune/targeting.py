@@ -164,7 +164,8 @@ def check_not_taken(found: dict[str, nn.Module]) -> None:
                               "detach it first, or target other modules")
 
 
-def no_match_error(pattern: str, candidates: dict[str, nn.Module], types: tuple[type, ...], model: nn.Module) -> TargetError:
+def no_match_error(pattern: str, candidates: dict[str, nn.Module], types: tuple[type, ...],
+                   model: nn.Module) -> TargetError:
     typed = [n for n, m in candidates.items() if n and _is_type(m, types)]
     shorts = sorted({short_name(n) for n in typed})
     close = difflib.get_close_matches(pattern, shorts + sorted({s.rsplit(".", 1)[-1] for s in shorts}), n=3)

@@ -148,7 +148,8 @@ def _token_ids(pair: Pair, tokenizer: PreTrainedTokenizerBase,
     """(prompt, chosen answer, rejected answer) ids, split where the prompt's ids and the whole sequence's part."""
     if template is None and not pair.chat:
         eos = tokenizer.eos_token or ""
-        texts = [pair.prompt, *(pair.prompt + (a if a.endswith(eos) else a + eos) for a in (pair.chosen, pair.rejected))]
+        answers = (a if a.endswith(eos) else a + eos for a in (pair.chosen, pair.rejected))
+        texts = [pair.prompt, *(pair.prompt + a for a in answers)]
         prompt, *wholes = tokenizer(texts, verbose=False)["input_ids"]
     else:
         as_turns = [pair.prompt if pair.chat else [{"role": "user", "content": pair.prompt}],

@@ -66,8 +66,9 @@ def export_gguf_lora(delta: DeltaBase, out: str | Path, *, dtype: str = "fp32", 
     arch = _arch(delta.model)
     parts = delta.parts()
     if [p.peft_type for p in parts] != ["LORA"]:  # LoRA's form: A and B factors per weight
-        raise ConfigError(f"a GGUF LoRA adapter holds one LoRA delta; this one has {' + '.join(p.method for p in parts)}"
-                          ". Export the merged model instead (--format gguf)")
+        methods = " + ".join(p.method for p in parts)
+        raise ConfigError(f"a GGUF LoRA adapter holds one LoRA delta; this one has {methods}. "
+                          "Export the merged model instead (--format gguf)")
     config = parts[0].config
     if config.init != parts[0].saved_config(Path()).init:
         raise ConfigError(f"this LoRA (init {config.init}) changed its base weights: save it and export the saved "

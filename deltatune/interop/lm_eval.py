@@ -4,7 +4,8 @@ its `LM` interface over a deltatune model (any attached delta) and tokenizer, so
 
 Tasks come from local task YAML files: `dataset_path: json` (or csv / parquet) with
 `dataset_kwargs: {data_files: ...}`; relative data file names are taken relative to the YAML file, and a
-packaged data set alias (e.g. `chatterbot_mc`) names its converted JSONL. Nothing is fetched from a hub. YAML that runs Python (`!function`) is read only with `trust_remote_code`.
+packaged data set alias (e.g. `chatterbot_mc`) names its converted JSONL. Nothing is fetched from a hub. YAML that
+runs Python (`!function`) is read only with `trust_remote_code`.
 """
 
 from __future__ import annotations

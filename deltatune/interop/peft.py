@@ -155,7 +155,8 @@ class IA3Spec(Spec):
 
     def delta_config(self, peft: dict[str, Any], config_class: type[DeltaConfig]) -> DeltaConfig:
         return config_class(targets=patterns(peft["target_modules"]),
-                   feedforward=patterns(peft.get("feedforward_modules")) or [], exclude=patterns(peft.get("exclude_modules")) or [])
+                            feedforward=patterns(peft.get("feedforward_modules")) or [],
+                            exclude=patterns(peft.get("exclude_modules")) or [])
 
 
 class PromptLearningSpec(Spec):

@@ -24,7 +24,9 @@ STYLE = ("body{font-family:system-ui,sans-serif;max-width:1180px;margin:2em auto
          "vertical-align:top}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
          "table.text td,table.text th{text-align:left}table.text td{white-space:pre-wrap;max-width:34em;"
          "overflow-wrap:anywhere}table.code td{font-family:ui-monospace,monospace;font-size:85%}"
-         "table.wide{font-size:85%}table.wide td,table.wide th{white-space:nowrap;padding:4px 6px}.scroll{overflow-x:auto}pre{background:#f7f7f7;padding:1em}.note{color:#555}.warn{color:#a40000;font-weight:bold}")
+         "table.wide{font-size:85%}table.wide td,table.wide th{white-space:nowrap;padding:4px 6px}"
+         ".scroll{overflow-x:auto}pre{background:#f7f7f7;padding:1em}.note{color:#555}"
+         ".warn{color:#a40000;font-weight:bold}")
 
 
 def write_report(out_dir: str | Path, config: Any, result: Any) -> Path:

@@ -134,7 +134,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         for name, digest in sums.items():
             if not inside(path, name, str(path / CHECKSUMS)).is_file() or storage.sha256(path / name) != digest:
                 raise CheckpointError(f"{path / name} is missing or corrupted (checksum mismatch)")
-        optimizer = decode(storage.read_json(path / "optimizer.json"), storage.load_tensors(path / "optimizer.safetensors"))
+        optimizer = decode(storage.read_json(path / "optimizer.json"),
+                           storage.load_tensors(path / "optimizer.safetensors"))
         state = storage.read_json(path / "state.json")
         delta = storage.load_tensors(path / TENSOR_FILE)
         check_finite(delta, str(path / TENSOR_FILE))
