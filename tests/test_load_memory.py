@@ -17,13 +17,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig
 
+import deltatune.models.quantize as quantize
+from deltatune.models.load import load_model
+from deltatune.models.precision import DTYPES
 from tiny_lm import save_tiny_lm, tiny_tokenizer
 
 WORKER = Path(__file__).with_name("load_memory_worker.py")
 SLACK_MB = 24
-pytestmark = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc")
+LINUX_ONLY = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc")
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +47,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return folders
 
 
+@LINUX_ONLY
 @pytest.mark.slow
 @pytest.mark.parametrize(("stored", "dtype", "mode"), [
     ("bf16", "fp32", "none"), ("fp32", "bf16", "none"), ("bf16", "fp32", "int8"), ("fp32", "bf16", "int4")])
@@ -56,3 +60,26 @@ def test_load_peak_stays_within_1_2x_the_loaded_weights(shards, stored, dtype, m
     load = json.loads(proc.stdout.splitlines()[-1])
     assert load["peak_mb"] <= 1.2 * load["tensors_mb"] + SLACK_MB, load
     assert load["peak_mb"] <= 1.2 * load["after_mb"] + SLACK_MB, load
+
+
+@pytest.mark.parametrize(("stored", "dtype"), [(torch.bfloat16, "fp32"), (torch.float32, "bf16")])
+def test_converted_load_equals_transformers_own_conversion(tmp_path, monkeypatch, stored, dtype):
+    """Same tensors as from_pretrained(dtype=...), converted in several chunks; inv_freq stays fp32, ties stay."""
+    monkeypatch.setattr(quantize, "COPY_CHUNK_BYTES", 1000)  # odd-sized chunks, many per tensor
+    folder = save_tiny_lm(tmp_path / "lm")
+    AutoModelForCausalLM.from_pretrained(folder).to(stored).save_pretrained(folder)
+    model, _ = load_model(str(folder), "causal_lm", dtype=dtype)
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype])
+    ours, theirs = model.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) for k in ours)
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32 and model.config.dtype == DTYPES[dtype]
+
+
+def test_convert_loaded_converts_a_tied_table_once():
+    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2)
+    model = GPT2LMHeadModel(config).to(torch.bfloat16)
+    before = model.transformer.wte.weight.float()
+    quantize.convert_loaded(model, torch.float32, quantize.CheckpointPages())
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert model.lm_head.weight.dtype == torch.float32 and torch.equal(model.lm_head.weight, before)
