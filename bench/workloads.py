@@ -120,7 +120,7 @@ LADDER = {  # name: (hidden, layers, intermediate, heads, kv heads, vocab); shap
 SHARD_BYTES = 1 << 30
 
 
-def ladder_config(name: str) -> Any:
+def ladder_config(name: str, dtype: str = "bfloat16") -> Any:
     from transformers import LlamaConfig
 
     hidden, layers, inter, heads, kv, vocab = LADDER[name]
@@ -128,26 +128,26 @@ def ladder_config(name: str) -> Any:
     return LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, intermediate_size=inter,
                        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
                        tie_word_embeddings=False, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                       eos_token_id=tok.eos_token_id, dtype="bfloat16")
+                       eos_token_id=tok.eos_token_id, dtype=dtype)
 
 
-def write_random_llama(name: str, folder: Path, seed: int = 1234) -> Path:
-    """Save a seeded random Llama of LADDER (normal(0, 0.02) weights, unit norms) in bf16 safetensors shards plus
-    SmolLM2's tokenizer, one tensor at a time: writing it never holds the whole model in memory."""
+def write_random_llama(name: str, folder: Path, seed: int = 1234, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Save a seeded random Llama of LADDER (normal(0, 0.02) weights, unit norms) in `dtype` (bf16 | fp32)
+    safetensors shards plus SmolLM2's tokenizer, one tensor at a time: writing it never holds the whole model."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
     if (folder / "model.safetensors.index.json").is_file():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    config = ladder_config(name)
+    config = ladder_config(name, str(dtype).removeprefix("torch."))
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
     generator = torch.Generator().manual_seed(seed)
     weight_map, current, size, last = {}, {}, 0, list(shapes)[-1]
     for key, shape in shapes.items():
         tensor = (torch.ones(shape) if key.endswith("norm.weight") else
-                  torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+                  torch.randn(shape, generator=generator) * 0.02).to(dtype)
         current[key], size = tensor, size + tensor.nbytes
         if size >= SHARD_BYTES or key == last:
             file = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"

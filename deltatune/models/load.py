@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from dataclasses import dataclass
 from functools import cached_property
@@ -28,7 +29,7 @@ from deltatune.arch import describe
 from deltatune.models.assets import resolve_model_path
 from deltatune.errors import CheckpointError, ConfigError, DeltaTuneError
 from deltatune.models.precision import DTYPES, compute_in, hold_in_bf16, resolve_base_precision, stored_fp32_bytes
-from deltatune.models.quantize import Quantize, quantize_base
+from deltatune.models.quantize import CheckpointPages, Quantize, convert_loaded, give_back_free_memory, quantize_base
 from deltatune.safety import check_model_folder
 
 TASKS = {"classification": AutoModelForSequenceClassification, "regression": AutoModelForSequenceClassification,
@@ -90,10 +91,9 @@ class Pretrained:
                 raise ConfigError(f"unknown {name} {value!r}; allowed: auto, {', '.join(DTYPES)}")
         storage, compute = resolve_base_precision(dtype, compute_dtype, trains_base=False,
                                                   fp32_bytes=lambda: stored_fp32_bytes(self.folder))
-        bf16_storage = storage == torch.bfloat16 and compute == torch.float32 and not quantize
-        # quantized / bf16 storage: read the weights as stored (memory-mapped, no copy), convert them layer by layer
+        # the weights as stored (memory-mapped, no copy), then quantized / converted one tensor at a time
         head = _head_kwargs(task, num_labels, id2label)
-        kwargs = {"dtype": "auto" if quantize or bf16_storage else storage, **head}
+        kwargs = {"dtype": "auto", **head}
         auto = TASKS[task]
         if task == "causal_lm" and self.is_encoder_decoder:
             auto = AutoModelForSeq2SeqLM  # text generation by an encoder-decoder (T5, BART): prompt in, response out
@@ -105,10 +105,14 @@ class Pretrained:
         _check_tokenizer_fits(model, tokenizer, self.folder)
         if quantize:  # before anything reads all weights: the pages of the checkpoint leave RSS layer by layer
             quantize_base(model, quantize, compute)
-        elif bf16_storage:
+        elif storage == torch.bfloat16 and compute == torch.float32:
             hold_in_bf16(model)
+        else:
+            _convert_stored(model, storage)
+        give_back_free_memory()
         if task == "causal_lm" and auto is not AutoModelForSeq2SeqLM:  # an encoder-decoder's decoder is causal
             _check_causal(model, self.folder)
+            give_back_free_memory()
         compute_in(model, compute)
         if compute_dtype == "fp32":  # asked for: no bf16 anywhere, the loop's train.precision: auto included
             model.deltatune_compute_dtype = torch.float32
@@ -121,14 +125,27 @@ def load_model(path: str, task: str, num_labels: int | None = None, *, dtype: st
                id2label: dict[int, str] | None = None) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """Load `(model, tokenizer)` for `task`; the tokenizer always gets a pad token when it has eos or unk.
 
-    The weights are read from the memory-mapped safetensors files straight into `dtype` (no full fp32 copy). A bf16
-    model computes in `compute_dtype` (auto: bf16 where the CPU multiplies bf16 natively, else fp32; precision.py):
-    bf16 under autocast (precision.compute_in), fp32 from bf16-held Linear weights (precision.hold_in_bf16);
-    `quantize` makes its Linear layers (the output head excepted) weight-only int8 / int4 (quantize.py).
+    The weights are read from the memory-mapped safetensors files and converted to `dtype` one tensor at a time (no
+    full copy in another dtype, no resident checkpoint pages beyond the tensor being converted). A bf16 model
+    computes in `compute_dtype` (auto: bf16 where the CPU multiplies bf16 natively, else fp32; precision.py): bf16
+    under autocast (precision.compute_in), fp32 from bf16-held Linear weights (precision.hold_in_bf16); `quantize`
+    makes its linear layers (task heads excepted) weight-only int8 / int4 (quantize.py).
     `model.deltatune_new_weights` lists the parameters that were freshly initialised (e.g. a new task head).
     """
     return Pretrained.open(path, trust_remote_code=trust_remote_code).load(
         task, num_labels, dtype=dtype, compute_dtype=compute_dtype, quantize=quantize, id2label=id2label)
+
+
+def _convert_stored(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """The weights loaded as stored in `dtype` (convert_loaded: tensor by tensor, releasing the checkpoint's pages),
+    as `from_pretrained(dtype=...)` would give them, whose conversion keeps every page of the checkpoint resident
+    until the end (a bf16 1B loaded as fp32 peaked at 1.5x its fp32 weights). Modules the model class keeps in
+    fp32 for 16-bit dtypes (`_keep_in_fp32_modules_strict`) stay fp32."""
+    patterns = (getattr(model, "_keep_in_fp32_modules_strict", None) or ()) if dtype.itemsize < 4 else ()
+    kept = re.compile("|".join(p.replace("*", ".*") for p in patterns) or "(?!)")  # (?!): matches nothing
+    state = model.state_dict(keep_vars=True)
+    convert_loaded(model, dtype, CheckpointPages(), keep=[t for name, t in state.items() if kept.search(name)])
+    model.config.dtype = dtype
 
 
 def _head_kwargs(task: str, num_labels: int | None, id2label: dict[int, str] | None) -> dict[str, Any]:

@@ -27,7 +27,7 @@ import ctypes.util
 import logging
 import mmap
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,7 @@ _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("
 _LIBC = _LIBC if hasattr(_LIBC, "malloc_trim") else None  # glibc only
 MADV_DONTNEED = 4  # Linux
 PAGE_SIZE = mmap.PAGESIZE
+COPY_CHUNK_BYTES = 16 << 20
 
 
 class QuantizedLinear(nn.Linear):
@@ -172,7 +173,7 @@ def quantize_base(model: nn.Module, mode: Storage, dtype: torch.dtype | None = N
         raise ConfigError(f"{setting}: {type(model).__name__} has no linear layers (nn.Linear or GPT-2 Conv1D) "
                           f"outside its task heads; {fix}")
     count, scratch = 0, Scratch()
-    checkpoint = _CheckpointPages()
+    checkpoint = CheckpointPages()
     for name, linear in targets:
         source = linear.weight.detach().T if isinstance(linear, Conv1D) else linear.weight.detach()
         weight = source.to(torch.bfloat16, copy=True).contiguous() if mode == "bf16" \
@@ -184,7 +185,7 @@ def quantize_base(model: nn.Module, mode: Storage, dtype: torch.dtype | None = N
         setattr(model.get_submodule(parent), attr, layer)
         count += 1
         checkpoint.release(linear.weight)
-        _give_back_free_memory()
+        give_back_free_memory()
     if dtype is not None:
         _convert_unquantized(model, dtype, checkpoint, torch.bfloat16 if mode == "bf16" else None)
     return count
@@ -218,29 +219,41 @@ def _computes_linear(module: nn.Module) -> bool:
     return torch.allclose(out, F.linear(x, weight, bias), rtol=1e-2, atol=1e-2 * float(out.abs().max()) + 1e-6)
 
 
-def _give_back_free_memory() -> None:
-    """Quantizing a layer allocates fp32 temporaries several times its int8 result; freed between long-lived small
-    tensors they fragment glibc's heap (a 0.5B int8 load peaked at 2.8x its final weights): return free pages."""
+def give_back_free_memory() -> None:
+    """Return glibc's free heap pages to the system. Quantizing a layer allocates fp32 temporaries several times its
+    int8 result; freed between long-lived small tensors they fragment the heap (a 0.5B int8 load peaked at 2.8x its
+    final weights without this after each layer)."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
 
 
-def _convert_unquantized(model: nn.Module, dtype: torch.dtype, checkpoint: _CheckpointPages,
+def _convert_unquantized(model: nn.Module, dtype: torch.dtype, checkpoint: CheckpointPages,
                          table_dtype: torch.dtype | None = None) -> None:
-    """Every floating-point parameter and buffer outside the QuantizedLinear weights in `dtype`, one at a time, as
-    a copy: none may stay a view of the memory-mapped checkpoint, whose touched pages would stay resident with it.
-    The input embedding table becomes `table_dtype` (default: stays as stored) when that is narrower than `dtype`:
-    it is only looked up, and its rows are cast to `dtype` on the way out (exact), which saves half its memory
-    (1 GB for Llama-3-8B's in fp32)."""
+    """The tensors outside the QuantizedLinear weights in `dtype` (convert_loaded), each as a copy: none may stay a
+    view of the memory-mapped checkpoint, whose touched pages would stay resident with it. The input embedding
+    table becomes `table_dtype` (default: stays as stored) when that is narrower than `dtype`: it is only looked up,
+    and its rows are cast to `dtype` on the way out (exact), which saves half its memory (1 GB for Llama-3-8B's in
+    fp32)."""
     table = _lookup_only_embeddings(model, dtype, table_dtype)
-    for module in model.modules():
-        tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
-        for name, t in tensors:
-            if t.is_floating_point() and not (isinstance(module, QuantizedLinear) and name == "weight"):
-                old, t.data = t.data, t.data.to((table_dtype or t.dtype) if module is table else dtype, copy=True)
-                checkpoint.release(old)
+    quantized = [m.weight for m in model.modules() if isinstance(m, QuantizedLinear)]
+    convert_loaded(model, dtype, checkpoint, copy=True, keep=[*quantized, *([table.weight] if table else [])])
     if table is not None:
+        table.weight.data = checkpoint.copy(table.weight.data, table_dtype or table.weight.dtype)
         table.register_forward_hook(partial(_cast_output, dtype=dtype))
+
+
+def convert_loaded(model: nn.Module, dtype: torch.dtype, checkpoint: CheckpointPages, *, copy: bool = False,
+                   keep: Sequence[torch.Tensor] = ()) -> None:
+    """Every floating-point tensor `model` loads from a checkpoint (its state dict: parameters and persistent
+    buffers, not e.g. a rotary inv_freq that transformers keeps fp32) in `dtype`, in place, one at a time and a
+    chunk at a time (`CheckpointPages.copy`): the model never holds a second full copy, nor the pages of the
+    checkpoint it has already converted. Tensors already in `dtype` stay as they are unless `copy`; `keep` ones
+    are left alone."""
+    skip = {id(t) for t in keep}
+    for t in model.state_dict(keep_vars=True).values():
+        if id(t) not in skip and t.is_floating_point() and (copy or t.dtype != dtype):
+            skip.add(id(t))  # a tied tensor is listed under each of its names
+            t.data = checkpoint.copy(t.data, dtype)
 
 
 def _lookup_only_embeddings(model: nn.Module, dtype: torch.dtype,
@@ -258,7 +271,7 @@ def _cast_output(module: nn.Module, args: Any, output: torch.Tensor, dtype: torc
     return output.to(dtype)
 
 
-class _CheckpointPages:
+class CheckpointPages:
     """The process's memory mappings of *.safetensors files (the checkpoint a model was loaded from, views of which
     are its tensors until converted). `release(tensor)` unmaps the resident pages wholly inside a tensor that is
     being replaced (madvise MADV_DONTNEED): they stay in the page cache but leave the process's RSS, which otherwise
@@ -282,6 +295,19 @@ class _CheckpointPages:
         end = (tensor.data_ptr() + tensor.nbytes) // page * page
         if end > start and any(low <= start and end <= high for low, high in self.ranges):
             _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
+
+    def copy(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A new contiguous copy of `tensor` in `dtype`, made COPY_CHUNK_BYTES at a time, releasing each chunk's
+        checkpoint pages once copied: a tensor's copy and its resident source never coexist whole (at 1B, the
+        192 MB bf16 output head and its 384 MB fp32 copy)."""
+        out = torch.empty(tensor.shape, dtype=dtype)
+        source, target = tensor.reshape(-1), out.view(-1)
+        step = max(1, COPY_CHUNK_BYTES // tensor.element_size())
+        for start in range(0, source.numel(), step):
+            target[start:start + step] = source[start:start + step]
+            self.release(source[start:start + step])
+        self.release(tensor)  # the pages straddling two chunks
+        return out
 
 
 def dequantize_base(model: nn.Module, dtype: torch.dtype | None = None) -> int:
@@ -347,6 +373,15 @@ def _int4_layout_known() -> bool:
 def held_in_bf16(model: nn.Module) -> bool:
     """Whether `model` holds Linear weights in bf16 for fp32 compute (QuantizedLinear in storage format bf16)."""
     return any(isinstance(m, QuantizedLinear) and m.mode == "bf16" for m in model.modules())
+
+
+def stored_bytes(model: nn.Module) -> int:
+    """Bytes of `model`'s parameters and buffers as held: a quantized weight counts its packed data and scales."""
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        names = getattr(t, "tensor_data_names", None)
+        total += sum(getattr(t, name).nbytes for name in names) if names else t.nbytes
+    return total
 
 
 def quantized_layers(model: nn.Module) -> list[str]:
