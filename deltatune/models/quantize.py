@@ -68,11 +68,9 @@ class QuantizedLinear(nn.Linear):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.weight.checkpoint_shape = tuple(linear.weight.shape)  # fingerprints name the base's stored shapes
         self.register_parameter("bias", linear.bias)  # registered when None too (bitfit adds a missing bias)
-        # fp32 compute multiplies the layer's weight unpacked into the shared scratch buffer: torch's CPU int4 kernel
-        # is fast for bf16 activations only (85x slower than an fp32 matmul with fp32 ones: AVX2, 512x576 @
-        # 576x1536; unpacking first costs 1.3x), and torchao's int8 path dequantizes into a fresh fp32 tensor per
-        # call at the same speed (235 MB a 14336x4096 layer at 8B, freed between activations: heap growth).
-        self.unpack_to_multiply = self.compute_dtype == torch.float32
+        # torch's CPU int4 kernel is fast for bf16 activations only: with fp32 ones it ran 85x slower than an fp32
+        # matmul (AVX2, 512x576 @ 576x1536); unpacking the layer's weight first and multiplying in fp32 costs 1.3x.
+        self.unpack_to_multiply = mode in ("int4", "bf16") and self.compute_dtype == torch.float32
         self.scratch = scratch or Scratch()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
