@@ -54,6 +54,15 @@ def loss_and_grads(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, d
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def assert_same(got: tuple, expected: tuple) -> None:
+    """Equal loss and gradients of every trainable tensor, within float tolerance."""
+    (loss, grads), (expected_loss, expected_grads) = got, expected
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == expected_grads.keys() and len(grads) > 4
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
 def test_per_example_attention_gives_the_loss_and_gradients_of_the_mask_path(arch: str, monkeypatch) -> None:
     model, batch = lora_model(arch), packed_batch()
@@ -64,10 +73,17 @@ def test_per_example_attention_gives_the_loss_and_gradients_of_the_mask_path(arc
     monkeypatch.setattr(packed_attention, "sdpa_attention_forward", lambda *a, **k: calls.append(1))
     fast_loss, fast_grads = loss_and_grads(model, batch)
     assert not calls  # every layer took the per-example path
-    torch.testing.assert_close(fast_loss, loss, rtol=1e-5, atol=1e-6)
-    assert len(grads) > 4
-    for name, grad in grads.items():
-        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_same((fast_loss, fast_grads), (loss, grads))
+
+
+def test_per_example_attention_under_activation_checkpointing() -> None:
+    """The recomputed forward finds the examples on the same mask: same loss and gradients as without it."""
+    model, batch = lora_model("llama"), packed_batch()
+    loss, grads = loss_and_grads(model, batch)
+    prepare_model(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    fast_loss, fast_grads = loss_and_grads(model, batch)
+    assert_same((fast_loss, fast_grads), (loss, grads))
 
 
 def test_padded_and_cached_inputs_take_the_plain_sdpa_path() -> None:
