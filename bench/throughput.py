@@ -66,6 +66,7 @@ SIDES = {
     "trl": {"bf16": "native", "padding_free": True},
     "deltatune": {},
     "dt-nopack": {"packing": False},
+    "dt-maskattn": {"packed_attention": False},  # packed rows through sdpa's block-diagonal mask, not per example
     "dt-fp32": {"precision": "fp32"},
     "dt-nochunk": {"chunked_loss": False},
     "dt-noalloc": {"allocator": False},
@@ -249,10 +250,12 @@ def run_deltatune(model, train: list[dict], spec: dict):
         from deltatune.data.packing import prepare_model
 
         prepare_model(model)
+        if not lever.get("packed_attention", True):
+            model.config._attn_implementation = "sdpa"
     empty = Dataset.from_dict({"input_ids": [], "attention_mask": [], "labels": []})
     data = TaskData(rows, empty, empty, task="text", label_names=None, num_labels=None, source={})
     recorder = Recorder(Collator(tokenizer().pad_token_id, pack_to=spec["max_length"] if packing else None))
-    knobs = {k: v for k, v in lever.items() if k not in ("allocator", "packing", "heap")}
+    knobs = {k: v for k, v in lever.items() if k not in ("allocator", "packing", "heap", "packed_attention")}
     cfg = deltatune.TrainConfig(epochs=1, batch_size=spec["batch"], seed=spec["seed"], log_every=10**6,
                                 eval_baseline=False, optimizer=deltatune.OptimizerConfig(lr=LR[spec["method"]]),
                                 **knobs)
