@@ -18,6 +18,7 @@ the fp32 weights would take more than half of the machine's RAM (`FP32_RAM_SHARE
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -87,17 +88,10 @@ def stored_fp32_bytes(folder: str | Path) -> int | None:
                 for name in weights.keys():
                     part = weights.get_slice(name)
                     if part.get_dtype() in ("F32", "F16", "BF16", "F64"):
-                        total += 4 * _numel(part.get_shape())
+                        total += 4 * math.prod(part.get_shape())
     except (OSError, SafetensorError):
         return None
     return total or None
-
-
-def _numel(shape: list[int]) -> int:
-    count = 1
-    for n in shape:
-        count *= n
-    return count
 
 
 def hold_in_bf16(model: nn.Module) -> int:

@@ -174,7 +174,7 @@ def quantize_base(model: nn.Module, mode: Storage, dtype: torch.dtype | None = N
     checkpoint = CheckpointPages()
     for name, linear in targets:
         source = linear.weight.detach().T if isinstance(linear, Conv1D) else linear.weight.detach()
-        weight = source.to(torch.bfloat16, copy=True).contiguous() if mode == "bf16" \
+        weight = checkpoint.copy(source, torch.bfloat16) if mode == "bf16" \
             else _quantized_weight(source.to(dtype or source.dtype), mode, configs)
         if weight is None:
             continue
