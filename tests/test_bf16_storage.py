@@ -66,8 +66,8 @@ def dtypes(model: nn.Module) -> dict[str, torch.dtype]:
 ])
 def test_storage_and_compute_resolution(dtype, compute, trains_base, native, too_big, expected):
     ram = 8 << 30
-    resolved = resolve_base_precision(dtype, compute, trains_base=trains_base, bf16_native=native,
-                                      fp32_bytes=lambda: (5 if too_big else 3) << 30, ram_bytes=ram)
+    resolved = resolve_base_precision(dtype, compute, trained_by="full" if trains_base else None,
+                                      bf16_native=native, fp32_bytes=lambda: (5 if too_big else 3) << 30, ram_bytes=ram)
     assert resolved == expected
 
 

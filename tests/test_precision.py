@@ -55,7 +55,8 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
     ("float32", True, False, torch.float32),
 ])
 def test_base_dtype_resolution(setting, native, trains_base, expected):
-    storage, _ = resolve_base_precision(setting, trains_base=trains_base, bf16_native=native, ram_bytes=1 << 40)
+    storage, _ = resolve_base_precision(setting, trained_by="full" if trains_base else None, bf16_native=native,
+                                        ram_bytes=1 << 40)
     assert storage is expected
 
 

@@ -110,10 +110,6 @@ class RunConfig(Schema):
         if self.model.quantize and (dense := [d for d in self.delta if d.needs_dense_base()]):
             raise ValueError(f"model.quantize: {dense[0].method} {dense[0].needs_dense_base()}; remove model.quantize "
                              "or use a method that leaves the base weights as they are (e.g. lora with init kaiming)")
-        if self.model.dtype in ("bf16", "bfloat16") and (trained := [d.method for d in self.delta if d.trains_base]):
-            raise ValueError(f"model.dtype: bf16 stores a frozen base in bf16, but {trained[0]} trains the base's own "
-                             "tensors (in fp32, next to bf16 weights they would not fit); use model.dtype: auto "
-                             "(fp32 for this method) or fp32")
         self._check_precision()
         return self
 
@@ -122,15 +118,15 @@ class RunConfig(Schema):
         from deltatune.models.precision import resolve_base_precision
 
         try:  # native bf16 assumed: what is refused there is refused everywhere
-            resolve_base_precision(self.model.dtype, self.model.compute_dtype, trains_base=self.trains_base,
+            resolve_base_precision(self.model.dtype, self.model.compute_dtype, trained_by=self.base_trained_by,
                                    bf16_native=True)
         except ConfigError as e:
             raise ValueError(str(e)) from None
 
     @property
-    def trains_base(self) -> bool:
-        """Whether a delta trains the base model's own weights (then `model.dtype: auto` keeps fp32)."""
-        return any(d.trains_base for d in self.delta)
+    def base_trained_by(self) -> str | None:
+        """The first delta method that trains the base model's own weights (then `model.dtype: auto` keeps fp32)."""
+        return next((d.method for d in self.delta if d.trains_base), None)
 
     def base_precision(self) -> dict[str, str]:
         """How the base loads: `load_model`'s dtype and compute_dtype names (fp32 / bf16 / ...), `auto` resolved for
@@ -140,7 +136,7 @@ class RunConfig(Schema):
         from deltatune.models.precision import DTYPE_NAMES, resolve_base_precision, stored_fp32_bytes
 
         storage, compute = resolve_base_precision(
-            self.model.dtype, self.model.compute_dtype, trains_base=self.trains_base,
+            self.model.dtype, self.model.compute_dtype, trained_by=self.base_trained_by,
             fp32_bytes=lambda: stored_fp32_bytes(resolve_model_path(self.model.path)))
         dtype = DTYPE_NAMES[storage]
         return {"dtype": dtype, "compute_dtype": DTYPE_NAMES[compute] if dtype == "bf16" else self.model.compute_dtype}

@@ -89,7 +89,7 @@ class Pretrained:
         for name, value in (("dtype", dtype), ("compute_dtype", compute_dtype)):
             if value not in DTYPES and value != "auto":
                 raise ConfigError(f"unknown {name} {value!r}; allowed: auto, {', '.join(DTYPES)}")
-        storage, compute = resolve_base_precision(dtype, compute_dtype, trains_base=False,
+        storage, compute = resolve_base_precision(dtype, compute_dtype, trained_by=None,
                                                   fp32_bytes=lambda: stored_fp32_bytes(self.folder))
         # the weights as stored (memory-mapped, no copy), then quantized / converted one tensor at a time
         head = _head_kwargs(task, num_labels, id2label)

@@ -39,16 +39,17 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fl
 FP32_RAM_SHARE = 0.5  # dtype auto holds the base in bf16 when its fp32 weights would take more of the RAM than this
 
 
-def resolve_base_precision(dtype: str, compute: str = "auto", *, trains_base: bool, bf16_native: bool | None = None,
-                           fp32_bytes: Callable[[], int | None] | None = None,
+def resolve_base_precision(dtype: str, compute: str = "auto", *, trained_by: str | None,
+                           bf16_native: bool | None = None, fp32_bytes: Callable[[], int | None] | None = None,
                            ram_bytes: int | None = None) -> tuple[torch.dtype, torch.dtype]:
-    """(storage, compute) dtypes of the base for `model.dtype` / `model.compute_dtype`; `bf16_native` defaults to
+    """(storage, compute) dtypes of the base for `model.dtype` / `model.compute_dtype`, `trained_by` the delta method
+    that trains the base's own weights (None: none does); `bf16_native` defaults to
     this CPU's answer (`cpu_has_bf16`), `ram_bytes` to its RAM; `fp32_bytes()` gives the base's fp32 size (only
     asked when `dtype` is auto on a CPU without native bf16). ConfigError for a combination that cannot work."""
     native = cpu_has_bf16() if bf16_native is None else bf16_native
     if dtype == "auto":
         wanted = native or compute == "bf16" or _too_big(fp32_bytes, ram_bytes)
-        storage = torch.bfloat16 if wanted and not trains_base else torch.float32
+        storage = torch.bfloat16 if wanted and trained_by is None else torch.float32
     else:
         storage = DTYPES[dtype]
     if storage == torch.float32 and compute == "bf16":
@@ -56,9 +57,10 @@ def resolve_base_precision(dtype: str, compute: str = "auto", *, trains_base: bo
                           "in bf16 through train.precision: bf16")
     if storage != torch.bfloat16:
         return storage, storage
-    if trains_base:
-        raise ConfigError("model.dtype: bf16 stores a frozen base in bf16, but a delta trains the base's own tensors: "
-                          "use model.dtype: auto (fp32 for such a delta) or fp32")
+    if trained_by is not None:
+        raise ConfigError(f"model.dtype: bf16 stores a frozen base in bf16, but {trained_by} trains the base's own "
+                          "tensors (in fp32, next to bf16 weights they would not fit); use model.dtype: auto (fp32 "
+                          "for this method) or fp32")
     return storage, DTYPES[compute] if compute != "auto" else (torch.bfloat16 if native else torch.float32)
 
 
