@@ -71,7 +71,10 @@ def _packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                                       **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    rows = [torch.cat([F.scaled_dot_product_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e],
-                                                      value[b:b + 1, :, s:e], is_causal=True, scale=scaling)
-                       for s, e in row], dim=2) for b, row in enumerate(segments)]
+    # split, not indexing: its backward is one cat of the gradients, where every slice's backward would zero-fill
+    # a whole (batch, heads, length, dim) tensor; 4-D pieces keep sdpa on its flash kernel
+    lengths = [[e - s for s, e in row] for row in segments]
+    rows = [torch.cat([F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling) for q, k, v in
+                       zip(q_row.split(n, dim=2), k_row.split(n, dim=2), v_row.split(n, dim=2))], dim=2)
+            for q_row, k_row, v_row, n in zip(query.split(1), key.split(1), value.split(1), lengths)]
     return torch.cat(rows).transpose(1, 2).contiguous(), None
