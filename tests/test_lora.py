@@ -290,9 +290,12 @@ def test_only_lora_trains_and_loss_drops():
     assert all(p.grad is None for n, p in m.named_parameters() if "lora_" not in n)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_fused_update_matches_the_plain_sum(arch):
-    """Linear / Conv1D add the update with one addmm: same outputs and gradients (A, B, input) as out + s·B(A(x))."""
+def test_fused_update_matches_the_plain_sum(arch, autocast):
+    """Linear / Conv1D add the update through one autograd function (its own backward, rank-r matmuls transposed):
+    same outputs and gradients (A, B, input) as out + s·B(A(x)), also under bf16 autocast (the output in bf16, the
+    gradients of A and B in fp32 like their weights)."""
     m = model(arch)
     delta = deltatune.attach(m, LoRA(r=4, targets=["all-linear"]))
     randomize(delta)
@@ -303,12 +306,17 @@ def test_fused_update_matches_the_plain_sum(arch):
     results = []
     for fused in (True, False):
         xi = x.clone().requires_grad_()
-        out = wrapper.base_layer(xi)
-        plain = out + wrapper.kind.apply(wrapper, xi) * wrapper.scaling
-        y = wrapper.kind.add_scaled(wrapper, xi, out) if fused else plain
-        (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            out = wrapper.base_layer(xi)
+            plain = out + wrapper.kind.apply(wrapper, xi) * wrapper.scaling
+            y = wrapper.kind.add_scaled(wrapper, xi, out) if fused else plain
+        (y.float() * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
         results.append((y.detach(), xi.grad, wrapper.lora_A.weight.grad.clone(), wrapper.lora_B.weight.grad.clone()))
         wrapper.lora_A.weight.grad = wrapper.lora_B.weight.grad = None
+    tolerance = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-6)
     for fused, plain in zip(*results):
-        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+        assert fused.dtype == plain.dtype
+        torch.testing.assert_close(fused, plain, **tolerance)
+    assert results[0][0].dtype == (torch.bfloat16 if autocast else torch.float32)
+    assert results[0][2].dtype == results[0][3].dtype == torch.float32
     assert results[0][0].shape == (2, 5, wrapper.base_layer(x).shape[-1])

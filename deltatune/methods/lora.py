@@ -24,7 +24,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -116,11 +116,9 @@ class LinearKind:
         return m.lora_B(m.lora_A(x))
 
     def add_scaled(self, m: LoRAModule, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """out + s·B·A·x; for Linear and Conv1D one addmm (B's matmul, the scale and the sum at once: two passes
-        over the output fewer, forward and backward), as x and out are (..., in) and (..., out) rows."""
-        low = m.lora_A(x)
-        rows = torch.addmm(out.reshape(-1, out.shape[-1]), low.reshape(-1, low.shape[-1]), m.lora_B.weight.t(),
-                           alpha=m.scaling)
+        """out + s·B·A·x for Linear and Conv1D, whose x and out are (..., in) and (..., out) rows (`_LowRankUpdate`)."""
+        rows = _LowRankUpdate.apply(out.reshape(-1, out.shape[-1]), x.reshape(-1, x.shape[-1]), m.lora_A.weight,
+                                    m.lora_B.weight, m.scaling)
         return rows.view(out.shape)
 
     def out_view(self, v: torch.Tensor) -> torch.Tensor:
@@ -184,6 +182,38 @@ class EmbeddingKind(LinearKind):
 
     def add_scaled(self, m: LoRAModule, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return _add_applied(self, m, x, out)
+
+
+class _LowRankUpdate(torch.autograd.Function):
+    """out + s·(x·Aᵀ)·Bᵀ on rows, in the dtype of `out` (the base layer's, so also under autocast), with every
+    rank-r matmul arranged so that r is the outer size, never the inner or the last one: a BLAS handles a
+    (tokens × r) result poorly, e.g. MKL on AMD spends 4–6× the time on dy·B and dyᵀ·(x·Aᵀ) as on their transposes
+    (bench/README.md). B's matmul, the scale and the sum are one addmm."""
+
+    @staticmethod
+    def forward(ctx: Any, out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                scale: float) -> torch.Tensor:
+        x, a, b = (t.to(out.dtype) for t in (x, a, b))
+        with torch.autocast(out.device.type, enabled=False):
+            low_t = a @ x.T  # (r, tokens)
+            result = torch.addmm(out, low_t.T, b.T, alpha=scale)
+        ctx.save_for_backward(x, a, b, low_t)
+        ctx.scale = scale
+        return result
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, a, b, low_t = ctx.saved_tensors
+        grad_x = grad_a = grad_b = None
+        with torch.autocast(grad.device.type, enabled=False):
+            grad_low_t = (b.T @ grad.T).mul_(ctx.scale)  # (r, tokens)
+            if ctx.needs_input_grad[1]:
+                grad_x = grad_low_t.T @ a
+            if ctx.needs_input_grad[2]:
+                grad_a = grad_low_t @ x
+            if ctx.needs_input_grad[3]:
+                grad_b = (low_t @ grad).mul_(ctx.scale).T
+        return grad, grad_x, grad_a, grad_b, None
 
 
 def _add_applied(kind: LinearKind, m: LoRAModule, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
