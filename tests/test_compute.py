@@ -70,6 +70,24 @@ def test_chunked_loss_equals_plain_loss_and_gradients(arch, method, small_chunks
         torch.testing.assert_close(grads[name], expected_grads[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("scale", [1.0, 1e3])
+def test_linear_cross_entropy_matches_torch_also_for_huge_logits(scale, monkeypatch):
+    """Equal chunks, one exp per logit: the loss and the hidden-state gradient of F.cross_entropy (summed), also
+    where the logits are in the thousands (exp would overflow without subtracting each row's maximum)."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, VOCAB, bias=True)
+    hidden = (torch.randn(13, 8) * scale).requires_grad_()
+    targets = torch.randint(0, VOCAB, (13,))
+    expected = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum")
+    (expected_grad,) = torch.autograd.grad(expected, hidden)
+    monkeypatch.setattr(compute, "CHUNK_ELEMENTS", VOCAB * 5)  # 13 rows: chunks of 5, 4, 4
+    got = compute.linear_cross_entropy(hidden, targets, head)
+    (grad,) = torch.autograd.grad(got, hidden)
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-5)
+
+
 class VocabSizedResults(TorchFunctionMode):
     """Records the shape of every torch function result whose last dimension is the vocabulary (logits)."""
 

@@ -13,6 +13,7 @@ levers; bench/README.md records what each one measured. (Evaluation uses the chu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -118,7 +119,8 @@ def linear_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, head: nn.L
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head.weight.dtype
     bias = None if head.bias is None else head.bias.to(dtype)
-    chunk = max(1, CHUNK_ELEMENTS // head.weight.shape[0])
+    chunks = max(1, math.ceil(len(targets) * head.weight.shape[0] / CHUNK_ELEMENTS))
+    chunk = max(1, math.ceil(len(targets) / chunks))  # equal chunks: a short last one multiplies slowly
     return _FusedLinearCE.apply(hidden, head.weight.to(dtype), bias, targets, chunk, torch.is_grad_enabled())
 
 
@@ -138,11 +140,13 @@ class _FusedLinearCE(torch.autograd.Function):
             for start in range(0, len(targets), chunk):
                 rows, target = hidden[start:start + chunk].to(weight.dtype), targets[start:start + chunk, None]
                 logits = F.linear(rows, weight, bias).float()
-                lse = torch.logsumexp(logits, -1, keepdim=True)
-                total += (lse - logits.gather(1, target)).sum()
+                picked, peak = logits.gather(1, target), logits.amax(-1, keepdim=True)
+                probs = logits.sub_(peak).exp_()  # in place, and one exp: softmax = probs / norm
+                norm = probs.sum(-1, keepdim=True)
+                total += (norm.log() + peak - picked).sum()
                 if not (need_hidden or need_weight or need_bias):
                     continue
-                grad = logits.sub_(lse).exp_().scatter_add_(1, target, -torch.ones_like(lse)).to(weight.dtype)
+                grad = probs.div_(norm).scatter_add_(1, target, -torch.ones_like(norm)).to(weight.dtype)
                 if grad_hidden is not None:
                     grad_hidden[start:start + chunk] = grad @ weight
                 if grad_weight is not None:
