@@ -221,7 +221,7 @@ def quantize_base(model: nn.Module, mode: Storage, dtype: torch.dtype | None = N
         raise ConfigError(f"{setting}: {type(model).__name__} has no linear layers (nn.Linear or GPT-2 Conv1D) "
                           f"outside its task heads; {fix}")
     head = _untied_head(model) if dtype == torch.float32 else None
-    count, scratch = 0, Scratch()
+    count, scratch = 0, Scratch(MIN_BLOCK_ELEMENTS)
     checkpoint = CheckpointPages()
     for name, linear in targets:
         source = linear.weight.detach().T if isinstance(linear, Conv1D) else linear.weight.detach()
