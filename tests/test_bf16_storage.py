@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import re
 from pathlib import Path
 
@@ -336,7 +335,7 @@ def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("quantize_to", [None, "int8"])
-def test_lora_learns_over_a_held_head_in_blocks(monkeypatch, bf16_dir, lm_dir, tmp_path, quantize_to):
+def test_lora_learns_over_a_held_head_in_blocks(monkeypatch, bf16_dir, lm_dir, tmp_path, quantize_to):  # noqa: F811
     monkeypatch.setattr(quantize, "MIN_BLOCK_ELEMENTS", 1024)
     model = {"dtype": "fp32", "quantize": quantize_to} if quantize_to else {"dtype": "bf16", "compute_dtype": "fp32"}
     session, _ = run_training(validate_config(run_config(lm_dir if quantize_to else bf16_dir, tmp_path, **model)))

@@ -253,7 +253,9 @@ def _untied_head(model: nn.Module) -> tuple[str, nn.Linear] | None:
     """(name, layer) of `model`'s output embeddings if they are a plain nn.Linear whose weight no other module
     shares (an LM head not tied to the input embeddings), else None."""
     head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
-    if type(head) is not nn.Linear or sum(p is head.weight for _, p in model.named_parameters(remove_duplicate=False)) > 1:
+    if type(head) is not nn.Linear:
+        return None
+    if sum(p is head.weight for _, p in model.named_parameters(remove_duplicate=False)) > 1:
         return None
     return next((name, head) for name, module in model.named_modules() if module is head)
 
