@@ -13,6 +13,8 @@ import torch
 import transformers
 from transformers.pytorch_utils import Conv1D
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import deltatune
 from deltatune.config import validate_config
@@ -24,13 +26,14 @@ from deltatune.interop import export
 from deltatune.models.load import load_model
 from deltatune.models import precision
 from deltatune.models.precision import hold_in_bf16, resolve_base_precision
-from deltatune.models.quantize import QuantizedLinear, quantized_layers
+from deltatune.models import quantize
+from deltatune.models.quantize import QuantizedLinear, Scratch, quantize_base, quantized_layers
 from deltatune.runs.session import open_session, run_training
 from deltatune.train import compute
 from tests.test_contract import METHODS, make_config
-from tests.test_precision import AMX, logits, run_config
+from tests.test_precision import AMX, lm_dir, logits, run_config  # noqa: F401 (fixture)
 from tests.tiny import logits as tiny_logits
-from tests.tiny import tiny_batch, tiny_model
+from tests.tiny import tiny_batch, tiny_config, tiny_model
 from tests.tiny_lm import save_tiny_lm
 
 BF16, FP32 = torch.bfloat16, torch.float32
@@ -87,11 +90,12 @@ def test_bf16_storage_logits_equal_fp32_on_the_same_weights(bf16_dir):
     held, _ = load_model(str(bf16_dir), "causal_lm", dtype="bf16", compute_dtype="fp32")
     reference, _ = load_model(str(bf16_dir), "causal_lm", dtype="fp32")
     linears = [n for n, m in held.named_modules() if isinstance(m, QuantizedLinear)]
-    assert len(linears) == 7 * held.config.num_hidden_layers and quantized_layers(held) == []  # exact, not lossy
+    assert len(linears) == 7 * held.config.num_hidden_layers + 1 and quantized_layers(held) == []  # exact
+    assert linears[-1] == "lm_head"  # untied: held in bf16 too, multiplied in blocks of rows
     kinds = dtypes(held)
     assert {kinds[f"{n}.weight"] for n in linears} == {BF16}
     assert kinds["model.embed_tokens.weight"] == BF16  # untied: looked up in bf16, rows cast to fp32
-    assert kinds["lm_head.weight"] == FP32 and kinds["model.norm.weight"] == FP32
+    assert kinds["model.norm.weight"] == FP32
     out = logits(held)
     assert out.dtype == FP32
     torch.testing.assert_close(out, logits(reference), **SAME_WEIGHTS)
@@ -221,3 +225,125 @@ def test_every_method_trains_fp32_tensors_on_a_bf16_held_base(method, tmp_path):
     torch.testing.assert_close(tiny_logits(base, batch), tiny_logits(model, batch), **SAME_WEIGHTS)
     delta.detach()
     assert all(torch.equal(original[n], t) for n, t in model.state_dict().items())
+
+
+# ---- the output head held in bf16 ---------------------------------------------------------------------------------
+class LargestFloat32(TorchDispatchMode):
+    """Records the most elements of any fp32 tensor an operation returns while active (temporaries included)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.most = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        sizes = [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.dtype == FP32]
+        self.most = max([self.most, *sizes])
+        return out
+
+
+def untied_lm(monkeypatch, mode: str = "bf16") -> tuple[nn.Module, nn.Module]:
+    """(a tiny Llama with bf16-representable weights and a 512-entry untied head, held in `mode` with fp32 compute
+    and weight blocks of at most 2,048 values (its largest body layer, 64 x 32); the same model with an fp32
+    head)."""
+    monkeypatch.setattr(quantize, "MIN_BLOCK_ELEMENTS", 1024)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(tiny_config("llama", vocab_size=512)).bfloat16().float().eval()
+    reference = copy.deepcopy(model)
+    quantize_base(model, mode, FP32)
+    if mode != "bf16":
+        quantize_base(reference, mode)  # the same kernels, the head left as it is
+    return model, reference
+
+
+@pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
+def test_an_untied_head_is_held_in_bf16_and_multiplied_in_blocks_of_rows(monkeypatch, mode):
+    model, reference = untied_lm(monkeypatch, mode)
+    head = model.lm_head
+    assert isinstance(head, QuantizedLinear) and head.mode == "bf16" and head.weight.dtype == BF16
+    assert head.scratch is model.model.layers[0].mlp.down_proj.scratch and head.scratch.block_elements == 64 * 32
+    assert head.block_rows() == 64 and model.deltatune_compute_dtype == FP32
+    assert head.weight.checkpoint_shape == (512, 32)  # fingerprints name the checkpoint's shapes
+    ids = torch.randint(3, 512, (2, 8))
+    x = model.model(input_ids=ids).last_hidden_state.detach().requires_grad_()
+    y = x.detach().clone().requires_grad_()
+    with LargestFloat32() as largest:
+        out = head(x)
+        out.square().sum().backward()
+    assert largest.most < head.weight.numel()  # neither the forward nor the input gradient upcast it whole
+    expected = reference.lm_head(y)
+    expected.square().sum().backward()
+    torch.testing.assert_close(out, expected, **SAME_WEIGHTS)
+    torch.testing.assert_close(x.grad, y.grad, **SAME_WEIGHTS)
+    torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, **SAME_WEIGHTS)
+
+
+def test_a_tied_head_is_left_as_it_is():
+    model = tiny_model("gpt2", head="lm")
+    hold_in_bf16(model)
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.transformer.wte.weight
+    assert model.lm_head.weight.dtype == FP32
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_chunked_loss_over_a_held_head_equals_the_plain_loss(monkeypatch, bias):
+    monkeypatch.setattr(compute, "CHUNK_ELEMENTS", 256)  # 4 rows of a 64-row block's logits at once
+    torch.manual_seed(0)
+    linear = nn.Linear(32, 500, bias=bias)  # the last block is short
+    linear.weight.data = linear.weight.data.bfloat16().float()
+    head = QuantizedLinear(linear, linear.weight.detach().bfloat16(), "bf16", Scratch(64 * 32), FP32)
+    assert compute._held(head) and head.block_rows() == 64
+    hidden = torch.randn(40, 32, requires_grad=True)
+    targets = torch.randint(0, 500, (40,))
+    targets[:3] = torch.tensor([0, 63, 499])  # first and last row of a block, last of the vocabulary
+    with LargestFloat32() as largest:
+        loss = compute.linear_cross_entropy(hidden, targets, head)
+        loss.backward()
+    assert largest.most < min(head.weight.numel(), len(targets) * 500)  # no fp32 head, no full logits
+    reference = hidden.detach().clone().requires_grad_()
+    expected = nn.functional.cross_entropy(linear(reference), targets, reduction="sum")
+    expected.backward()
+    torch.testing.assert_close(loss, expected, **SAME_WEIGHTS)
+    torch.testing.assert_close(hidden.grad, reference.grad, **SAME_WEIGHTS)
+    if bias:
+        torch.testing.assert_close(head.bias.grad, linear.bias.grad, **SAME_WEIGHTS)
+    with torch.no_grad():  # evaluation: the value only
+        torch.testing.assert_close(compute.linear_cross_entropy(hidden, targets, head), expected.detach(),
+                                   **SAME_WEIGHTS)
+
+
+def test_the_training_loss_takes_the_chunked_path_through_a_held_head(monkeypatch):
+    model, reference = untied_lm(monkeypatch)
+    batch = {"input_ids": torch.randint(3, 512, (2, 8))}
+    batch["labels"] = batch["input_ids"].clone()
+    batch["labels"][0, :3] = -100
+    loss, expected = (lm_loss(m, batch) for m in (model, reference))
+    torch.testing.assert_close(loss, expected, **SAME_WEIGHTS)
+    assert compute.output_head(model) == (model, "lm_head")
+
+
+def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The chunked training loss of `batch` and its gradients in a LoRA's factors (seeded), concatenated."""
+    torch.manual_seed(0)
+    delta = deltatune.attach(model, deltatune.LoRA(r=4, init="gaussian"))
+    task = type("Text", (), {"kind": "text"})()
+    loss = compute.TrainingLoss(model, task, precision="fp32")(batch)
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in delta.trainable_parameters().values()])
+    delta.detach()
+    return torch.cat([loss[None], grads])
+
+
+@pytest.mark.parametrize("quantize_to", [None, "int8"])
+def test_lora_learns_over_a_held_head_in_blocks(monkeypatch, bf16_dir, lm_dir, tmp_path, quantize_to):  # noqa: F811
+    monkeypatch.setattr(quantize, "MIN_BLOCK_ELEMENTS", 1024)
+    model = {"dtype": "fp32", "quantize": quantize_to} if quantize_to else {"dtype": "bf16", "compute_dtype": "fp32"}
+    session, _ = run_training(validate_config(run_config(lm_dir if quantize_to else bf16_dir, tmp_path, **model)))
+    head = session.model.lm_head
+    assert isinstance(head, QuantizedLinear) and head.mode == "bf16" and head.block_rows() < head.out_features
+    assert compute.output_head(session.model) is not None  # the chunked loss, in training and evaluation
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [row["loss"] for row in rows if row["kind"] == "train"]
+    assert max(losses[-3:]) < losses[0] - 0.05
+    evals = [row["loss"] for row in rows if row["kind"] == "eval"]
+    assert evals[-1] < evals[0]

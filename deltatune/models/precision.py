@@ -8,8 +8,9 @@ Three ways to hold a base:
     natively (AVX512_BF16 / AMX): elsewhere torch emulates bf16 matmuls, 100-300x slower than fp32 (bench/README.md).
   * bf16 storage, fp32 compute: half the memory on any CPU. The base's Linear layers keep bf16 weights and each
     matmul (forward, and the input gradient in backward) runs in fp32 from the layer's weight upcast into one
-    scratch buffer the model's layers share (`quantize.QuantizedLinear` in its "bf16" storage format; the output
-    head and norms stay fp32, an untied input embedding table stays bf16 with its rows cast on lookup).
+    scratch buffer the model's layers share (`quantize.QuantizedLinear` in its "bf16" storage format). An untied
+    output head is held the same way, upcast in blocks of rows (never whole); norms stay fp32, an untied input
+    embedding table stays bf16 with its rows cast on lookup.
 `compute_dtype: auto` = bf16 where the CPU has native bf16 matmuls, else fp32. `dtype: auto` = bf16 when no delta
 trains the base's own weights and either the CPU multiplies bf16 natively, `compute_dtype: bf16` asks for it, or
 the fp32 weights would take more than half of the machine's RAM (`FP32_RAM_SHARE`); else fp32. The delta's tensors
@@ -97,13 +98,11 @@ def stored_fp32_bytes(folder: str | Path) -> int | None:
 
 
 def hold_in_bf16(model: nn.Module) -> int:
-    """bf16 storage with fp32 compute, in place: the Linear layers (the output head excepted) keep bf16 weights and
-    multiply in fp32 from a shared scratch buffer; everything else is fp32 but an untied input embedding table
-    (bf16, rows cast on lookup). A delta attached later builds its tensors in fp32 (`deltatune_compute_dtype`).
-    Returns how many layers hold bf16 weights."""
-    count = quantize_base(model, "bf16", torch.float32)
-    model.deltatune_compute_dtype = torch.float32
-    return count
+    """bf16 storage with fp32 compute, in place: the Linear layers (an untied output head included) keep bf16
+    weights and multiply in fp32 from a shared scratch buffer (the head in blocks of rows); everything else is fp32
+    but an untied input embedding table (bf16, rows cast on lookup). A delta attached later builds its tensors in
+    fp32 (`deltatune_compute_dtype`). Returns how many layers hold bf16 weights."""
+    return quantize_base(model, "bf16", torch.float32)
 
 
 def compute_in(model: nn.Module, dtype: torch.dtype) -> None:

@@ -11,10 +11,13 @@ it that compute the same (e.g. Falcon's FalconLinear: checked on a probe input) 
 (in, out): quantized transposed, its `checkpoint_shape` keeps the stored shape for base fingerprints). Its backward
 gives the input gradient from a transient dequantized copy of one layer's weight (the kernels have no derivative),
 so deltas before it still train. The weight itself never trains. Task heads (output embeddings, classifiers) stay
-unquantized, as in QLoRA.
+unquantized, as in QLoRA, except that with fp32 compute an untied output head (an LM head not sharing its weight
+with the input embeddings) is held in bf16, as QLoRA keeps it in 16 bits.
 The same wrapper holds bf16 weights for fp32 compute (storage format "bf16", models/precision.py `hold_in_bf16`): no
 kernel, each matmul unpacks (upcasts) the layer's weight into the shared fp32 scratch buffer; it merges like a plain
-bf16 layer.
+bf16 layer. A matmul unpacks at most `Scratch.block_elements` weights at once (the largest body layer, at least
+MIN_BLOCK_ELEMENTS): a larger weight (the output head: 128,256 x 4,096 at Llama-3-8B) is multiplied in blocks of
+output rows (`weight_blocks`), so its fp32 copy never exists whole.
 Merging a delta needs real weights: merging on an int8/int4 base is an error; load the saved delta onto the base
 loaded unquantized (what `deltatune merge` / `export --format hf` do for a quantized run) or `dequantize_base`.
 Methods that train, mask or rewrite the base weights are refused on a quantized base (DeltaConfig.needs_dense_base).
@@ -26,6 +29,7 @@ import ctypes
 import ctypes.util
 import logging
 import mmap
+from collections.abc import Iterator
 from functools import partial
 from typing import Any, Literal, Sequence
 
@@ -52,6 +56,7 @@ _LIBC = _LIBC if hasattr(_LIBC, "malloc_trim") else None  # glibc only
 MADV_DONTNEED = 4  # Linux
 PAGE_SIZE = mmap.PAGESIZE
 COPY_CHUNK_BYTES = 16 << 20
+MIN_BLOCK_ELEMENTS = 1 << 22  # a weight block unpacked for one matmul holds at least this many fp32 values (16 MB)
 
 
 class QuantizedLinear(nn.Linear):
@@ -89,19 +94,59 @@ class QuantizedLinear(nn.Linear):
             return _unpack_int4(weight.qdata, weight.scale_and_zero, weight.block_size[1]).to(self.compute_dtype)
         return _int4_by_matmul(weight, self.in_features, self.compute_dtype)
 
-    def weight_for_matmul(self) -> torch.Tensor:
-        """dequantized_weight() for one matmul: in fp32 written into the scratch buffer the model's quantized layers
-        share (valid until the next layer's call), so a step does not allocate and free one dense weight per layer
-        (freed between the step's activations, they fragmented the heap: +0.4-0.7 GB RSS at 1B int4)."""
+    def weight_for_matmul(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows start:stop (default: all) of dequantized_weight() for one matmul: in fp32 written into the scratch
+        buffer the model's quantized layers share (valid until the next layer's call), so a step does not allocate
+        and free one dense weight per layer (freed between the step's activations, they fragmented the heap:
+        +0.4-0.7 GB RSS at 1B int4). int4: `start` and `stop` are multiples of INT4_BLOCK_N (or `stop` the end)."""
+        stop = self.out_features if stop is None else stop
+        if not self._unpacks_into_scratch():
+            return self.dequantized_weight()[start:stop]
         weight = self.weight.detach()
-        if self.compute_dtype != torch.float32 or not (self.mode in ("int8", "bf16") or self._unpackable()):
-            return self.dequantized_weight()
-        out = self.scratch.take(self.out_features, self.in_features)
+        out = self.scratch.take(stop - start, self.in_features)
         if self.mode == "bf16":
-            return out.copy_(weight)
+            return out.copy_(weight[start:stop])
         if self.mode == "int8":
-            return torch.mul(weight.qdata, weight.scale.reshape(-1, 1), out=out)
-        return _unpack_int4(weight.qdata, weight.scale_and_zero, weight.block_size[1], out=out)
+            return torch.mul(weight.qdata[start:stop], weight.scale[start:stop].reshape(-1, 1), out=out)
+        return _unpack_int4(weight.qdata[start:stop], weight.scale_and_zero[:, start:stop], weight.block_size[1],
+                            out=out)
+
+    def block_rows(self) -> int:
+        """How many output rows weight_blocks() unpacks at once: what fits `scratch.block_elements` (int4: whole
+        packing blocks), all of them when the weight is not unpacked into the scratch."""
+        if not self._unpacks_into_scratch():
+            return self.out_features
+        rows = max(1, self.scratch.block_elements // self.in_features)
+        return max(INT4_BLOCK_N, rows - rows % INT4_BLOCK_N) if self.mode == "int4" else rows
+
+    def weight_blocks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, those rows of the weight from weight_for_matmul), block_rows() rows at a time; each block is
+        valid until the next is taken."""
+        step = self.block_rows()
+        for start in range(0, self.out_features, step):
+            yield start, self.weight_for_matmul(start, min(start + step, self.out_features))
+
+    def multiply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x @ W.T + bias for 2-D `x`, from the weight unpacked block by block."""
+        if self.block_rows() >= self.out_features:
+            return F.linear(x, self.weight_for_matmul(), bias)
+        out = x.new_empty(len(x), self.out_features)
+        for start, weight in self.weight_blocks():
+            stop = start + len(weight)
+            out[:, start:stop] = F.linear(x, weight, None if bias is None else bias[start:stop])
+        return out
+
+    def multiply_transposed(self, grad: torch.Tensor) -> torch.Tensor:
+        """grad @ W for 2-D `grad` (the input gradient), from the weight unpacked block by block."""
+        if self.block_rows() >= self.out_features:
+            return grad @ self.weight_for_matmul().to(grad.dtype)
+        out = grad.new_zeros(len(grad), self.in_features)
+        for start, weight in self.weight_blocks():
+            out.addmm_(grad[:, start:start + len(weight)], weight.to(grad.dtype))
+        return out
+
+    def _unpacks_into_scratch(self) -> bool:
+        return self.compute_dtype == torch.float32 and (self.mode in ("int8", "bf16") or self._unpackable())
 
     def _unpackable(self) -> bool:
         return self.mode == "int4" and _int4_layout_known() and self.out_features % INT4_BLOCK_N == 0
@@ -119,7 +164,7 @@ class _QuantizedMatmul(torch.autograd.Function):
                 layer: QuantizedLinear) -> torch.Tensor:
         ctx.layer = layer
         with torch.autocast(x.device.type, enabled=False):
-            out = F.linear(x, layer.weight_for_matmul() if layer.unpack_to_multiply else weight, bias)
+            out = layer.multiply(x, bias) if layer.unpack_to_multiply else F.linear(x, weight, bias)
         # torchao's kernels return a view of their result; returned from a custom Function, a view cannot be changed
         # in place by the model (Falcon: `mlp_output += attention_output`): return the result itself
         base = out._base
@@ -132,16 +177,18 @@ class _QuantizedMatmul(torch.autograd.Function):
         need_x, _, need_bias, _ = ctx.needs_input_grad
         grad_x = grad_bias = None
         if need_x:
-            grad_x = grad @ ctx.layer.weight_for_matmul().to(grad.dtype)
+            grad_x = ctx.layer.multiply_transposed(grad)
         if need_bias:
             grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
         return grad_x, None, grad_bias, None
 
 
 class Scratch:
-    """One growable buffer for the dense weights the quantized layers of a model unpack for their matmuls."""
+    """One growable buffer for the dense weights the quantized layers of a model unpack for their matmuls, at most
+    `block_elements` values at once (QuantizedLinear.weight_blocks)."""
 
-    def __init__(self) -> None:
+    def __init__(self, block_elements: int = MIN_BLOCK_ELEMENTS) -> None:
+        self.block_elements = block_elements
         self.buffer = torch.empty(0)
 
     def take(self, rows: int, columns: int) -> torch.Tensor:
@@ -157,9 +204,12 @@ def quantize_base(model: nn.Module, mode: Storage, dtype: torch.dtype | None = N
     """Replace every linear layer of `model` (nn.Linear, a subclass computing the same, GPT-2 Conv1D) outside its
     task heads (output embeddings, classifiers: they stay as they are, as in QLoRA) by a QuantizedLinear computing
     in `dtype` (default: each layer's own), in place, one layer at a time; layers the kernel cannot take (int4:
-    in_features not a multiple of 32 or out_features not one of 16) stay as they are. The other floating-point
-    tensors are converted to `dtype` (mode "bf16": an untied input embedding table becomes bf16). Returns how many
-    layers were replaced."""
+    in_features not a multiple of 32 or out_features not one of 16) stay as they are. With `dtype` fp32 an untied
+    output head (a plain nn.Linear whose weight nothing else shares) is held in bf16 too (mode "bf16"), multiplied
+    in blocks of rows no larger than the largest other layer; the model is then marked as computing in fp32 (a
+    delta attached later builds fp32 tensors: `deltatune_compute_dtype`). The other floating-point tensors are
+    converted to `dtype` (mode "bf16": an untied input embedding table becomes bf16). Returns how many layers were
+    replaced."""
     setting, fix = ("model.dtype: bf16 with model.compute_dtype: fp32", "use model.dtype: fp32") if mode == "bf16" \
         else ("model.quantize", "remove model.quantize")
     configs = {} if mode == "bf16" else _torchao_configs()
@@ -170,23 +220,44 @@ def quantize_base(model: nn.Module, mode: Storage, dtype: torch.dtype | None = N
     if not targets:
         raise ConfigError(f"{setting}: {type(model).__name__} has no linear layers (nn.Linear or GPT-2 Conv1D) "
                           f"outside its task heads; {fix}")
-    count, scratch = 0, Scratch()
+    head = _untied_head(model) if dtype == torch.float32 else None
+    count, scratch = 0, Scratch(MIN_BLOCK_ELEMENTS)
     checkpoint = CheckpointPages()
     for name, linear in targets:
         source = linear.weight.detach().T if isinstance(linear, Conv1D) else linear.weight.detach()
         weight = checkpoint.copy(source, torch.bfloat16) if mode == "bf16" \
             else _quantized_weight(source.to(dtype or source.dtype), mode, configs)
-        if weight is None:
-            continue
-        parent, _, attr = name.rpartition(".")
-        layer = QuantizedLinear(linear, weight, mode, scratch, dtype)
-        setattr(model.get_submodule(parent), attr, layer)
-        count += 1
-        checkpoint.release(linear.weight)
-        give_back_free_memory()
+        if weight is not None:
+            scratch.block_elements = max(scratch.block_elements, source.numel())
+            count += _replace(model, name, QuantizedLinear(linear, weight, mode, scratch, dtype), checkpoint)
+    if head is not None:
+        weight = checkpoint.copy(head[1].weight.detach(), torch.bfloat16)
+        count += _replace(model, head[0], QuantizedLinear(head[1], weight, "bf16", scratch, dtype), checkpoint)
+    if dtype == torch.float32:
+        model.deltatune_compute_dtype = dtype
     if dtype is not None:
         _convert_unquantized(model, dtype, checkpoint, torch.bfloat16 if mode == "bf16" else None)
     return count
+
+
+def _replace(model: nn.Module, name: str, layer: QuantizedLinear, checkpoint: CheckpointPages) -> int:
+    """Put `layer` in place of the module `name` and release the replaced weight's checkpoint pages; returns 1."""
+    parent, _, attr = name.rpartition(".")
+    checkpoint.release(model.get_submodule(name).weight)
+    setattr(model.get_submodule(parent), attr, layer)
+    give_back_free_memory()
+    return 1
+
+
+def _untied_head(model: nn.Module) -> tuple[str, nn.Linear] | None:
+    """(name, layer) of `model`'s output embeddings if they are a plain nn.Linear whose weight no other module
+    shares (an LM head not tied to the input embeddings), else None."""
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    if type(head) is not nn.Linear:
+        return None
+    if sum(p is head.weight for _, p in model.named_parameters(remove_duplicate=False)) > 1:
+        return None
+    return next((name, head) for name, module in model.named_modules() if module is head)
 
 
 def _quantizable(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -6,7 +6,9 @@ levers; bench/README.md records what each one measured. (Evaluation uses the chu
   (CPU: AVX512_BF16 or AMX; there it paid at every model width measured, bench/README.md); evaluation stays fp32.
 * chunked LM loss (causal LM only): the next-token loss is computed from the final hidden states, only at
   target positions (labels != -100), through the output head in chunks; each chunk's gradient is taken at once
-  (a fused linear + cross-entropy), so neither the full logits nor their gradient ever exist.
+  (a fused linear + cross-entropy), so neither the full logits nor their gradient ever exist. A head held in bf16
+  for fp32 compute (models/quantize.py) is upcast in blocks of vocabulary rows, each block once per call, and the
+  loss runs over the blocks with a running log-sum-exp: its fp32 weight never exists whole either.
 * activation checkpointing: transformers' non-reentrant checkpointing of every layer, switched on for each
   training forward only (so nothing is left on the model); inputs need not require grad, whatever is frozen.
 """
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.errors import ConfigError
+from deltatune.models.quantize import QuantizedLinear
 from deltatune.train.metrics import logits_of
 
 if TYPE_CHECKING:
@@ -78,13 +81,14 @@ def fp32_master_weights(params: Iterable[nn.Parameter]) -> int:
 
 # ---- chunked causal-LM loss -----------------------------------------------------------------------------------
 def output_head(model: nn.Module) -> tuple[nn.Module, str] | None:
-    """(parent module, attribute) of the LM head of a chunkable causal LM whose head is a plain nn.Linear, else
-    None (a delta wrapping the head, e.g. LoRA on lm_head, and FSDP-sharded models get the plain loss)."""
+    """(parent module, attribute) of the LM head of a chunkable causal LM whose head is a plain nn.Linear or one
+    held in bf16 for fp32 compute, else None (a delta wrapping the head, e.g. LoRA on lm_head, and FSDP-sharded
+    models get the plain loss)."""
     inner = _unwrap(model)
     if getattr(getattr(inner, "config", None), "model_type", None) not in CHUNKABLE or _sharded(model):
         return None
     head = inner.get_output_embeddings() if callable(getattr(inner, "get_output_embeddings", None)) else None
-    if type(head) is not nn.Linear:
+    if type(head) is not nn.Linear and not _held(head):
         return None
     name = next(n for n, m in inner.named_modules() if m is head)
     parent, _, attr = name.rpartition(".")
@@ -115,13 +119,22 @@ def lm_loss_sum(model: nn.Module, where: tuple[nn.Module, str], inputs: dict[str
 
 def linear_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Linear) -> torch.Tensor:
     """sum(cross_entropy(head(hidden), targets)) over rows, in chunks of rows, differentiable in `hidden` and the
-    head's weight and bias. Under autocast the head runs in the autocast dtype (its weight cast once per call)."""
+    head's weight and bias. Under autocast the head runs in the autocast dtype (its weight cast once per call); a
+    head held in bf16 for fp32 compute runs in fp32 from its weight's blocks (its weight never trains)."""
+    if _held(head):
+        return _BlockedHeadCE.apply(hidden, head.bias, targets, head, torch.is_grad_enabled())
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head.weight.dtype
     bias = None if head.bias is None else head.bias.to(dtype)
     chunks = max(1, math.ceil(len(targets) * head.weight.shape[0] / CHUNK_ELEMENTS))
     chunk = max(1, math.ceil(len(targets) / chunks))  # equal chunks: a short last one multiplies slowly
     return _FusedLinearCE.apply(hidden, head.weight.to(dtype), bias, targets, chunk, torch.is_grad_enabled())
+
+
+def _held(head: nn.Module) -> bool:
+    """Whether `head` is a QuantizedLinear holding bf16 weights for fp32 compute (the untied LM head of a base held
+    in bf16 / int8 / int4 with fp32 compute)."""
+    return isinstance(head, QuantizedLinear) and head.mode == "bf16" and head.compute_dtype == torch.float32
 
 
 class _FusedLinearCE(torch.autograd.Function):
@@ -164,6 +177,72 @@ class _FusedLinearCE(torch.autograd.Function):
         return (None if grad_hidden is None else grad_hidden * grad_out,
                 None if grad_weight is None else (grad_weight * grad_out).to(weight_dtype),
                 None if grad_bias is None else (grad_bias * grad_out).to(bias_dtype), None, None, None)
+
+
+class _BlockedHeadCE(torch.autograd.Function):
+    """Cross-entropy of `head(hidden)` for a held head, its weight upcast one block of vocabulary rows at a time
+    (QuantizedLinear.weight_blocks), each block once: for every chunk of rows, a running max and sum of exp(logits)
+    give the log-sum-exp, and the running sum of exp(logits) @ block (rescaled as the max grows) gives
+    softmax @ W; the hidden gradient is then softmax @ W - W[target]. The bias gradient, when the bias trains,
+    takes a second pass over the blocks (it needs the final log-sum-exp)."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                head: QuantizedLinear, grad_enabled: bool) -> torch.Tensor:
+        need_hidden, need_bias = (grad_enabled and need for need in ctx.needs_input_grad[:2])
+        with torch.autocast(hidden.device.type, enabled=False), torch.no_grad():
+            rows = hidden.detach().float()
+            peak = rows.new_full((len(rows),), -torch.inf)
+            sums, target_logits = rows.new_zeros(len(rows)), rows.new_zeros(len(rows))
+            soft = torch.zeros_like(rows) if need_hidden else None  # sum of exp(logit - peak) * W[v]
+            picked = torch.zeros_like(rows) if need_hidden else None  # W[target]
+            for where, start, weight, logits in _head_blocks(rows, head, bias):
+                inside = (targets[where] - start).clamp(0, len(weight) - 1)  # the target's row in this block
+                hit = targets[where] == inside + start
+                target_logits[where] += logits.gather(1, inside[:, None])[:, 0] * hit
+                if picked is not None:
+                    picked[where] += weight[inside] * hit[:, None]
+                new_peak = torch.maximum(peak[where], logits.amax(1))
+                scale = (peak[where] - new_peak).exp_()
+                exp = logits.sub_(new_peak[:, None]).exp_()
+                sums[where] = sums[where] * scale + exp.sum(1)
+                if soft is not None:
+                    soft[where].mul_(scale[:, None]).addmm_(exp, weight)
+                peak[where] = new_peak
+            lse = peak + sums.log()
+            grad_hidden = (soft / sums[:, None] - picked).to(hidden.dtype) if need_hidden else None
+            grad_bias = _bias_grad(rows, head, bias, targets, lse) if need_bias else None
+        ctx.save_for_backward(grad_hidden, grad_bias)
+        return (lse - target_logits).sum()
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_hidden, grad_bias = ctx.saved_tensors
+        return (None if grad_hidden is None else grad_hidden * grad_out,
+                None if grad_bias is None else grad_bias * grad_out, None, None, None)
+
+
+def _head_blocks(rows: torch.Tensor, head: QuantizedLinear,
+                 bias: torch.Tensor | None) -> Iterator[tuple[slice, int, torch.Tensor, torch.Tensor]]:
+    """(rows slice, first vocabulary row, fp32 weight block, fp32 logits of those rows for that block), for every
+    block of the head's weight and every chunk of rows (at most CHUNK_ELEMENTS logits)."""
+    if not len(rows):
+        return
+    for start, weight in head.weight_blocks():
+        chunk = max(1, CHUNK_ELEMENTS // len(weight))
+        part = None if bias is None else bias[start:start + len(weight)].float()
+        for first in range(0, len(rows), chunk):
+            where = slice(first, first + chunk)
+            yield where, start, weight, F.linear(rows[where], weight, part)
+
+
+def _bias_grad(rows: torch.Tensor, head: QuantizedLinear, bias: torch.Tensor, targets: torch.Tensor,
+               lse: torch.Tensor) -> torch.Tensor:
+    """d loss / d bias = sum over rows of softmax - one-hot(target), recomputed block by block."""
+    grad = torch.zeros(head.out_features, dtype=torch.float32, device=rows.device)
+    for where, start, weight, logits in _head_blocks(rows, head, bias):
+        grad[start:start + len(weight)] += logits.sub_(lse[where, None]).exp_().sum(0)
+    return grad.index_add_(0, targets, -torch.ones_like(lse)).to(bias.dtype)
 
 
 # ---- the loop's loss ---------------------------------------------------------------------------------------
