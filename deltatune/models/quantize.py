@@ -433,7 +433,8 @@ _LAYOUT_KNOWN: list[bool] = []
 def _int4_layout_known() -> bool:
     """Whether _unpack_int4 reads this torch build's packing right (a small packed matrix, unpacked both ways)."""
     if not _LAYOUT_KNOWN:
-        weight = _torchao_configs()["int4"].from_hp(torch.randn(64, 64), [1, 32])
+        probe = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))  # the global RNG untouched
+        weight = _torchao_configs()["int4"].from_hp(probe, [1, 32])
         unpacked = _unpack_int4(weight.qdata, weight.scale_and_zero, 32)
         _LAYOUT_KNOWN.append(torch.allclose(unpacked, _int4_by_matmul(weight, 64, torch.float32), atol=1e-5))
     return _LAYOUT_KNOWN[0]
