@@ -285,6 +285,24 @@ def test_a_tied_head_is_left_as_it_is():
     assert model.lm_head.weight.dtype == FP32
 
 
+@pytest.mark.parametrize("mode", ["bf16", "int8"])
+def test_a_head_whose_weight_the_model_reads_is_left_as_it_is(mode):
+    """Mamba2 casts its hidden states to `self.lm_head.weight.dtype` before the head: a bf16-held head rounded them
+    to bf16 (logits 2e-3 off the fp32 head's on the same weights)."""
+    torch.manual_seed(0)
+    config = transformers.Mamba2Config(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_heads=4, head_dim=16,
+                                       state_size=8, n_groups=1, expand=2, chunk_size=8)
+    model = transformers.Mamba2ForCausalLM(config).bfloat16().float().eval()
+    reference = copy.deepcopy(model)
+    quantize_base(model, mode, FP32)
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight.dtype == FP32
+    if mode != "bf16":
+        quantize_base(reference, mode)
+    ids = torch.randint(3, 96, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, **SAME_WEIGHTS)
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_the_chunked_loss_over_a_held_head_equals_the_plain_loss(monkeypatch, bias):
     monkeypatch.setattr(compute, "CHUNK_ELEMENTS", 256)  # 4 rows of a 64-row block's logits at once

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import inspect
 import logging
 import mmap
 from collections.abc import Iterator
@@ -205,11 +206,11 @@ def quantize_base(model: nn.Module, mode: Storage, dtype: torch.dtype | None = N
     task heads (output embeddings, classifiers: they stay as they are, as in QLoRA) by a QuantizedLinear computing
     in `dtype` (default: each layer's own), in place, one layer at a time; layers the kernel cannot take (int4:
     in_features not a multiple of 32 or out_features not one of 16) stay as they are. With `dtype` fp32 an untied
-    output head (a plain nn.Linear whose weight nothing else shares) is held in bf16 too (mode "bf16"), multiplied
-    in blocks of rows no larger than the largest other layer; the model is then marked as computing in fp32 (a
-    delta attached later builds fp32 tensors: `deltatune_compute_dtype`). The other floating-point tensors are
-    converted to `dtype` (mode "bf16": an untied input embedding table becomes bf16). Returns how many layers were
-    replaced."""
+    output head (a plain nn.Linear whose weight nothing else shares, and which the model only calls) is held in bf16
+    too (mode "bf16"), multiplied in blocks of rows no larger than the largest other layer; the model is then marked
+    as computing in fp32 (a delta attached later builds fp32 tensors: `deltatune_compute_dtype`). The other
+    floating-point tensors are converted to `dtype` (mode "bf16": an untied input embedding table becomes bf16).
+    Returns how many layers were replaced."""
     setting, fix = ("model.dtype: bf16 with model.compute_dtype: fp32", "use model.dtype: fp32") if mode == "bf16" \
         else ("model.quantize", "remove model.quantize")
     configs = {} if mode == "bf16" else _torchao_configs()
@@ -251,13 +252,25 @@ def _replace(model: nn.Module, name: str, layer: QuantizedLinear, checkpoint: Ch
 
 def _untied_head(model: nn.Module) -> tuple[str, nn.Linear] | None:
     """(name, layer) of `model`'s output embeddings if they are a plain nn.Linear whose weight no other module
-    shares (an LM head not tied to the input embeddings), else None."""
+    shares (an LM head not tied to the input embeddings) and that its parent only calls, else None."""
     head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
     if type(head) is not nn.Linear:
         return None
     if sum(p is head.weight for _, p in model.named_parameters(remove_duplicate=False)) > 1:
         return None
-    return next((name, head) for name, module in model.named_modules() if module is head)
+    name = next(name for name, module in model.named_modules() if module is head)
+    parent, _, attr = name.rpartition(".")
+    return None if _reads_weight(model.get_submodule(parent), attr) else (name, head)
+
+
+def _reads_weight(parent: nn.Module, attr: str) -> bool:
+    """Whether `parent`'s forward reads its child `attr`'s weight itself (Mamba2, xLSTM: the hidden states cast to
+    `self.lm_head.weight.dtype`, which a bf16-held head would round to bf16; or the weight multiplied directly)."""
+    try:
+        source = inspect.getsource(type(parent).forward)
+    except (OSError, TypeError):  # no source (built in, or defined interactively): the forward is taken as it is
+        return False
+    return f"self.{attr}.weight" in source
 
 
 def _quantizable(model: nn.Module) -> list[tuple[str, nn.Module]]:
