@@ -73,6 +73,7 @@ class QuantizedLinear(nn.Linear):
         self.transposed = isinstance(linear, Conv1D)  # GPT-2 Conv1D: the checkpoint stores the weight (in, out)
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.weight.checkpoint_shape = tuple(linear.weight.shape)  # fingerprints name the base's stored shapes
+        self.weight.checkpoint_transposed = self.transposed  # ... and sample its stored layout
         self.register_parameter("bias", linear.bias)  # registered when None too (bitfit adds a missing bias)
         # torch's CPU int4 kernel is fast for bf16 activations only: with fp32 ones it ran 85x slower than an fp32
         # matmul (AVX2, 512x576 @ 576x1536); unpacking the layer's weight first and multiplying in fp32 costs 1.3x.
@@ -456,6 +457,16 @@ def _int4_layout_known() -> bool:
 def held_in_bf16(model: nn.Module) -> bool:
     """Whether `model` holds Linear weights in bf16 for fp32 compute (QuantizedLinear in storage format bf16)."""
     return any(isinstance(m, QuantizedLinear) and m.mode == "bf16" for m in model.modules())
+
+
+def checkpoint_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`model`'s state dict with every QuantizedLinear weight laid out as its checkpoint stores it (a GPT-2 Conv1D's:
+    (in, out)), for save_pretrained."""
+    state = model.state_dict()
+    for name, layer in model.named_modules():
+        if isinstance(layer, QuantizedLinear) and layer.transposed:
+            state[f"{name}.weight"] = layer.weight.detach().T.contiguous()
+    return state
 
 
 def stored_bytes(model: nn.Module) -> int:
