@@ -68,11 +68,17 @@ def sample_weights(params: dict[str, torch.Tensor], new: set[str]) -> dict[str, 
                           for i in range(SAMPLED_TENSORS))
     samples = {}
     for name in picks:
-        flat = params[name].detach().reshape(-1)
+        flat = _as_stored(params[name]).reshape(-1)
         index = sorted({(i * _STRIDE + 7) % flat.numel() for i in range(SAMPLES)})
         samples[name] = {"dtype": str(flat.dtype).removeprefix("torch."), "index": index,
                          "values": flat[index].float().tolist()}
     return samples
+
+
+def _as_stored(param: torch.Tensor) -> torch.Tensor:
+    """`param` laid out as its checkpoint stores it: a GPT-2 Conv1D weight held as (out, in) (quantize.QuantizedLinear,
+    bf16 storage) is stored (in, out), so both bases sample the same elements."""
+    return param.detach().T if getattr(param, "checkpoint_transposed", False) else param.detach()
 
 
 def check_same_base(saved: dict[str, Any], current: dict[str, Any], skip: Sequence[str] = ()) -> None:

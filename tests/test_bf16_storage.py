@@ -31,6 +31,7 @@ from deltatune.models.quantize import QuantizedLinear, Scratch, quantize_base, q
 from deltatune.runs.session import open_session, run_training
 from deltatune.train import compute
 from tests.test_contract import METHODS, make_config
+from tests.test_families_precision import gpt2_dir  # noqa: F401 (fixture)
 from tests.test_precision import AMX, lm_dir, logits, run_config  # noqa: F401 (fixture)
 from tests.tiny import logits as tiny_logits
 from tests.tiny import tiny_batch, tiny_config, tiny_model
@@ -144,6 +145,26 @@ def test_lora_trains_saves_merges_and_generates_on_a_bf16_held_base(bf16_dir, tm
     generator = open_generator(run=run)
     text, = generator.complete([PromptRecord("t", text="hello")], Sampling(max_new_tokens=4))
     assert isinstance(text, str)
+
+
+def test_a_bf16_held_gpt2_run_loads_onto_the_dense_model_and_merges_into_a_plain_checkpoint(gpt2_dir,  # noqa: F811
+                                                                                               tmp_path):
+    """GPT-2's Conv1D layers are held transposed ((out, in)): the base fingerprint samples them as stored (in, out)
+    and the merged export writes them back that way."""
+    config = validate_config(run_config(gpt2_dir, tmp_path, dtype="bf16", compute_dtype="fp32"))
+    run_training(config)
+    best = Path(config.output_dir) / "best"
+    expected = logits(open_session(config, best).model)
+    dense = transformers.AutoModelForCausalLM.from_pretrained(gpt2_dir, dtype=FP32)
+    deltatune.load(dense, best)  # the fingerprint's samples of the held layers are those of the Conv1D weights
+    for layer in dense.modules():
+        if isinstance(layer, Conv1D):  # the held base's bf16-rounded weights
+            layer.weight.data = layer.weight.data.bfloat16().float()
+    torch.testing.assert_close(logits(dense), expected, **SAME_WEIGHTS)
+    for dtype, tolerance in (("fp32", 1e-4), (None, 0.05)):  # default bf16: the merged weights rounded to bf16
+        merged = transformers.AutoModelForCausalLM.from_pretrained(
+            export(config.output_dir, tmp_path / f"merged-{dtype}", "hf", dtype=dtype), dtype=FP32)
+        torch.testing.assert_close(logits(merged), expected, atol=tolerance, rtol=tolerance)
 
 
 def test_forced_fp32_has_no_bf16_anywhere(monkeypatch, bf16_dir, tmp_path):
@@ -283,6 +304,24 @@ def test_a_tied_head_is_left_as_it_is():
     hold_in_bf16(model)
     assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.transformer.wte.weight
     assert model.lm_head.weight.dtype == FP32
+
+
+@pytest.mark.parametrize("mode", ["bf16", "int8"])
+def test_a_head_whose_weight_the_model_reads_is_left_as_it_is(mode):
+    """Mamba2 casts its hidden states to `self.lm_head.weight.dtype` before the head: a bf16-held head rounded them
+    to bf16 (logits 2e-3 off the fp32 head's on the same weights)."""
+    torch.manual_seed(0)
+    config = transformers.Mamba2Config(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_heads=4, head_dim=16,
+                                       state_size=8, n_groups=1, expand=2, chunk_size=8)
+    model = transformers.Mamba2ForCausalLM(config).bfloat16().float().eval()
+    reference = copy.deepcopy(model)
+    quantize_base(model, mode, FP32)
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight.dtype == FP32
+    if mode != "bf16":
+        quantize_base(reference, mode)
+    ids = torch.randint(3, 96, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, **SAME_WEIGHTS)
 
 
 @pytest.mark.parametrize("bias", [False, True])

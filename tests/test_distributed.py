@@ -125,6 +125,30 @@ def test_evaluation_batches_run_in_lockstep(monkeypatch, rank, expected):
     assert list(distributed.eval_batches(5, 2)) == expected
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_ddp_wraps_a_quantized_base(monkeypatch, tmp_path, mode):
+    """DDP broadcasts the model's tensors from rank 0 when it wraps it: torchao's int8 / int4 weights cannot be
+    (`Int8Tensor dispatch: ... aten.view`); every rank quantized the same checkpoint, so they are left out."""
+    import deltatune
+    from deltatune.models.quantize import quantize_base
+    from tiny import tiny_batch, tiny_model
+
+    model = tiny_model("llama", head="lm")
+    quantize_base(model, mode, torch.float32)
+    delta = deltatune.attach(model, deltatune.LoRA(r=4, init="gaussian"))
+    batch = tiny_batch()
+    expected = model(**batch).logits
+    monkeypatch.setattr(distributed, "rank_and_world", lambda: (0, 2))  # wrap as under torchrun, in one process
+    distributed.dist.init_process_group("gloo", store=distributed.dist.FileStore(str(tmp_path / "store"), 1),
+                                        rank=0, world_size=1)
+    try:
+        par = distributed.setup(model, delta)
+        assert par.model is not model  # the DDP wrapper
+        torch.testing.assert_close(par.model(**batch).logits, expected)
+    finally:
+        distributed.dist.destroy_process_group()
+
+
 def test_a_checkpoint_of_an_fsdp_run_resumes_in_one_process(tmp_path):
     """FSDP checkpoints key the optimizer state by parameter name; a plain optimizer takes them back exactly."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict

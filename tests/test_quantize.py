@@ -13,6 +13,7 @@ from torch import nn
 import deltatune
 from deltatune.config import validate_config
 from deltatune.errors import ConfigError
+from deltatune.models import quantize
 from deltatune.models.quantize import dequantize_base, quantize_base, quantized_layers
 from deltatune.models.load import load_model
 from deltatune.runs.session import run_training
@@ -144,6 +145,15 @@ def test_int4_unpacking_reads_the_cpu_kernels_layout():
     layer = model[0]
     torch.testing.assert_close(layer.dequantized_weight(), _int4_by_matmul(layer.weight, 128, torch.float32),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_the_int4_layout_check_leaves_the_global_rng_alone(monkeypatch):
+    """It runs on a run's first int4 forward: drawing from the global RNG there shifted every later draw (data
+    order), so a run resumed in a new process (the check again, after the RNG is restored) did not match."""
+    monkeypatch.setattr(quantize, "_LAYOUT_KNOWN", [])
+    before = torch.get_rng_state()
+    assert quantize._int4_layout_known()
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])

@@ -11,7 +11,7 @@ import torch
 from deltatune import storage
 from deltatune.delta import DeltaBase
 from deltatune.errors import ConfigError
-from deltatune.models.quantize import held_in_bf16, quantized_layers
+from deltatune.models.quantize import checkpoint_state_dict, held_in_bf16, quantized_layers
 from deltatune.registry import methods
 
 
@@ -33,7 +33,7 @@ def export_merged(delta: DeltaBase, tokenizer: Any, out: str | Path, *, dtype: s
     if dtype is not None:
         model.to(TORCH_DTYPES[dtype])
     with storage.new_folder(out) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=checkpoint_state_dict(model))
         tokenizer.save_pretrained(tmp)
     return Path(out)
 
@@ -53,10 +53,11 @@ def merged_model(delta: DeltaBase) -> torch.nn.Module:
 
 
 def _check_plain(model: torch.nn.Module) -> None:
-    """The merged model must have exactly the parameters of its own class, or from_pretrained would drop some."""
+    """The merged model must have exactly the parameters of its own class (as its checkpoint stores them: a held
+    Conv1D's transposed), or from_pretrained would drop some."""
     with torch.device("meta"):
         reference = type(model)(model.config)
-    ours = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    ours = {n: tuple(getattr(p, "checkpoint_shape", p.shape)) for n, p in model.named_parameters()}
     theirs = {n: tuple(p.shape) for n, p in reference.named_parameters()}
     if ours != theirs:
         extra = sorted(set(ours) ^ set(theirs)) + [n for n in ours.keys() & theirs.keys() if ours[n] != theirs[n]]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import inspect
 import logging
 import mmap
 from collections.abc import Iterator
@@ -72,6 +73,7 @@ class QuantizedLinear(nn.Linear):
         self.transposed = isinstance(linear, Conv1D)  # GPT-2 Conv1D: the checkpoint stores the weight (in, out)
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.weight.checkpoint_shape = tuple(linear.weight.shape)  # fingerprints name the base's stored shapes
+        self.weight.checkpoint_transposed = self.transposed  # ... and sample its stored layout
         self.register_parameter("bias", linear.bias)  # registered when None too (bitfit adds a missing bias)
         # torch's CPU int4 kernel is fast for bf16 activations only: with fp32 ones it ran 85x slower than an fp32
         # matmul (AVX2, 512x576 @ 576x1536); unpacking the layer's weight first and multiplying in fp32 costs 1.3x.
@@ -205,11 +207,11 @@ def quantize_base(model: nn.Module, mode: Storage, dtype: torch.dtype | None = N
     task heads (output embeddings, classifiers: they stay as they are, as in QLoRA) by a QuantizedLinear computing
     in `dtype` (default: each layer's own), in place, one layer at a time; layers the kernel cannot take (int4:
     in_features not a multiple of 32 or out_features not one of 16) stay as they are. With `dtype` fp32 an untied
-    output head (a plain nn.Linear whose weight nothing else shares) is held in bf16 too (mode "bf16"), multiplied
-    in blocks of rows no larger than the largest other layer; the model is then marked as computing in fp32 (a
-    delta attached later builds fp32 tensors: `deltatune_compute_dtype`). The other floating-point tensors are
-    converted to `dtype` (mode "bf16": an untied input embedding table becomes bf16). Returns how many layers were
-    replaced."""
+    output head (a plain nn.Linear whose weight nothing else shares, and which the model only calls) is held in bf16
+    too (mode "bf16"), multiplied in blocks of rows no larger than the largest other layer; the model is then marked
+    as computing in fp32 (a delta attached later builds fp32 tensors: `deltatune_compute_dtype`). The other
+    floating-point tensors are converted to `dtype` (mode "bf16": an untied input embedding table becomes bf16).
+    Returns how many layers were replaced."""
     setting, fix = ("model.dtype: bf16 with model.compute_dtype: fp32", "use model.dtype: fp32") if mode == "bf16" \
         else ("model.quantize", "remove model.quantize")
     configs = {} if mode == "bf16" else _torchao_configs()
@@ -251,13 +253,25 @@ def _replace(model: nn.Module, name: str, layer: QuantizedLinear, checkpoint: Ch
 
 def _untied_head(model: nn.Module) -> tuple[str, nn.Linear] | None:
     """(name, layer) of `model`'s output embeddings if they are a plain nn.Linear whose weight no other module
-    shares (an LM head not tied to the input embeddings), else None."""
+    shares (an LM head not tied to the input embeddings) and that its parent only calls, else None."""
     head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
     if type(head) is not nn.Linear:
         return None
     if sum(p is head.weight for _, p in model.named_parameters(remove_duplicate=False)) > 1:
         return None
-    return next((name, head) for name, module in model.named_modules() if module is head)
+    name = next(name for name, module in model.named_modules() if module is head)
+    parent, _, attr = name.rpartition(".")
+    return None if _reads_weight(model.get_submodule(parent), attr) else (name, head)
+
+
+def _reads_weight(parent: nn.Module, attr: str) -> bool:
+    """Whether `parent`'s forward reads its child `attr`'s weight itself (Mamba2, xLSTM: the hidden states cast to
+    `self.lm_head.weight.dtype`, which a bf16-held head would round to bf16; or the weight multiplied directly)."""
+    try:
+        source = inspect.getsource(type(parent).forward)
+    except (OSError, TypeError):  # no source (built in, or defined interactively): the forward is taken as it is
+        return False
+    return f"self.{attr}.weight" in source
 
 
 def _quantizable(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -433,7 +447,8 @@ _LAYOUT_KNOWN: list[bool] = []
 def _int4_layout_known() -> bool:
     """Whether _unpack_int4 reads this torch build's packing right (a small packed matrix, unpacked both ways)."""
     if not _LAYOUT_KNOWN:
-        weight = _torchao_configs()["int4"].from_hp(torch.randn(64, 64), [1, 32])
+        probe = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))  # the global RNG untouched
+        weight = _torchao_configs()["int4"].from_hp(probe, [1, 32])
         unpacked = _unpack_int4(weight.qdata, weight.scale_and_zero, 32)
         _LAYOUT_KNOWN.append(torch.allclose(unpacked, _int4_by_matmul(weight, 64, torch.float32), atol=1e-5))
     return _LAYOUT_KNOWN[0]
@@ -442,6 +457,16 @@ def _int4_layout_known() -> bool:
 def held_in_bf16(model: nn.Module) -> bool:
     """Whether `model` holds Linear weights in bf16 for fp32 compute (QuantizedLinear in storage format bf16)."""
     return any(isinstance(m, QuantizedLinear) and m.mode == "bf16" for m in model.modules())
+
+
+def checkpoint_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`model`'s state dict with every QuantizedLinear weight laid out as its checkpoint stores it (a GPT-2 Conv1D's:
+    (in, out)), for save_pretrained."""
+    state = model.state_dict()
+    for name, layer in model.named_modules():
+        if isinstance(layer, QuantizedLinear) and layer.transposed:
+            state[f"{name}.weight"] = layer.weight.detach().T.contiguous()
+    return state
 
 
 def stored_bytes(model: nn.Module) -> int:

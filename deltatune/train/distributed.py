@@ -39,6 +39,7 @@ from torch import nn
 from deltatune.delta import base_fingerprint
 from deltatune.errors import CheckpointError, ConfigError
 from deltatune.fingerprint import check_same_base
+from deltatune.models.quantize import quantized_layers
 from deltatune.registry import methods
 from deltatune.train import checkpoint
 
@@ -232,6 +233,8 @@ def setup(model: nn.Module, delta: DeltaBase, strategy: str = "ddp", optimizer_n
                         fsdp=True)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    # int8 / int4 weights (torchao tensors) cannot be broadcast; every rank quantized the same checkpoint
+    DDP._set_params_and_buffers_to_ignore_for_model(model, [f"{name}.weight" for name in quantized_layers(model)])
     # every delta tensor takes part in every forward; buffers (position ids, ...) never change in training
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
     return Parallel(model, ddp)
