@@ -4,7 +4,9 @@ weights: the peak RSS of a load (in a fresh process) stays within 1.2x the loade
 tensor, the unquantized loads here peaked at 1.5x (bf16 shards as fp32) and 3.0x (fp32 shards as bf16).
 
 SLACK_MB: costs that do not grow with the model, large beside a 44M-parameter one: the first forward's per-layer
-temporaries (glibc's heap grows by 10-25 MB under them) and the loader's bookkeeping. At 1B the measured peak is
+temporaries (glibc's heap grows by 10-25 MB under them) and the loader's bookkeeping; and the scratch buffer that
+bf16-held and quantized layers share for their fp32 matmuls (at least 16 MB, filled by the load's causality probe),
+counted as the worker measures it. At 1B the measured peak is
 <= 1.1x with nothing added (bench/load_memory.py)."""
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def test_load_peak_stays_within_1_2x_the_loaded_weights(shards, stored, dtype, m
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     load = json.loads(proc.stdout.splitlines()[-1])
-    assert load["peak_mb"] <= 1.2 * load["tensors_mb"] + SLACK_MB, load
+    assert load["peak_mb"] <= 1.2 * load["tensors_mb"] + load["scratch_mb"] + SLACK_MB, load
     assert load["peak_mb"] <= 1.2 * load["after_mb"] + SLACK_MB, load
 
 
