@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import transformers
 from torch import nn
 
 import deltatune
@@ -19,6 +20,7 @@ from deltatune.models.load import load_model
 from deltatune.runs.session import run_training
 from tests.test_precision import base_dtypes, lm_dir, logits, run_config  # noqa: F401 (fixture)
 from tests.tiny import tiny_model
+from tests.tiny_lm import tiny_tokenizer
 
 # Stated tolerances (tiny random Llama, logits of a 2x16 batch): the largest logit error relative to the largest
 # logit, and the cosine similarity of the logit vectors. int8 per-channel is near exact; int4 per-group is coarse.
@@ -187,3 +189,21 @@ def test_a_tied_embedding_table_is_converted_with_the_head():
     quantize_base(model, "int8", torch.float32)
     assert model.get_input_embeddings().weight.dtype == torch.float32
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+
+@pytest.mark.parametrize("options", [{"quantize": "int8"}, {"dtype": "bf16", "compute_dtype": "fp32"}])
+def test_a_model_whose_code_uses_a_layer_weight_itself_is_refused_at_load(tmp_path, options):
+    """Mamba's mixer multiplies `self.dt_proj.weight` itself: with int8 or bf16-held layers its forward failed inside
+    torch at the first step; the load's probe names the setting and the fix instead."""
+    tokenizer = tiny_tokenizer()
+    config = transformers.MambaConfig(vocab_size=len(tokenizer), hidden_size=32, state_size=8, num_hidden_layers=2,
+                                      intermediate_size=64, tie_word_embeddings=False)
+    transformers.MambaForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    setting = "model.quantize: int8" if "quantize" in options else "model.dtype: bf16 with model.compute_dtype: fp32"
+    with pytest.raises(ConfigError, match=rf"^{setting}: MambaForCausalLM does not run with its linear layers held "
+                                          r"that way \((NotImplementedError|RuntimeError): .*Load it with model\.dtype: "
+                                          "fp32 and without model.quantize$"):
+        load_model(str(tmp_path), "causal_lm", **options)
+    model, _ = load_model(str(tmp_path), "causal_lm")  # as dense fp32 it loads and runs
+    assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, len(tokenizer))

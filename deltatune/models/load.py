@@ -103,15 +103,16 @@ class Pretrained:
         tokenizer = tokenizer or self.tokenizer()
         model.deltatune_new_weights = _new_weights(model, info, self.folder)
         _check_tokenizer_fits(model, tokenizer, self.folder)
+        reduced = _reduction(quantize, storage, compute)
         if quantize:  # before anything reads all weights: the pages of the checkpoint leave RSS layer by layer
             quantize_base(model, quantize, compute)
-        elif storage == torch.bfloat16 and compute == torch.float32:
+        elif reduced:
             hold_in_bf16(model)
         else:
             _convert_stored(model, storage)
         give_back_free_memory()
         if task == "causal_lm" and auto is not AutoModelForSeq2SeqLM:  # an encoder-decoder's decoder is causal
-            _check_causal(model, self.folder)
+            _check_causal(model, self.folder, reduced)
             give_back_free_memory()
         compute_in(model, compute)
         if compute_dtype == "fp32":  # asked for: no bf16 anywhere, the loop's train.precision: auto included
@@ -246,13 +247,22 @@ def _check_tokenizer_fits(model: torch.nn.Module, tokenizer: PreTrainedTokenizer
                               "would crash the model); save the model's own tokenizer next to it")
 
 
-def _check_causal(model: torch.nn.Module, folder: Path) -> None:
+def _check_causal(model: torch.nn.Module, folder: Path, reduced: str | None = None) -> None:
     """ConfigError unless the model predicts each token from the ones before it only: an encoder (BERT-like) with
-    a language-model head sees the whole input, so next-token training would teach it to copy the future."""
+    a language-model head sees the whole input, so next-token training would teach it to copy the future. With
+    `reduced` (the setting that quantized or bf16-held its layers), also a ConfigError when the probe fails inside
+    torch: the model's own code uses a layer's weight as a tensor (Mamba's mixer multiplies `dt_proj.weight`)."""
     ids = torch.tensor([[1, 2], [1, 3]]) % model.get_input_embeddings().num_embeddings
     try:
         with torch.no_grad():
             logits = model(input_ids=ids).logits.float()
+    except (RuntimeError, NotImplementedError) as error:
+        if reduced:
+            message = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+            raise ConfigError(f"{reduced}: {type(model).__name__} does not run with its linear layers held that way "
+                              f"({type(error).__name__}: {message}); its code uses a layer's weight itself. Load "
+                              "it with model.dtype: fp32 and without model.quantize") from None
+        return
     except Exception:  # a model that needs other inputs: no probe possible, transformers' own checks apply
         return
     if (logits[0, 0] - logits[1, 0]).abs().max() > 1e-3 * logits[0, 0].abs().max():
@@ -260,6 +270,13 @@ def _check_causal(model: torch.nn.Module, folder: Path) -> None:
                           f"depends on the tokens after it, so causal language-model formats (text, alpaca, sharegpt, messages) would train it to read the answer "
                           "from the future. Use a decoder model (GPT-2, Llama, SmolLM2, ...), or format "
                           "classification / regression with this encoder")
+
+
+def _reduction(quantize: str | None, storage: torch.dtype, compute: torch.dtype) -> str | None:
+    """The setting that replaced the model's linear layers at load (quantized, or held in bf16 for fp32 compute)."""
+    if quantize:
+        return f"model.quantize: {quantize}"
+    return "model.dtype: bf16 with model.compute_dtype: fp32" if storage == torch.bfloat16 and compute == torch.float32 else None
 
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
