@@ -258,7 +258,7 @@ def _check_causal(model: torch.nn.Module, folder: Path, reduced: str | None = No
             logits = model(input_ids=ids).logits.float()
     except (RuntimeError, NotImplementedError) as error:
         if reduced:
-            message = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+            message = (str(error).strip().splitlines() or [""])[0][:200]
             raise ConfigError(f"{reduced}: {type(model).__name__} does not run with its linear layers held that way "
                               f"({type(error).__name__}: {message}); its code uses a layer's weight itself. Load "
                               "it with model.dtype: fp32 and without model.quantize") from None
@@ -276,7 +276,9 @@ def _reduction(quantize: str | None, storage: torch.dtype, compute: torch.dtype)
     """The setting that replaced the model's linear layers at load (quantized, or held in bf16 for fp32 compute)."""
     if quantize:
         return f"model.quantize: {quantize}"
-    return "model.dtype: bf16 with model.compute_dtype: fp32" if storage == torch.bfloat16 and compute == torch.float32 else None
+    if storage == torch.bfloat16 and compute == torch.float32:
+        return "model.dtype: bf16 with model.compute_dtype: fp32"
+    return None
 
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
